@@ -1,0 +1,213 @@
+"""Command line: ``python run_benchmark.py <command> ...`` (no command: the smoke run).
+
+Bad input is reported as one line on stderr with exit code 2 and no traceback
+(``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmark.errors import BenchError
+from benchmark.paths import REPO_ROOT
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "smoke" / "default.yaml"
+log = logging.getLogger("purifybench")
+
+
+def _setup_logging(out: Path | None, quiet: bool = False) -> None:
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.addHandler(console)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(out / "run.log", encoding="utf-8")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    log.propagate = False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.experiment import load_config, run_targets
+
+    overrides = {"eval.n": args.n_eval} if args.n_eval is not None else {}
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else REPO_ROOT / "results" / cfg.name
+    _setup_logging(out)
+    log.info("run %s (profile %s) -> %s", args.config, cfg.profile, out)
+    t0 = time.perf_counter()
+    run_targets(cfg, out, device=args.device)
+    print((out / "targets.md").read_text(), end="")
+    log.info("done in %.1f s; results in %s", time.perf_counter() - t0, out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from benchmark.checkpoint import save_checkpoint
+    from benchmark.config import from_dict
+    from benchmark.data import load_dataset
+    from benchmark.models import create_model
+    from benchmark.runtime import resolve_device
+    from benchmark.training import TrainConfig, train_classifier
+
+    device = resolve_device(args.device)
+    train_opts = {k: v for k, v in {
+        "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "eps": args.eps, "step_size": args.step_size, "attack_steps": args.attack_steps, "beta": args.beta,
+        "schedule": args.schedule, "seed": args.seed, "eval_n": args.n_eval, "eval_pgd_steps": args.pgd_steps,
+        "progress": not args.no_progress,
+    }.items() if v is not None}
+    cfg = from_dict(TrainConfig, train_opts, "train (command line)")
+    ds_opts = {"size": args.size} if args.size is not None else {}
+    train = load_dataset(args.dataset, "train", n=args.n_train, seed=args.seed, root=args.root, **ds_opts)
+    test = load_dataset(args.dataset, "test", root=args.root, **ds_opts)
+    model = create_model(args.arch, num_classes=train.num_classes, in_channels=train.channels,
+                         mean=train.mean, std=train.std)
+    _setup_logging(None)
+    log.info("training %s on %s (%d images, %s) with %s for %d epochs on %s", args.arch, args.dataset,
+             len(train), train.copy, cfg.method, cfg.epochs, device)
+    torch.manual_seed(cfg.seed)
+    result = train_classifier(model, train, cfg, device, eval_data=test, desc=f"{args.dataset}/{cfg.method}")
+    m = result.metrics
+    print(f"{args.dataset} {args.arch} {cfg.method}: {result.seconds_per_epoch:.2f} s/epoch, "
+          f"clean {100 * m['clean_acc']:.2f}%, PGD-{m['pgd_steps']} {100 * m.get('pgd_acc', float('nan')):.2f}% "
+          f"(n={m['n_eval']}, eps={cfg.eps:.4f}, {test.copy})")
+    if args.out:
+        card = {
+            "arch": args.arch, "num_classes": train.num_classes, "in_channels": train.channels,
+            "mean": list(train.mean), "std": list(train.std), "classes": train.classes,
+            "dataset": train.describe(), "method": cfg.method, "train_config": asdict(cfg), "metrics": m,
+            "training": {"seconds": result.seconds, "seconds_per_epoch": result.seconds_per_epoch,
+                         "history": result.history, "device": str(device)},
+        }
+        path = save_checkpoint(model, args.out, card)
+        print(f"saved {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from benchmark.checkpoint import load_checkpoint, load_pretrained
+    from benchmark.data import load_dataset
+    from benchmark.runtime import resolve_device
+    from benchmark.training import evaluate_classifier
+
+    device = resolve_device(args.device)
+    if args.pretrained:
+        model, card = load_pretrained(args.checkpoint, device)
+    else:
+        model, card = load_checkpoint(args.checkpoint, device)
+    dataset = args.dataset or card.get("dataset", {}).get("dataset")
+    if not dataset:
+        raise BenchError(f"checkpoint {args.checkpoint} names no dataset; pass --dataset")
+    ds_opts = {"size": args.size} if args.size is not None else {}
+    test = load_dataset(dataset, "test", n=args.n_eval, seed=args.seed, root=args.root, **ds_opts)
+    m = evaluate_classifier(model, test, device, eps=args.eps, step_size=args.step_size, steps=args.pgd_steps,
+                            batch_size=args.batch_size, seed=args.seed)
+    print(f"{args.checkpoint} on {dataset}: clean {100 * m['clean_acc']:.2f}%, "
+          f"PGD-{args.pgd_steps} {100 * m.get('pgd_acc', float('nan')):.2f}% (n={m['n_eval']}, eps={args.eps:.4f}, {test.copy})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from benchmark.registry import REGISTRIES
+
+    reg = REGISTRIES[args.kind]
+    names = reg.names(args.pattern)
+    for name in names:
+        meta = reg.metadata(name)
+        desc = meta.get("description", "")
+        print(f"{name:24s} {desc}".rstrip())
+    if not names:
+        print(f"(no {args.kind} match {args.pattern!r})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_benchmark.py",
+        description="purifybench: benchmark denoising/purification defenses against adaptive attacks. "
+        f"With no command, runs {DEFAULT_CONFIG.relative_to(REPO_ROOT)}.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run an experiment config (YAML)")
+    r.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="config file (default: the smoke config)")
+    r.add_argument("--out", help="results folder (default: results/<config name>)")
+    r.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
+    r.add_argument("--n-eval", type=int, help="number of test examples (overrides eval.n)")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("train", help="train one target classifier and report clean and PGD accuracy")
+    t.add_argument("--dataset", default="digits")
+    t.add_argument("--arch", default="small-cnn")
+    t.add_argument("--method", choices=["natural", "at", "trades", "mart"], default="natural")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--schedule", choices=["onecycle", "step", "constant"])
+    t.add_argument("--eps", type=float, help="L-inf budget for AT and evaluation (default 8/255)")
+    t.add_argument("--step-size", type=float)
+    t.add_argument("--attack-steps", type=int, help="PGD steps during training (default 5)")
+    t.add_argument("--beta", type=float, help="TRADES/MART beta (default 6)")
+    t.add_argument("--pgd-steps", type=int, help="PGD steps for the final evaluation (default 20)")
+    t.add_argument("--n-train", type=int, help="train on a deterministic subset")
+    t.add_argument("--n-eval", type=int, help="evaluate on a deterministic subset (default 1000)")
+    t.add_argument("--size", type=int, help="image size option of the dataset (digits: default 16)")
+    t.add_argument("--root", help="dataset folder")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--out", help="checkpoint stem to write (<out>.safetensors + <out>.json)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint: clean and PGD accuracy")
+    e.add_argument("checkpoint", help="checkpoint stem/.json, or a pretrained name with --pretrained")
+    e.add_argument("--pretrained", action="store_true", help="CHECKPOINT is a pretrained name")
+    e.add_argument("--dataset")
+    e.add_argument("--root")
+    e.add_argument("--size", type=int)
+    e.add_argument("--eps", type=float, default=8 / 255)
+    e.add_argument("--step-size", type=float, default=2 / 255)
+    e.add_argument("--pgd-steps", type=int, default=20)
+    e.add_argument("--n-eval", type=int, default=1000)
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_eval)
+
+    ls = sub.add_parser("list", help="list registered datasets, models, defenses or attacks")
+    ls.add_argument("kind", choices=["datasets", "models", "defenses", "attacks"])
+    ls.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'resnet*'")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    debug = "--debug" in argv
+    if not [a for a in argv if a != "--debug"]:
+        argv = argv + ["run"]
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except BenchError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

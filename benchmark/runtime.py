@@ -1,0 +1,65 @@
+"""Device selection, seeding and library versions."""
+
+from __future__ import annotations
+
+import platform
+import random
+import subprocess
+
+import numpy as np
+import torch
+
+from benchmark.errors import BenchError
+from benchmark.paths import REPO_ROOT
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a one-line error."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BenchError(f"device {device!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"device {device!r} requested but CUDA is not available on this machine; use cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise BenchError(f"device {device!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict:
+    import torchvision
+
+    from benchmark import __version__
+
+    info = {
+        "purifybench": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+    }
+    if torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name()
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+    return info

@@ -1,0 +1,255 @@
+"""Target-classifier training: natural, PGD adversarial training, TRADES and MART.
+
+Data stay on the device as uint8 tensors; batches are sliced and augmented there
+(no per-sample DataLoader). On CUDA the forward passes run under bf16 autocast
+with channels_last memory layout; losses are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from attacks.pgd import pgd_linf, trades_kl_linf
+from benchmark.config import require
+from benchmark.data import ImageData, augment
+
+Method = Literal["natural", "at", "trades", "mart"]
+
+
+@dataclass
+class TrainConfig:
+    """How to train a target classifier. Defaults are the DIR paper's AT target recipe
+    (SGD 0.1, momentum 0.9, weight decay 2e-4, PGD-5 at 8/255 with step 2/255), except the
+    epoch count and a one-cycle schedule, which suit short runs."""
+
+    method: Method = "natural"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    nesterov: bool = False
+    schedule: Literal["onecycle", "step", "constant"] = "onecycle"
+    milestones: list[float] = field(default_factory=lambda: [0.75, 0.9])  # fractions of training
+    gamma: float = 0.1
+    warmup_fraction: float = 0.3  # one-cycle: fraction of steps spent rising
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    attack_steps: int = 5
+    beta: float = 6.0  # TRADES / MART
+    augment: bool = True
+    crop_padding: int = 4
+    flip: bool = True
+    bf16: Literal["auto", True, False] = "auto"
+    channels_last: Literal["auto", True, False] = "auto"
+    seed: int = 0
+    eval_n: int | None = 1000
+    eval_pgd_steps: int = 20
+    eval_batch_size: int = 500
+    progress: bool = True
+
+    def validate(self, where: str = "train") -> None:
+        require(self.epochs >= 1, f"{where}.epochs", f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, f"{where}.batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.lr > 0, f"{where}.lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.momentum < 1, f"{where}.momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, f"{where}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(0 <= self.eps <= 1, f"{where}.eps", f"must be in [0, 1], got {self.eps}")
+        require(0 < self.step_size <= 1, f"{where}.step_size", f"must be in (0, 1], got {self.step_size}")
+        require(self.attack_steps >= 1, f"{where}.attack_steps", f"must be >= 1, got {self.attack_steps}")
+        require(self.beta >= 0, f"{where}.beta", f"must be >= 0, got {self.beta}")
+        require(all(0 < m < 1 for m in self.milestones), f"{where}.milestones",
+                f"must be fractions in (0, 1), got {self.milestones}")
+        require(0 < self.warmup_fraction < 1, f"{where}.warmup_fraction", "must be in (0, 1)")
+        require(self.crop_padding >= 0, f"{where}.crop_padding", "must be >= 0")
+        require(self.eval_n is None or self.eval_n >= 1, f"{where}.eval_n", "must be >= 1 or null")
+        require(self.eval_pgd_steps >= 0, f"{where}.eval_pgd_steps", "must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    metrics: dict
+    seconds: float
+    seconds_per_epoch: float
+
+
+def _use(flag: bool | str, device: torch.device) -> bool:
+    return device.type == "cuda" if flag == "auto" else bool(flag)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup_fraction,
+            anneal_strategy="linear", div_factor=25.0, final_div_factor=1e3,
+            cycle_momentum=False,
+        )
+    if cfg.schedule == "step":
+        bounds = [int(m * total_steps) for m in cfg.milestones]
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cfg.gamma ** sum(s >= b for b in bounds)
+        )
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def mart_loss(logits_adv: torch.Tensor, logits_nat: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """MART (Wang et al. 2020): boosted CE on adversarial examples plus a KL term weighted
+    by the clean model's misclassification (1 - p_y)."""
+    adv_probs = F.softmax(logits_adv, dim=1)
+    top2 = adv_probs.argsort(dim=1)[:, -2:]
+    runner_up = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    boosted = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), runner_up)
+    nat_probs = F.softmax(logits_nat, dim=1)
+    true_probs = nat_probs.gather(1, y[:, None]).squeeze(1)
+    kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(1)
+    return boosted + beta * (kl * (1.0000001 - true_probs)).mean()
+
+
+def train_step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                    autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of one batch for ``cfg.method``; also the logits used for the accuracy readout."""
+    if cfg.method == "natural":
+        with autocast():
+            logits = model(x).float()
+        return F.cross_entropy(logits, y), logits
+    # Adversarial examples are crafted with BN in eval mode (running statistics), as in
+    # the reference TRADES/MART code, then the model is trained on them in train mode.
+    model.eval()
+    with autocast():
+        if cfg.method == "trades":
+            x_adv = trades_kl_linf(model, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps)
+        else:
+            x_adv = pgd_linf(model, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps)
+    model.train()
+    with autocast():
+        if cfg.method == "at":
+            logits = model(x_adv).float()
+            return F.cross_entropy(logits, y), logits
+        both = model(torch.cat([x, x_adv])).float()
+    logits_nat, logits_adv = both[: len(x)], both[len(x):]
+    if cfg.method == "trades":
+        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1), reduction="batchmean")
+        return F.cross_entropy(logits_nat, y) + cfg.beta * kl, logits_adv
+    return mart_loss(logits_adv, logits_nat, y, cfg.beta), logits_adv
+
+
+def train_classifier(
+    model: nn.Module,
+    train: ImageData,
+    cfg: TrainConfig,
+    device: torch.device,
+    eval_data: ImageData | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` (images in [0,1] -> logits) in place; evaluate clean and PGD accuracy at the end."""
+    torch.manual_seed(cfg.seed)
+    data = train.to(device)
+    model.to(device)
+    channels_last = _use(cfg.channels_last, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    use_bf16 = _use(cfg.bf16, device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() <= 1 else decay).append(p)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    )
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    sched = make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    history: list[dict] = []
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, disable=not cfg.progress,
+               dynamic_ncols=True, leave=False)
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        for step, (x, y) in enumerate(data.batches(cfg.batch_size, shuffle=True, generator=gen)):
+            if cfg.augment:
+                x = augment(x, crop_padding=cfg.crop_padding, flip=cfg.flip, generator=aug_gen)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss, logits = train_step_loss(model, x, y, cfg, autocast)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            bar.update(1)
+            if cfg.progress and step % 20 == 0:  # the only host sync in the loop, and a rare one
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        row = {
+            "epoch": epoch + 1,
+            "loss": float(loss_sum) / len(data),
+            "train_acc": float(correct) / len(data),
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    model.eval()
+    metrics: dict = {}
+    if eval_data is not None:
+        ev = eval_data.subset(min(cfg.eval_n, len(eval_data)) if cfg.eval_n else None, seed=cfg.seed)
+        metrics = evaluate_classifier(
+            model, ev, device, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.eval_pgd_steps,
+            batch_size=cfg.eval_batch_size,
+        )
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    return TrainResult(history, metrics, seconds, seconds / cfg.epochs)
+
+
+def evaluate_classifier(
+    model: nn.Module, data: ImageData, device: torch.device, *, eps: float, step_size: float,
+    steps: int, batch_size: int = 500, seed: int = 0,
+) -> dict:
+    """Clean and PGD-``steps`` accuracy (fp32, random start) of ``model`` on ``data``."""
+    model.eval().to(device)
+    data = data.to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    clean = robust = 0
+    t0 = time.perf_counter()
+    for x, y in data.batches(batch_size):
+        with torch.no_grad():
+            clean += int((model(x).argmax(1) == y).sum())
+        if steps > 0:
+            x_adv = pgd_linf(model, x, y, eps=eps, step_size=step_size, steps=steps, generator=gen)
+            if (x_adv - x).abs().max() > eps + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
+                raise RuntimeError("PGD left the threat ball; this is a bug")
+            with torch.no_grad():
+                robust += int((model(x_adv).argmax(1) == y).sum())
+    n = len(data)
+    out = {"n_eval": n, "clean_acc": clean / n, "eval_seconds": time.perf_counter() - t0,
+           "eps": eps, "pgd_steps": steps, "pgd_step_size": step_size}
+    if steps > 0:
+        out["pgd_acc"] = robust / n
+    return out
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

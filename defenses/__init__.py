@@ -1,0 +1,1 @@
+"""Defenses. Each module registers its defense in ``benchmark.registry.DEFENSES``."""
