@@ -62,7 +62,15 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: report X's own, more precise, error
+            return coerce(value, options[0], where)
+        for arg in options:
+            if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                return coerce(value, arg, where)
             try:
                 return coerce(value, arg, where)
             except ConfigError:
@@ -113,6 +121,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def subkey(where: str, key: str) -> str:
+    """``file.yaml: a.b`` style locations."""
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+
+
 def from_dict(cls: type[T], data: Any, where: str) -> T:
     """Build dataclass ``cls`` from a mapping; unknown keys and bad types are errors."""
     if data is None:
@@ -127,7 +140,7 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(fields)}")
-        kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
+        kwargs[key] = coerce(value, hints[key], subkey(where, key))
     missing = [
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

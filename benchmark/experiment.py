@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from benchmark.checkpoint import load_checkpoint, load_pretrained, read_card, save_checkpoint
-from benchmark.config import ConfigError, from_dict, load_yaml, require
+from benchmark.config import ConfigError, from_dict, load_yaml, require, subkey
 from benchmark.data import load_dataset
 from benchmark.errors import BenchError, CheckpointError
 from benchmark.io import atomic_write_json, atomic_write_text
@@ -43,8 +43,8 @@ class DatasetSpec:
 
     def validate(self, where: str) -> None:
         if self.name not in DATASETS:
-            raise ConfigError(f"{where}.name: {DATASETS.unknown_message(self.name)}")
-        require(self.n_train is None or self.n_train >= 1, f"{where}.n_train", "must be >= 1 or null")
+            raise ConfigError(f"{subkey(where, 'name')}: {DATASETS.unknown_message(self.name)}")
+        require(self.n_train is None or self.n_train >= 1, subkey(where, "n_train"), "must be >= 1 or null")
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TargetSpec:
         sources = [s for s in ("train", "checkpoint", "pretrained") if getattr(self, s) is not None]
         require(len(sources) == 1, where, f"give exactly one of train, checkpoint, pretrained (got {sources or 'none'})")
         if self.train is not None and self.arch not in MODELS:
-            raise ConfigError(f"{where}.arch: {MODELS.unknown_message(self.arch)}")
+            raise ConfigError(f"{subkey(where, 'arch')}: {MODELS.unknown_message(self.arch)}")
         if self.checkpoint is not None:
             read_card(self.checkpoint)  # fails early, naming the file
 
@@ -72,8 +72,8 @@ class ThreatSpec:
     step_size: float = 2 / 255
 
     def validate(self, where: str) -> None:
-        require(0 < self.eps <= 1, f"{where}.eps", f"must be in (0, 1] (images are in [0,1]), got {self.eps}")
-        require(0 < self.step_size <= 1, f"{where}.step_size", f"must be in (0, 1], got {self.step_size}")
+        require(0 < self.eps <= 1, subkey(where, "eps"), f"must be in (0, 1] (images are in [0,1]), got {self.eps}")
+        require(0 < self.step_size <= 1, subkey(where, "step_size"), f"must be in (0, 1], got {self.step_size}")
 
 
 @dataclass
@@ -83,9 +83,9 @@ class EvalSpec:
     batch_size: int = 500
 
     def validate(self, where: str) -> None:
-        require(self.n is None or self.n >= 1, f"{where}.n", f"must be >= 1 or null, got {self.n}")
-        require(self.pgd_steps >= 0, f"{where}.pgd_steps", "must be >= 0")
-        require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
+        require(self.n is None or self.n >= 1, subkey(where, "n"), f"must be >= 1 or null, got {self.n}")
+        require(self.pgd_steps >= 0, subkey(where, "pgd_steps"), "must be >= 0")
+        require(self.batch_size >= 1, subkey(where, "batch_size"), "must be >= 1")
 
 
 @dataclass
@@ -100,12 +100,12 @@ class ExperimentConfig:
     eval: EvalSpec = field(default_factory=EvalSpec)
 
     def validate(self, where: str) -> None:
-        require(bool(self.datasets), f"{where}.datasets", "must list at least one dataset")
-        require(bool(self.targets), f"{where}.targets", "must list at least one target")
+        require(bool(self.datasets), subkey(where, "datasets"), "must list at least one dataset")
+        require(bool(self.targets), subkey(where, "targets"), "must list at least one target")
         for kind, items in (("datasets", self.datasets), ("targets", self.targets)):
             names = [i.name for i in items]
             dup = {n for n in names if names.count(n) > 1}
-            require(not dup, f"{where}.{kind}", f"duplicate names {sorted(dup)}")
+            require(not dup, subkey(where, kind), f"duplicate names {sorted(dup)}")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -120,7 +120,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    return from_dict(ExperimentConfig, raw, str(path))
+    return from_dict(ExperimentConfig, raw, f"{path}:")
 
 
 # ----------------------------------------------------------------------------- targets

@@ -9,7 +9,7 @@ entries through the entry-point groups ``purifybench.<kind>``::
     my-defense = "my_pkg.defense:MyDefense"
 
 An entry point's object is registered under the entry point's name unless
-importing it already registered it (through the decorator).
+importing it already registered it (through the decorator, under its own name).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ class Registry:
             self._loading = f"plugin:{ep.value}"
             try:
                 obj = ep.load()
-                if ep.name not in self._entries:
+                already = any(e.obj is obj for e in self._entries.values())
+                if not already:  # the module did not register it with the decorator
                     self.add(ep.name, obj)
             except Exception as exc:  # a third party's bug must not break the suite
                 reason = f"{type(exc).__name__}: {exc}"

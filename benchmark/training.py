@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.pgd import pgd_linf, trades_kl_linf
-from benchmark.config import require
+from benchmark.config import require, subkey
 from benchmark.data import ImageData, augment
 
 log = logging.getLogger("purifybench")
@@ -60,21 +60,21 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self, where: str = "train") -> None:
-        require(self.epochs >= 1, f"{where}.epochs", f"must be >= 1, got {self.epochs}")
-        require(self.batch_size >= 1, f"{where}.batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.lr > 0, f"{where}.lr", f"must be > 0, got {self.lr}")
-        require(0 <= self.momentum < 1, f"{where}.momentum", f"must be in [0, 1), got {self.momentum}")
-        require(self.weight_decay >= 0, f"{where}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        require(0 <= self.eps <= 1, f"{where}.eps", f"must be in [0, 1], got {self.eps}")
-        require(0 < self.step_size <= 1, f"{where}.step_size", f"must be in (0, 1], got {self.step_size}")
-        require(self.attack_steps >= 1, f"{where}.attack_steps", f"must be >= 1, got {self.attack_steps}")
-        require(self.beta >= 0, f"{where}.beta", f"must be >= 0, got {self.beta}")
-        require(all(0 < m < 1 for m in self.milestones), f"{where}.milestones",
+        require(self.epochs >= 1, subkey(where, "epochs"), f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, subkey(where, "batch_size"), f"must be >= 1, got {self.batch_size}")
+        require(self.lr > 0, subkey(where, "lr"), f"must be > 0, got {self.lr}")
+        require(0 <= self.momentum < 1, subkey(where, "momentum"), f"must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, subkey(where, "weight_decay"), f"must be >= 0, got {self.weight_decay}")
+        require(0 <= self.eps <= 1, subkey(where, "eps"), f"must be in [0, 1], got {self.eps}")
+        require(0 < self.step_size <= 1, subkey(where, "step_size"), f"must be in (0, 1], got {self.step_size}")
+        require(self.attack_steps >= 1, subkey(where, "attack_steps"), f"must be >= 1, got {self.attack_steps}")
+        require(self.beta >= 0, subkey(where, "beta"), f"must be >= 0, got {self.beta}")
+        require(all(0 < m < 1 for m in self.milestones), subkey(where, "milestones"),
                 f"must be fractions in (0, 1), got {self.milestones}")
-        require(0 < self.warmup_fraction < 1, f"{where}.warmup_fraction", "must be in (0, 1)")
-        require(self.crop_padding >= 0, f"{where}.crop_padding", "must be >= 0")
-        require(self.eval_n is None or self.eval_n >= 1, f"{where}.eval_n", "must be >= 1 or null")
-        require(self.eval_pgd_steps >= 0, f"{where}.eval_pgd_steps", "must be >= 0")
+        require(0 < self.warmup_fraction < 1, subkey(where, "warmup_fraction"), "must be in (0, 1)")
+        require(self.crop_padding >= 0, subkey(where, "crop_padding"), "must be >= 0")
+        require(self.eval_n is None or self.eval_n >= 1, subkey(where, "eval_n"), "must be >= 1 or null")
+        require(self.eval_pgd_steps >= 0, subkey(where, "eval_pgd_steps"), "must be >= 0")
 
 
 @dataclass
@@ -195,6 +195,7 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            last_lr = sched.get_last_lr()[0]  # the rate this step used
             sched.step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
@@ -207,7 +208,7 @@ def train_classifier(
             "epoch": epoch + 1,
             "loss": float(loss_sum) / len(data),
             "train_acc": float(correct) / len(data),
-            "lr": opt.param_groups[0]["lr"],
+            "lr": last_lr,
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)

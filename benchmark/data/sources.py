@@ -44,7 +44,7 @@ def _resize_channels(images: torch.Tensor, size: int | None, channels: int | Non
 
 # ----------------------------------------------------------------------------- digits
 @DATASETS.register("digits", num_classes=10, channels=1, size=8, embedded=True,
-                   description="scikit-learn's bundled 8x8 handwritten digits (1797 images)")
+                   description="scikit-learn's bundled 8x8 handwritten digits (1797 images; fixed stratified split: 1438 train, 359 test)")
 def digits(split: str, root=None, download: bool = False, size: int | None = 16,
            channels: int | None = None, test_fraction: float = 0.2) -> ImageData:
     """scikit-learn's 8x8 digits; a fixed stratified split (20% test); upsampled to ``size``."""
@@ -250,7 +250,7 @@ def _split_source(base: Path, split: str) -> tuple[Path, str | None]:
 
 @DATASETS.register("imagefolder", description="any <root>/<split>/<class>/<image> tree or <root>/<split>.tar.xz archive")
 def imagefolder(split: str, root: str | None = None, download: bool = False,
-                name: str = "imagefolder", subdir: str | None = "auto",
+                title: str = "imagefolder", subdir: str | None = "auto",
                 mean: list[float] | None = None, std: list[float] | None = None) -> ImageData:
     """A generic image-folder dataset. ``root`` is a folder holding ``train``/``test`` folders or archives."""
     if not root:
@@ -266,7 +266,7 @@ def imagefolder(split: str, root: str | None = None, download: bool = False,
         train_source, train_sub = _split_source(base, "train") if split != "train" else (source, sub)
         ref = images if split == "train" else read_image_folder(train_source, train_sub)[0]
         mean, std = channel_stats(ref)
-    return ImageData(images, labels, classes, name, split, copy=f"image folder {base}",
+    return ImageData(images, labels, classes, title, split, copy=f"image folder {base}",
                      mean=tuple(mean), std=tuple(std))
 
 

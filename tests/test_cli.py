@@ -1,0 +1,99 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmark.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args, cwd=ROOT, timeout=600):
+    return subprocess.run([sys.executable, "run_benchmark.py", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_list_commands(capsys):
+    assert main(["list", "models"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18" in out and "wrn-28-10" in out
+    assert main(["list", "datasets", "cifar*"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10-jpeg" in out and "digits" not in out
+
+
+def test_bad_input_is_one_line_exit_2_without_traceback():
+    r = _run("train", "--dataset", "digitz")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown dataset 'digitz'" in lines[0] and "did you mean 'digits'" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {method: natural}}]\nthreat: {eps: -1}\n",
+     "threat.eps: must be in (0, 1]"),
+    ("name: x\ndatasets: [{name: digitz}]\ntargets: [{name: t, train: {}}]\n", "did you mean 'digits'"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, arch: resnet-18, train: {}}]\n", "unknown model 'resnet-18'"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t}]\n", "give exactly one of train, checkpoint, pretrained"),
+    ("name: x\ndatasets: []\ntargets: [{name: t, train: {}}]\n", "datasets: must list at least one dataset"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {epochs: 0}}]\n", "train.epochs: must be >= 1"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nevals: {}\n", "unknown key 'evals'"),
+    ("name: x\ndatasets: [{name: digits\n", "YAML syntax error at line"),
+    ("", "is empty"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, checkpoint: nowhere.json}]\n", "checkpoint card nowhere.json not found"),
+])
+def test_config_errors_name_the_problem_and_write_nothing(tmp_path, capsys, text, expected):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    assert main(["run", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
+    assert str(cfg) in err or "checkpoint card" in err
+    assert not out.exists()
+
+
+def test_device_cuda_without_cuda_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["train", "--device", "cuda", "--epochs", "1"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_train_then_eval_a_checkpoint(tmp_path, capsys):
+    stem = tmp_path / "digits-at"
+    code = main(["train", "--dataset", "digits", "--arch", "small-cnn", "--method", "at", "--epochs", "2",
+                 "--eps", "0.1", "--step-size", "0.025", "--n-eval", "100", "--pgd-steps", "5",
+                 "--no-progress", "--out", str(stem), "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "digits small-cnn at:" in out and "PGD-5" in out
+    card = json.loads(stem.with_suffix(".json").read_text())
+    assert card["method"] == "at" and card["metrics"]["n_eval"] == 100
+    assert main(["eval", str(stem), "--eps", "0.1", "--step-size", "0.025", "--pgd-steps", "5",
+                 "--n-eval", "100", "--device", "cpu"]) == 0
+    assert "on digits: clean" in capsys.readouterr().out
+
+
+def test_no_argument_run_is_the_smoke_run_and_resumes(tmp_path):
+    """`python run_benchmark.py` with no arguments trains and evaluates the smoke targets."""
+    r = _run(timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out_dir = ROOT / "results" / "smoke-default"
+    summary = json.loads((out_dir / "targets.json").read_text())
+    rows = {row["target"]: row for row in summary["targets"]}
+    assert set(rows) == {"natural", "at"}
+    assert rows["at"]["pgd_acc"] > rows["natural"]["pgd_acc"]
+    assert (out_dir / "run.log").is_file() and "| digits | at |" in r.stdout
+    assert "scikit-learn digits" in (out_dir / "targets.md").read_text()
+    # A rerun reuses the trained targets (content-keyed artifacts) and reports the same numbers.
+    r2 = _run("run", timeout=900)
+    assert r2.returncode == 0
+    again = {row["target"]: row for row in json.loads((out_dir / "targets.json").read_text())["targets"]}
+    assert again["at"]["reused"] and again["at"]["checkpoint_sha256"] == rows["at"]["checkpoint_sha256"]
+    assert again["at"]["pgd_acc"] == rows["at"]["pgd_acc"]
