@@ -81,3 +81,61 @@ def trades_kl_linf(
         grad, _ = input_gradient(model, x_adv, x, kl)
         x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
+
+
+# ----------------------------------------------------------------------------- registered attack
+from dataclasses import dataclass  # noqa: E402
+
+from attacks.base import Attack, Threat  # noqa: E402
+from benchmark.config import require, subkey  # noqa: E402
+from benchmark.registry import ATTACKS  # noqa: E402
+
+
+def eot_gradient(model: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, samples: int) -> torch.Tensor:
+    """Expectation over transformation: the mean input gradient over ``samples`` forward passes
+    (each draws fresh randomness from a stochastic defense)."""
+    if samples == 1:
+        return input_gradient(model, x, y, loss_fn)[0]
+    total = torch.zeros_like(x)
+    for _ in range(samples):
+        total += input_gradient(model, x, y, loss_fn)[0]
+    return total / samples
+
+
+@dataclass
+class PGDParams:
+    steps: int = 20
+    step_size: float = 2 / 255
+    restarts: int = 1
+    random_start: bool = True
+    eot: int = 1  # gradient samples per step (EOT); 1 = plain PGD
+
+    def validate(self, where: str) -> None:
+        require(self.steps >= 1, subkey(where, "steps"), f"must be >= 1, got {self.steps}")
+        require(0 < self.step_size <= 1, subkey(where, "step_size"), f"must be in (0, 1], got {self.step_size}")
+        require(self.restarts >= 1, subkey(where, "restarts"), f"must be >= 1, got {self.restarts}")
+        require(self.eot >= 1, subkey(where, "eot"), f"must be >= 1, got {self.eot}")
+
+
+@ATTACKS.register("pgd", label="PGD", paper="Madry et al., ICLR 2018",
+                  description="L-inf PGD: uniform random start, n steps, restarts (robust only if every restart fails)")
+class PGD(Attack):
+    Params = PGDParams
+
+    def run(self, model, x, y, threat: Threat, generator):
+        p = self.params
+        best = x.clone()
+        todo = torch.arange(len(x), device=x.device)  # samples no restart has broken yet
+        for _ in range(p.restarts):
+            xs, ys = x[todo], y[todo]
+            adv = uniform_start(xs, threat.eps, generator) if p.random_start else xs.clone()
+            for _ in range(p.steps):
+                grad = eot_gradient(model, adv, ys, ce_sum, p.eot)
+                adv = project_linf(adv.detach() + p.step_size * grad.sign(), xs, threat.eps)
+            best[todo] = adv
+            with torch.no_grad():
+                fooled = model(adv).argmax(1) != ys
+            todo = todo[~fooled]
+            if len(todo) == 0:
+                break
+        return best

@@ -30,7 +30,11 @@ from benchmark.models import Classifier, create_model
 from benchmark.runtime import versions
 
 CARD_FORMAT = "purifybench-checkpoint/1"
-REQUIRED_CARD_KEYS = ("format", "arch", "num_classes", "in_channels", "mean", "std", "weights", "sha256")
+REQUIRED_CARD_KEYS = ("format", "weights", "sha256")
+REQUIRED_BY_KIND = {
+    "classifier": ("arch", "num_classes", "in_channels", "mean", "std"),
+    "defense": ("defense", "options"),
+}
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -44,14 +48,16 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
 def save_checkpoint(model: nn.Module, path: str | Path, card: dict[str, Any]) -> Path:
     """Write weights then card, each atomically; return the card path.
 
-    ``card`` must give ``arch``, ``num_classes``, ``in_channels``, ``mean`` and ``std``
-    (and may give anything else that is JSON: dataset, training config, metrics...).
+    ``card["kind"]`` is ``"classifier"`` (the default: the card must give ``arch``,
+    ``num_classes``, ``in_channels``, ``mean`` and ``std``) or ``"defense"`` (``defense``
+    and ``options``); it may give anything else that is JSON (dataset, config, metrics...).
     """
     weights, card_path = checkpoint_paths(path)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
     full = {
         "format": CARD_FORMAT,
+        "kind": "classifier",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions(),
         **card,
@@ -60,7 +66,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, card: dict[str, Any]) ->
         "num_tensors": len(state),
         "num_parameters": int(sum(p.numel() for p in model.parameters())),
     }
-    missing = [k for k in REQUIRED_CARD_KEYS if k not in full]
+    missing = [k for k in REQUIRED_CARD_KEYS + REQUIRED_BY_KIND.get(full["kind"], ()) if k not in full]
     if missing:
         raise CheckpointError(f"checkpoint {card_path}: card lacks {missing}")
     atomic_write_json(card_path, full)
@@ -77,12 +83,25 @@ def read_card(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint card {card_path} is not valid JSON ({exc})") from None
     if not isinstance(card, dict):
         raise CheckpointError(f"checkpoint card {card_path} must be a JSON object")
-    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    kind = card.get("kind", "classifier")
+    if kind not in REQUIRED_BY_KIND:
+        raise CheckpointError(f"checkpoint card {card_path}: kind {kind!r}; allowed: {', '.join(REQUIRED_BY_KIND)}")
+    missing = [k for k in REQUIRED_CARD_KEYS + REQUIRED_BY_KIND[kind] if k not in card]
     if missing:
         raise CheckpointError(f"checkpoint card {card_path} lacks key {missing[0]!r}")
     if card["format"] != CARD_FORMAT:
         raise CheckpointError(f"checkpoint card {card_path}: format {card['format']!r}, expected {CARD_FORMAT!r}")
     return card
+
+
+def load_verified_state(path: str | Path, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a card, verify the weights' hash, return (state dict, card)."""
+    _, card_path = checkpoint_paths(path)
+    card = read_card(path)
+    if kind is not None and card.get("kind", "classifier") != kind:
+        raise CheckpointError(f"checkpoint {card_path} holds a {card.get('kind', 'classifier')}, expected a {kind}")
+    weights = verify_weights(card, card_path)
+    return load_state_file(weights), card
 
 
 def verify_weights(card: dict, card_path: Path) -> Path:
@@ -136,14 +155,12 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
     """Load a suite checkpoint: verify the hash, build the architecture, load the weights."""
-    _, card_path = checkpoint_paths(path)
-    card = read_card(path)
-    weights = verify_weights(card, card_path)
+    state, card = load_verified_state(path, "classifier")
     model = create_model(
         card["arch"], num_classes=int(card["num_classes"]), in_channels=int(card["in_channels"]),
         mean=card["mean"], std=card["std"], **card.get("arch_options", {}),
     )
-    load_into(model, load_state_file(weights), f"checkpoint {weights}")
+    load_into(model, state, f"checkpoint {checkpoint_paths(path)[0]}")
     return model.to(device).eval(), card
 
 
@@ -170,7 +187,7 @@ def _autoattack_resnet18() -> tuple[Classifier, dict]:
     model = create_model("resnet18", num_classes=10, in_channels=3, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     load_into(model.net, load_state_file(path), f"pretrained {path}")
     card = {
-        "format": CARD_FORMAT, "arch": "resnet18", "num_classes": 10, "in_channels": 3,
+        "format": CARD_FORMAT, "kind": "classifier", "arch": "resnet18", "num_classes": 10, "in_channels": 3,
         "mean": [0.0] * 3, "std": [1.0] * 3, "weights": str(path), "sha256": digest,
         "dataset": "cifar10", "method": "natural",
         "source": "pyautoattack wheel, examples/model_test.pt (naturally trained CIFAR-10 ResNet-18)",

@@ -37,17 +37,38 @@ def _setup_logging(out: Path | None, quiet: bool = False) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.experiment import load_config, run_targets
+    from benchmark.experiment import load_config
+    from benchmark.runner import Runner
 
     overrides = {"eval.n": args.n_eval} if args.n_eval is not None else {}
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else REPO_ROOT / "results" / cfg.name
+    runner = Runner(cfg, out, device=args.device, force=args.force, progress=not args.no_progress,
+                    config_path=str(args.config))
+    runner.preflight()  # bad input fails here, before anything is written
     _setup_logging(out)
-    log.info("run %s (profile %s) -> %s", args.config, cfg.profile, out)
+    log.info("run %s (profile %s) on %s -> %s", args.config, cfg.profile, runner.device, out)
     t0 = time.perf_counter()
-    run_targets(cfg, out, device=args.device)
-    print((out / "targets.md").read_text(), end="")
-    log.info("done in %.1f s; results in %s", time.perf_counter() - t0, out)
+    summary = runner.run()
+    md = out / "tables" / "results.md"
+    if md.is_file():
+        print(md.read_text(encoding="utf-8"), end="")
+    log.info("done in %.1f s: %d cells planned, %d computed; results in %s", time.perf_counter() - t0,
+             summary["planned"], summary["computed"], out)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from benchmark.tables import write_tables
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "records").is_dir():
+        raise BenchError(f"{run_dir} is not a run folder (no records/ inside)")
+    paths = write_tables(run_dir)
+    if not paths:
+        raise BenchError(f"{run_dir}/records holds no valid record")
+    for p in paths:
+        print(p)
     return 0
 
 
@@ -147,7 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="results folder (default: results/<config name>)")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
     r.add_argument("--n-eval", type=int, help="number of test examples (overrides eval.n)")
+    r.add_argument("--force", action="store_true", help="recompute cells that already have a record")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="(re)build the tables of a run folder from its records")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=cmd_report)
 
     t = sub.add_parser("train", help="train one target classifier and report clean and PGD accuracy")
     t.add_argument("--dataset", default="digits")

@@ -1,10 +1,11 @@
-"""Experiment configs and the target stage of a run.
+"""Experiment configs, and the artifacts (targets, defenses) a run needs.
 
 A config (YAML) names datasets, target classifiers (trained from a spec, loaded
-from a checkpoint, or a named pretrained model), the threat model and the
-evaluation size. This module validates a config up front and trains or loads
-every target through a content-keyed artifact folder: the key hashes everything
-that determines the weights, so a rerun reuses them and a changed spec retrains.
+from a checkpoint, or a named pretrained model), defenses, attacks, the threat
+model and the evaluation size. :func:`load_config` validates the whole config up
+front. Targets and defenses are trained or loaded through a content-keyed
+artifact folder: the key hashes everything that determines the weights, so a
+rerun reuses them and a changed spec retrains only what it changes.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,12 +22,10 @@ import torch
 from benchmark.checkpoint import load_checkpoint, load_pretrained, read_card, save_checkpoint
 from benchmark.config import ConfigError, from_dict, load_yaml, require, subkey
 from benchmark.data import load_dataset
-from benchmark.errors import BenchError, CheckpointError
-from benchmark.io import atomic_write_json, atomic_write_text
+from benchmark.errors import CheckpointError
 from benchmark.models import create_model
-from benchmark.registry import DATASETS, MODELS
-from benchmark.runtime import resolve_device, versions
-from benchmark.training import TrainConfig, evaluate_classifier, train_classifier
+from benchmark.registry import ATTACKS, DATASETS, DEFENSES, MODELS
+from benchmark.training import TrainConfig, train_classifier
 
 log = logging.getLogger("purifybench")
 ARTIFACT_VERSION = 1  # bump when training code changes what a given spec produces
@@ -66,6 +64,74 @@ class TargetSpec:
 
 
 @dataclass
+class DefenseSpec:
+    """A row of the tables: a registered defense with its options and training options."""
+
+    name: str
+    defense: str | None = None  # registered name; defaults to ``name``
+    options: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+
+    @property
+    def registered(self) -> str:
+        return self.defense or self.name
+
+    def validate(self, where: str) -> None:
+        if self.registered not in DEFENSES:
+            raise ConfigError(f"{subkey(where, 'defense' if self.defense else 'name')}: "
+                              f"{DEFENSES.unknown_message(self.registered)}")
+        build_defense(self, where)  # option errors surface now, before anything runs
+
+
+@dataclass
+class AttackSpec:
+    """A column of the tables: a registered attack with its parameters."""
+
+    name: str
+    attack: str | None = None  # registered name; defaults to ``name``
+    params: dict = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def registered(self) -> str:
+        return self.attack or self.name
+
+    @property
+    def column(self) -> str:
+        """The table column: ``label``, else the attack's registered label (e.g. "PGD"), else ``name``."""
+        if self.label:
+            return self.label
+        if self.name == self.registered:
+            return ATTACKS.metadata(self.registered).get("label", self.name)
+        return self.name
+
+    def validate(self, where: str) -> None:
+        if self.registered not in ATTACKS:
+            raise ConfigError(f"{subkey(where, 'attack' if self.attack else 'name')}: "
+                              f"{ATTACKS.unknown_message(self.registered)}")
+        build_attack(self, where)
+
+
+def build_defense(spec: DefenseSpec, where: str = "defense"):
+    cls = DEFENSES.get(spec.registered)
+    try:
+        defense = cls(**spec.options)
+    except TypeError as exc:
+        raise ConfigError(f"{subkey(where, 'options')}: {exc}") from None
+    train_cls = getattr(cls, "TrainConfig", None)
+    if train_cls is not None:
+        from_dict(train_cls, spec.train, subkey(where, "train"))
+    elif spec.train:
+        raise ConfigError(f"{subkey(where, 'train')}: defense {spec.registered!r} takes no training options")
+    return defense
+
+
+def build_attack(spec: AttackSpec, where: str = "attack"):
+    return ATTACKS.get(spec.registered)(where=subkey(where, "params"), **spec.params)
+
+
+@dataclass
 class ThreatSpec:
     norm: Literal["linf"] = "linf"
     eps: float = 8 / 255
@@ -78,13 +144,11 @@ class ThreatSpec:
 
 @dataclass
 class EvalSpec:
-    n: int | None = 1000
-    pgd_steps: int = 20
+    n: int | None = 1000  # evaluation examples (a deterministic subset of the test split); null = all
     batch_size: int = 500
 
     def validate(self, where: str) -> None:
         require(self.n is None or self.n >= 1, subkey(where, "n"), f"must be >= 1 or null, got {self.n}")
-        require(self.pgd_steps >= 0, subkey(where, "pgd_steps"), "must be >= 0")
         require(self.batch_size >= 1, subkey(where, "batch_size"), "must be >= 1")
 
 
@@ -96,13 +160,16 @@ class ExperimentConfig:
     device: str = "auto"
     datasets: list[DatasetSpec] = field(default_factory=list)
     targets: list[TargetSpec] = field(default_factory=list)
+    defenses: list[DefenseSpec] = field(default_factory=lambda: [DefenseSpec(name="none")])
+    attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec(name="clean")])
     threat: ThreatSpec = field(default_factory=ThreatSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
 
     def validate(self, where: str) -> None:
-        require(bool(self.datasets), subkey(where, "datasets"), "must list at least one dataset")
-        require(bool(self.targets), subkey(where, "targets"), "must list at least one target")
-        for kind, items in (("datasets", self.datasets), ("targets", self.targets)):
+        for kind in ("datasets", "targets", "defenses", "attacks"):
+            require(bool(getattr(self, kind)), subkey(where, kind), "must list at least one entry (empty matrix)")
+        for kind, items in (("datasets", self.datasets), ("targets", self.targets),
+                            ("defenses", self.defenses), ("attacks", self.attacks)):
             names = [i.name for i in items]
             dup = {n for n in names if names.count(n) > 1}
             require(not dup, subkey(where, kind), f"duplicate names {sorted(dup)}")
@@ -138,7 +205,7 @@ def target_key(ds: DatasetSpec, target: TargetSpec, seed: int) -> str:
 
 
 def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, device: torch.device,
-                   artifacts: Path, eval_data) -> tuple[torch.nn.Module, dict, bool]:
+                   artifacts: Path, progress: bool = True) -> tuple[torch.nn.Module, dict, bool]:
     """Train, or load from the artifact folder, the target ``target`` on ``ds``. Returns
     (model, card, reused)."""
     if target.pretrained is not None:
@@ -160,7 +227,7 @@ def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, d
                          download=ds.download, **ds.options)
     model = create_model(target.arch, num_classes=train.num_classes, in_channels=train.channels,
                          mean=train.mean, std=train.std, **target.arch_options)
-    tcfg = target.train
+    tcfg = replace(target.train, progress=target.train.progress and progress)
     log.info("target %s/%s: training %s (%s, %d epochs, %d images) on %s", ds.name, target.name,
              target.arch, tcfg.method, tcfg.epochs, len(train), device)
     result = train_classifier(model, train, tcfg, device, eval_data=None, desc=f"{ds.name}/{target.name}")
@@ -176,50 +243,54 @@ def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, d
     return model.eval(), read_card(stem), False
 
 
-def run_targets(cfg: ExperimentConfig, out: Path, device: str | None = None) -> list[dict]:
-    """Train or load every (dataset, target) pair, evaluate clean and PGD accuracy, write a summary."""
-    dev = resolve_device(device or cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for ds in cfg.datasets:
-        test = load_dataset(ds.name, "test", n=None, root=ds.root, download=ds.download, **ds.options)
-        if cfg.eval.n is not None and cfg.eval.n > len(test):
-            raise BenchError(f"eval.n={cfg.eval.n} is larger than the {ds.name} test split ({len(test)} examples)")
-        test = test.subset(cfg.eval.n, seed=cfg.seed)
-        for target in cfg.targets:
-            t0 = time.perf_counter()
-            model, card, reused = prepare_target(ds, target, cfg, dev, out / "artifacts", test)
-            metrics = evaluate_classifier(model, test, dev, eps=cfg.threat.eps, step_size=cfg.threat.step_size,
-                                          steps=cfg.eval.pgd_steps, batch_size=cfg.eval.batch_size, seed=cfg.seed)
-            row = {
-                "dataset": ds.name, "copy": test.copy, "target": target.name, "arch": card["arch"],
-                "method": card.get("method"), "reused": reused, **metrics,
-                "train_seconds_per_epoch": card.get("training", {}).get("seconds_per_epoch"),
-                "wall_seconds": time.perf_counter() - t0, "checkpoint_sha256": card["sha256"],
-            }
-            log.info("%s/%s: clean %.2f%%, PGD-%d %.2f%% (n=%d)", ds.name, target.name,
-                     100 * metrics["clean_acc"], cfg.eval.pgd_steps, 100 * metrics.get("pgd_acc", float("nan")),
-                     metrics["n_eval"])
-            rows.append(row)
-    summary = {"config": asdict(cfg), "profile": cfg.profile, "device": str(dev), "versions": versions(),
-               "targets": rows}
-    atomic_write_json(out / "targets.json", summary)
-    atomic_write_text(out / "targets.md", targets_markdown(rows, cfg))
-    return rows
+# ----------------------------------------------------------------------------- defenses
+def defense_key(ds: DatasetSpec, spec: DefenseSpec, target_sha: str, seed: int) -> str:
+    cls = DEFENSES.get(spec.registered)
+    return artifact_key({
+        "v": ARTIFACT_VERSION, "code": getattr(cls, "version", 1), "defense": spec.registered,
+        "options": spec.options, "train": spec.train, "target": target_sha,
+        "dataset": asdict(ds) | {"root": None}, "seed": seed,
+    })
 
 
-def targets_markdown(rows: list[dict], cfg: ExperimentConfig) -> str:
-    lines = ["| dataset | target | arch | method | clean % | PGD % | n | s/epoch |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        spe = r["train_seconds_per_epoch"]
-        pgd = f"{100 * r['pgd_acc']:.2f}" if "pgd_acc" in r else "-"
-        lines.append(
-            f"| {r['dataset']} | {r['target']} | {r['arch']} | {r['method']} | {100 * r['clean_acc']:.2f} | "
-            f"{pgd} | {r['n_eval']} | {spe:.2f} |" if spe else
-            f"| {r['dataset']} | {r['target']} | {r['arch']} | {r['method']} | {100 * r['clean_acc']:.2f} | "
-            f"{pgd} | {r['n_eval']} | - |"
-        )
-    copies = sorted({r["copy"] for r in rows})
-    lines += ["", f"Profile: {cfg.profile}. Data: {'; '.join(copies)}. Threat: L-inf eps={cfg.threat.eps:.4f}, "
-              f"PGD-{cfg.eval.pgd_steps} step {cfg.threat.step_size:.4f}, random start, fp32."]
-    return "\n".join(lines) + "\n"
+def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Module, target_card: dict,
+                    cfg: ExperimentConfig, device: torch.device, artifacts: Path, train_data) -> tuple[Any, dict | None]:
+    """Build the defense; train it (or reuse its cached artifact) if it is trainable.
+
+    ``train_data`` is a callable returning the training split (loaded only if needed).
+    Returns (defense, card or None for defenses without weights).
+    """
+    from benchmark.checkpoint import load_into, load_verified_state
+
+    defense = build_defense(spec, f"defense {spec.name!r}")
+    if spec.checkpoint is not None:
+        state, card = load_verified_state(spec.checkpoint, "defense")
+        load_into(defense, state, f"defense checkpoint {spec.checkpoint}")
+        return defense.to(device).eval(), card
+    if not defense.trainable:
+        return defense.to(device).eval(), None
+    key = defense_key(ds, spec, target_card["sha256"], cfg.seed)
+    stem = artifacts / "defenses" / f"{ds.name}-{spec.name}-{key}"
+    if stem.with_name(stem.name + ".json").is_file():
+        try:
+            state, card = load_verified_state(stem, "defense")
+            load_into(defense, state, f"defense artifact {stem}")
+            log.info("defense %s/%s: reusing %s", ds.name, spec.name, stem.name)
+            return defense.to(device).eval(), card
+        except CheckpointError as exc:
+            log.warning("defense %s/%s: cached artifact rejected (%s); retraining", ds.name, spec.name, exc)
+    train_cfg = from_dict(type(defense).TrainConfig, spec.train, f"defense {spec.name!r} train") \
+        if type(defense).TrainConfig is not None else None
+    classifier.eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    defense.to(device)
+    log.info("defense %s/%s: training on %s", ds.name, spec.name, device)
+    result = defense.fit(classifier, train_data(), device, config=train_cfg, seed=cfg.seed)
+    card = {
+        "kind": "defense", "defense": spec.registered, "name": spec.name, "options": spec.options,
+        "train": spec.train, "target_sha256": target_card["sha256"], "artifact_key": key,
+        "declarations": defense.declarations(), "fit": asdict(result),
+    }
+    save_checkpoint(defense, stem, card)
+    return defense.eval(), read_card(stem)

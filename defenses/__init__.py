@@ -1,1 +1,4 @@
 """Defenses. Each module registers its defense in ``benchmark.registry.DEFENSES``."""
+
+from defenses import base  # noqa: F401
+from defenses.base import DefendedModel, Defense  # noqa: F401

@@ -8,7 +8,6 @@ import torch
 os.environ.setdefault("PURIFYBENCH_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "purifybench"))
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 
 
 @pytest.fixture(scope="session")

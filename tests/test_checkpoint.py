@@ -50,7 +50,7 @@ def test_corrupt_card_and_missing_files(saved, tmp_path):
     card_path.write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(card_path)
-    card_path.write_text(json.dumps({"format": "purifybench-checkpoint/1"}))
+    card_path.write_text(json.dumps({"format": "purifybench-checkpoint/1", "weights": "w", "sha256": "0"}))
     with pytest.raises(CheckpointError, match="lacks key 'arch'"):
         read_card(card_path)
     with pytest.raises(CheckpointError, match="not found"):

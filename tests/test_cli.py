@@ -38,7 +38,14 @@ def test_bad_input_is_one_line_exit_2_without_traceback():
     ("name: x\ndatasets: [{name: digitz}]\ntargets: [{name: t, train: {}}]\n", "did you mean 'digits'"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, arch: resnet-18, train: {}}]\n", "unknown model 'resnet-18'"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t}]\n", "give exactly one of train, checkpoint, pretrained"),
-    ("name: x\ndatasets: []\ntargets: [{name: t, train: {}}]\n", "datasets: must list at least one dataset"),
+    ("name: x\ndatasets: []\ntargets: [{name: t, train: {}}]\n", "datasets: must list at least one entry"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nattacks: []\n", "attacks: must list at least one entry (empty matrix)"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\ndefenses: [{name: non}]\n", "unknown defense 'non' (did you mean 'none'?)"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nattacks: [{name: pgdd}]\n", "unknown attack 'pgdd' (did you mean 'pgd'?)"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nattacks: [{name: pgd, params: {steps: -3}}]\n", "attacks[0].params.steps: must be >= 1"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\ndefenses: [{name: none, options: {k: 1}}]\n", "defenses[0].options: 'none' takes no options"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\neval: {n: 5000}\n", "eval.n=5000 is larger than the digits test split"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nthreat: {eps: 0.1, norm: l2}\n", "'l2' is not allowed"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {epochs: 0}}]\n", "train.epochs: must be >= 1"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nevals: {}\n", "unknown key 'evals'"),
     ("name: x\ndatasets: [{name: digits\n", "YAML syntax error at line"),
@@ -52,7 +59,7 @@ def test_config_errors_name_the_problem_and_write_nothing(tmp_path, capsys, text
     assert main(["run", str(cfg), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1, err
-    assert str(cfg) in err or "checkpoint card" in err
+    assert str(cfg) in err or "checkpoint card" in err or "eval.n" in err
     assert not out.exists()
 
 
@@ -80,20 +87,23 @@ def test_train_then_eval_a_checkpoint(tmp_path, capsys):
     assert "on digits: clean" in capsys.readouterr().out
 
 
-def test_no_argument_run_is_the_smoke_run_and_resumes(tmp_path):
-    """`python run_benchmark.py` with no arguments trains and evaluates the smoke targets."""
-    r = _run(timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_no_argument_run_is_the_smoke_run_and_resumes():
+    """`python run_benchmark.py` with no arguments runs the smoke matrix: records, tables, a log."""
     out_dir = ROOT / "results" / "smoke-default"
-    summary = json.loads((out_dir / "targets.json").read_text())
-    rows = {row["target"]: row for row in summary["targets"]}
-    assert set(rows) == {"natural", "at"}
-    assert rows["at"]["pgd_acc"] > rows["natural"]["pgd_acc"]
-    assert (out_dir / "run.log").is_file() and "| digits | at |" in r.stdout
-    assert "scikit-learn digits" in (out_dir / "targets.md").read_text()
-    # A rerun reuses the trained targets (content-keyed artifacts) and reports the same numbers.
-    r2 = _run("run", timeout=900)
+    r = _run(timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = sorted((out_dir / "records").glob("*.json"))
+    assert len(records) == 5
+    recs = {json.loads(p.read_text())["cell"]["attack"]: json.loads(p.read_text()) for p in records}
+    assert set(recs) == {"clean", "pgd", "mi-fgsm", "vni-fgsm", "autoattack"}
+    assert recs["pgd"]["accuracy"] < recs["clean"]["accuracy"]
+    assert recs["autoattack"]["attack_params"]["version"] == "auto"
+    table = (out_dir / "tables" / "results.md").read_text()
+    assert "| none |" in table and "Worst" in table and "scikit-learn digits" in table
+    assert (out_dir / "run.log").is_file() and "| none |" in r.stdout
+    stamps = {p.name: p.stat().st_mtime_ns for p in records}
+    # A rerun finds every cell recorded and recomputes nothing.
+    r2 = _run("run", "--no-progress", timeout=600)
     assert r2.returncode == 0
-    again = {row["target"]: row for row in json.loads((out_dir / "targets.json").read_text())["targets"]}
-    assert again["at"]["reused"] and again["at"]["checkpoint_sha256"] == rows["at"]["checkpoint_sha256"]
-    assert again["at"]["pgd_acc"] == rows["at"]["pgd_acc"]
+    assert "0 to compute" in r2.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in records} == stamps

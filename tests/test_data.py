@@ -12,7 +12,7 @@ from PIL import Image
 from benchmark.data import ImageData, augment, load_dataset
 from benchmark.data.imagefolder import read_image_folder, safe_extract
 from benchmark.errors import BenchError, DataError
-from tests.conftest import SHARED_CIFAR
+from purifybench_testing import SHARED_CIFAR
 
 
 # ----------------------------------------------------------------------------- digits and subsets

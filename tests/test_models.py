@@ -4,7 +4,7 @@ import torch
 from benchmark.errors import BenchError
 from benchmark.models import Classifier, create_model
 from benchmark.registry import MODELS
-from tests.conftest import SHARED_CIFAR
+from purifybench_testing import SHARED_CIFAR
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "preact-resnet18", "small-cnn", "wrn-16-4"])

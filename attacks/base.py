@@ -1,0 +1,58 @@
+"""The attack contract.
+
+An attack is a registered class built from validated parameters; calling it as
+``attack(model, x, y, threat, generator)`` returns ``x_adv``. It only ever sees
+the whole defended model (white-box against defense + classifier). Bookkeeping
+(threat-ball checks, re-scoring, counting, timing) lives in the harness
+(:mod:`benchmark.harness`), not in the attacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from benchmark.config import from_dict
+from benchmark.registry import ATTACKS
+
+
+@dataclass(frozen=True)
+class Threat:
+    norm: str = "linf"
+    eps: float = 8 / 255
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+class Attack:
+    """Base class: subclasses set ``Params`` (a dataclass) and implement :meth:`run`."""
+
+    Params: ClassVar[type] = NoParams
+    uses_gradients: ClassVar[bool] = True
+
+    def __init__(self, where: str = "attack", **params: Any) -> None:
+        self.params = from_dict(self.Params, params, where)
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self.params)
+
+    def run(self, model, x: torch.Tensor, y: torch.Tensor, threat: Threat,
+            generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, model, x, y, threat: Threat, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.run(model, x, y, threat, generator)
+
+
+@ATTACKS.register("clean", label="Natural", description="no attack: natural accuracy")
+class Clean(Attack):
+    uses_gradients = False
+
+    def run(self, model, x, y, threat, generator):
+        return x.clone()

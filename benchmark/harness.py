@@ -1,0 +1,130 @@
+"""The one place that runs an attack and keeps it honest.
+
+For every batch: the attack returns ``x_adv``; the harness checks that it lies in
+the threat ball (``|x_adv - x|_inf <= eps + 1e-6``) and in [0,1], then re-scores
+it with a fresh forward pass of the defended model (a stochastic defense draws
+fresh randomness). It counts forward and backward image-passes, times the cell
+and records peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from attacks.base import Attack, Threat
+from benchmark.errors import BenchError
+
+BALL_TOLERANCE = 1e-6
+
+
+class ThreatModelViolation(BenchError):
+    """An attack returned images outside the threat ball or outside [0,1]."""
+
+
+class CountingModel(nn.Module):
+    """Counts image-passes forward and backward through ``model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.forwards = 0
+        self.backwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = int(x.shape[0])
+        self.forwards += n
+        out = self.model(x)
+        if out.requires_grad:
+            def count(grad: torch.Tensor) -> None:
+                self.backwards += n
+
+            out.register_hook(count)
+        return out
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+
+@dataclass
+class AttackOutcome:
+    correct: torch.Tensor  # bool (n,), on the CPU, in data order
+    seconds: float
+    forwards: int
+    backwards: int
+    peak_memory_bytes: int | None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.correct.numel())
+
+    @property
+    def n_correct(self) -> int:
+        return int(self.correct.sum())
+
+    @property
+    def accuracy(self) -> float:
+        return self.n_correct / self.n if self.n else float("nan")
+
+
+def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, threat: Threat, attack: str) -> None:
+    if x_adv.shape != x.shape:
+        raise ThreatModelViolation(f"attack {attack!r} returned shape {tuple(x_adv.shape)}, expected {tuple(x.shape)}")
+    if not torch.isfinite(x_adv).all():
+        raise ThreatModelViolation(f"attack {attack!r} returned non-finite pixels")
+    dist = float((x_adv.float() - x.float()).abs().flatten(1).amax(1).max()) if len(x) else 0.0
+    if dist > threat.eps + BALL_TOLERANCE:
+        raise ThreatModelViolation(
+            f"attack {attack!r} left the threat ball: max |x_adv - x|_inf = {dist:.6f} > eps {threat.eps:.6f} (+1e-6)"
+        )
+    lo, hi = float(x_adv.min()), float(x_adv.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ThreatModelViolation(f"attack {attack!r} returned pixels outside [0,1]: [{lo:.6f}, {hi:.6f}]")
+
+
+def run_attack(
+    attack: Attack,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    threat: Threat,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    name: str = "attack",
+    progress: bool = False,
+) -> AttackOutcome:
+    """Attack ``model`` on float images in [0,1] (already on the model's device), batch by batch."""
+    device = images.device
+    counter = CountingModel(model)
+    defense = getattr(model, "defense", None)
+    if defense is not None and hasattr(defense, "seed"):
+        defense.seed(seed, device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    correct = torch.zeros(len(images), dtype=torch.bool)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=name, disable=not progress, leave=False, dynamic_ncols=True):
+        x = images[start : start + batch_size]
+        y = labels[start : start + batch_size]
+        x_adv = attack(counter, x, y, threat, gen).detach()
+        check_adversarial(x_adv, x, threat, name)
+        with torch.no_grad():  # re-score from x_adv with a fresh pass of the defended model
+            pred = counter(x_adv).argmax(1)
+        correct[start : start + len(x)] = (pred == y).cpu()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return AttackOutcome(correct, seconds, counter.forwards, counter.backwards, peak)

@@ -1,0 +1,197 @@
+"""Tables from result records: rows = defenses, columns = Natural + attacks + Worst.
+
+Pure functions from records (a pandas DataFrame) to Markdown, LaTeX (booktabs,
+best per column in bold) and CSV (with the Wilson 95% intervals). ``Worst`` is
+the per-sample worst case over every attack of the row (a sample counts only if
+it survived all of them), computed from the per-sample flags, not from the
+column minima.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.io import atomic_write_text
+from benchmark.records import load_records
+from benchmark.stats import wilson_interval
+
+NATURAL = "clean"
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        cell = r["cell"]
+        rows.append({
+            "dataset": cell["dataset"], "target": cell["target"], "defense": cell["defense"],
+            "attack": cell["attack"], "column": r.get("attack_label", cell["attack"]),
+            "attack_registered": r.get("attack_registered", cell["attack"]),
+            "n": r["n"], "n_correct": r["n_correct"], "accuracy": r["accuracy"],
+            "ci_low": r["ci95"][0], "ci_high": r["ci95"][1], "correct": r["correct"],
+            "copy": r.get("dataset_copy"), "profile": r.get("profile"), "eps": r["threat"]["eps"],
+            "norm": r["threat"]["norm"], "seconds": r.get("seconds"),
+            "images_per_second": r.get("images_per_second"), "forwards": r.get("forwards"),
+            "backwards": r.get("backwards"), "peak_gpu_memory_mb": r.get("peak_gpu_memory_mb"),
+            "target_arch": r.get("target", {}).get("arch"), "target_method": r.get("target", {}).get("method"),
+        })
+    return pd.DataFrame(rows)
+
+
+def worst_case(bits: list[str]) -> tuple[int, int]:
+    """(n_correct, n) of the per-sample AND over several '0'/'1' strings of equal length."""
+    n = len(bits[0])
+    if any(len(b) != n for b in bits):
+        raise ValueError("cells of one row disagree on n; the worst case needs the same samples")
+    ints = [int(b, 2) for b in bits]
+    acc = ints[0]
+    for v in ints[1:]:
+        acc &= v
+    return bin(acc).count("1"), n
+
+
+def build_blocks(df: pd.DataFrame) -> list[dict]:
+    """One block per (dataset, target): a table of accuracy cells with intervals."""
+    blocks = []
+    for (dataset, target), g in df.groupby(["dataset", "target"], sort=False):
+        columns = list(dict.fromkeys(g["column"]))
+        nat = g.loc[g["attack_registered"] == NATURAL, "column"]
+        if len(nat):  # Natural first
+            columns.remove(nat.iloc[0])
+            columns.insert(0, nat.iloc[0])
+        rows = []
+        for defense, gd in g.groupby("defense", sort=False):
+            cells = {}
+            for _, r in gd.iterrows():
+                cells[r["column"]] = (r["accuracy"], r["ci_low"], r["ci_high"], r["n"])
+            adversarial = gd[gd["attack_registered"] != NATURAL]
+            if len(gd) > 1 and len(adversarial):
+                k, n = worst_case(list(gd["correct"]))
+                lo, hi = wilson_interval(k, n)
+                cells["Worst"] = (k / n, lo, hi, n)
+            rows.append({"defense": defense, "cells": cells})
+        if any("Worst" in r["cells"] for r in rows):
+            columns.append("Worst")
+        first = g.iloc[0]
+        blocks.append({
+            "dataset": dataset, "target": target, "columns": columns, "rows": rows,
+            "footer": {
+                "copy": first["copy"], "profile": first["profile"], "n": sorted(set(int(v) for v in g["n"])),
+                "target": f"{target} ({first['target_arch']}, {first['target_method']})",
+                "eps": float(first["eps"]), "norm": first["norm"],
+            },
+        })
+    return blocks
+
+
+def _best(block: dict) -> dict[str, float]:
+    best = {}
+    for col in block["columns"]:
+        vals = [r["cells"][col][0] for r in block["rows"] if col in r["cells"]]
+        if vals:
+            best[col] = max(vals)
+    return best
+
+
+def footer_text(block: dict) -> str:
+    f = block["footer"]
+    eps = f["eps"]
+    eps_str = f"{eps * 255:.0f}/255" if abs(eps * 255 - round(eps * 255)) < 1e-6 else f"{eps:.4f}"
+    n = ", ".join(map(str, f["n"]))
+    return (f"Data: {f['copy']}. Profile: {f['profile']}. n = {n} evaluation examples. Target: {f['target']}. "
+            f"Threat: {f['norm']} eps = {eps_str}. Accuracy in %; 95% Wilson intervals in results_ci.md and "
+            "results.csv; Worst = per-sample worst case over the row's attacks.")
+
+
+def to_markdown(blocks: list[dict], intervals: bool = False) -> str:
+    out = []
+    for b in blocks:
+        best = _best(b)
+        out.append(f"### {b['dataset']} / target {b['target']}\n")
+        out.append("| Defense | " + " | ".join(b["columns"]) + " |")
+        out.append("|---|" + "---:|" * len(b["columns"]))
+        for r in b["rows"]:
+            cells = []
+            for col in b["columns"]:
+                if col not in r["cells"]:
+                    cells.append("-")
+                    continue
+                acc, lo, hi, _ = r["cells"][col]
+                text = f"{100 * acc:.2f}"
+                if intervals:
+                    text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+                if len(b["rows"]) > 1 and acc == best[col]:
+                    text = f"**{text}**"
+                cells.append(text)
+            out.append(f"| {r['defense']} | " + " | ".join(cells) + " |")
+        out.append("")
+        out.append(footer_text(b))
+        out.append("")
+    return "\n".join(out)
+
+
+def _tex_escape(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+        s = s.replace(a, b)
+    return s
+
+
+def to_latex(blocks: list[dict]) -> str:
+    out = []
+    for b in blocks:
+        best = _best(b)
+        cols = b["columns"]
+        out.append(r"\begin{table}[t]")
+        out.append(r"\centering")
+        out.append(r"\begin{tabular}{l" + "r" * len(cols) + "}")
+        out.append(r"\toprule")
+        out.append("Defense & " + " & ".join(_tex_escape(c) for c in cols) + r" \\")
+        out.append(r"\midrule")
+        for r in b["rows"]:
+            cells = []
+            for col in cols:
+                if col not in r["cells"]:
+                    cells.append("--")
+                    continue
+                acc = r["cells"][col][0]
+                text = f"{100 * acc:.2f}"
+                cells.append(rf"\textbf{{{text}}}" if len(b["rows"]) > 1 and acc == best[col] else text)
+            out.append(_tex_escape(r["defense"]) + " & " + " & ".join(cells) + r" \\")
+        out.append(r"\bottomrule")
+        out.append(r"\end{tabular}")
+        out.append(r"\caption{" + _tex_escape(f"{b['dataset']}, target {b['target']}. " + footer_text(b)) + "}")
+        out.append(r"\end{table}")
+        out.append("")
+    return "\n".join(out)
+
+
+def to_csv_frame(blocks: list[dict]) -> pd.DataFrame:
+    rows = []
+    for b in blocks:
+        for r in b["rows"]:
+            for col in b["columns"]:
+                if col in r["cells"]:
+                    acc, lo, hi, n = r["cells"][col]
+                    rows.append({"dataset": b["dataset"], "target": b["target"], "defense": r["defense"],
+                                 "column": col, "accuracy": acc, "ci_low": lo, "ci_high": hi, "n": n,
+                                 "copy": b["footer"]["copy"], "profile": b["footer"]["profile"],
+                                 "eps": b["footer"]["eps"]})
+    return pd.DataFrame(rows)
+
+
+def write_tables(run_dir: Path) -> list[Path]:
+    """Write ``<run>/tables/results.{md,tex,csv}`` from the run's records; return the paths."""
+    run_dir = Path(run_dir)
+    records = load_records(run_dir)
+    if not records:
+        return []
+    blocks = build_blocks(records_frame(records))
+    tdir = run_dir / "tables"
+    paths = [
+        atomic_write_text(tdir / "results.md", to_markdown(blocks)),
+        atomic_write_text(tdir / "results_ci.md", to_markdown(blocks, intervals=True)),
+        atomic_write_text(tdir / "results.tex", to_latex(blocks)),
+        atomic_write_text(tdir / "results.csv", to_csv_frame(blocks).to_csv(index=False)),
+    ]
+    return paths

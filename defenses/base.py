@@ -1,0 +1,156 @@
+"""The defense contract and the defended model.
+
+A :class:`Defense` is an ``nn.Module`` whose :meth:`purify` maps images in [0,1]
+to images in [0,1] of the same shape. It declares, honestly, what an attacker
+must know; the runner reads the declarations and builds the adaptive attack:
+
+* ``stochastic``: random at inference (attacks need EOT). The randomness comes
+  from ``self.generator`` (a seedable ``torch.Generator``), never from hidden
+  global state.
+* ``differentiable``: end to end. If not, :meth:`bpda_surrogate` gives the
+  function whose gradient stands in (BPDA; the identity by default).
+* ``uses_masks``: the defense draws masks; :meth:`sample_masks` draws them and
+  ``purify(x, masks=...)`` applies given ones, so an attacker can fix them.
+
+Training: :meth:`fit` receives the frozen target, the training data (an
+``ImageData``), the device, the validated training options (an instance of the
+defense's ``TrainConfig`` dataclass) and a seed. A defense with nothing to learn
+sets ``trainable = False``. Bump ``version`` when a change to the code changes
+what training produces, so cached artifacts are not reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from benchmark.registry import DEFENSES
+
+
+@dataclass
+class FitResult:
+    """What a defense's training reports (stored in its checkpoint card)."""
+
+    seconds: float = 0.0
+    seconds_per_epoch: float | None = None
+    epochs: int = 0
+    history: list[dict] | None = None
+
+
+class Defense(nn.Module):
+    """Base class of every purification defense."""
+
+    stochastic: ClassVar[bool] = False
+    differentiable: ClassVar[bool] = True
+    uses_masks: ClassVar[bool] = False
+    trainable: ClassVar[bool] = False
+    version: ClassVar[int] = 1
+    TrainConfig: ClassVar[type | None] = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator: torch.Generator | None = None
+
+    # -- inference ----------------------------------------------------------------------
+    def purify(self, x: torch.Tensor, masks: Any = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.purify(x)
+
+    def bpda_surrogate(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable stand-in for :meth:`purify` on the backward pass (BPDA)."""
+        return x
+
+    def sample_masks(self, x: torch.Tensor) -> Any:
+        """Draw the masks the next ``purify(x)`` would use (only if ``uses_masks``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not use masks")
+
+    # -- randomness ---------------------------------------------------------------------
+    def seed(self, seed: int, device: torch.device | str | None = None) -> None:
+        """(Re)seed the defense's own generator (stochastic defenses only draw from it)."""
+        dev = torch.device(device) if device is not None else self._device()
+        self.generator = torch.Generator(device=dev).manual_seed(int(seed))
+
+    def _device(self) -> torch.device:
+        for t in list(self.parameters()) + list(self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.seed(int(torch.randint(0, 2**31 - 1, (1,))), device)
+        return self.generator
+
+    # -- training -----------------------------------------------------------------------
+    def fit(self, classifier: nn.Module, train, device: torch.device, config: Any = None,
+            seed: int = 0) -> FitResult:
+        """Train the defense against the frozen ``classifier`` on ``train`` (an ImageData)."""
+        return FitResult()
+
+    def config(self) -> dict:
+        """The options that built this defense (stored in checkpoints and artifact keys)."""
+        return dict(getattr(self, "_config", {}))
+
+    def declarations(self) -> dict:
+        return {
+            "stochastic": self.stochastic,
+            "differentiable": self.differentiable,
+            "uses_masks": self.uses_masks,
+            "trainable": self.trainable,
+        }
+
+
+@DEFENSES.register("none", paper="(the target model alone)", description="no defense: the identity")
+class NoDefense(Defense):
+    """The target model alone."""
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__()
+        if config:
+            raise TypeError(f"'none' takes no options, got {sorted(config)}")
+
+    def purify(self, x: torch.Tensor, masks: Any = None) -> torch.Tensor:
+        return x
+
+
+class DefendedModel(nn.Module):
+    """``classifier(defense.purify(x))`` for images ``x`` in [0,1]: what every attack sees.
+
+    ``bpda=True`` keeps the forward pass exact but routes gradients through the
+    defense's ``bpda_surrogate`` (forced on for non-differentiable defenses by the
+    runner). ``masks`` fixes the masks of a mask-using defense (the attacker knows them).
+    Parameters are frozen: attacks take gradients with respect to the input only.
+    """
+
+    def __init__(self, defense: Defense, classifier: nn.Module, *, bpda: bool = False) -> None:
+        super().__init__()
+        self.defense = defense
+        self.classifier = classifier
+        self.bpda = bpda
+        self.masks: Any = None
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def purify(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bpda and torch.is_grad_enabled() and x.requires_grad:
+            with torch.no_grad():
+                purified = self.defense.purify(x, masks=self.masks)
+            surrogate = self.defense.bpda_surrogate(x)
+            return surrogate + (purified - surrogate).detach()
+        return self.defense.purify(x, masks=self.masks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.purify(x))
+
+    def train(self, mode: bool = True) -> DefendedModel:
+        # Attacks and evaluation never switch BN/dropout to training mode.
+        return super().train(False)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.defense.stochastic and self.masks is None

@@ -1,0 +1,79 @@
+"""Test-only components: a small trainable denoiser and deliberately broken attacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks.base import Attack
+from attacks.pgd import pgd_linf
+from benchmark.registry import DEFENSES
+from defenses.base import Defense, FitResult
+
+
+@dataclass
+class TinyTrain:
+    epochs: int = 1
+    lr: float = 1e-3
+    eps: float = 0.1
+
+
+class TinyDenoiser(Defense):
+    """A residual two-layer conv denoiser trained with MSE on PGD pairs (only for tests)."""
+
+    trainable = True
+    TrainConfig = TinyTrain
+
+    def __init__(self, width: int = 8, channels: int = 1) -> None:
+        super().__init__()
+        self._config = {"width": width, "channels": channels}
+        self.body = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(width, channels, 3, padding=1))
+
+    def purify(self, x, masks=None):
+        return (x + self.body(x)).clamp(0, 1)
+
+    def fit(self, classifier, train, device, config=None, seed=0):
+        cfg = config or TinyTrain()
+        torch.manual_seed(seed)
+        opt = torch.optim.Adam(self.parameters(), lr=cfg.lr)
+        self.train()
+        for _ in range(cfg.epochs):
+            for x, y in train.to(device).batches(128, shuffle=True):
+                x_adv = pgd_linf(classifier, x, y, eps=cfg.eps, step_size=cfg.eps / 4, steps=2)
+                loss = F.mse_loss(self.purify(x_adv), x)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.eval()
+        return FitResult(seconds=0.0, epochs=cfg.epochs)
+
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+
+
+class Quantize(Defense):
+    """Rounds pixels to 4 levels: numerically non-differentiable (zero gradient)."""
+
+    differentiable = False
+
+    def purify(self, x, masks=None):
+        return torch.round(x * 3) / 3
+
+
+if "test-denoiser" not in DEFENSES:
+    DEFENSES.add("test-denoiser", TinyDenoiser, description="test-only trainable denoiser")
+
+
+class LeavesTheBall(Attack):
+    def run(self, model, x, y, threat, generator):
+        return (x + 2 * threat.eps).clamp(0, 1)
+
+
+class LeavesTheRange(Attack):
+    def run(self, model, x, y, threat, generator):
+        return x + threat.eps  # inside the ball, but above 1 for bright pixels

@@ -1,0 +1,171 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import purifybench_testing  # noqa: F401  (registers the test-only trainable defense)
+from benchmark.experiment import load_config
+from benchmark.records import read_record, valid_record
+from benchmark.runner import Runner
+from benchmark.tables import build_blocks, records_frame, to_latex, to_markdown, worst_case
+from benchmark.records import load_records
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE = {
+    "name": "runner-test",
+    "profile": "smoke",
+    "seed": 0,
+    "device": "cpu",
+    "datasets": [{"name": "digits", "options": {"size": 16}}],
+    "threat": {"eps": 0.1, "step_size": 0.025},
+    "eval": {"n": 60, "batch_size": 60},
+    "targets": [{"name": "at", "arch": "small-cnn",
+                 "train": {"method": "at", "epochs": 2, "batch_size": 64, "lr": 0.05, "augment": False,
+                           "eps": 0.1, "step_size": 0.025, "attack_steps": 2, "progress": False}}],
+    "defenses": [{"name": "none"},
+                 {"name": "den-a", "defense": "test-denoiser", "options": {"width": 4}, "train": {"epochs": 1}},
+                 {"name": "den-b", "defense": "test-denoiser", "options": {"width": 4}, "train": {"epochs": 1}}],
+    "attacks": [{"name": "clean"}, {"name": "pgd", "params": {"steps": 5, "step_size": 0.025}}],
+}
+
+
+def _write(tmp_path, cfg, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(cfg_path, out, **kw):
+    runner = Runner(load_config(cfg_path), out, progress=False, config_path=str(cfg_path), **kw)
+    return runner.run()
+
+
+def _artifacts(out):
+    return {p.name: p.stat().st_mtime_ns for p in (out / "artifacts").rglob("*.safetensors")}
+
+
+def test_matrix_records_tables_and_artifact_reuse(tmp_path):
+    out = tmp_path / "run"
+    summary = _run(_write(tmp_path, BASE), out)
+    assert summary == {"planned": 6, "computed": 6, "tables": summary["tables"]}
+    records = load_records(out)
+    assert [r["cell"]["defense"] for r in records] == ["none", "none", "den-a", "den-a", "den-b", "den-b"]
+    for r in records:
+        assert r["n"] == 60 and len(r["correct"]) == 60 and r["n_correct"] == r["correct"].count("1")
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+        assert r["manifest"]["config_hash"] and r["manifest"]["versions"]["torch"]
+        assert r["target"]["checkpoint_sha256"]
+    den = [r for r in records if r["cell"]["defense"] == "den-a"][0]
+    assert den["defense_checkpoint_sha256"] and den["defense_declarations"]["trainable"]
+    # the tables show exactly the records' numbers
+    md = (out / "tables" / "results.md").read_text()
+    for r in records:
+        assert f"{100 * r['accuracy']:.2f}" in md
+    csv = (out / "tables" / "results.csv").read_text().splitlines()
+    assert csv[0].startswith("dataset,target,defense,column,accuracy,ci_low,ci_high")
+    assert (out / "tables" / "results.tex").read_text().count(r"\toprule") == 1
+    # same config again: nothing recomputed, nothing retrained
+    stamps = _artifacts(out)
+    assert _run(_write(tmp_path, BASE), out)["computed"] == 0
+    assert _artifacts(out) == stamps
+    # change one defense's config: only that defense is retrained and only its cells recomputed
+    changed = json.loads(json.dumps(BASE))
+    changed["defenses"][2]["train"] = {"epochs": 2}
+    summary = _run(_write(tmp_path, changed, "cfg2.yaml"), out)
+    assert summary["computed"] == 2
+    after = _artifacts(out)
+    kept = {k: v for k, v in after.items() if k in stamps}
+    assert kept == stamps  # target, den-a and old den-b artifacts untouched
+    new = set(after) - set(stamps)
+    assert len(new) == 1 and next(iter(new)).startswith("digits-den-b-")
+    # --force recomputes every cell
+    assert _run(_write(tmp_path, changed, "cfg2.yaml"), out, force=True)["computed"] == 6
+
+
+def test_worst_case_and_bold_best():
+    recs = []
+    for defense, bits in (("a", {"clean": "1111", "pgd": "1100", "mi": "1010"}),
+                          ("b", {"clean": "1110", "pgd": "1110", "mi": "0110"})):
+        for attack, b in bits.items():
+            k = b.count("1")
+            recs.append({"cell": {"dataset": "d", "target": "t", "defense": defense, "attack": attack},
+                         "attack_label": attack, "attack_registered": attack, "n": 4, "n_correct": k,
+                         "accuracy": k / 4, "ci95": [0, 1], "correct": b, "dataset_copy": "copy X",
+                         "profile": "smoke", "threat": {"eps": 8 / 255, "norm": "linf"},
+                         "target": {"arch": "small-cnn", "method": "at"}})
+    blocks = build_blocks(records_frame(recs))
+    assert blocks[0]["columns"] == ["clean", "pgd", "mi", "Worst"]
+    rows = {r["defense"]: r["cells"] for r in blocks[0]["rows"]}
+    assert rows["a"]["Worst"][0] == 0.25 and rows["b"]["Worst"][0] == 0.5  # per-sample AND, not column minima
+    md = to_markdown(blocks)
+    assert "| a | **100.00** | 50.00 | **50.00** | 25.00 |" in md
+    assert "| b | 75.00 | **75.00** | 50.00 | **50.00** |" in md  # ties in mi: both bold
+    assert "copy X" in md and "eps = 8/255" in md and "n = 4" in md
+    assert r"\textbf{75.00}" in to_latex(blocks)
+    assert worst_case(["101", "110"]) == (1, 3)
+
+
+KILL_CFG = {
+    **{k: v for k, v in BASE.items() if k not in ("defenses", "attacks", "targets", "eval")},
+    "name": "kill-test",
+    "eval": {"n": 300, "batch_size": 100},
+    "targets": [{"name": "nat", "arch": "small-cnn",
+                 "train": {"method": "natural", "epochs": 1, "batch_size": 128, "lr": 0.05, "progress": False}}],
+    "defenses": [{"name": "none"}],
+    "attacks": [{"name": "clean"}] + [
+        {"name": f"pgd{i}", "attack": "pgd", "params": {"steps": 30 + i, "step_size": 0.01}} for i in range(6)],
+}
+
+
+def test_sigkill_mid_run_then_resume_recomputes_nothing_finished(tmp_path):
+    cfg = _write(tmp_path, KILL_CFG)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "run", str(cfg), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            done = list((out / "records").glob("*.json")) if (out / "records").is_dir() else []
+            if len(done) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {p.name: (p.stat().st_mtime_ns, read_record(p)["created"]) for p in (out / "records").glob("*.json")}
+    assert 2 <= len(before) < 7, "the run should have been killed mid-way"
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    for p in leftovers:  # a killed atomic write may leave a temp file, never a partial record
+        assert not p.name.endswith(".json")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = sorted((out / "records").glob("*.json"))
+    assert len(records) == 7
+    for p in records:
+        assert valid_record(p) is not None
+    for name, (mtime, created) in before.items():
+        p = out / "records" / name
+        assert p.stat().st_mtime_ns == mtime and read_record(p)["created"] == created
+
+
+def test_corrupt_record_is_recomputed(tmp_path):
+    cfg = json.loads(json.dumps(BASE))
+    cfg["defenses"] = [{"name": "none"}]
+    path = _write(tmp_path, cfg)
+    out = tmp_path / "run"
+    _run(path, out)
+    victim = sorted((out / "records").glob("*.json"))[0]
+    rec = json.loads(victim.read_text())
+    rec["accuracy"] = 0.99  # tampered: the checksum no longer matches
+    victim.write_text(json.dumps(rec))
+    assert valid_record(victim) is None
+    assert _run(path, out)["computed"] == 1
+    assert valid_record(victim) is not None
