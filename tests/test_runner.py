@@ -106,7 +106,7 @@ def test_worst_case_and_bold_best():
     assert rows["a"]["Worst"][0] == 0.25 and rows["b"]["Worst"][0] == 0.5  # per-sample AND, not column minima
     md = to_markdown(blocks)
     assert "| a | **100.00** | 50.00 | **50.00** | 25.00 |" in md
-    assert "| b | 75.00 | **75.00** | 50.00 | **50.00** |" in md  # ties in mi: both bold
+    assert "| b | 75.00 | **75.00** | **50.00** | **50.00** |" in md  # ties in mi: both bold
     assert "copy X" in md and "eps = 8/255" in md and "n = 4" in md
     assert r"\textbf{75.00}" in to_latex(blocks)
     assert worst_case(["101", "110"]) == (1, 3)
