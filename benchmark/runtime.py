@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import random
 import subprocess
@@ -35,6 +36,10 @@ def seed_everything(seed: int) -> None:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit, or ``$PURIFYBENCH_GIT_COMMIT`` where the tree has no .git (copies)."""
+    env = os.environ.get("PURIFYBENCH_GIT_COMMIT")
+    if env:
+        return env
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
