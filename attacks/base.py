@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from benchmark.config import from_dict
+from benchmark.config import from_dict, require, subkey
 from benchmark.registry import ATTACKS
 
 
@@ -28,6 +28,18 @@ class Threat:
 @dataclass
 class NoParams:
     pass
+
+
+@dataclass
+class IterativeParams:
+    """Parameters shared by the iterative attacks: ``steps`` signed steps of ``step_size``."""
+
+    steps: int = 20
+    step_size: float = 2 / 255
+
+    def validate(self, where: str) -> None:
+        require(self.steps >= 1, subkey(where, "steps"), f"must be >= 1, got {self.steps}")
+        require(0 < self.step_size <= 1, subkey(where, "step_size"), f"must be in (0, 1], got {self.step_size}")
 
 
 class Attack:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.base import Attack, Threat
+from attacks.base import Attack, IterativeParams, Threat
 from attacks.pgd import ce_sum, input_gradient, project_linf
 from benchmark.config import require, subkey
 from benchmark.registry import ATTACKS
@@ -21,14 +21,11 @@ def _l1_normalize(g: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class MIParams:
-    steps: int = 20
-    step_size: float = 2 / 255
+class MIParams(IterativeParams):
     decay: float = 1.0
 
     def validate(self, where: str) -> None:
-        require(self.steps >= 1, subkey(where, "steps"), f"must be >= 1, got {self.steps}")
-        require(0 < self.step_size <= 1, subkey(where, "step_size"), f"must be in (0, 1], got {self.step_size}")
+        super().validate(where)
         require(self.decay >= 0, subkey(where, "decay"), f"must be >= 0, got {self.decay}")
 
 

@@ -86,7 +86,7 @@ def trades_kl_linf(
 # ----------------------------------------------------------------------------- registered attack
 from dataclasses import dataclass  # noqa: E402
 
-from attacks.base import Attack, Threat  # noqa: E402
+from attacks.base import Attack, IterativeParams, Threat  # noqa: E402
 from benchmark.config import require, subkey  # noqa: E402
 from benchmark.registry import ATTACKS  # noqa: E402
 
@@ -103,16 +103,13 @@ def eot_gradient(model: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
 
 
 @dataclass
-class PGDParams:
-    steps: int = 20
-    step_size: float = 2 / 255
+class PGDParams(IterativeParams):
     restarts: int = 1
     random_start: bool = True
     eot: int = 1  # gradient samples per step (EOT); 1 = plain PGD
 
     def validate(self, where: str) -> None:
-        require(self.steps >= 1, subkey(where, "steps"), f"must be >= 1, got {self.steps}")
-        require(0 < self.step_size <= 1, subkey(where, "step_size"), f"must be in (0, 1], got {self.step_size}")
+        super().validate(where)
         require(self.restarts >= 1, subkey(where, "restarts"), f"must be >= 1, got {self.restarts}")
         require(self.eot >= 1, subkey(where, "eot"), f"must be >= 1, got {self.eot}")
 

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from attacks.base import Threat
 from attacks.pgd import pgd_linf, trades_kl_linf
 from benchmark.config import require, subkey
 from benchmark.data import ImageData, augment
+from benchmark.harness import check_adversarial
 
 log = logging.getLogger("purifybench")
 Method = Literal["natural", "at", "trades", "mart"]
@@ -246,8 +248,7 @@ def evaluate_classifier(
             clean += int((model(x).argmax(1) == y).sum())
         if steps > 0:
             x_adv = pgd_linf(model, x, y, eps=eps, step_size=step_size, steps=steps, generator=gen)
-            if (x_adv - x).abs().max() > eps + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
-                raise RuntimeError("PGD left the threat ball; this is a bug")
+            check_adversarial(x_adv, x, Threat("linf", eps), f"PGD-{steps}")
             with torch.no_grad():
                 robust += int((model(x_adv).argmax(1) == y).sum())
     n = len(data)

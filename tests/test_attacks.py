@@ -2,13 +2,13 @@ import importlib.util
 
 import pytest
 import torch
+from purifybench_testing import LeavesTheBall, LeavesTheRange
 
 from attacks.autoattack import resolve_version
 from attacks.base import Threat
 from benchmark.harness import ThreatModelViolation, run_attack
 from benchmark.registry import ATTACKS
 from defenses.base import DefendedModel, NoDefense
-from purifybench_testing import LeavesTheBall, LeavesTheRange
 
 THREAT = Threat("linf", 0.1)
 

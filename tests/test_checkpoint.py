@@ -4,7 +4,13 @@ import pickle
 import pytest
 import torch
 
-from benchmark.checkpoint import load_checkpoint, load_pretrained, load_state_file, read_card, save_checkpoint
+from benchmark.checkpoint import (
+    load_checkpoint,
+    load_pretrained,
+    load_state_file,
+    read_card,
+    save_checkpoint,
+)
 from benchmark.errors import CheckpointError
 from benchmark.models import create_model
 

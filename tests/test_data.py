@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from purifybench_testing import SHARED_CIFAR
 
 from benchmark.data import ImageData, augment, load_dataset
 from benchmark.data.imagefolder import read_image_folder, safe_extract
 from benchmark.errors import BenchError, DataError
-from purifybench_testing import SHARED_CIFAR
 
 
 # ----------------------------------------------------------------------------- digits and subsets

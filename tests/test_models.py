@@ -1,10 +1,10 @@
 import pytest
 import torch
+from purifybench_testing import SHARED_CIFAR
 
 from benchmark.errors import BenchError
 from benchmark.models import Classifier, create_model
 from benchmark.registry import MODELS
-from purifybench_testing import SHARED_CIFAR
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "preact-resnet18", "small-cnn", "wrn-16-4"])

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from purifybench_testing import Quantize, TinyDenoiser
 
 from benchmark.registry import DEFENSES
 from defenses.base import DefendedModel, NoDefense
-from purifybench_testing import Quantize, TinyDenoiser
 
 
 def test_none_defense_is_the_identity():

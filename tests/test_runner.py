@@ -6,15 +6,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+import purifybench_testing  # noqa: F401  (registers the test-only trainable defense)
 import yaml
 
-import purifybench_testing  # noqa: F401  (registers the test-only trainable defense)
 from benchmark.experiment import load_config
-from benchmark.records import read_record, valid_record
+from benchmark.records import load_records, read_record, valid_record
 from benchmark.runner import Runner
 from benchmark.tables import build_blocks, records_frame, to_latex, to_markdown, worst_case
-from benchmark.records import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,13 @@ import torch
 from attacks.pgd import pgd_linf, trades_kl_linf
 from benchmark.config import ConfigError, from_dict
 from benchmark.models import create_model
-from benchmark.training import TrainConfig, evaluate_classifier, make_scheduler, mart_loss, train_classifier
+from benchmark.training import (
+    TrainConfig,
+    evaluate_classifier,
+    make_scheduler,
+    mart_loss,
+    train_classifier,
+)
 
 
 @pytest.mark.parametrize("method", ["natural", "at", "trades", "mart"])
