@@ -51,6 +51,11 @@ class Attack:
     def __init__(self, where: str = "attack", **params: Any) -> None:
         self.params = from_dict(self.Params, params, where)
 
+    @classmethod
+    def applies_to(cls, defense_cls: type) -> bool:
+        """Whether this attack can run against a defense of this class (read from its declarations)."""
+        return True
+
     def describe(self) -> dict:
         return dataclasses.asdict(self.params)
 
@@ -60,6 +65,28 @@ class Attack:
 
     def __call__(self, model, x, y, threat: Threat, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.run(model, x, y, threat, generator)
+
+    # -- how the harness checks and re-scores the last batch ------------------------------
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The centre of the threat ball of the last batch (the clean input, for most attacks)."""
+        return x
+
+    def score(self, model, x_adv: torch.Tensor) -> torch.Tensor:
+        """Logits the reported accuracy is computed from: a fresh pass of the defended model."""
+        return model(x_adv)
+
+
+def defended_of(model):
+    """The :class:`~defenses.base.DefendedModel` inside wrappers such as the harness's counter."""
+    from defenses.base import DefendedModel
+
+    seen = model
+    while not isinstance(seen, DefendedModel):
+        inner = getattr(seen, "_modules", {}).get("model")
+        if inner is None:
+            raise TypeError(f"{type(model).__name__} does not wrap a DefendedModel")
+        seen = inner
+    return seen
 
 
 @ATTACKS.register("clean", label="Natural", description="no attack: natural accuracy")

@@ -113,11 +113,18 @@ class AttackSpec:
         build_attack(self, where)
 
 
-def build_defense(spec: DefenseSpec, where: str = "defense"):
+def build_defense(spec: DefenseSpec, where: str = "defense", data_shape: tuple[int, int] | None = None):
+    """Instantiate the defense; ``data_shape`` = (channels, image size) fills the options a defense
+    lists in ``data_shape_options`` unless the config sets them."""
     cls = DEFENSES.get(spec.registered)
+    options = dict(spec.options)
+    if data_shape is not None:
+        for key, value in zip(("in_channels", "image_size"), data_shape):
+            if key in getattr(cls, "data_shape_options", ()):
+                options.setdefault(key, value)
     try:
-        defense = cls(**spec.options)
-    except TypeError as exc:
+        defense = cls(**options)
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{subkey(where, 'options')}: {exc}") from None
     train_cls = getattr(cls, "TrainConfig", None)
     if train_cls is not None:
@@ -248,13 +255,15 @@ def defense_key(ds: DatasetSpec, spec: DefenseSpec, target_sha: str, seed: int) 
     cls = DEFENSES.get(spec.registered)
     return artifact_key({
         "v": ARTIFACT_VERSION, "code": getattr(cls, "version", 1), "defense": spec.registered,
-        "options": spec.options, "train": spec.train, "target": target_sha,
+        "options": spec.options, "train": {k: v for k, v in spec.train.items() if k != "progress"},
+        "target": target_sha,
         "dataset": asdict(ds) | {"root": None}, "seed": seed,
     })
 
 
 def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Module, target_card: dict,
-                    cfg: ExperimentConfig, device: torch.device, artifacts: Path, train_data) -> tuple[Any, dict | None]:
+                    cfg: ExperimentConfig, device: torch.device, artifacts: Path, train_data,
+                    data_shape: tuple[int, int] | None = None, progress: bool = True) -> tuple[Any, dict | None]:
     """Build the defense; train it (or reuse its cached artifact) if it is trainable.
 
     ``train_data`` is a callable returning the training split (loaded only if needed).
@@ -262,7 +271,7 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
     """
     from benchmark.checkpoint import load_into, load_verified_state
 
-    defense = build_defense(spec, f"defense {spec.name!r}")
+    defense = build_defense(spec, f"defense {spec.name!r}", data_shape)
     if spec.checkpoint is not None:
         state, card = load_verified_state(spec.checkpoint, "defense")
         load_into(defense, state, f"defense checkpoint {spec.checkpoint}")
@@ -281,6 +290,8 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
             log.warning("defense %s/%s: cached artifact rejected (%s); retraining", ds.name, spec.name, exc)
     train_cfg = from_dict(type(defense).TrainConfig, spec.train, f"defense {spec.name!r} train") \
         if type(defense).TrainConfig is not None else None
+    if train_cfg is not None and hasattr(train_cfg, "progress"):
+        train_cfg = replace(train_cfg, progress=train_cfg.progress and progress)
     classifier.eval()
     for p in classifier.parameters():
         p.requires_grad_(False)

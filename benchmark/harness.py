@@ -119,9 +119,9 @@ def run_attack(
         x = images[start : start + batch_size]
         y = labels[start : start + batch_size]
         x_adv = attack(counter, x, y, threat, gen).detach()
-        check_adversarial(x_adv, x, threat, name)
+        check_adversarial(x_adv, attack.reference(x), threat, name)
         with torch.no_grad():  # re-score from x_adv with a fresh pass of the defended model
-            pred = counter(x_adv).argmax(1)
+            pred = attack.score(counter, x_adv).argmax(1)
         correct[start : start + len(x)] = (pred == y).cpu()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -36,6 +36,7 @@ from benchmark.experiment import (
 from benchmark.harness import run_attack
 from benchmark.io import atomic_write_json
 from benchmark.records import valid_record, write_record
+from benchmark.registry import ATTACKS, DEFENSES
 from benchmark.runtime import resolve_device, versions
 from benchmark.stats import wilson_interval
 from defenses.base import DefendedModel
@@ -62,11 +63,15 @@ class Cell:
 
 
 def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
+    """Every (dataset, target, defense, attack) whose attack applies to the defense (e.g. the
+    mask-adaptive attack only to defenses that declare masks)."""
     cells = []
     for ds in cfg.datasets:
         for target in cfg.targets:
             for defense in cfg.defenses:
                 for attack in cfg.attacks:
+                    if not ATTACKS.get(attack.registered).applies_to(DEFENSES.get(defense.registered)):
+                        continue
                     cell_id = "__".join(_slug(n) for n in (ds.name, target.name, defense.name, attack.name))
                     cell_hash = artifact_key({
                         "v": ARTIFACT_VERSION, "dataset": asdict(ds) | {"root": None},
@@ -151,8 +156,9 @@ class Runner:
                     cells = [c for c in group if c.defense is dspec]
                     if not cells:
                         continue
-                    defense, defense_card = prepare_defense(ds, dspec, classifier, target_card, self.cfg,
-                                                            self.device, artifacts, train_data)
+                    defense, defense_card = prepare_defense(
+                        ds, dspec, classifier, target_card, self.cfg, self.device, artifacts, train_data,
+                        data_shape=(eval_set.channels, eval_set.image_size[0]), progress=self.progress)
                     defended = DefendedModel(defense, classifier, bpda=not defense.differentiable)
                     for cell in cells:
                         self.run_cell(cell, defended, eval_set, manifest, target_card, defense_card)

@@ -1,0 +1,161 @@
+"""Adaptive attacks for randomized and masked purifiers, and the DIR paper's probes.
+
+* ``eot-pgd``: PGD whose gradient is the mean over E fresh draws of the defense's
+  randomness (expectation over transformation).
+* ``mask-adaptive`` (DIR Eq. 8): the attacker knows and fixes the masks the defense
+  will use, runs PGD with them held fixed, and is evaluated with the same masks.
+* ``representation`` (DIR Eq. 9): PGD on the restored image x~ = g(x) directly
+  against the classifier, inside the eps ball around x~.
+* ``noise-discard`` (DIR Fig. 2, App. A): craft PGD or MI-FGSM noise against the
+  model, then zero the noise on a random fraction of the pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from attacks.base import Attack, IterativeParams, Threat, defended_of
+from attacks.momentum import MIFGSM, MIParams
+from attacks.pgd import PGD, PGDParams, ce_sum, input_gradient, project_linf, uniform_start
+from benchmark.config import require, subkey
+from benchmark.registry import ATTACKS
+
+
+@dataclass
+class EOTPGDParams(PGDParams):
+    eot: int = 20
+
+
+@ATTACKS.register("eot-pgd", label="EOT-PGD", paper="Athalye et al., ICML 2018",
+                  description="PGD with the gradient averaged over E=20 draws of the defense's randomness")
+class EOTPGD(PGD):
+    Params = EOTPGDParams
+
+
+@dataclass
+class MaskAdaptiveParams(IterativeParams):
+    steps: int = 40
+    random_start: bool = True
+
+
+@ATTACKS.register("mask-adaptive", label="Mask-adaptive", paper="Zhou et al., ICML 2023 (Eq. 8)",
+                  description="PGD-40 with the defense's masks known and fixed; evaluated with the same masks")
+class MaskAdaptive(Attack):
+    Params = MaskAdaptiveParams
+
+    def __init__(self, where: str = "attack", **params) -> None:
+        super().__init__(where, **params)
+        self._masks = None
+
+    @classmethod
+    def applies_to(cls, defense_cls: type) -> bool:
+        return bool(getattr(defense_cls, "uses_masks", False))
+
+    def run(self, model, x, y, threat: Threat, generator):
+        defended = defended_of(model)
+        if not defended.defense.uses_masks:
+            raise TypeError(f"mask-adaptive needs a defense that uses masks; "
+                            f"{type(defended.defense).__name__} does not")
+        p = self.params
+        self._masks = defended.defense.sample_masks(x)
+        defended.masks = self._masks
+        try:
+            adv = uniform_start(x, threat.eps, generator) if p.random_start else x.clone()
+            for _ in range(p.steps):
+                grad, _ = input_gradient(model, adv, y, ce_sum)
+                adv = project_linf(adv.detach() + p.step_size * grad.sign(), x, threat.eps)
+        finally:
+            defended.masks = None
+        return adv
+
+    def score(self, model, x_adv):
+        defended = defended_of(model)
+        defended.masks = self._masks  # evaluated with the masks the attacker knew
+        try:
+            return model(x_adv)
+        finally:
+            defended.masks = None
+
+
+@dataclass
+class RepresentationParams(IterativeParams):
+    source: Literal["clean", "pgd"] = "clean"  # what g restores: the clean input or a PGD-20 example
+    source_steps: int = 20
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        require(self.source_steps >= 1, subkey(where, "source_steps"), "must be >= 1")
+
+
+@ATTACKS.register("representation", label="Representation", paper="Zhou et al., ICML 2023 (Eq. 9)",
+                  description="PGD-20 on the restored image against the classifier alone, in the eps ball around it")
+class RepresentationAttack(Attack):
+    """The threat ball of this attack is centred on x~ = g(x), not on x: the harness checks
+    against :meth:`reference` and scores with the classifier alone."""
+
+    Params = RepresentationParams
+
+    def __init__(self, where: str = "attack", **params) -> None:
+        super().__init__(where, **params)
+        self._restored = None
+
+    def run(self, model, x, y, threat: Threat, generator):
+        defended = defended_of(model)
+        p = self.params
+        source = x
+        if p.source == "pgd":
+            source = PGD(steps=p.source_steps, step_size=p.step_size).run(model, x, y, threat, generator)
+        with torch.no_grad():
+            restored = defended.purify(source).clamp(0.0, 1.0)  # one draw of the defense's randomness
+        self._restored = restored
+        adv = restored.clone()
+        for _ in range(p.steps):
+            grad, _ = input_gradient(defended.classifier, adv, y, ce_sum)
+            adv = project_linf(adv.detach() + p.step_size * grad.sign(), restored, threat.eps)
+        _count(model, forwards=(p.steps + 1) * len(x), backwards=p.steps * len(x))
+        return adv
+
+    def reference(self, x):
+        return self._restored
+
+    def score(self, model, x_adv):
+        _count(model, forwards=len(x_adv))
+        return defended_of(model).classifier(x_adv)
+
+
+def _count(model, forwards: int = 0, backwards: int = 0) -> None:
+    """Book passes that bypass the harness's counting wrapper (calls to the classifier alone)."""
+    if hasattr(model, "forwards"):
+        model.forwards += forwards
+        model.backwards += backwards
+
+
+@dataclass
+class NoiseDiscardParams(IterativeParams):
+    base: Literal["pgd", "mi-fgsm"] = "pgd"
+    fraction: float = 0.5  # share of pixels whose noise is set to zero
+    decay: float = 1.0
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        require(0 <= self.fraction <= 1, subkey(where, "fraction"), f"must be in [0, 1], got {self.fraction}")
+
+
+@ATTACKS.register("noise-discard", label="Noise-discard", paper="Zhou et al., ICML 2023 (Fig. 2, App. A)",
+                  description="PGD or MI-FGSM noise with a random fraction of its pixels zeroed")
+class NoiseDiscard(Attack):
+    Params = NoiseDiscardParams
+
+    def run(self, model, x, y, threat: Threat, generator):
+        p = self.params
+        if p.base == "pgd":
+            base = PGD(steps=p.steps, step_size=p.step_size)
+        else:
+            base = MIFGSM(**{k: getattr(p, k) for k in MIParams.__dataclass_fields__})
+        adv = base.run(model, x, y, threat, generator)
+        # per pixel (all channels together), keep the noise with probability 1 - fraction
+        keep = torch.rand((x.shape[0], 1, *x.shape[2:]), device=x.device, generator=generator) >= p.fraction
+        return (x + (adv - x) * keep).clamp(0.0, 1.0)

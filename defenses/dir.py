@@ -1,0 +1,401 @@
+"""DIR: information discard and robust representation restoration (Zhou et al., ICML 2023).
+
+A masked-autoencoder ViT denoiser ``g`` sees the input through K complementary
+random patch masks, restores each masked view, and averages the restorations
+(Eq. 5). It is pre-trained to reconstruct natural images from masked adversarial
+ones (Eq. 2), then trained by Algorithm 1: adversarial examples against the whole
+defended model ``h(g(.))``, a cross-entropy loss on the restoration, and a
+representation-robustness term (Eqs. 4-7) weighted by ``alpha``. Only the
+denoiser is updated; the target classifier ``h`` stays frozen.
+
+Defaults follow the paper where it and the official code differ (see
+``../shared/docs/defenses.md`` §1(f)); the code's behaviour is available as
+options: ``rep_project: false`` (the code never projects the representation
+perturbation), ``rep_grad: target`` (the code's L_rep gradient flows only through
+h(x~)), ``mask_mode: zero`` (pixels zeroed instead of tokens dropped),
+``alpha: 1`` and the code's constant lr through the TrainConfig. The code's joint
+training of the classifier is not offered: it would change the shared target.
+
+Complementary masks for a ratio r != 0.5 (our definition, since the paper gives
+none): each image gets a random order of its N patches; view k keeps the
+``round((1 - r) N)`` patches of a cyclic window starting at ``round(k N / K)``.
+K windows of that length cover every patch only if ``K (1 - r) >= 1``, so K is
+raised to ``ceil(1 / (1 - r))`` when needed (r = 0.7 with K = 2 uses 4 views).
+For r = 0.5 and K = 2 this is exactly the paper's pair of complementary halves.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from attacks.pgd import project_linf, uniform_start
+from benchmark.config import require, subkey
+from benchmark.data import augment
+from benchmark.registry import DEFENSES
+from defenses.base import Defense, FitResult
+
+
+# ----------------------------------------------------------------------------- the ViT
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = False) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (ViT/MAE)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class MaskedViT(nn.Module):
+    """MAE-style encoder-decoder over patches: encode the visible patches (+ cls), fill the
+    hidden positions with a learned mask token, decode, and predict every patch's pixels."""
+
+    def __init__(self, image_size: int, in_channels: int, patch_size: int, embed_dim: int, depth: int,
+                 num_heads: int, mlp_ratio: float, decoder_dim: int, decoder_depth: int, decoder_heads: int) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        self.patch_size, self.in_channels = patch_size, in_channels
+        self.grid = image_size // patch_size
+        self.num_patches = self.grid ** 2
+        self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, decoder_dim))
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.head = nn.Linear(decoder_dim, patch_size * patch_size * in_channels)  # per-patch linear head
+        for p in (self.cls_token, self.pos_embed, self.mask_token, self.decoder_pos_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, p, c, g = tokens.shape[0], self.patch_size, self.in_channels, self.grid
+        x = tokens.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+        """``visible``: (B, V) indices of the patches the encoder sees (None: all of them)."""
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
+        if visible is not None:
+            tokens = tokens.gather(1, visible[..., None].expand(-1, -1, tokens.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)
+        h = torch.cat([cls, tokens], dim=1)
+        for blk in self.blocks:
+            h = blk(h)
+        h = self.decoder_embed(self.norm(h))
+        body = h[:, 1:]
+        if visible is not None:  # hidden positions get the mask token, visible ones their encoding
+            full = self.mask_token.to(body.dtype).expand(len(x), self.num_patches, -1).clone()
+            body = full.scatter(1, visible[..., None].expand(-1, -1, body.shape[-1]), body)
+        h = torch.cat([h[:, :1], body], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            h = blk(h)
+        return self.unpatchify(self.head(self.decoder_norm(h))[:, 1:])
+
+
+# ----------------------------------------------------------------------------- training options
+@dataclass
+class DIRTrain:
+    """Pre-training (Eq. 2) and main training (Algorithm 1) options. Defaults: the paper."""
+
+    pretrain_epochs: int = 20
+    pretrain_batch_size: int = 256
+    pretrain_lr: float = 1.5e-4  # AdamW base lr per 256 images (the official pre_training.py)
+    pretrain_weight_decay: float = 0.05
+    pretrain_warmup_fraction: float = 0.1
+    pretrain_attack_steps: int = 5  # PGD against the target alone (code hints at 20)
+    epochs: int = 90
+    batch_size: int = 128
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    milestones: list[float] = field(default_factory=lambda: [75 / 90, 1.0])  # lr / 10 at these fractions
+    alpha: float = 2.0
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    attack_steps: int = 5
+    rep_steps: int = 5
+    rep_project: bool = True  # project delta to the eps ball and x~ + delta to [0,1] (code: no)
+    rep_grad: Literal["both", "target"] = "both"  # L_rep gradient through both KL arguments (code: target)
+    grad_clip: float | None = None  # optional global gradient-norm clip in main training (not in the paper)
+    augment: bool = True
+    bf16: Literal["auto", True, False] = "auto"
+    progress: bool = True
+
+    def validate(self, where: str) -> None:
+        for key in ("pretrain_batch_size", "epochs", "batch_size", "attack_steps", "rep_steps",
+                    "pretrain_attack_steps"):
+            require(getattr(self, key) >= 1, subkey(where, key), f"must be >= 1, got {getattr(self, key)}")
+        require(self.pretrain_epochs >= 0, subkey(where, "pretrain_epochs"), "must be >= 0 (0 = no pre-training)")
+        for key in ("pretrain_lr", "lr"):
+            require(getattr(self, key) > 0, subkey(where, key), f"must be > 0, got {getattr(self, key)}")
+        require(self.alpha >= 0, subkey(where, "alpha"), f"must be >= 0, got {self.alpha}")
+        require(0 < self.eps <= 1, subkey(where, "eps"), f"must be in (0, 1], got {self.eps}")
+        require(0 < self.step_size <= 1, subkey(where, "step_size"), f"must be in (0, 1], got {self.step_size}")
+        require(all(0 < m <= 1 for m in self.milestones), subkey(where, "milestones"),
+                f"must be fractions of training in (0, 1], got {self.milestones}")
+
+
+# ----------------------------------------------------------------------------- the defense
+@DEFENSES.register("dir", paper="Zhou et al., ICML 2023",
+                   description="DIR: masked-autoencoder ViT over K complementary masks, restorations averaged")
+class DIR(Defense):
+    stochastic = True  # fresh masks every call
+    differentiable = True
+    uses_masks = True
+    trainable = True
+    TrainConfig = DIRTrain
+    data_shape_options = ("in_channels", "image_size")
+
+    def __init__(self, image_size: int = 32, in_channels: int = 3, patch_size: int = 2, embed_dim: int = 192,
+                 depth: int = 8, num_heads: int = 3, mlp_ratio: float = 4.0, decoder_depth: int = 2,
+                 decoder_dim: int | None = None, decoder_heads: int | None = None, mask_ratio: float = 0.5,
+                 num_masks: int = 2, mask_mode: Literal["drop", "zero"] = "drop") -> None:
+        super().__init__()
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if num_masks < 1:
+            raise ValueError(f"num_masks must be >= 1, got {num_masks}")
+        if mask_mode not in ("drop", "zero"):
+            raise ValueError(f"mask_mode must be 'drop' or 'zero', got {mask_mode!r}")
+        self._config = dict(image_size=image_size, in_channels=in_channels, patch_size=patch_size,
+                            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                            decoder_depth=decoder_depth, decoder_dim=decoder_dim, decoder_heads=decoder_heads,
+                            mask_ratio=mask_ratio, num_masks=num_masks, mask_mode=mask_mode)
+        self.net = MaskedViT(image_size, in_channels, patch_size, embed_dim, depth, num_heads, mlp_ratio,
+                             decoder_dim or embed_dim, decoder_depth, decoder_heads or num_heads)
+        n = self.net.num_patches
+        self.mask_ratio, self.mask_mode = mask_ratio, mask_mode
+        self.num_visible = max(1, round((1 - mask_ratio) * n))
+        self.num_views = max(num_masks, math.ceil(n / self.num_visible))  # every patch visible somewhere
+        offsets = torch.tensor([round(k * n / self.num_views) for k in range(self.num_views)])
+        window = (offsets[:, None] + torch.arange(self.num_visible)[None, :]) % n  # (K, V) positions in the order
+        self.register_buffer("windows", window, persistent=False)
+
+    # -- masks ---------------------------------------------------------------------------------
+    def sample_masks(self, x: torch.Tensor) -> torch.Tensor:
+        """One random patch order per image, (B, N); it determines all K complementary masks."""
+        gen = self._gen(x.device)
+        noise = torch.rand(len(x), self.net.num_patches, device=x.device, generator=gen)
+        return noise.argsort(dim=1)
+
+    def visible_patches(self, order: torch.Tensor) -> torch.Tensor:
+        """(B, K, V) indices of the patches each view keeps."""
+        b = order.shape[0]
+        idx = self.windows.to(order.device)[None].expand(b, -1, -1).reshape(b, -1)
+        return order.gather(1, idx).view(b, self.num_views, self.num_visible)
+
+    def patch_masks(self, order: torch.Tensor) -> torch.Tensor:
+        """(B, K, N) booleans: True where view k sees the patch."""
+        vis = self.visible_patches(order)
+        m = torch.zeros(order.shape[0], self.num_views, self.net.num_patches, dtype=torch.bool, device=order.device)
+        return m.scatter(2, vis, True)
+
+    # -- restoration ---------------------------------------------------------------------------
+    def restore_views(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The K restorations g(x ⊙ m_k), (B, K, C, H, W), unclamped."""
+        order = self.sample_masks(x) if masks is None else masks
+        if order.shape[0] != x.shape[0]:
+            raise ValueError(f"masks for {order.shape[0]} images given with a batch of {x.shape[0]}")
+        b, k = x.shape[0], self.num_views
+        xs = x.repeat_interleave(k, dim=0)  # (B*K, C, H, W), views of one image adjacent
+        if self.mask_mode == "drop":
+            out = self.net(xs, self.visible_patches(order).reshape(b * k, -1))
+        else:  # zero the hidden pixels and let the encoder see every (partly zero) patch
+            pm = self.patch_masks(order).reshape(b * k, 1, self.net.grid, self.net.grid).to(x.dtype)
+            pix = F.interpolate(pm, scale_factor=self.net.patch_size, mode="nearest")
+            out = self.net(xs * pix, None)
+        return out.view(b, k, *x.shape[1:])
+
+    def restore(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 5: the average of the K restorations, clipped to [0,1]."""
+        return self.restore_views(x, masks).mean(dim=1).clamp(0.0, 1.0)
+
+    def purify(self, x: torch.Tensor, masks: Any = None) -> torch.Tensor:
+        return self.restore(x, masks)
+
+    # -- training ------------------------------------------------------------------------------
+    def fit(self, classifier: nn.Module, train, device: torch.device, config: DIRTrain | None = None,
+            seed: int = 0) -> FitResult:
+        cfg = config or DIRTrain()
+        torch.manual_seed(seed)
+        self.seed(seed, device)
+        data = train.to(device)
+        classifier.eval()
+        for p in classifier.parameters():
+            p.requires_grad_(False)
+        use_bf16 = device.type == "cuda" if cfg.bf16 == "auto" else bool(cfg.bf16)
+        history: list[dict] = []
+        t_start = time.perf_counter()
+        if cfg.pretrain_epochs > 0:
+            history += self.pretrain(classifier, data, cfg, device, use_bf16, seed)
+        history += self.main_train(classifier, data, cfg, device, use_bf16, seed)
+        self.eval()
+        main = [h["seconds"] for h in history if h["phase"] == "main"]
+        pre = [h["seconds"] for h in history if h["phase"] == "pretrain"]
+        return FitResult(seconds=time.perf_counter() - t_start, seconds_per_epoch=statistics.median(main),
+                         epochs=cfg.epochs, history=history
+                         + [{"phase": "summary", "pretrain_seconds_per_epoch": statistics.median(pre) if pre else None,
+                             "main_seconds_per_epoch": statistics.median(main)}])
+
+    def _batches(self, data, batch_size: int, cfg: DIRTrain, gen: torch.Generator, aug_gen: torch.Generator):
+        for x, y in data.batches(batch_size, shuffle=True, generator=gen):
+            if cfg.augment:
+                x = augment(x, generator=aug_gen)
+            yield x, y
+
+    def pretrain(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int) -> list[dict]:
+        """Eq. 2: reconstruct the natural image from each masked view of an adversarial example
+        crafted against the target alone."""
+        from attacks.pgd import pgd_linf
+
+        lr = cfg.pretrain_lr * cfg.pretrain_batch_size / 256
+        opt = torch.optim.AdamW(self.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=cfg.pretrain_weight_decay)
+        steps = cfg.pretrain_epochs * math.ceil(len(data) / cfg.pretrain_batch_size)
+        warm = max(1, int(cfg.pretrain_warmup_fraction * steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+        gen = torch.Generator().manual_seed(seed)
+        aug_gen = torch.Generator(device=device).manual_seed(seed)
+        history = []
+        bar = tqdm(total=steps, desc="dir pretrain", disable=not cfg.progress, leave=False, dynamic_ncols=True)
+        for epoch in range(cfg.pretrain_epochs):
+            self.train()
+            t0, total = time.perf_counter(), torch.zeros((), device=device)
+            for x, y in self._batches(data, cfg.pretrain_batch_size, cfg, gen, aug_gen):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    x_adv = pgd_linf(classifier, x, y, eps=cfg.eps, step_size=cfg.step_size,
+                                     steps=cfg.pretrain_attack_steps)
+                    views = self.restore_views(x_adv)
+                loss = (views.float() - x[:, None]).pow(2).mean()  # squared error of every masked view
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.detach() * len(x)
+                bar.update(1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            history.append({"phase": "pretrain", "epoch": epoch + 1, "loss": float(total) / len(data),
+                            "seconds": time.perf_counter() - t0})
+        bar.close()
+        return history
+
+    def representation_delta(self, classifier, restored: torch.Tensor, cfg: DIRTrain) -> torch.Tensor:
+        """Eq. 4: the perturbation of the restored image that most changes the classifier's output
+        (``rep_steps`` signed ascent steps on KL(h(x~) || h(x~ + delta)), from 0.001 N(0, I))."""
+        target = F.softmax(classifier(restored).float(), dim=1).detach()
+        delta = 0.001 * torch.randn_like(restored)
+        for _ in range(cfg.rep_steps):
+            delta.requires_grad_(True)
+            kl = F.kl_div(F.log_softmax(classifier(restored + delta).float(), dim=1), target, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, delta)
+            delta = delta.detach() + cfg.step_size * grad.sign()
+            if cfg.rep_project:
+                delta = project_linf(restored + delta, restored, cfg.eps) - restored
+        return delta.detach()
+
+    def main_train(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int) -> list[dict]:
+        """Algorithm 1: L_den = CE(h(x~), y) + alpha * KL(h(x~) || h(x~ + delta)), denoiser only."""
+        opt = torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+        total_steps = cfg.epochs * steps_per_epoch
+        bounds = [int(m * total_steps) for m in cfg.milestones]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** sum(s >= b for b in bounds))
+        gen = torch.Generator().manual_seed(seed + 1)
+        aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        history = []
+        bar = tqdm(total=total_steps, desc="dir main", disable=not cfg.progress, leave=False, dynamic_ncols=True)
+
+        def defended(z: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+            return classifier(self.restore(z, masks)).float()
+
+        for epoch in range(cfg.epochs):
+            t0 = time.perf_counter()
+            total = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            for x, y in self._batches(data, cfg.batch_size, cfg, gen, aug_gen):
+                masks = self.sample_masks(x)  # one mask group per step (Alg. 1, line 4)
+                self.eval()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    x_adv = uniform_start(x, cfg.eps)  # PGD-5 against the whole defended model
+                    for _ in range(cfg.attack_steps):
+                        x_adv.requires_grad_(True)
+                        loss_a = F.cross_entropy(defended(x_adv, masks), y, reduction="sum")
+                        (g,) = torch.autograd.grad(loss_a, x_adv)
+                        x_adv = project_linf(x_adv.detach() + cfg.step_size * g.sign(), x, cfg.eps)
+                self.train()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    # Clip to [0,1] as at inference, but let the gradient pass the clip
+                    # (straight-through): a plain clip gives zero gradient to every pixel pushed
+                    # out of range, and on dark images (digits) training then freezes for good.
+                    raw = self.restore_views(x_adv, masks).mean(dim=1)
+                    restored = raw + (raw.clamp(0.0, 1.0) - raw).detach()
+                    delta = self.representation_delta(classifier, restored.detach(), cfg)
+                    logits = classifier(restored).float()
+                    base = restored if cfg.rep_grad == "both" else restored.detach()
+                    logits_shift = classifier(base + delta).float()
+                ce = F.cross_entropy(logits, y)
+                kl = F.kl_div(F.log_softmax(logits_shift, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+                loss = ce + cfg.alpha * kl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(self.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                total += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                bar.update(1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            history.append({"phase": "main", "epoch": epoch + 1, "loss": float(total) / len(data),
+                            "robust_train_acc": float(correct) / len(data), "seconds": time.perf_counter() - t0})
+        bar.close()
+        return history

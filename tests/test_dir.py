@@ -1,0 +1,165 @@
+import pytest
+import torch
+
+from attacks.base import Threat
+from benchmark.experiment import load_config
+from benchmark.harness import run_attack
+from benchmark.registry import ATTACKS, DEFENSES
+from defenses.base import DefendedModel
+from defenses.dir import DIR, DIRTrain
+
+TINY = dict(image_size=16, in_channels=1, embed_dim=32, depth=2, num_heads=2, decoder_depth=1)
+ROOT_CONFIGS = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_default_architecture_is_the_papers():
+    d = DIR()
+    net = d.net
+    assert net.num_patches == 256 and net.patch_size == 2
+    assert len(net.blocks) == 8 and len(net.decoder_blocks) == 2
+    assert net.blocks[0].attn.heads == 3 and net.pos_embed.shape == (1, 257, 192)
+    assert net.blocks[0].mlp[0].out_features == 768 and net.blocks[0].attn.qkv.bias is None
+    assert net.head.out_features == 2 * 2 * 3
+    assert d.num_views == 2 and d.num_visible == 128
+    assert DIR.stochastic and DIR.differentiable and DIR.uses_masks
+    assert DEFENSES.get("dir") is DIR
+
+
+@pytest.mark.parametrize("ratio,views", [(0.5, 2), (0.3, 2), (0.7, 4)])
+def test_masks_are_complementary_and_cover_every_patch(ratio, views):
+    d = DIR(**TINY, mask_ratio=ratio)
+    d.seed(0)
+    x = torch.rand(5, 1, 16, 16)
+    masks = d.patch_masks(d.sample_masks(x))  # (B, K, N)
+    assert masks.shape == (5, views, 64)
+    assert masks.any(dim=1).all()  # every patch visible in at least one view
+    assert (masks.sum(-1) == round((1 - ratio) * 64)).all()  # each view hides the ratio
+    if ratio == 0.5:
+        assert (masks.sum(dim=1) == 1).all()  # exactly complementary halves
+
+
+@pytest.mark.parametrize("mode", ["drop", "zero"])
+def test_fixed_masks_are_deterministic_and_free_masks_are_not(mode):
+    d = DIR(**TINY, mask_mode=mode).eval()
+    d.seed(1)
+    x = torch.rand(3, 1, 16, 16)
+    m = d.sample_masks(x)
+    with torch.no_grad():
+        a, b = d.purify(x, masks=m), d.purify(x, masks=m)
+        c, e = d.purify(x), d.purify(x)
+    assert torch.equal(a, b)
+    assert not torch.equal(c, e)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    d.seed(7)
+    with torch.no_grad():
+        f = d.purify(x)
+    d.seed(7)
+    with torch.no_grad():
+        g = d.purify(x)
+    assert torch.equal(f, g)  # the randomness is the defense's seedable generator
+
+
+def test_any_size_and_channel_count():
+    for size, ch in ((8, 3), (12, 1), (32, 3)):
+        d = DIR(image_size=size, in_channels=ch, embed_dim=32, depth=1, num_heads=2, decoder_depth=1)
+        with torch.no_grad():
+            assert d.purify(torch.rand(2, ch, size, size)).shape == (2, ch, size, size)
+    with pytest.raises(ValueError, match="not divisible"):
+        DIR(image_size=15, patch_size=2)
+
+
+def test_gradients_reach_the_input(trained_pair):
+    d = DIR(**TINY)
+    model = DefendedModel(d, trained_pair["at"][0])
+    x = torch.rand(4, 1, 16, 16, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    (g,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(trained_pair, digits_train, digits_test):
+    torch.manual_seed(0)
+    d = DIR(**TINY)
+    d.seed(0)
+    x = digits_test.as_float()[:100]
+    with torch.no_grad():
+        before = (d.restore_views(x) - x[:, None]).pow(2).mean().item()
+    cfg = DIRTrain(pretrain_epochs=2, pretrain_batch_size=64, pretrain_lr=1e-3, eps=0.1, step_size=0.025,
+                   augment=False, progress=False)
+    d.pretrain(trained_pair["at"][0], digits_train, cfg, torch.device("cpu"), False, 0)
+    with torch.no_grad():
+        after = (d.restore_views(x) - x[:, None]).pow(2).mean().item()
+    return d.eval(), before, after
+
+
+def test_pretraining_lowers_reconstruction_error(pretrained_dir):
+    _, before, after = pretrained_dir
+    assert after < 0.5 * before, (before, after)
+
+
+def test_one_main_step_changes_only_the_denoiser(trained_pair, digits_train):
+    clf = trained_pair["at"][0]
+    d = DIR(**TINY)
+    target_before = {k: v.clone() for k, v in clf.state_dict().items()}
+    dir_before = {k: v.clone() for k, v in d.state_dict().items()}
+    cfg = DIRTrain(epochs=1, batch_size=64, eps=0.1, step_size=0.025, augment=False, progress=False, alpha=0.5)
+    d.main_train(clf, digits_train.subset(64, seed=0), cfg, torch.device("cpu"), False, 0)
+    assert all(torch.equal(v, clf.state_dict()[k]) for k, v in target_before.items())
+    changed = [k for k, v in d.state_dict().items() if not torch.equal(v, dir_before[k])]
+    assert len(changed) > 10
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_representation_delta_respects_the_ball_when_projected(trained_pair, project):
+    clf = trained_pair["at"][0]
+    d = DIR(**TINY)
+    restored = torch.rand(16, 1, 16, 16)
+    cfg = DIRTrain(eps=0.1, step_size=0.04, rep_steps=5, rep_project=project)
+    delta = d.representation_delta(clf, restored, cfg)
+    if project:
+        assert delta.abs().max() <= 0.1 + 1e-6
+        assert (restored + delta).min() >= -1e-6 and (restored + delta).max() <= 1 + 1e-6
+    else:  # the official code's behaviour: 5 steps of 0.04 go past eps
+        assert delta.abs().max() > 0.1 + 1e-3
+
+
+def test_mask_adaptive_is_at_least_as_strong_as_pgd_and_representation_runs(pretrained_dir, trained_pair,
+                                                                             digits_test):
+    d, _, _ = pretrained_dir
+    model = DefendedModel(d, trained_pair["at"][0])
+    data = digits_test.subset(100, seed=1)
+    x, y = data.as_float(), data.labels
+    threat = Threat("linf", 0.1)
+    pgd = run_attack(ATTACKS.get("pgd")(steps=20, step_size=0.025), model, x, y, threat, batch_size=100)
+    adaptive = run_attack(ATTACKS.get("mask-adaptive")(steps=20, step_size=0.025), model, x, y, threat,
+                          batch_size=100)
+    assert adaptive.accuracy <= pgd.accuracy + 0.05  # the known-mask attack is no weaker (up to noise)
+    eot = run_attack(ATTACKS.get("eot-pgd")(steps=10, step_size=0.025, eot=3), model, x, y, threat, batch_size=100)
+    assert eot.backwards == 10 * 3 * 100
+    rep = run_attack(ATTACKS.get("representation")(steps=10, step_size=0.025), model, x, y, threat,
+                     batch_size=100)
+    assert 0 <= rep.accuracy <= 1 and rep.backwards == 10 * 100
+    assert not ATTACKS.get("mask-adaptive").applies_to(DEFENSES.get("none"))
+
+
+def test_noise_discard_keeps_less_noise_as_the_fraction_grows(trained_pair, digits_test):
+    from defenses.base import NoDefense
+
+    model = DefendedModel(NoDefense(), trained_pair["natural"][0])
+    data = digits_test.subset(100, seed=2)
+    x, y = data.as_float(), data.labels
+    threat = Threat("linf", 0.1)
+    accs = [run_attack(ATTACKS.get("noise-discard")(steps=10, step_size=0.025, fraction=f), model, x, y, threat,
+                       batch_size=100).accuracy for f in (0.0, 0.9, 1.0)]
+    assert accs[0] < accs[1] <= accs[2]
+
+
+@pytest.mark.parametrize("enc,dec", [(4, 1), (4, 2), (6, 1), (6, 2), (8, 2), (12, 4)])
+def test_table5_configs_build_the_stated_depths(enc, dec):
+    cfg = load_config(ROOT_CONFIGS / "paper" / "cifar10_dir_depth.yaml")
+    spec = next(s for s in cfg.defenses if s.name == f"dir-{enc}-{dec}")
+    from benchmark.experiment import build_defense
+
+    d = build_defense(spec, "test", (3, 32))
+    assert len(d.net.blocks) == enc and len(d.net.decoder_blocks) == dec
