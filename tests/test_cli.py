@@ -93,13 +93,17 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     r = _run(timeout=1200)
     assert r.returncode == 0, r.stderr[-2000:]
     records = sorted((out_dir / "records").glob("*.json"))
-    assert len(records) == 5
-    recs = {json.loads(p.read_text())["cell"]["attack"]: json.loads(p.read_text()) for p in records}
-    assert set(recs) == {"clean", "pgd", "mi-fgsm", "vni-fgsm", "autoattack"}
-    assert recs["pgd"]["accuracy"] < recs["clean"]["accuracy"]
-    assert recs["autoattack"]["attack_params"]["version"] == "auto"
+    loaded = [json.loads(p.read_text()) for p in records]
+    cells = {(r["cell"]["defense"], r["cell"]["attack"]) for r in loaded}
+    attacks = {"clean", "pgd", "mi-fgsm", "vni-fgsm", "autoattack", "eot-pgd", "representation"}
+    assert cells == {("none", a) for a in attacks} | {("DIR", a) for a in attacks | {"mask-adaptive"}}
+    recs = {(r["cell"]["defense"], r["cell"]["attack"]): r for r in loaded}
+    assert recs["none", "pgd"]["accuracy"] < recs["none", "clean"]["accuracy"]
+    assert recs["DIR", "clean"]["defense_declarations"]["stochastic"]
+    assert recs["DIR", "clean"]["defense_checkpoint_sha256"]
+    assert recs["DIR", "autoattack"]["attack_params"]["version"] == "auto"
     table = (out_dir / "tables" / "results.md").read_text()
-    assert "| none |" in table and "Worst" in table and "scikit-learn digits" in table
+    assert "| none |" in table and "| DIR |" in table and "Worst" in table and "scikit-learn digits" in table
     assert (out_dir / "run.log").is_file() and "| none |" in r.stdout
     stamps = {p.name: p.stat().st_mtime_ns for p in records}
     # A rerun finds every cell recorded and recomputes nothing.
