@@ -7,9 +7,14 @@ so no parameter gradients are computed or accumulated.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from attacks.base import Attack, IterativeParams, Threat
+from benchmark.config import require, subkey
+from benchmark.registry import ATTACKS
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -84,11 +89,6 @@ def trades_kl_linf(
 
 
 # ----------------------------------------------------------------------------- registered attack
-from dataclasses import dataclass  # noqa: E402
-
-from attacks.base import Attack, IterativeParams, Threat  # noqa: E402
-from benchmark.config import require, subkey  # noqa: E402
-from benchmark.registry import ATTACKS  # noqa: E402
 
 
 def eot_gradient(model: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, samples: int) -> torch.Tensor:

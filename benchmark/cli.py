@@ -10,7 +10,6 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from benchmark.errors import BenchError
@@ -78,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from benchmark.checkpoint import save_checkpoint
     from benchmark.config import from_dict
     from benchmark.data import load_dataset
+    from benchmark.experiment import classifier_card
     from benchmark.models import create_model
     from benchmark.runtime import resolve_device
     from benchmark.training import TrainConfig, train_classifier
@@ -105,14 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"clean {100 * m['clean_acc']:.2f}%, PGD-{m['pgd_steps']} {100 * m.get('pgd_acc', float('nan')):.2f}% "
           f"(n={m['n_eval']}, eps={cfg.eps:.4f}, {test.copy})")
     if args.out:
-        card = {
-            "arch": args.arch, "num_classes": train.num_classes, "in_channels": train.channels,
-            "mean": list(train.mean), "std": list(train.std), "classes": train.classes,
-            "dataset": train.describe(), "method": cfg.method, "train_config": asdict(cfg), "metrics": m,
-            "training": {"seconds": result.seconds, "seconds_per_epoch": result.seconds_per_epoch,
-                         "history": result.history, "device": str(device)},
-        }
-        path = save_checkpoint(model, args.out, card)
+        path = save_checkpoint(model, args.out, classifier_card(args.arch, train, cfg, result, device))
         print(f"saved {path}")
     return 0
 

@@ -198,6 +198,19 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
 
 
 # ----------------------------------------------------------------------------- targets
+def classifier_card(arch: str, train, tcfg: TrainConfig, result, device, **extra: Any) -> dict:
+    """The model card of a target trained by :func:`train_classifier` on ``train``."""
+    return {
+        "arch": arch, "num_classes": train.num_classes, "in_channels": train.channels,
+        "mean": list(train.mean), "std": list(train.std), "classes": train.classes,
+        "dataset": train.describe(), "method": tcfg.method, "train_config": asdict(tcfg),
+        "metrics": result.metrics,
+        "training": {"seconds": result.seconds, "seconds_per_epoch": result.seconds_per_epoch,
+                     "history": result.history, "device": str(device)},
+        **extra,
+    }
+
+
 def artifact_key(obj: Any) -> str:
     blob = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -238,14 +251,9 @@ def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, d
     log.info("target %s/%s: training %s (%s, %d epochs, %d images) on %s", ds.name, target.name,
              target.arch, tcfg.method, tcfg.epochs, len(train), device)
     result = train_classifier(model, train, tcfg, device, eval_data=None, desc=f"{ds.name}/{target.name}")
-    card = {
-        "arch": target.arch, "arch_options": target.arch_options, "num_classes": train.num_classes,
-        "in_channels": train.channels, "mean": list(train.mean), "std": list(train.std),
-        "classes": train.classes, "dataset": train.describe() | {"spec": asdict(ds)},
-        "method": tcfg.method, "train_config": asdict(tcfg), "artifact_key": key,
-        "training": {"seconds": result.seconds, "seconds_per_epoch": result.seconds_per_epoch,
-                     "history": result.history, "device": str(device)},
-    }
+    card = classifier_card(target.arch, train, tcfg, result, device, arch_options=target.arch_options,
+                           artifact_key=key)
+    card["dataset"]["spec"] = asdict(ds)
     save_checkpoint(model, stem, card)
     return model.eval(), read_card(stem), False
 
