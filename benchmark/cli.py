@@ -217,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    debug = "--debug" in argv
-    if not [a for a in argv if a != "--debug"]:
-        argv = argv + ["run"]
+    debug = "--debug" in argv  # accepted anywhere on the line
+    argv = [a for a in argv if a != "--debug"]
+    if not argv:
+        argv = ["run"]
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -30,6 +30,8 @@ def test_bad_input_is_one_line_exit_2_without_traceback():
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown dataset 'digitz'" in lines[0] and "did you mean 'digits'" in lines[0]
     assert "Traceback" not in r.stderr
+    debug = _run("train", "--dataset", "digitz", "--debug")  # --debug anywhere shows the traceback
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "UnknownNameError" in debug.stderr
 
 
 @pytest.mark.parametrize("text,expected", [
