@@ -11,7 +11,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -23,7 +23,7 @@ from attacks.base import Threat
 from attacks.pgd import pgd_linf, trades_kl_linf
 from benchmark.config import require, subkey
 from benchmark.data import ImageData, augment
-from benchmark.harness import check_adversarial
+from benchmark.harness import run_attack
 
 log = logging.getLogger("purifybench")
 Method = Literal["natural", "at", "trades", "mart"]
@@ -237,27 +237,22 @@ def evaluate_classifier(
     model: nn.Module, data: ImageData, device: torch.device, *, eps: float, step_size: float,
     steps: int, batch_size: int = 500, seed: int = 0,
 ) -> dict:
-    """Clean and PGD-``steps`` accuracy (fp32, random start) of ``model`` on ``data``."""
+    """Clean and PGD-``steps`` accuracy (fp32, random start) of ``model`` on ``data``, through the
+    same checking harness as every benchmark cell."""
+    from attacks.base import Clean
+    from attacks.pgd import PGD
+
     model.eval().to(device)
     data = data.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    clean = robust = 0
+    x, y = data.as_float(), data.labels
+    threat = Threat("linf", eps)
     t0 = time.perf_counter()
-    for x, y in data.batches(batch_size):
-        with torch.no_grad():
-            clean += int((model(x).argmax(1) == y).sum())
-        if steps > 0:
-            x_adv = pgd_linf(model, x, y, eps=eps, step_size=step_size, steps=steps, generator=gen)
-            check_adversarial(x_adv, x, Threat("linf", eps), f"PGD-{steps}")
-            with torch.no_grad():
-                robust += int((model(x_adv).argmax(1) == y).sum())
-    n = len(data)
-    out = {"n_eval": n, "clean_acc": clean / n, "eval_seconds": time.perf_counter() - t0,
-           "eps": eps, "pgd_steps": steps, "pgd_step_size": step_size}
+    clean = run_attack(Clean(), model, x, y, threat, batch_size=batch_size, seed=seed)
+    out = {"n_eval": len(data), "clean_acc": clean.accuracy, "eps": eps, "pgd_steps": steps,
+           "pgd_step_size": step_size}
     if steps > 0:
-        out["pgd_acc"] = robust / n
+        pgd = run_attack(PGD(steps=steps, step_size=step_size), model, x, y, threat, batch_size=batch_size,
+                         seed=seed, name=f"PGD-{steps}")
+        out["pgd_acc"] = pgd.accuracy
+    out["eval_seconds"] = time.perf_counter() - t0
     return out
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
