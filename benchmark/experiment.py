@@ -10,9 +10,8 @@ rerun reuses them and a changed spec retrains only what it changes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -23,10 +22,12 @@ from benchmark.checkpoint import load_checkpoint, load_pretrained, read_card, sa
 from benchmark.config import ConfigError, from_dict, load_yaml, require, subkey
 from benchmark.data import load_dataset
 from benchmark.errors import CheckpointError
+from benchmark.io import artifact_key
 from benchmark.models import create_model
 from benchmark.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from benchmark.training import TrainConfig, train_classifier
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+-]{0,63}")
 log = logging.getLogger("purifybench")
 ARTIFACT_VERSION = 1  # bump when training code changes what a given spec produces
 
@@ -178,6 +179,9 @@ class ExperimentConfig:
         for kind, items in (("datasets", self.datasets), ("targets", self.targets),
                             ("defenses", self.defenses), ("attacks", self.attacks)):
             names = [i.name for i in items]
+            for i, n in enumerate(names):  # names become file names of artifacts and records
+                require(isinstance(n, str) and SAFE_NAME.fullmatch(n) is not None, subkey(where, f"{kind}[{i}].name"),
+                        f"{n!r} is not allowed: use letters, digits and '_ . + -', not starting with '.' or '-'")
             dup = {n for n in names if names.count(n) > 1}
             require(not dup, subkey(where, kind), f"duplicate names {sorted(dup)}")
 
@@ -209,11 +213,6 @@ def classifier_card(arch: str, train, tcfg: TrainConfig, result, device, **extra
                      "history": result.history, "device": str(device)},
         **extra,
     }
-
-
-def artifact_key(obj: Any) -> str:
-    blob = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def target_key(ds: DatasetSpec, target: TargetSpec, seed: int) -> str:
@@ -304,6 +303,8 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
     for p in classifier.parameters():
         p.requires_grad_(False)
     defense.to(device)
+    # Stages a defense may share between configs that differ only later (DIR's pre-training).
+    defense.stage_dir = artifacts / "stages" / f"{ds.name}-{target_card['sha256'][:16]}"
     log.info("defense %s/%s: training on %s", ds.name, spec.name, device)
     result = defense.fit(classifier, train_data(), device, config=train_cfg, seed=cfg.seed)
     card = {

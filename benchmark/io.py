@@ -60,3 +60,9 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def artifact_key(obj: Any) -> str:
+    """A short stable hash of a JSON-able description (names cached artifacts)."""
+    blob = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -136,6 +136,7 @@ class Runner:
         bar = tqdm(total=len(todo), desc="matrix", disable=not self.progress, dynamic_ncols=True)
         artifacts = self.out / "artifacts"
         computed = 0
+        failures: list[str] = []
         for ds in self.cfg.datasets:
             eval_set = self.eval_sets[ds.name].to(self.device)
             train_cache: dict[str, ImageData] = {}
@@ -156,9 +157,15 @@ class Runner:
                     cells = [c for c in group if c.defense is dspec]
                     if not cells:
                         continue
-                    defense, defense_card = prepare_defense(
-                        ds, dspec, classifier, target_card, self.cfg, self.device, artifacts, train_data,
-                        data_shape=(eval_set.channels, eval_set.image_size[0]), progress=self.progress)
+                    try:
+                        defense, defense_card = prepare_defense(
+                            ds, dspec, classifier, target_card, self.cfg, self.device, artifacts, train_data,
+                            data_shape=(eval_set.channels, eval_set.image_size[0]), progress=self.progress)
+                    except BenchError as exc:  # one defense that cannot be trained does not stop the others
+                        log.error("defense %s/%s: %s; its %d cells are skipped", ds.name, dspec.name, exc, len(cells))
+                        failures.append(f"{ds.name}/{target.name}/{dspec.name}: {exc}")
+                        bar.update(len(cells))
+                        continue
                     defended = DefendedModel(defense, classifier, bpda=not defense.differentiable)
                     for cell in cells:
                         self.run_cell(cell, defended, eval_set, manifest, target_card, defense_card)
@@ -168,6 +175,9 @@ class Runner:
         from benchmark.tables import write_tables
 
         tables = write_tables(self.out)
+        if failures:
+            raise BenchError(f"{len(failures)} defense(s) failed, their cells are missing from the tables "
+                             f"(rerun to retry them): " + "; ".join(failures))
         return {"planned": len(self.cells), "computed": computed, "tables": tables}
 
     def run_cell(self, cell: Cell, defended: DefendedModel, data: ImageData, manifest: dict,

@@ -13,8 +13,19 @@ Defaults follow the paper where it and the official code differ (see
 options: ``rep_project: false`` (the code never projects the representation
 perturbation), ``rep_grad: target`` (the code's L_rep gradient flows only through
 h(x~)), ``mask_mode: zero`` (pixels zeroed instead of tokens dropped),
-``alpha: 1`` and the code's constant lr through the TrainConfig. The code's joint
-training of the classifier is not offered: it would change the shared target.
+``alpha: 1``, ``head: token-conv`` (the code's output layer: a Conv1d whose channels
+are the 256 tokens, so it mixes patches; 5.63M parameters against 4.58M with the
+paper's per-patch linear head) and the code's constant lr through the TrainConfig.
+The code's joint training of the classifier is not offered: it would change the
+shared target.
+
+Measured (quick profile, CIFAR-10 JPEG copy, fixed PGD-AT ResNet-18 target, see
+``benchmarks/RESULTS.md``): with the paper's L_rep (alpha 2, gradient through both
+KL arguments) main training collapses within its first epoch to a restoration the
+target maps to one class (10.4% clean); the code's L_rep gradient, or alpha 0.5,
+train normally. With a frozen target the denoiser can only lower the KL term by
+moving the restoration where the target is flat, which a constant image achieves;
+the official code escapes this because its classifier is trained jointly.
 
 Two departures from both, for stability: the main-training update clips the global
 gradient norm to 1.0 (``grad_clip``; the paper's unclipped SGD at lr 1e-2 diverged
@@ -35,7 +46,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -44,9 +57,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.pgd import project_linf, uniform_start
+from benchmark.checkpoint import load_into, load_verified_state, save_checkpoint
 from benchmark.config import require, subkey
 from benchmark.data import augment
-from benchmark.errors import BenchError
+from benchmark.errors import BenchError, CheckpointError
+from benchmark.io import artifact_key
 from benchmark.registry import DEFENSES
 from defenses.base import Defense, FitResult
 
@@ -89,10 +104,15 @@ class MaskedViT(nn.Module):
     hidden positions with a learned mask token, decode, and predict every patch's pixels."""
 
     def __init__(self, image_size: int, in_channels: int, patch_size: int, embed_dim: int, depth: int,
-                 num_heads: int, mlp_ratio: float, decoder_dim: int, decoder_depth: int, decoder_heads: int) -> None:
+                 num_heads: int, mlp_ratio: float, decoder_dim: int, decoder_depth: int, decoder_heads: int,
+                 head: str = "patch") -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        out = patch_size * patch_size * in_channels
+        if head == "token-conv" and decoder_dim % out:
+            raise ValueError(f"head 'token-conv' needs decoder_dim ({decoder_dim}) divisible by "
+                             f"patch_size^2 * in_channels ({out})")
         self.patch_size, self.in_channels = patch_size, in_channels
         self.grid = image_size // patch_size
         self.num_patches = self.grid ** 2
@@ -106,7 +126,11 @@ class MaskedViT(nn.Module):
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, decoder_dim))
         self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.head = nn.Linear(decoder_dim, patch_size * patch_size * in_channels)  # per-patch linear head
+        self.head_kind = head
+        if head == "patch":  # the paper: a per-patch linear head
+            self.head = nn.Linear(decoder_dim, out)
+        else:  # the official code: a Conv1d over the feature axis whose channels are the tokens (mixes patches)
+            self.head = nn.Conv1d(self.num_patches, self.num_patches, decoder_dim // out, stride=decoder_dim // out)
         for p in (self.cls_token, self.pos_embed, self.mask_token, self.decoder_pos_embed):
             nn.init.trunc_normal_(p, std=0.02)
         self.apply(self._init)
@@ -143,7 +167,8 @@ class MaskedViT(nn.Module):
         h = torch.cat([h[:, :1], body], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             h = blk(h)
-        return self.unpatchify(self.head(self.decoder_norm(h))[:, 1:])
+        h = self.decoder_norm(h)[:, 1:]
+        return self.unpatchify(self.head(h))
 
 
 # ----------------------------------------------------------------------------- training options
@@ -203,6 +228,7 @@ def _check_finite(row: dict, module: nn.Module) -> None:
 @DEFENSES.register("dir", paper="Zhou et al., ICML 2023",
                    description="DIR: masked-autoencoder ViT over K complementary masks, restorations averaged")
 class DIR(Defense):
+    version = 2  # 2: optional token-conv head; main training reseeded after pre-training
     stochastic = True  # fresh masks every call
     differentiable = True
     uses_masks = True
@@ -213,7 +239,8 @@ class DIR(Defense):
     def __init__(self, image_size: int = 32, in_channels: int = 3, patch_size: int = 2, embed_dim: int = 192,
                  depth: int = 8, num_heads: int = 3, mlp_ratio: float = 4.0, decoder_depth: int = 2,
                  decoder_dim: int | None = None, decoder_heads: int | None = None, mask_ratio: float = 0.5,
-                 num_masks: int = 2, mask_mode: Literal["drop", "zero"] = "drop") -> None:
+                 num_masks: int = 2, mask_mode: Literal["drop", "zero"] = "drop",
+                 head: Literal["patch", "token-conv"] = "patch") -> None:
         super().__init__()
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
@@ -221,12 +248,14 @@ class DIR(Defense):
             raise ValueError(f"num_masks must be >= 1, got {num_masks}")
         if mask_mode not in ("drop", "zero"):
             raise ValueError(f"mask_mode must be 'drop' or 'zero', got {mask_mode!r}")
+        if head not in ("patch", "token-conv"):
+            raise ValueError(f"head must be 'patch' or 'token-conv', got {head!r}")
         self._config = dict(image_size=image_size, in_channels=in_channels, patch_size=patch_size,
                             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                             decoder_depth=decoder_depth, decoder_dim=decoder_dim, decoder_heads=decoder_heads,
-                            mask_ratio=mask_ratio, num_masks=num_masks, mask_mode=mask_mode)
+                            mask_ratio=mask_ratio, num_masks=num_masks, mask_mode=mask_mode, head=head)
         self.net = MaskedViT(image_size, in_channels, patch_size, embed_dim, depth, num_heads, mlp_ratio,
-                             decoder_dim or embed_dim, decoder_depth, decoder_heads or num_heads)
+                             decoder_dim or embed_dim, decoder_depth, decoder_heads or num_heads, head)
         n = self.net.num_patches
         self.mask_ratio, self.mask_mode = mask_ratio, mask_mode
         self.num_visible = max(1, round((1 - mask_ratio) * n))
@@ -291,7 +320,9 @@ class DIR(Defense):
         history: list[dict] = []
         t_start = time.perf_counter()
         if cfg.pretrain_epochs > 0:
-            history += self.pretrain(classifier, data, cfg, device, use_bf16, seed)
+            history += self._pretrain_cached(classifier, data, cfg, device, use_bf16, seed)
+        torch.manual_seed(seed + 1)  # main training draws the same randomness whether or not pre-training ran
+        self.seed(seed + 1, device)
         history += self.main_train(classifier, data, cfg, device, use_bf16, seed)
         self.eval()
         main = [h["seconds"] for h in history if h["phase"] == "main"]
@@ -300,6 +331,31 @@ class DIR(Defense):
                          epochs=cfg.epochs, history=history
                          + [{"phase": "summary", "pretrain_seconds_per_epoch": statistics.median(pre) if pre else None,
                              "main_seconds_per_epoch": statistics.median(main)}])
+
+    PRETRAIN_FIELDS = ("pretrain_epochs", "pretrain_batch_size", "pretrain_lr", "pretrain_weight_decay",
+                       "pretrain_warmup_fraction", "pretrain_attack_steps", "eps", "step_size", "augment")
+
+    def _pretrain_cached(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int) -> list[dict]:
+        """Pre-train, or reuse the pre-trained weights of an earlier run with the same architecture,
+        pre-training options, target, data and seed (``stage_dir``, set by the runner: the ablations
+        over alpha, L_rep or the main-training schedule then share one pre-training)."""
+        stage_dir = getattr(self, "stage_dir", None)
+        if stage_dir is None:
+            return self.pretrain(classifier, data, cfg, device, use_bf16, seed)
+        key = artifact_key({"code": self.version, "model": self.config(), "n": len(data), "seed": seed,
+                            "bf16": use_bf16, "pretrain": {k: getattr(cfg, k) for k in self.PRETRAIN_FIELDS}})
+        stem = Path(stage_dir) / f"dir-pretrain-{key}"
+        if stem.with_name(stem.name + ".json").is_file():
+            try:
+                state, card = load_verified_state(stem, "defense")
+                load_into(self, state, f"DIR pre-training stage {stem}")
+                return [dict(h, reused=True) for h in card["history"]]
+            except CheckpointError as exc:  # a corrupt stage is redone, never trusted
+                warnings.warn(f"DIR pre-training stage {stem} rejected ({exc}); pre-training again", stacklevel=2)
+        history = self.pretrain(classifier, data, cfg, device, use_bf16, seed)
+        save_checkpoint(self, stem, {"kind": "defense", "defense": "dir", "options": self.config(),
+                                     "stage": "pretrain", "history": history})
+        return history
 
     def _batches(self, data, batch_size: int, cfg: DIRTrain, gen: torch.Generator, aug_gen: torch.Generator):
         for x, y in data.batches(batch_size, shuffle=True, generator=gen):

@@ -163,3 +163,54 @@ def test_table5_configs_build_the_stated_depths(enc, dec):
 
     d = build_defense(spec, "test", (3, 32))
     assert len(d.net.blocks) == enc and len(d.net.decoder_blocks) == dec
+
+
+def test_code_head_mixes_tokens_and_matches_the_official_parameter_count():
+    paper, code = DIR(), DIR(head="token-conv")
+    n_paper = sum(p.numel() for p in paper.parameters())
+    n_code = sum(p.numel() for p in code.parameters())
+    assert 4.5e6 < n_paper < 4.7e6  # per-patch linear head
+    assert 5.55e6 < n_code < 5.7e6  # the code's Conv1d over tokens: the spec's ~5.6M
+    code.eval()
+    code.seed(0)
+    x = torch.rand(1, 3, 32, 32)
+    m = code.sample_masks(x)
+    # with a token-mixing head, changing one patch's decoder input changes other patches' pixels
+    with torch.no_grad():
+        a = code.purify(x, masks=m)
+        x2 = x.clone()
+        x2[..., :2, :2] = 1 - x2[..., :2, :2]
+        b = code.purify(x2, masks=m)
+    assert (a - b)[..., 16:, 16:].abs().max() > 0
+    with pytest.raises(ValueError, match="token-conv"):
+        DIR(embed_dim=40, num_heads=2, head="token-conv")
+    with pytest.raises(ValueError, match="head must be"):
+        DIR(head="mlp")
+
+
+def test_pretraining_stage_is_shared_between_variants_that_differ_later(tmp_path, trained_pair, digits_train):
+    clf = trained_pair["at"][0]
+    data = digits_train.subset(128, seed=0)
+    base = dict(pretrain_epochs=1, pretrain_batch_size=64, epochs=1, batch_size=64, eps=0.1, step_size=0.025,
+                attack_steps=1, rep_steps=1, augment=False, progress=False)
+
+    def fit(**train):
+        d = DIR(**TINY)
+        d.stage_dir = tmp_path
+        d.fit(clf, data, torch.device("cpu"), DIRTrain(**{**base, **train}), seed=3)
+        return d
+
+    a = fit(alpha=2.0)
+    stages = sorted(tmp_path.glob("dir-pretrain-*.json"))
+    assert len(stages) == 1
+    b = fit(alpha=2.0)  # same everything: pre-training reused, and the main training is identical
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    fit(alpha=0.0, rep_grad="target")  # differs only after pre-training: still one stage
+    assert sorted(tmp_path.glob("dir-pretrain-*.json")) == stages
+    fit(pretrain_lr=2e-4)  # a pre-training option: a new stage
+    assert len(list(tmp_path.glob("dir-pretrain-*.json"))) == 2
+    # a corrupted stage is rejected with a warning and redone, never loaded
+    weights = stages[0].with_suffix(".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.warns(UserWarning, match="rejected"):
+        fit(alpha=2.0)
