@@ -11,6 +11,7 @@ from torch import nn
 
 from attacks.base import Attack
 from attacks.pgd import pgd_linf
+from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
 from defenses.base import Defense, FitResult
 
@@ -65,8 +66,17 @@ class Quantize(Defense):
         return torch.round(x * 3) / 3
 
 
+class DivergingDenoiser(TinyDenoiser):
+    """Its training always fails the way a diverged training does (only for tests)."""
+
+    def fit(self, classifier, train, device, config=None, seed=0):
+        raise BenchError("test-diverging training diverged in epoch 1 (loss nan)")
+
+
 if "test-denoiser" not in DEFENSES:
     DEFENSES.add("test-denoiser", TinyDenoiser, description="test-only trainable denoiser")
+if "test-diverging" not in DEFENSES:
+    DEFENSES.add("test-diverging", DivergingDenoiser, description="test-only: training always diverges")
 
 
 class LeavesTheBall(Attack):

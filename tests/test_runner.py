@@ -7,8 +7,11 @@ import time
 from pathlib import Path
 
 import purifybench_testing  # noqa: F401  (registers the test-only trainable defense)
+import pytest
 import yaml
 
+from benchmark.config import ConfigError
+from benchmark.errors import BenchError
 from benchmark.experiment import load_config
 from benchmark.records import load_records, read_record, valid_record
 from benchmark.runner import Runner
@@ -167,3 +170,23 @@ def test_corrupt_record_is_recomputed(tmp_path):
     assert valid_record(victim) is None
     assert _run(path, out)["computed"] == 1
     assert valid_record(victim) is not None
+
+
+def test_a_defense_that_fails_to_train_does_not_stop_the_others(tmp_path):
+    cfg = json.loads(json.dumps(BASE))
+    cfg["defenses"] = [{"name": "none"}, {"name": "bad", "defense": "test-diverging", "options": {"width": 4}},
+                       {"name": "den-a", "defense": "test-denoiser", "options": {"width": 4}, "train": {"epochs": 1}}]
+    out = tmp_path / "run"
+    with pytest.raises(BenchError, match=r"1 defense\(s\) failed.*digits/at/bad: test-diverging training diverged"):
+        _run(_write(tmp_path, cfg), out)
+    assert sorted({r["cell"]["defense"] for r in load_records(out)}) == ["den-a", "none"]
+    assert "den-a" in (out / "tables" / "results.md").read_text()
+    assert not list((out / "artifacts" / "defenses").glob("digits-bad-*"))  # nothing saved for it
+
+
+@pytest.mark.parametrize("name", ["../evil", ".hidden", "a/b", "with space", ""])
+def test_names_that_cannot_be_file_names_are_refused(tmp_path, name):
+    cfg = json.loads(json.dumps(BASE))
+    cfg["defenses"][1]["name"] = name
+    with pytest.raises(ConfigError, match=r"defenses\[1\]\.name.*is not allowed"):
+        load_config(_write(tmp_path, cfg))
