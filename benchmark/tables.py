@@ -28,6 +28,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "dataset": cell["dataset"], "target": cell["target"], "defense": cell["defense"],
             "attack": cell["attack"], "column": r.get("attack_label", cell["attack"]),
             "attack_registered": r.get("attack_registered", cell["attack"]),
+            "defense_registered": r.get("defense_registered", cell["defense"]),
             "n": r["n"], "n_correct": r["n_correct"], "accuracy": r["accuracy"],
             "ci_low": r["ci95"][0], "ci_high": r["ci95"][1], "correct": r["correct"],
             "copy": r.get("dataset_copy"), "profile": r.get("profile"), "eps": r["threat"]["eps"],
@@ -80,6 +81,7 @@ def build_blocks(df: pd.DataFrame) -> list[dict]:
                 "copy": first["copy"], "profile": first["profile"], "n": sorted(set(int(v) for v in g["n"])),
                 "target": f"{target} ({first['target_arch']}, {first['target_method']})",
                 "eps": float(first["eps"]), "norm": first["norm"],
+                "notes": component_notes(g),
             },
         })
     return blocks
@@ -94,6 +96,23 @@ def _best(block: dict) -> dict[str, float]:
     return best
 
 
+def component_notes(g: pd.DataFrame) -> list[str]:
+    """Caveats that registered components declare (``note``), e.g. a reconstructed defense."""
+    from benchmark.registry import ATTACKS, DEFENSES
+
+    notes = []
+    for registry, col, label in ((DEFENSES, "defense_registered", "defense"), (ATTACKS, "attack_registered", "attack")):
+        for name in dict.fromkeys(g[col]):
+            try:
+                note = getattr(registry.get(name), "note", None)
+            except Exception:  # a component no longer installed: no note, the table still builds
+                note = None
+            if note:
+                rows = sorted(set(g[g[col] == name]["defense" if label == "defense" else "column"]))
+                notes.append(f"{', '.join(rows)}: {note}.")
+    return notes
+
+
 def footer_text(block: dict) -> str:
     f = block["footer"]
     eps = f["eps"]
@@ -101,7 +120,8 @@ def footer_text(block: dict) -> str:
     n = ", ".join(map(str, f["n"]))
     return (f"Data: {f['copy']}. Profile: {f['profile']}. n = {n} evaluation examples. Target: {f['target']}. "
             f"Threat: {f['norm']} eps = {eps_str}. Accuracy in %; 95% Wilson intervals in results_ci.md and "
-            "results.csv; Worst = per-sample worst case over the row's attacks.")
+            "results.csv; Worst = per-sample worst case over the row's attacks."
+            + "".join(" " + n for n in f.get("notes", [])))
 
 
 def to_markdown(blocks: list[dict], intervals: bool = False) -> str:

@@ -97,10 +97,14 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     records = sorted((out_dir / "records").glob("*.json"))
     loaded = [json.loads(p.read_text()) for p in records]
     cells = {(r["cell"]["defense"], r["cell"]["attack"]) for r in loaded}
-    attacks = {"clean", "pgd", "mi-fgsm", "vni-fgsm", "autoattack", "eot-pgd", "representation"}
-    assert cells == {("none", a) for a in attacks} | {("DIR", a) for a in attacks | {"mask-adaptive"}}
+    attacks = {"clean", "pgd", "mi-fgsm", "vni-fgsm", "autoattack", "eot-pgd", "representation", "ssp"}
+    baselines = ("none", "APE-GAN", "HGD", "NRP", "JATP")
+    assert cells == {(d, a) for d in baselines for a in attacks} | {("DIR", a) for a in attacks | {"mask-adaptive"}}
     recs = {(r["cell"]["defense"], r["cell"]["attack"]): r for r in loaded}
     assert recs["none", "pgd"]["accuracy"] < recs["none", "clean"]["accuracy"]
+    for d in ("DIR",) + baselines:  # every defense keeps most clean images; white-box PGD hurts
+        assert recs[d, "clean"]["accuracy"] > 0.8, d
+        assert recs[d, "pgd"]["accuracy"] < recs[d, "clean"]["accuracy"], d
     assert recs["DIR", "clean"]["defense_declarations"]["stochastic"]
     assert recs["DIR", "clean"]["defense_checkpoint_sha256"]
     assert recs["DIR", "autoattack"]["attack_params"]["version"] == "auto"

@@ -35,6 +35,45 @@ class Classifier(nn.Module):
         """Penultimate (pooled) features of images in [0,1]."""
         return self.net.forward_features(self.normalize(x))
 
+    def layer_names(self) -> list[str]:
+        return [n for n, _ in self.net.named_modules() if n]
+
+    def feature_map(self, x: torch.Tensor, layer: str = "default") -> torch.Tensor:
+        """The output of the named submodule of the network for images in [0,1]; the forward
+        stops there. ``default``: the architecture's mid-level layer (ResNet: layer3), used by
+        feature-space losses and attacks (NRP, HGD-FGD, SSP); ``penultimate``: :meth:`features`;
+        ``logits``: the output."""
+        if layer == "penultimate":
+            return self.features(x)
+        if layer == "logits":
+            return self(x)
+        if layer == "default":
+            layer = getattr(self.net, "feature_layer", None) or "penultimate"
+            if layer == "penultimate":
+                return self.features(x)
+        modules = dict(self.net.named_modules())
+        if layer not in modules or not layer:
+            raise BenchError(f"feature layer {layer!r} is not a layer of {type(self.net).__name__}; valid: "
+                             f"default, penultimate, logits, {', '.join(self.layer_names()[:40])}")
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _inputs, output):
+            captured.append(output)
+            raise _StopForward
+
+        handle = modules[layer].register_forward_hook(hook)
+        try:
+            self.net(self.normalize(x))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+class _StopForward(Exception):
+    """Raised by the feature hook to skip the rest of the forward pass."""
+
 
 def create_model(
     arch: str,

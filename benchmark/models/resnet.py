@@ -74,6 +74,7 @@ class ResNet(nn.Module):
         if preact:
             self.bn = nn.BatchNorm2d(512)
         self.linear = nn.Linear(512, num_classes)
+        self.feature_layer = "layer3"  # mid-level features for feature-space losses and attacks
 
     def _make_layer(self, block: type[nn.Module], planes: int, n: int, stride: int) -> nn.Sequential:
         layers = []

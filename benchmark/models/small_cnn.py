@@ -22,6 +22,7 @@ class SmallCNN(nn.Module):
             nn.Linear(2 * width * 16, hidden), nn.ReLU(inplace=True),
         )
         self.head = nn.Linear(hidden, num_classes)
+        self.feature_layer = "body.9"  # mid-level features for feature-space losses and attacks
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

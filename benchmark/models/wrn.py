@@ -49,6 +49,7 @@ class WideResNet(nn.Module):
         self.block1, self.block2, self.block3 = blocks
         self.bn = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
+        self.feature_layer = "block2"  # mid-level features for feature-space losses and attacks
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))

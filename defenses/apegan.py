@@ -1,0 +1,155 @@
+"""APE-GAN (Jin et al., ICASSP 2019): a conv/deconv generator GAN-trained to map
+adversarial images back to clean ones.
+
+Generator (the official TensorFlow model, which fits 32x32 as is): conv 5x5 s2 (64)
+-BN-LReLU 0.2, conv 5x5 s2 (128)-BN-LReLU, deconv 5x5 s2 (64)-BN-ReLU, deconv 5x5 s2
+(C)-tanh: 32 -> 16 -> 8 -> 16 -> 32. Inputs are scaled to [-1,1] inside, the tanh
+output is mapped back by (t + 1) / 2. Discriminator: a DCGAN critic (strided 4x4
+convs 64/128/256, BN, LReLU, one logit). Loss: 0.7 MSE + 0.3 adversarial (BCE), Adam
+2e-4 with beta1 0.5, two generator steps per discriminator step, batch 128, 30
+epochs (the PyTorch re-implementation; the TF code's 0.9 RMSE + 0.02 adversarial is
+the ``loss: tf`` option). Training pairs: the static PGD-5 pairs of the seed paper.
+
+``bn_batch_stats: true`` reproduces the TF code's test-time batch normalization with
+batch statistics (the output then depends on the batch); the default uses running
+statistics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from benchmark.config import require, subkey
+from benchmark.registry import DEFENSES
+from defenses.base import Defense, FitResult
+from defenses.pairs import EpochLog, PairSource, PairTrain, use_bf16
+
+
+class APEGenerator(nn.Module):
+    def __init__(self, channels: int = 3, width: int = 64) -> None:
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, w, 5, 2, 2, bias=False), nn.BatchNorm2d(w), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(w, 2 * w, 5, 2, 2, bias=False), nn.BatchNorm2d(2 * w), nn.LeakyReLU(0.2, inplace=True),
+            nn.ConvTranspose2d(2 * w, w, 5, 2, 2, output_padding=1, bias=False), nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(w, channels, 5, 2, 2, output_padding=1), nn.Tanh(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [0,1] -> [0,1]
+        return (self.net(x * 2 - 1) + 1) / 2
+
+
+class DCGANCritic(nn.Module):
+    def __init__(self, channels: int = 3, width: int = 64) -> None:
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, w, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w), nn.LeakyReLU(0.2, inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x * 2 - 1).squeeze(1)  # a logit; BCE-with-logits = sigmoid + BCE
+
+
+@dataclass
+class APEGANTrain(PairTrain):
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-4
+    beta1: float = 0.5
+    loss: Literal["pytorch", "tf"] = "pytorch"  # 0.7 MSE + 0.3 BCE, or the TF code's 0.9 RMSE + 0.02 BCE
+    generator_steps: int = 2  # generator updates per discriminator update
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        require(self.loss in ("pytorch", "tf"), subkey(where, "loss"), f"must be 'pytorch' or 'tf', got {self.loss!r}")
+        require(self.generator_steps >= 1, subkey(where, "generator_steps"), "must be >= 1")
+
+
+@DEFENSES.register("apegan", paper="Jin et al., ICASSP 2019",
+                   description="APE-GAN: conv/deconv generator trained with MSE + GAN loss on adversarial pairs")
+class APEGAN(Defense):
+    trainable = True
+    TrainConfig = APEGANTrain
+    data_shape_options = ("in_channels",)
+
+    def __init__(self, in_channels: int = 3, width: int = 64, critic_width: int = 64,
+                 bn_batch_stats: bool = False) -> None:
+        super().__init__()
+        self._config = dict(in_channels=in_channels, width=width, critic_width=critic_width,
+                            bn_batch_stats=bn_batch_stats)
+        self.generator_net = APEGenerator(in_channels, width)
+        self.critic = DCGANCritic(in_channels, critic_width)  # training only; saved for completeness
+        self.bn_batch_stats = bn_batch_stats
+
+    def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
+        if self.bn_batch_stats and not self.training:
+            bns = [m for m in self.generator_net.modules() if isinstance(m, nn.BatchNorm2d)]
+            saved = [(m.training, m.track_running_stats) for m in bns]
+            for m in bns:  # batch statistics without touching the running ones
+                m.train()
+                m.track_running_stats = False
+            try:
+                out = self.generator_net(x)
+            finally:
+                for m, (tr, trs) in zip(bns, saved):
+                    m.train(tr)
+                    m.track_running_stats = trs
+            return out.clamp(0, 1)
+        return self.generator_net(x).clamp(0, 1)
+
+    def fit(self, classifier, train, device, config: APEGANTrain | None = None, seed: int = 0) -> FitResult:
+        cfg = config or APEGANTrain()
+        torch.manual_seed(seed)
+        t_start = time.perf_counter()
+        source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self)
+        g, d = self.generator_net, self.critic
+        opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+        opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+        w_rec, w_adv = (0.7, 0.3) if cfg.loss == "pytorch" else (0.9, 0.02)
+        bf16 = use_bf16(cfg, device)
+        log = EpochLog("APE-GAN", self, device)
+        bar = tqdm(total=cfg.epochs, desc="apegan", disable=not cfg.progress, leave=False)
+        for epoch in range(1, cfg.epochs + 1):
+            log.start()
+            for x, x_adv, _ in source.epoch(epoch):
+                self.train()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    # discriminator: real clean images vs restorations
+                    fake = g(x_adv).detach()
+                    real_logit, fake_logit = d(x).float(), d(fake).float()
+                loss_d = (F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
+                          + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit)))
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+                for _ in range(cfg.generator_steps):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        restored = g(x_adv)
+                        logit = d(restored).float()
+                    mse = F.mse_loss(restored.float(), x)
+                    rec = mse if cfg.loss == "pytorch" else mse.clamp_min(1e-12).sqrt()
+                    gan = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+                    loss_g = w_rec * rec + w_adv * gan
+                    opt_g.zero_grad(set_to_none=True)
+                    loss_g.backward()
+                    opt_g.step()
+                log.add(len(x), loss_g=loss_g, mse=mse, loss_d=loss_d)
+            log.end(epoch)
+            bar.update(1)
+        bar.close()
+        self.eval()
+        return FitResult(seconds=time.perf_counter() - t_start, seconds_per_epoch=log.seconds_per_epoch(),
+                         epochs=cfg.epochs, history=log.rows)

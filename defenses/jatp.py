@@ -1,0 +1,129 @@
+"""JATP (Zhou et al., arXiv 2106.05453): a pre-processing denoiser trained only on
+"full" adversarial examples (crafted against denoiser + target) with a
+feature-similarity adversarial risk, a pixel-wise loss and a misclassification-aware
+weight; the target stays frozen.
+
+**This is a reconstruction.** No public code exists and the paper's text beyond its
+abstract was not available; every choice below is the benchmark's (see
+``../shared/docs/defenses.md`` §5), and tables label the row as such:
+
+* Denoiser: the CIFAR DUNET of HGD (the same group's CIFAR denoiser of that period),
+  predicting an additive correction.
+* Crafting: PGD-5 (eps 8/255, step 2/255, random start) maximizing
+  d(phi(g(x')), phi(x)) with phi the target's penultimate features and d = 1 - cosine
+  similarity (``attack: ce`` crafts with cross-entropy through g and h instead).
+* Loss: ||g(x') - x||_1 + lambda_f d(phi(g(x')), phi(x)) + lambda_m w d(...), with
+  w = 1 - p_y(h(g(x'))) (MART-style weight, detached), lambda_f = lambda_m = 1.
+* Adam 1e-3, weight decay 2e-4, 100 epochs, lr x0.1 at 60% and 90% (HGD's schedule).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from benchmark.config import require, subkey
+from benchmark.registry import DEFENSES
+from defenses.base import Defense, FitResult
+from defenses.hgd import DUNet
+from defenses.pairs import (  # noqa: I001
+    EpochLog,
+    PairSource,
+    PairTrain,
+    feature_distance,
+    step_schedule,
+    use_bf16,
+)
+
+RECONSTRUCTION_NOTE = "JATP is a benchmark reconstruction (no public code; see defenses/jatp.py)"
+
+
+@dataclass
+class JATPTrain(PairTrain):
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 2e-4
+    milestones: list[float] = field(default_factory=lambda: [0.6, 0.9])
+    pairs: Literal["static", "per-epoch", "full"] = "full"  # JATP trains on full adversarial examples only
+    attack: Literal["feature", "ce"] = "feature"
+    layer: str = "penultimate"
+    feature_weight: float = 1.0
+    misclassification_weight: float = 1.0
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        require(self.attack in ("feature", "ce"), subkey(where, "attack"),
+                f"must be 'feature' or 'ce', got {self.attack!r}")
+
+
+@DEFENSES.register("jatp", paper="Zhou et al., arXiv 2106.05453 (reconstruction)",
+                   description="JATP (benchmark reconstruction): DUNET trained on full adversarial examples with "
+                               "feature-similarity, pixel and misclassification-aware losses")
+class JATP(Defense):
+    """JATP as reconstructed by this benchmark (a reconstruction, not the authors' code)."""
+
+    trainable = True
+    TrainConfig = JATPTrain
+    data_shape_options = ("in_channels",)
+    note = RECONSTRUCTION_NOTE
+
+    def __init__(self, in_channels: int = 3, width_scale: float = 1.0) -> None:
+        super().__init__()
+        self._config = dict(in_channels=in_channels, width_scale=width_scale)
+        self.net = DUNet(in_channels, width_scale)
+
+    def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
+        return (x + self.net(x)).clamp(0, 1)
+
+    def fit(self, classifier, train, device, config: JATPTrain | None = None, seed: int = 0) -> FitResult:
+        cfg = config or JATPTrain()
+        torch.manual_seed(seed)
+        t_start = time.perf_counter()
+
+        def phi(z: torch.Tensor) -> torch.Tensor:
+            return classifier.feature_map(z, cfg.layer)
+
+        if cfg.attack == "feature":
+            source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self,
+                                attack_forward=lambda z: phi(self.purify(z)),
+                                attack_reference=lambda x, y: phi(x).float(),
+                                attack_loss=lambda f, ref: feature_distance(f, ref, "cosine").sum())
+        else:
+            source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self)
+        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps = cfg.epochs * -(-len(train) // cfg.batch_size)
+        sched = step_schedule(opt, steps, cfg.milestones)
+        bf16 = use_bf16(cfg, device)
+        log = EpochLog("JATP", self, device)
+        bar = tqdm(total=cfg.epochs, desc="jatp", disable=not cfg.progress, leave=False)
+        for epoch in range(1, cfg.epochs + 1):
+            log.start()
+            for x, x_adv, y in source.epoch(epoch):
+                self.train()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    restored = x_adv + self.net(x_adv)
+                    with torch.no_grad():
+                        ref = phi(x).float()
+                    dist = feature_distance(phi(restored), ref, "cosine")
+                    with torch.no_grad():
+                        p_true = F.softmax(classifier(restored).float(), 1).gather(1, y[:, None]).squeeze(1)
+                pixel = (restored.float() - x).abs().mean()
+                weight = 1 - p_true
+                loss = pixel + cfg.feature_weight * dist.mean() + cfg.misclassification_weight * (weight * dist).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                log.add(len(x), loss=loss, pixel=pixel, feature=dist.mean())
+            log.end(epoch, lr=opt.param_groups[0]["lr"])
+            bar.update(1)
+        bar.close()
+        self.eval()
+        return FitResult(seconds=time.perf_counter() - t_start, seconds_per_epoch=log.seconds_per_epoch(),
+                         epochs=cfg.epochs, history=log.rows)
