@@ -73,6 +73,9 @@ class DefenseSpec:
     options: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     checkpoint: str | None = None
+    # Train against this target of the config and evaluate in front of every target (the seed
+    # paper's Table 2 transfers denoisers trained against the AT target to TRADES/MART targets).
+    trained_against: str | None = None
 
     @property
     def registered(self) -> str:
@@ -184,6 +187,11 @@ class ExperimentConfig:
                         f"{n!r} is not allowed: use letters, digits and '_ . + -', not starting with '.' or '-'")
             dup = {n for n in names if names.count(n) > 1}
             require(not dup, subkey(where, kind), f"duplicate names {sorted(dup)}")
+        targets = [t.name for t in self.targets]
+        for i, d in enumerate(self.defenses):
+            require(d.trained_against is None or d.trained_against in targets,
+                    subkey(where, f"defenses[{i}].trained_against"),
+                    f"{d.trained_against!r} is not a target of this config; targets: {targets}")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -262,7 +270,9 @@ def defense_key(ds: DatasetSpec, spec: DefenseSpec, target_sha: str, seed: int) 
     cls = DEFENSES.get(spec.registered)
     return artifact_key({
         "v": ARTIFACT_VERSION, "code": getattr(cls, "version", 1), "defense": spec.registered,
-        "options": spec.options, "train": {k: v for k, v in spec.train.items() if k != "progress"},
+        # options that only change inference (NRP's dynamic mode) do not change what training makes
+        "options": {k: v for k, v in spec.options.items() if k not in getattr(cls, "inference_options", ())},
+        "train": {k: v for k, v in spec.train.items() if k != "progress"},
         "target": target_sha,
         "dataset": asdict(ds) | {"root": None}, "seed": seed,
     })
@@ -287,6 +297,10 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
         return defense.to(device).eval(), None
     key = defense_key(ds, spec, target_card["sha256"], cfg.seed)
     stem = artifacts / "defenses" / f"{ds.name}-{spec.name}-{key}"
+    if not stem.with_name(stem.name + ".json").is_file():  # another row with the same training (NRP-dynamic)
+        same = sorted(stem.parent.glob(f"{ds.name}-*-{key}.json"))
+        if same:
+            stem = same[0].with_suffix("")
     if stem.with_name(stem.name + ".json").is_file():
         try:
             state, card = load_verified_state(stem, "defense")

@@ -77,6 +77,8 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
                         "v": ARTIFACT_VERSION, "dataset": asdict(ds) | {"root": None},
                         "target": asdict(target), "defense": asdict(defense), "attack": asdict(attack),
                         "threat": asdict(cfg.threat), "n": cfg.eval.n, "seed": cfg.seed,
+                        **({"trained_against": asdict(next(t for t in cfg.targets if t.name == defense.trained_against))}
+                           if defense.trained_against else {}),
                     })
                     cells.append(Cell(ds, target, defense, attack, cell_id, cell_hash))
     return cells
@@ -147,19 +149,29 @@ class Runner:
                                                   root=ds.root, download=ds.download, **ds.options)
                 return cache["train"]
 
+            prepared: dict[str, tuple] = {}
+
+            def target_for(name: str, ds=ds, prepared=prepared):
+                if name not in prepared:
+                    spec = next(t for t in self.cfg.targets if t.name == name)
+                    prepared[name] = prepare_target(ds, spec, self.cfg, self.device, artifacts,
+                                                    progress=self.progress)[:2]
+                return prepared[name]
+
             for target in self.cfg.targets:
                 group = [c for c in self.cells if c.dataset is ds and c.target is target and c.cell_id in todo_ids]
                 if not group:
                     continue
-                classifier, target_card, _ = prepare_target(ds, target, self.cfg, self.device, artifacts,
-                                                                progress=self.progress)
+                classifier, target_card = target_for(target.name)
                 for dspec in self.cfg.defenses:
                     cells = [c for c in group if c.defense is dspec]
                     if not cells:
                         continue
                     try:
+                        trained_on, trained_card = (target_for(dspec.trained_against) if dspec.trained_against
+                                                    else (classifier, target_card))
                         defense, defense_card = prepare_defense(
-                            ds, dspec, classifier, target_card, self.cfg, self.device, artifacts, train_data,
+                            ds, dspec, trained_on, trained_card, self.cfg, self.device, artifacts, train_data,
                             data_shape=(eval_set.channels, eval_set.image_size[0]), progress=self.progress)
                     except BenchError as exc:  # one defense that cannot be trained does not stop the others
                         log.error("defense %s/%s: %s; its %d cells are skipped", ds.name, dspec.name, exc, len(cells))

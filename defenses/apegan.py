@@ -84,6 +84,7 @@ class APEGAN(Defense):
     trainable = True
     TrainConfig = APEGANTrain
     data_shape_options = ("in_channels",)
+    inference_options = ("bn_batch_stats",)
 
     def __init__(self, in_channels: int = 3, width: int = 64, critic_width: int = 64,
                  bn_batch_stats: bool = False) -> None:

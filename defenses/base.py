@@ -49,6 +49,8 @@ class Defense(nn.Module):
     trainable: ClassVar[bool] = False
     version: ClassVar[int] = 1
     TrainConfig: ClassVar[type | None] = None
+    # Constructor options that only change inference; the trained artifact is shared across them.
+    inference_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()

@@ -127,6 +127,7 @@ class NRP(Defense):
     trainable = True
     TrainConfig = NRPTrain
     data_shape_options = ("in_channels",)
+    inference_options = ("mode", "noise_std", "noise_eps")  # NRP and NRP-dynamic share one training
 
     def __init__(self, in_channels: int = 3, width: int = 64, blocks: int = 5, growth: int = 32,
                  mode: Literal["standard", "dynamic"] = "standard", noise_std: float = 0.05,

@@ -141,3 +141,34 @@ def test_jatp_is_labelled_a_reconstruction():
     cls = DEFENSES.get("jatp")
     assert "reconstruction" in cls.note and "reconstruction" in cls.__doc__
     assert "reconstruction" in DEFENSES.metadata("jatp")["paper"]
+
+
+def test_nrp_and_nrp_dynamic_share_one_training(tmp_path):
+    import json
+
+    import yaml
+
+    from benchmark.experiment import load_config
+    from benchmark.records import load_records
+    from benchmark.runner import Runner
+
+    nrp = {"defense": "nrp", "options": {"width": 8, "blocks": 1, "growth": 4, "critic_width": 8},
+           "train": {"epochs": 1, "batch_size": 64, "eps": 0.1, "step_size": 0.025, "augment": False}}
+    dyn = json.loads(json.dumps(nrp))
+    dyn["options"]["mode"] = "dynamic"
+    cfg = {"name": "nrp-share", "profile": "smoke", "device": "cpu",
+           "datasets": [{"name": "digits", "n_train": 256}], "threat": {"eps": 0.1},
+           "eval": {"n": 32, "batch_size": 32},
+           "targets": [{"name": "at", "arch": "small-cnn",
+                        "train": {"method": "natural", "epochs": 1, "batch_size": 64, "augment": False}}],
+           "defenses": [{"name": "NRP", **nrp}, {"name": "NRP-dynamic", **dyn}],
+           "attacks": [{"name": "clean"}]}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    Runner(load_config(path), out, progress=False).run()
+    recs = {r["cell"]["defense"]: r for r in load_records(out)}
+    assert recs["NRP"]["defense_checkpoint_sha256"] == recs["NRP-dynamic"]["defense_checkpoint_sha256"]
+    assert len(list((out / "artifacts" / "defenses").glob("*.json"))) == 1
+    assert recs["NRP-dynamic"]["defense_declarations"]["stochastic"]
+    assert not recs["NRP"]["defense_declarations"]["stochastic"]

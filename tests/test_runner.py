@@ -190,3 +190,24 @@ def test_names_that_cannot_be_file_names_are_refused(tmp_path, name):
     cfg["defenses"][1]["name"] = name
     with pytest.raises(ConfigError, match=r"defenses\[1\]\.name.*is not allowed"):
         load_config(_write(tmp_path, cfg))
+
+
+def test_a_defense_trained_against_one_target_is_evaluated_in_front_of_another(tmp_path):
+    cfg = json.loads(json.dumps(BASE))
+    natural = json.loads(json.dumps(cfg["targets"][0]))
+    natural["name"], natural["train"]["method"] = "nat", "natural"
+    cfg["targets"].append(natural)
+    cfg["defenses"] = [{"name": "none"},
+                       {"name": "den", "defense": "test-denoiser", "options": {"width": 4}, "train": {"epochs": 1},
+                        "trained_against": "at"}]
+    cfg["attacks"] = [{"name": "clean"}]
+    out = tmp_path / "run"
+    _run(_write(tmp_path, cfg), out)
+    recs = {(r["cell"]["target"], r["cell"]["defense"]): r for r in load_records(out)}
+    # one denoiser, trained against the AT target, in front of both targets
+    assert recs["at", "den"]["defense_checkpoint_sha256"] == recs["nat", "den"]["defense_checkpoint_sha256"]
+    assert len(list((out / "artifacts" / "defenses").glob("digits-den-*.json"))) == 1
+    assert recs["at", "none"]["target"]["checkpoint_sha256"] != recs["nat", "none"]["target"]["checkpoint_sha256"]
+    cfg["defenses"][1]["trained_against"] = "trades"
+    with pytest.raises(ConfigError, match=r"defenses\[1\]\.trained_against: 'trades' is not a target"):
+        load_config(_write(tmp_path, cfg, "bad.yaml"))
