@@ -80,7 +80,7 @@ def step_schedule(opt: torch.optim.Optimizer, total_steps: int, milestones=(0.6,
 def _to_uint8(x_adv: torch.Tensor, clean: torch.Tensor, eps: float) -> torch.Tensor:
     """Round to the 1/255 grid without leaving the ball (eps off the grid loses < 1/255)."""
     m = math.floor(eps * 255 + 1e-6)
-    k = clean.to(torch.int16)
+    k = clean.to(device=x_adv.device, dtype=torch.int16)
     q = (x_adv.float() * 255).round_().to(torch.int16)
     return torch.min(torch.max(q, k - m), k + m).clamp_(0, 255).to(torch.uint8)
 
