@@ -76,6 +76,8 @@ class DefenseSpec:
     # Train against this target of the config and evaluate in front of every target (the seed
     # paper's Table 2 transfers denoisers trained against the AT target to TRADES/MART targets).
     trained_against: str | None = None
+    # Evaluate only in front of these targets (default: every target of the config).
+    targets: list[str] | None = None
 
     @property
     def registered(self) -> str:
@@ -96,6 +98,8 @@ class AttackSpec:
     attack: str | None = None  # registered name; defaults to ``name``
     params: dict = field(default_factory=dict)
     label: str | None = None
+    # Run only against these defenses (names of the config's rows); default: every defense it applies to.
+    only: list[str] | None = None
 
     @property
     def registered(self) -> str:
@@ -192,6 +196,15 @@ class ExperimentConfig:
             require(d.trained_against is None or d.trained_against in targets,
                     subkey(where, f"defenses[{i}].trained_against"),
                     f"{d.trained_against!r} is not a target of this config; targets: {targets}")
+        for i, d in enumerate(self.defenses):
+            unknown = sorted(set(d.targets or ()) - set(targets))
+            require(not unknown, subkey(where, f"defenses[{i}].targets"),
+                    f"{unknown} are not targets of this config; targets: {targets}")
+        defenses = [d.name for d in self.defenses]
+        for i, a in enumerate(self.attacks):
+            unknown = sorted(set(a.only or ()) - set(defenses))
+            require(not unknown, subkey(where, f"attacks[{i}].only"),
+                    f"{unknown} are not defenses of this config; defenses: {defenses}")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -289,6 +302,8 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
     from benchmark.checkpoint import load_into, load_verified_state
 
     defense = build_defense(spec, f"defense {spec.name!r}", data_shape)
+    if hasattr(defense, "attach_classifier"):  # the defense retrains its own copy of the target (ME-Net)
+        defense.attach_classifier(classifier)
     if spec.checkpoint is not None:
         state, card = load_verified_state(spec.checkpoint, "defense")
         load_into(defense, state, f"defense checkpoint {spec.checkpoint}")

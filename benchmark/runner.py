@@ -72,10 +72,16 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
                 for attack in cfg.attacks:
                     if not ATTACKS.get(attack.registered).applies_to(DEFENSES.get(defense.registered)):
                         continue
+                    if attack.only is not None and defense.name not in attack.only:
+                        continue
+                    if defense.targets is not None and target.name not in defense.targets:
+                        continue
                     cell_id = "__".join(_slug(n) for n in (ds.name, target.name, defense.name, attack.name))
                     cell_hash = artifact_key({
                         "v": ARTIFACT_VERSION, "dataset": asdict(ds) | {"root": None},
-                        "target": asdict(target), "defense": asdict(defense), "attack": asdict(attack),
+                        "target": asdict(target),
+                        "defense": {k: v for k, v in asdict(defense).items() if k != "targets"},
+                        "attack": {k: v for k, v in asdict(attack).items() if k != "only"},
                         "threat": asdict(cfg.threat), "n": cfg.eval.n, "seed": cfg.seed,
                         **({"trained_against": asdict(next(t for t in cfg.targets if t.name == defense.trained_against))}
                            if defense.trained_against else {}),
@@ -178,7 +184,9 @@ class Runner:
                         failures.append(f"{ds.name}/{target.name}/{dspec.name}: {exc}")
                         bar.update(len(cells))
                         continue
-                    defended = DefendedModel(defense, classifier, bpda=not defense.differentiable)
+                    own = defense.own_classifier
+                    defended = DefendedModel(defense, own if own is not None else classifier,
+                                             bpda=not defense.differentiable or defense.prefers_bpda)
                     for cell in cells:
                         self.run_cell(cell, defended, eval_set, manifest, target_card, defense_card)
                         computed += 1

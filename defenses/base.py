@@ -51,6 +51,16 @@ class Defense(nn.Module):
     TrainConfig: ClassVar[type | None] = None
     # Constructor options that only change inference; the trained artifact is shared across them.
     inference_options: ClassVar[tuple[str, ...]] = ()
+    # Differentiable, but exact gradients are impractical (an iterative inner loop): adaptive
+    # attacks use the BPDA surrogate unless told otherwise.
+    prefers_bpda: ClassVar[bool] = False
+
+    @property
+    def own_classifier(self) -> nn.Module | None:
+        """A defense that retrains the classifier on its own outputs (ME-Net) registers a copy of
+        the target as the submodule ``own_classifier`` (in ``attach_classifier``); the defended
+        model then uses it instead of the shared target."""
+        return self._modules.get("own_classifier")
 
     def __init__(self) -> None:
         super().__init__()
@@ -98,12 +108,17 @@ class Defense(nn.Module):
         return dict(getattr(self, "_config", {}))
 
     def declarations(self) -> dict:
-        return {
+        out = {
             "stochastic": self.stochastic,
             "differentiable": self.differentiable,
             "uses_masks": self.uses_masks,
             "trainable": self.trainable,
         }
+        if self.prefers_bpda:
+            out["prefers_bpda"] = True
+        if self.own_classifier is not None:
+            out["own_classifier"] = True
+        return out
 
 
 @DEFENSES.register("none", paper="(the target model alone)", description="no defense: the identity")
@@ -144,10 +159,22 @@ class DefendedModel(nn.Module):
                 purified = self.defense.purify(x, masks=self.masks)
             surrogate = self.defense.bpda_surrogate(x)
             return surrogate + (purified - surrogate).detach()
-        return self.defense.purify(x, masks=self.masks)
+        out = self.defense.purify(x, masks=self.masks)
+        if torch.is_grad_enabled() and x.requires_grad and not out.requires_grad:
+            # No BPDA asked for a defense whose output carries no gradient (non-differentiable, or
+            # an inner loop it detaches): the honest gradient is zero (what a naive white-box
+            # attack sees), not an error.
+            out = out + 0 * x
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.purify(x))
+        k = int(getattr(self.defense, "chains", 1) or 1)
+        if k == 1:
+            return self.classifier(self.purify(x))
+        # A defense that purifies each input along k parallel chains (EBM): classify every chain's
+        # output and average the logits; with BPDA the gradient reaches x through each chain.
+        logits = self.classifier(self.purify(x.repeat_interleave(k, dim=0)))
+        return logits.view(len(x), k, -1).mean(dim=1)
 
     def train(self, mode: bool = True) -> DefendedModel:
         # Attacks and evaluation never switch BN/dropout to training mode.

@@ -97,14 +97,18 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     records = sorted((out_dir / "records").glob("*.json"))
     loaded = [json.loads(p.read_text()) for p in records]
     cells = {(r["cell"]["defense"], r["cell"]["attack"]) for r in loaded}
-    attacks = {"clean", "pgd", "mi-fgsm", "vni-fgsm", "autoattack", "eot-pgd", "representation", "ssp"}
-    baselines = ("none", "APE-GAN", "HGD", "NRP", "JATP")
-    assert cells == {(d, a) for d in baselines for a in attacks} | {("DIR", a) for a in attacks | {"mask-adaptive"}}
+    attacks = {"clean", "pgd", "mi-fgsm", "vni-fgsm", "eot-pgd", "representation", "ssp", "bpda-eot"}
+    defenses = ("none", "DIR", "APE-GAN", "HGD", "NRP", "JATP", "ME-Net", "ME-Net-A", "EBM", "AID")
+    assert cells == ({(d, a) for d in defenses for a in attacks} | {("DIR", "mask-adaptive")}
+                     | {(d, "autoattack") for d in ("none", "DIR", "HGD", "ME-Net")})
     recs = {(r["cell"]["defense"], r["cell"]["attack"]): r for r in loaded}
     assert recs["none", "pgd"]["accuracy"] < recs["none", "clean"]["accuracy"]
-    for d in ("DIR",) + baselines:  # every defense keeps most clean images; white-box PGD hurts
+    for d in defenses:  # every defense keeps most clean images; white-box PGD hurts
         assert recs[d, "clean"]["accuracy"] > 0.8, d
         assert recs[d, "pgd"]["accuracy"] < recs[d, "clean"]["accuracy"], d
+    assert recs["ME-Net", "clean"]["defense_declarations"]["own_classifier"]
+    assert recs["AID", "clean"]["defense_declarations"]["prefers_bpda"]
+    assert recs["EBM", "bpda-eot"]["bpda"] and recs["ME-Net", "pgd"]["bpda"]
     assert recs["DIR", "clean"]["defense_declarations"]["stochastic"]
     assert recs["DIR", "clean"]["defense_checkpoint_sha256"]
     assert recs["DIR", "autoattack"]["attack_params"]["version"] == "auto"

@@ -51,24 +51,31 @@ class Classifier(nn.Module):
             layer = getattr(self.net, "feature_layer", None) or "penultimate"
             if layer == "penultimate":
                 return self.features(x)
+        return self.feature_maps(x, [layer])[0]
+
+    def feature_maps(self, x: torch.Tensor, layers: Sequence[str]) -> list[torch.Tensor]:
+        """The outputs of several named submodules in one forward pass, which stops after the last."""
         modules = dict(self.net.named_modules())
-        if layer not in modules or not layer:
-            raise BenchError(f"feature layer {layer!r} is not a layer of {type(self.net).__name__}; valid: "
-                             f"default, penultimate, logits, {', '.join(self.layer_names()[:40])}")
-        captured: list[torch.Tensor] = []
-
-        def hook(_module, _inputs, output):
-            captured.append(output)
-            raise _StopForward
-
-        handle = modules[layer].register_forward_hook(hook)
+        for layer in layers:
+            if layer not in modules or not layer:
+                raise BenchError(f"feature layer {layer!r} is not a layer of {type(self.net).__name__}; valid: "
+                                 f"default, penultimate, logits, {', '.join(self.layer_names()[:40])}")
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        for layer in dict.fromkeys(layers):
+            def hook(_module, _inputs, output, layer=layer):
+                captured[layer] = output
+                if len(captured) == len(set(layers)):
+                    raise _StopForward
+            handles.append(modules[layer].register_forward_hook(hook))
         try:
             self.net(self.normalize(x))
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        return captured[0]
+            for h in handles:
+                h.remove()
+        return [captured[layer] for layer in layers]
 
 
 class _StopForward(Exception):

@@ -1,0 +1,187 @@
+"""AID-Purifier (Hwang et al., 2021): a light discriminator on the frozen target's
+intermediate features scores "cleanness"; purification takes a few signed-gradient steps
+that raise the score, inside the eps ball around the input.
+
+Discriminator (the official ``discriminator_model.py``, adapted to the target): each tap
+(a feature map of the target) is globally average-pooled, then ``bcd`` 1x1 conv (on
+pooled features: linear) layers to 1024 channels with BN and ReLU; the taps are
+concatenated and ``acd`` halving 1x1 conv layers (BN, ReLU) follow; a linear layer gives
+one logit (a sigmoid gives the score). CIFAR-10: bcd 1, acd 3; SVHN: bcd 0, acd 2. The
+official taps on WRN-34-10 are conv1 and block2 (SVHN: block3); on ResNet-18 they are
+mapped by resolution to the stem (``bn1``) and ``layer2`` (SVHN: ``layer3``); other
+architectures name their taps (``taps``).
+
+Training (``train_function.py``): PGD-10 with random start against the target alone
+(CIFAR-10: eps 0.031, step 0.004; SVHN 0.047 / 0.008); AVmixup with gamma 1.5 (SVHN 2.0):
+vertex = clip(x + gamma (x_adv - x)), lambda ~ U(0,1), input lambda x + (1 - lambda) vertex,
+BCE target lambda. SGD 0.01, momentum 0.9, weight decay 2e-4, batch 128, one epoch.
+
+Purification: ``steps`` (10) steps x <- Pi_{x0, eps}(x + alpha sign grad sum D(x)) with
+alpha = eps / 4. Differentiable, but an exact attack needs second-order gradients through
+the loop: adaptive attacks use BPDA (identity) by default (``prefers_bpda``);
+``attack_gradient: unrolled`` keeps the graph through the steps instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from attacks.pgd import pgd_linf, project_linf
+from benchmark.config import require, subkey
+from benchmark.registry import DEFENSES
+from defenses.base import Defense, FitResult
+
+
+def _dense(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True))
+
+
+class FeatureDiscriminator(nn.Module):
+    def __init__(self, tap_channels: list[int], bcd: int = 1, acd: int = 3, width: int = 1024) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList()
+        total = 0
+        for c in tap_channels:
+            layers, cin = [], c
+            for _ in range(bcd):
+                layers.append(_dense(cin, width))
+                cin = width
+            self.branches.append(nn.Sequential(*layers))
+            total += cin
+        layers, cin = [], total
+        for _ in range(acd):
+            layers.append(_dense(cin, cin // 2))
+            cin //= 2
+        self.after = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        pooled = [b(f.float().mean(dim=(2, 3))) for b, f in zip(self.branches, feats)]
+        return self.head(self.after(torch.cat(pooled, dim=1))).squeeze(1)  # a logit
+
+
+@dataclass
+class AIDTrain:
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    eps: float = 0.031
+    step_size: float = 0.004
+    attack_steps: int = 10
+    gamma: float = 1.5  # AVmixup scale (SVHN 2.0)
+    progress: bool = True
+
+    def validate(self, where: str) -> None:
+        for key in ("epochs", "batch_size", "attack_steps"):
+            require(getattr(self, key) >= 1, subkey(where, key), f"must be >= 1, got {getattr(self, key)}")
+        require(self.lr > 0 and 0 < self.eps <= 1 and 0 < self.step_size <= 1, where, "lr, eps, step_size must be > 0")
+        require(self.gamma >= 1, subkey(where, "gamma"), f"must be >= 1, got {self.gamma}")
+
+
+DEFAULT_TAPS = {"ResNet": ["bn1", "layer2"], "WideResNet": ["conv1", "block2"], "SmallCNN": ["body.2", "body.9"]}
+
+
+@DEFENSES.register("aid", paper="Hwang et al., 2021",
+                   description="AID-Purifier: feature discriminator of the target; signed-gradient purification")
+class AIDPurifier(Defense):
+    trainable = True
+    prefers_bpda = True
+    TrainConfig = AIDTrain
+    data_shape_options = ()
+    inference_options = ("eps", "steps", "attack_gradient")
+
+    def __init__(self, taps: list[str] | None = None, bcd: int = 1, acd: int = 3, width: int = 1024,
+                 eps: float = 8 / 255, steps: int = 10,
+                 attack_gradient: Literal["bpda", "unrolled"] = "bpda") -> None:
+        super().__init__()
+        if attack_gradient not in ("bpda", "unrolled"):
+            raise ValueError(f"attack_gradient must be 'bpda' or 'unrolled', got {attack_gradient!r}")
+        self._config = dict(taps=taps, bcd=bcd, acd=acd, width=width, eps=eps, steps=steps,
+                            attack_gradient=attack_gradient)
+        self.taps, self.bcd, self.acd, self.width = taps, bcd, acd, width
+        self.eps, self.steps, self.unrolled = eps, steps, attack_gradient == "unrolled"
+        self.prefers_bpda = not self.unrolled
+        self.discriminator: FeatureDiscriminator | None = None
+        self._target: list[nn.Module] = []  # the frozen target, not a submodule (it is not ours)
+
+    def attach_classifier(self, classifier: nn.Module) -> None:
+        """Build the discriminator for this target's tap shapes (the target stays shared)."""
+        self._target = [classifier]
+        if self.taps is None:
+            self.taps = DEFAULT_TAPS.get(type(classifier.net).__name__)
+            if self.taps is None:
+                raise ValueError(f"AID-Purifier has no default taps for {type(classifier.net).__name__}; "
+                                 "give options.taps (two layer names)")
+        if self.discriminator is None:
+            dev = next(classifier.parameters()).device
+            probe = torch.zeros(2, classifier.mean.shape[1], 32, 32, device=dev)
+            with torch.no_grad():
+                chans = [f.shape[1] for f in classifier.feature_maps(probe, self.taps)]
+            self.discriminator = FeatureDiscriminator(chans, self.bcd, self.acd, self.width).to(dev)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.discriminator(self._target[0].feature_maps(x, self.taps))
+
+    def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
+        if not self._target:
+            raise RuntimeError("AID-Purifier needs attach_classifier(target) before use")
+        alpha = self.eps / 4
+        x0 = x if self.unrolled else x.detach()
+        z = x0
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                if not z.requires_grad:
+                    z = z.detach().requires_grad_(True)
+                s = torch.sigmoid(self.score(z)).sum()
+                (g,) = torch.autograd.grad(s, z, create_graph=self.unrolled and torch.is_grad_enabled())
+                z = project_linf(z + alpha * g.sign(), x0, self.eps)
+                if not self.unrolled:
+                    z = z.detach()
+        return z if self.unrolled else z.detach()
+
+    def fit(self, classifier, train, device, config: AIDTrain | None = None, seed: int = 0) -> FitResult:
+        cfg = config or AIDTrain()
+        torch.manual_seed(seed)
+        self.attach_classifier(classifier)
+        disc = self.discriminator.to(device)
+        opt = torch.optim.SGD(disc.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        agen = torch.Generator(device=device).manual_seed(seed + 1)
+        data = train.to(device)
+        history, t_start = [], time.perf_counter()
+        for epoch in range(1, cfg.epochs + 1):
+            t0, total, count = time.perf_counter(), torch.zeros((), device=device), 0
+            bar = tqdm(total=-(-len(data) // cfg.batch_size), desc="aid", disable=not cfg.progress, leave=False)
+            for x, y in data.batches(cfg.batch_size, shuffle=True, generator=gen):
+                classifier.eval()
+                x_adv = pgd_linf(classifier, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
+                                 generator=agen)
+                vertex = (x + cfg.gamma * (x_adv - x)).clamp(0, 1)  # AVmixup
+                lam = torch.rand(len(x), device=device, generator=agen)
+                mixed = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * vertex
+                disc.train()
+                with torch.no_grad():
+                    feats = classifier.feature_maps(mixed, self.taps)
+                loss = F.binary_cross_entropy_with_logits(disc(feats), lam)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach() * len(x)
+                count += len(x)
+                bar.update(1)
+            bar.close()
+            history.append({"phase": "train", "epoch": epoch, "loss": float(total) / count,
+                            "seconds": time.perf_counter() - t0})
+        disc.eval()
+        self.eval()
+        return FitResult(seconds=time.perf_counter() - t_start, seconds_per_epoch=history[-1]["seconds"],
+                         epochs=cfg.epochs, history=history)

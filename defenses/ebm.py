@@ -1,0 +1,163 @@
+"""EBM defense (Hill et al., ICLR 2021): purification by long-run Langevin sampling of a
+convergent energy-based model, started at the input; logits averaged over parallel chains.
+
+Energy network (the official ``nets.py``): conv3x3 C->32, then conv4x4 stride 2
+32->64->128->256, then conv4x4 256->1 (a scalar energy); LeakyReLU 0.05; inputs in
+[-1,1]; 693,569 parameters at 3 channels.
+
+Training (``train_ebm.py``): persistent short-run Langevin. Positives: data + sigma N
+(sigma 0.02 on CIFAR-10, 0.03 on SVHN). Negatives: ``mcmc_steps`` (100) steps of
+x <- x - grad E(x) + tau N (tau 0.01 / 0.0175) from a persistent bank (one slot per
+training image, initialized U[-1,1]). Loss: (mean E(pos) - mean E(neg)) / (tau^2 / 2).
+Adam 1e-4 for the first half of the iterations, then SGD with lr = lr_sgd tau^2 / 2. The
+paper trains 250k iterations of batch 100; ``iterations`` sets the budget (the quick and
+smoke profiles use far fewer: tables say so through the row's name and config).
+
+Purification: ``steps`` Langevin steps (1500 in the paper; noise ``tau``, no clipping
+inside the chain, the result clipped to [0,1]) from the input, for each of ``chains``
+(150 in the paper) parallel chains; the defended model averages the classifier's logits
+over the chains (``chains`` is read by ``DefendedModel``). The classifier is the run's
+target (the paper: a naturally trained WRN-28-10; the configs use a natural ResNet-18).
+
+Declared stochastic and numerically non-differentiable: attacks go through BPDA (the
+identity) + EOT, never by unrolling the chain.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from benchmark.config import require, subkey
+from benchmark.errors import BenchError
+from benchmark.registry import DEFENSES
+from defenses.base import Defense, FitResult
+
+
+class EnergyNet(nn.Module):
+    def __init__(self, channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, w, 3, 1, 1), nn.LeakyReLU(0.05),
+            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.LeakyReLU(0.05),
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.LeakyReLU(0.05),
+            nn.Conv2d(4 * w, 8 * w, 4, 2, 1), nn.LeakyReLU(0.05),
+        )
+        self.out = nn.Conv2d(8 * w, 1, 4, 1, 0)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Energy of images ``z`` in [-1,1], one scalar per image."""
+        h = self.body(z)
+        if h.shape[-1] < 4:  # inputs smaller than 32x32: pad to the final 4x4 kernel
+            h = nn.functional.pad(h, (0, 4 - h.shape[-1], 0, 4 - h.shape[-2]))
+        return self.out(h).mean(dim=(1, 2, 3))
+
+
+def langevin(energy: nn.Module, z: torch.Tensor, steps: int, tau: float, generator: torch.Generator | None):
+    """``steps`` of z <- z - grad E(z) + tau N(0, I) (the code's step size 1 on the gradient)."""
+    z = z.detach()
+    for _ in range(steps):
+        z.requires_grad_(True)
+        (g,) = torch.autograd.grad(energy(z).sum(), z)
+        noise = torch.randn(z.shape, device=z.device, generator=generator).to(z.dtype)
+        z = (z.detach() - g + tau * noise).detach()
+    return z
+
+
+@dataclass
+class EBMTrain:
+    iterations: int = 250_000
+    batch_size: int = 100
+    mcmc_steps: int = 100
+    data_noise: float = 0.02  # sigma of the positives (SVHN: 0.03)
+    tau: float = 0.01  # Langevin noise (SVHN: 0.0175)
+    lr: float = 1e-4  # Adam, first half
+    lr_sgd: float = 5e-5  # SGD afterwards, times tau^2 / 2
+    switch_fraction: float = 0.5
+    log_every: int = 500
+    progress: bool = True
+
+    def validate(self, where: str) -> None:
+        for key in ("iterations", "batch_size", "mcmc_steps", "log_every"):
+            require(getattr(self, key) >= 1, subkey(where, key), f"must be >= 1, got {getattr(self, key)}")
+        for key in ("data_noise", "tau", "lr", "lr_sgd"):
+            require(getattr(self, key) > 0, subkey(where, key), f"must be > 0, got {getattr(self, key)}")
+        require(0 <= self.switch_fraction <= 1, subkey(where, "switch_fraction"), "must be in [0, 1]")
+
+
+@DEFENSES.register("ebm", paper="Hill et al., ICLR 2021",
+                   description="EBM defense: long-run Langevin purification, logits averaged over chains")
+class EBM(Defense):
+    stochastic = True
+    differentiable = False  # never unrolled: BPDA (identity) + EOT
+    trainable = True
+    TrainConfig = EBMTrain
+    data_shape_options = ("in_channels",)
+    inference_options = ("steps", "chains", "tau")
+
+    def __init__(self, in_channels: int = 3, width: int = 32, steps: int = 1500, chains: int = 150,
+                 tau: float = 0.01) -> None:
+        super().__init__()
+        if steps < 0 or chains < 1:
+            raise ValueError(f"steps must be >= 0 and chains >= 1, got steps={steps}, chains={chains}")
+        self._config = dict(in_channels=in_channels, width=width, steps=steps, chains=chains, tau=tau)
+        self.energy = EnergyNet(in_channels, width)
+        self.steps, self.chains, self.tau = steps, chains, tau
+
+    def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
+        """One Langevin chain per input row (the defended model repeats each image ``chains`` times)."""
+        with torch.enable_grad():
+            z = langevin(self.energy, x.detach() * 2 - 1, self.steps, self.tau, self._gen(x.device))
+        return ((z + 1) / 2).clamp(0, 1).to(x.dtype)
+
+    def fit(self, classifier, train, device, config: EBMTrain | None = None, seed: int = 0) -> FitResult:
+        cfg = config or EBMTrain()
+        torch.manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        data = train.to(device)
+        n = len(data)
+        bank = torch.rand((n, *data.images.shape[1:]), device=device, generator=gen) * 2 - 1  # U[-1,1]
+        opt = torch.optim.Adam(self.energy.parameters(), lr=cfg.lr)
+        switch = int(cfg.switch_fraction * cfg.iterations)
+        scale = cfg.tau ** 2 / 2
+        history, t0, t_log = [], time.perf_counter(), time.perf_counter()
+        sums = torch.zeros(3, device=device)
+        bar = tqdm(total=cfg.iterations, desc="ebm", disable=not cfg.progress, leave=False)
+        self.train()
+        for it in range(cfg.iterations):
+            if it == switch:
+                opt = torch.optim.SGD(self.energy.parameters(), lr=cfg.lr_sgd * scale)
+            idx = torch.randint(0, n, (cfg.batch_size,), device=device, generator=gen)
+            pos = data.as_float(idx) * 2 - 1
+            pos = pos + cfg.data_noise * torch.randn(pos.shape, device=device, generator=gen)
+            neg = langevin(self.energy, bank[idx], cfg.mcmc_steps, cfg.tau, gen)
+            bank[idx] = neg
+            e_pos, e_neg = self.energy(pos).mean(), self.energy(neg).mean()
+            loss = (e_pos - e_neg) / scale
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums += torch.stack([loss.detach(), e_pos.detach(), e_neg.detach()])
+            bar.update(1)
+            if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
+                k = (it % cfg.log_every) + 1
+                row = {"phase": "train", "iteration": it + 1, "loss": float(sums[0]) / k,
+                       "energy_pos": float(sums[1]) / k, "energy_neg": float(sums[2]) / k,
+                       "seconds": time.perf_counter() - t_log}
+                history.append(row)
+                sums.zero_()
+                t_log = time.perf_counter()
+                if not all(map(torch.isfinite, (loss, e_pos, e_neg))):
+                    raise BenchError(f"EBM training diverged at iteration {it + 1}; lower lr or tau in the "
+                                     "defense's train options")
+        bar.close()
+        self.eval()
+        seconds = time.perf_counter() - t0
+        per_iter = seconds / cfg.iterations
+        return FitResult(seconds=seconds, seconds_per_epoch=per_iter * n / cfg.batch_size,
+                         epochs=max(1, round(cfg.iterations * cfg.batch_size / n)), history=history)
