@@ -16,8 +16,9 @@ h(x~)), ``mask_mode: zero`` (pixels zeroed instead of tokens dropped),
 ``alpha: 1``, ``head: token-conv`` (the code's output layer: a Conv1d whose channels
 are the 256 tokens, so it mixes patches; 5.63M parameters against 4.58M with the
 paper's per-patch linear head) and the code's constant lr through the TrainConfig.
-The code's joint training of the classifier is not offered: it would change the
-shared target.
+``joint_classifier: true`` trains the classifier together with the denoiser, as the
+code does: a copy of the target (the shared target never changes) that the defended
+model then uses (``classifier_lr``, default 0.01 since the copy starts trained).
 
 Measured (quick profile, CIFAR-10 JPEG copy, fixed PGD-AT ResNet-18 target, see
 ``benchmarks/RESULTS.md``): with the paper's L_rep (alpha 2, gradient through both
@@ -43,6 +44,7 @@ For r = 0.5 and K = 2 this is exactly the paper's pair of complementary halves.
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -199,6 +201,9 @@ class DIRTrain:
     # first SGD step at lr 1e-2 (gradient norm ~5.8e3 measured) throws the restoration out of [0,1] and
     # training diverges to NaN (H100 quick run); null restores the paper's unclipped update.
     grad_clip: float | None = 1.0
+    # With the ``joint_classifier`` option: lr of the classifier copy (the code trains its classifier
+    # from scratch at 0.1; the copy starts from the trained target, hence a smaller default).
+    classifier_lr: float = 0.01
     augment: bool = True
     bf16: Literal["auto", True, False] = "auto"
     progress: bool = True
@@ -228,7 +233,7 @@ def _check_finite(row: dict, module: nn.Module) -> None:
 @DEFENSES.register("dir", paper="Zhou et al., ICML 2023",
                    description="DIR: masked-autoencoder ViT over K complementary masks, restorations averaged")
 class DIR(Defense):
-    version = 2  # 2: optional token-conv head; main training reseeded after pre-training
+    version = 3  # 2: token-conv head option, reseeded main training; 3: joint classifier, ViT-only stage
     stochastic = True  # fresh masks every call
     differentiable = True
     uses_masks = True
@@ -240,7 +245,7 @@ class DIR(Defense):
                  depth: int = 8, num_heads: int = 3, mlp_ratio: float = 4.0, decoder_depth: int = 2,
                  decoder_dim: int | None = None, decoder_heads: int | None = None, mask_ratio: float = 0.5,
                  num_masks: int = 2, mask_mode: Literal["drop", "zero"] = "drop",
-                 head: Literal["patch", "token-conv"] = "patch") -> None:
+                 head: Literal["patch", "token-conv"] = "patch", joint_classifier: bool = False) -> None:
         super().__init__()
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
@@ -253,7 +258,9 @@ class DIR(Defense):
         self._config = dict(image_size=image_size, in_channels=in_channels, patch_size=patch_size,
                             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                             decoder_depth=decoder_depth, decoder_dim=decoder_dim, decoder_heads=decoder_heads,
-                            mask_ratio=mask_ratio, num_masks=num_masks, mask_mode=mask_mode, head=head)
+                            mask_ratio=mask_ratio, num_masks=num_masks, mask_mode=mask_mode, head=head,
+                            joint_classifier=joint_classifier)
+        self.joint_classifier = joint_classifier
         self.net = MaskedViT(image_size, in_channels, patch_size, embed_dim, depth, num_heads, mlp_ratio,
                              decoder_dim or embed_dim, decoder_depth, decoder_heads or num_heads, head)
         n = self.net.num_patches
@@ -263,6 +270,15 @@ class DIR(Defense):
         offsets = torch.tensor([round(k * n / self.num_views) for k in range(self.num_views)])
         window = (offsets[:, None] + torch.arange(self.num_visible)[None, :]) % n  # (K, V) positions in the order
         self.register_buffer("windows", window, persistent=False)
+
+    def attach_classifier(self, classifier: nn.Module) -> None:
+        """``joint_classifier``: the official code trains the classifier together with the denoiser;
+        here a copy of the target (the shared target itself never changes) is trained in main
+        training and used by the defended model."""
+        if self.joint_classifier and self.own_classifier is None:
+            self.own_classifier = copy.deepcopy(classifier)
+            for p in self.own_classifier.parameters():
+                p.requires_grad_(False)
 
     # -- masks ---------------------------------------------------------------------------------
     def sample_masks(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,6 +326,8 @@ class DIR(Defense):
     def fit(self, classifier: nn.Module, train, device: torch.device, config: DIRTrain | None = None,
             seed: int = 0) -> FitResult:
         cfg = config or DIRTrain()
+        self.attach_classifier(classifier)
+        target = classifier  # pre-training attacks the shared target alone (Eq. 2)
         torch.manual_seed(seed)
         self.seed(seed, device)
         data = train.to(device)
@@ -320,10 +338,12 @@ class DIR(Defense):
         history: list[dict] = []
         t_start = time.perf_counter()
         if cfg.pretrain_epochs > 0:
-            history += self._pretrain_cached(classifier, data, cfg, device, use_bf16, seed)
+            history += self._pretrain_cached(target, data, cfg, device, use_bf16, seed)
         torch.manual_seed(seed + 1)  # main training draws the same randomness whether or not pre-training ran
         self.seed(seed + 1, device)
-        history += self.main_train(classifier, data, cfg, device, use_bf16, seed)
+        joint = self.own_classifier is not None
+        history += self.main_train(self.own_classifier if joint else target, data, cfg, device, use_bf16, seed,
+                                   joint=joint)
         self.eval()
         main = [h["seconds"] for h in history if h["phase"] == "main"]
         pre = [h["seconds"] for h in history if h["phase"] == "pretrain"]
@@ -342,18 +362,19 @@ class DIR(Defense):
         stage_dir = getattr(self, "stage_dir", None)
         if stage_dir is None:
             return self.pretrain(classifier, data, cfg, device, use_bf16, seed)
-        key = artifact_key({"code": self.version, "model": self.config(), "n": len(data), "seed": seed,
+        model = {k: v for k, v in self.config().items() if k != "joint_classifier"}  # the ViT alone
+        key = artifact_key({"code": self.version, "model": model, "n": len(data), "seed": seed,
                             "bf16": use_bf16, "pretrain": {k: getattr(cfg, k) for k in self.PRETRAIN_FIELDS}})
         stem = Path(stage_dir) / f"dir-pretrain-{key}"
         if stem.with_name(stem.name + ".json").is_file():
             try:
                 state, card = load_verified_state(stem, "defense")
-                load_into(self, state, f"DIR pre-training stage {stem}")
+                load_into(self.net, state, f"DIR pre-training stage {stem}")
                 return [dict(h, reused=True) for h in card["history"]]
             except CheckpointError as exc:  # a corrupt stage is redone, never trusted
                 warnings.warn(f"DIR pre-training stage {stem} rejected ({exc}); pre-training again", stacklevel=2)
         history = self.pretrain(classifier, data, cfg, device, use_bf16, seed)
-        save_checkpoint(self, stem, {"kind": "defense", "defense": "dir", "options": self.config(),
+        save_checkpoint(self.net, stem, {"kind": "defense", "defense": "dir", "options": self.config(),
                                      "stage": "pretrain", "history": history})
         return history
 
@@ -369,7 +390,7 @@ class DIR(Defense):
         from attacks.pgd import pgd_linf
 
         lr = cfg.pretrain_lr * cfg.pretrain_batch_size / 256
-        opt = torch.optim.AdamW(self.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=cfg.pretrain_weight_decay)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=cfg.pretrain_weight_decay)
         steps = cfg.pretrain_epochs * math.ceil(len(data) / cfg.pretrain_batch_size)
         warm = max(1, int(cfg.pretrain_warmup_fraction * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -415,9 +436,16 @@ class DIR(Defense):
                 delta = project_linf(restored + delta, restored, cfg.eps) - restored
         return delta.detach()
 
-    def main_train(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int) -> list[dict]:
-        """Algorithm 1: L_den = CE(h(x~), y) + alpha * KL(h(x~) || h(x~ + delta)), denoiser only."""
-        opt = torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    def main_train(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int,
+                   joint: bool = False) -> list[dict]:
+        """Algorithm 1: L_den = CE(h(x~), y) + alpha * KL(h(x~) || h(x~ + delta)); the denoiser only,
+        or (``joint``) the denoiser and the defense's own copy of the classifier, as the official code."""
+        groups = [{"params": list(self.net.parameters())}]
+        if joint:
+            for p in classifier.parameters():
+                p.requires_grad_(True)
+            groups.append({"params": list(classifier.parameters()), "lr": cfg.classifier_lr})
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
         total_steps = cfg.epochs * steps_per_epoch
         bounds = [int(m * total_steps) for m in cfg.milestones]
@@ -445,6 +473,7 @@ class DIR(Defense):
                         (g,) = torch.autograd.grad(loss_a, x_adv)
                         x_adv = project_linf(x_adv.detach() + cfg.step_size * g.sign(), x, cfg.eps)
                 self.train()
+                classifier.train(joint)  # a jointly trained classifier updates its BN statistics too
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     # Clip to [0,1] as at inference, but let the gradient pass the clip
                     # (straight-through): a plain clip gives zero gradient to every pixel pushed
@@ -461,7 +490,7 @@ class DIR(Defense):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(self.parameters(), cfg.grad_clip)
+                    nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
                 opt.step()
                 sched.step()
                 total += loss.detach() * len(y)
@@ -473,4 +502,8 @@ class DIR(Defense):
                             "robust_train_acc": float(correct) / len(data), "seconds": time.perf_counter() - t0})
             _check_finite(history[-1], self)
         bar.close()
+        if joint:
+            classifier.eval()
+            for p in classifier.parameters():
+                p.requires_grad_(False)
         return history

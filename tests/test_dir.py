@@ -214,3 +214,26 @@ def test_pretraining_stage_is_shared_between_variants_that_differ_later(tmp_path
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.warns(UserWarning, match="rejected"):
         fit(alpha=2.0)
+
+
+def test_joint_classifier_trains_a_copy_and_shares_pretraining(tmp_path, trained_pair, digits_train):
+    clf = trained_pair["at"][0]
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    data = digits_train.subset(128, seed=0)
+    cfg = DIRTrain(pretrain_epochs=1, pretrain_batch_size=64, epochs=1, batch_size=64, eps=0.1, step_size=0.025,
+                   attack_steps=1, rep_steps=1, augment=False, progress=False, classifier_lr=0.05)
+    plain = DIR(**TINY)
+    plain.stage_dir = tmp_path
+    plain.fit(clf, data, torch.device("cpu"), cfg, seed=0)
+    joint = DIR(**TINY, joint_classifier=True)
+    joint.stage_dir = tmp_path
+    joint.fit(clf, data, torch.device("cpu"), cfg, seed=0)
+    assert len(list(tmp_path.glob("dir-pretrain-*.json"))) == 1  # the ViT's pre-training is shared
+    assert plain.own_classifier is None and joint.own_classifier is not None
+    assert all(torch.equal(before[k], v) for k, v in clf.state_dict().items())  # the target is untouched
+    assert any(not torch.equal(p, q) for p, q in zip(joint.own_classifier.parameters(), clf.parameters()))
+    assert not any(p.requires_grad for p in joint.own_classifier.parameters())
+    assert joint.declarations()["own_classifier"]
+    fresh = DIR(**TINY, joint_classifier=True)  # a cached artifact loads into a fresh instance
+    fresh.attach_classifier(clf)
+    fresh.load_state_dict(joint.state_dict())
