@@ -58,12 +58,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from benchmark.tables import write_tables
+    from benchmark.reports import write_report
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "records").is_dir():
         raise BenchError(f"{run_dir} is not a run folder (no records/ inside)")
-    paths = write_tables(run_dir)
+    paths = write_report(run_dir)
     if not paths:
         raise BenchError(f"{run_dir}/records holds no valid record")
     for p in paths:
@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
-    rp = sub.add_parser("report", help="(re)build the tables of a run folder from its records")
+    rp = sub.add_parser("report", help="(re)build the tables and the report (adaptive table, paper comparison, "
+                                      "timing, figures, index) of a run folder from its records")
     rp.add_argument("run_dir")
     rp.set_defaults(func=cmd_report)
 

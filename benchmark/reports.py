@@ -1,0 +1,257 @@
+"""Reports built from a run's records (pure functions from records to files).
+
+* the result tables (``benchmark.tables``);
+* the **adaptive table**: per defense, the plain white-box PGD number next to the strongest
+  attack the run built from the defense's declarations (EOT for stochastic, BPDA for
+  non-differentiable, mask-adaptive for masked, AutoAttack), and the drop;
+* the **paper comparison**: our numbers beside the seed paper's (``reference/dir_paper.json``)
+  for the rows and columns both have, with the difference;
+* the **timing report**: per cell wall time, images/s, forward/backward passes, peak GPU
+  memory; per defense training time per epoch; totals; a bar chart;
+* a cost/robustness scatter;
+* ``report/index.md`` linking everything, with the run's manifest at the top.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.io import atomic_write_text
+from benchmark.records import load_records
+from benchmark.tables import build_blocks, records_frame, to_markdown, write_tables
+
+ADAPTIVE_ATTACKS = ("eot-pgd", "bpda-eot", "adaptive", "mask-adaptive", "autoattack")
+PLAIN = "pgd"
+
+
+def reference_numbers() -> dict:
+    with resources.files("benchmark").joinpath("reference/dir_paper.json").open() as f:
+        return json.load(f)
+
+
+def _frame(records: list[dict]) -> pd.DataFrame:
+    df = records_frame(records)
+    df["defense_registered"] = [r.get("defense_registered", r["cell"]["defense"]) for r in records]
+    df["defense_seconds_per_epoch"] = [(r.get("defense_training") or {}).get("seconds_per_epoch") for r in records]
+    df["defense_train_seconds"] = [(r.get("defense_training") or {}).get("seconds") for r in records]
+    return df
+
+
+# ----------------------------------------------------------------------------- adaptive table
+def adaptive_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, target, defense): plain PGD, the strongest adaptive attack and the drop."""
+    rows = []
+    for (ds, target, defense), g in df.groupby(["dataset", "target", "defense"], sort=False):
+        plain = g[g["attack_registered"] == PLAIN]
+        adaptive = g[g["attack_registered"].isin(ADAPTIVE_ATTACKS)]
+        if plain.empty and adaptive.empty:
+            continue
+        row = {"dataset": ds, "target": target, "defense": defense,
+               "plain": float(plain["accuracy"].min()) if len(plain) else None}
+        if len(adaptive):
+            best = adaptive.loc[adaptive["accuracy"].idxmin()]
+            row |= {"adaptive": float(best["accuracy"]), "adaptive_attack": best["column"],
+                    "adaptive_ci": (float(best["ci_low"]), float(best["ci_high"]))}
+        else:
+            row |= {"adaptive": None, "adaptive_attack": None, "adaptive_ci": None}
+        row["drop"] = (row["plain"] - row["adaptive"]) if row["plain"] is not None and row["adaptive"] is not None \
+            else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def adaptive_markdown(table: pd.DataFrame) -> str:
+    def pct(v):
+        return "-" if v is None or pd.isna(v) else f"{100 * v:.2f}"
+
+    out = ["| Dataset | Target | Defense | PGD (plain white-box) | Strongest adaptive | attack | Drop |",
+           "|---|---|---|---:|---:|---|---:|"]
+    for _, r in table.iterrows():
+        ci = r["adaptive_ci"]
+        adaptive = pct(r["adaptive"]) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+        out.append(f"| {r['dataset']} | {r['target']} | {r['defense']} | {pct(r['plain'])} | {adaptive} | "
+                   f"{r['adaptive_attack'] or '-'} | {pct(r['drop'])} |")
+    out.append("")
+    out.append("Strongest adaptive = the lowest accuracy among the attacks built from the defense's declarations "
+               f"({', '.join(ADAPTIVE_ATTACKS)}) that the run holds; Drop = PGD minus that, in points. A large drop "
+               "means plain PGD overestimated the defense.")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- paper comparison
+def paper_comparison(df: pd.DataFrame, reference: dict | None = None) -> pd.DataFrame:
+    """Our accuracies next to the seed paper's Table 1 (by dataset family, registered defense and
+    registered attack), with the difference in points."""
+    ref = (reference or reference_numbers())["table1"]
+    rows = []
+    for _, r in df.iterrows():
+        family = "svhn" if str(r["dataset"]).startswith("svhn") else "cifar10" if "cifar10" in str(r["dataset"]) \
+            else None
+        paper = ref.get(family, {}).get(r["defense_registered"], {}).get(r["attack_registered"]) if family else None
+        if paper is None:
+            continue
+        ours = 100 * float(r["accuracy"])
+        rows.append({"dataset": r["dataset"], "target": r["target"], "defense": r["defense"],
+                     "column": r["column"], "ours": ours, "paper": paper, "difference": ours - paper,
+                     "copy": r["copy"], "profile": r["profile"], "n": int(r["n"])})
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "No cell of this run has a counterpart in the seed paper's Table 1.\n"
+    out = ["| Dataset | Target | Defense | Column | Ours | Paper | Ours - paper |", "|---|---|---|---|---:|---:|---:|"]
+    for _, r in table.iterrows():
+        out.append(f"| {r['dataset']} | {r['target']} | {r['defense']} | {r['column']} | {r['ours']:.2f} | "
+                   f"{r['paper']:.2f} | {r['difference']:+.2f} |")
+    copies = ", ".join(sorted(set(table["copy"].astype(str))))
+    profiles = ", ".join(sorted(set(table["profile"].astype(str))))
+    out += ["", f"Ours: {copies}; profile {profiles}; n = {', '.join(map(str, sorted(set(table['n']))))}. "
+            "Paper: original CIFAR-10 / SVHN, full test sets, 91-epoch targets (DIR Table 1). "
+            "Differences of a few points are expected from the data copy and the training budget alone."]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- timing
+def timing_table(df: pd.DataFrame) -> pd.DataFrame:
+    cols = ["dataset", "target", "defense", "column", "n", "seconds", "images_per_second", "forwards",
+            "backwards", "peak_gpu_memory_mb"]
+    return df[cols].copy()
+
+
+def training_table(df: pd.DataFrame) -> pd.DataFrame:
+    g = df.dropna(subset=["defense_train_seconds"]).drop_duplicates(["dataset", "target", "defense"])
+    return g[["dataset", "target", "defense", "defense_seconds_per_epoch", "defense_train_seconds"]].copy()
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None or pd.isna(v) else format(v, fmt)
+
+
+def timing_markdown(cells: pd.DataFrame, training: pd.DataFrame) -> str:
+    out = ["### Evaluation cells", "",
+           "| Dataset | Target | Defense | Attack | n | wall s | images/s | forwards | backwards | peak GPU MiB |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for _, r in cells.iterrows():
+        out.append(f"| {r['dataset']} | {r['target']} | {r['defense']} | {r['column']} | {int(r['n'])} | "
+                   f"{_num(r['seconds'], '.1f')} | {_num(r['images_per_second'], '.0f')} | "
+                   f"{_num(r['forwards'], ',.0f')} | {_num(r['backwards'], ',.0f')} | "
+                   f"{_num(r['peak_gpu_memory_mb'], '.0f')} |")
+    total = cells["seconds"].fillna(0).sum()
+    out += ["", f"Total evaluation time: {total:.1f} s over {len(cells)} cells.", "", "### Defense training", "",
+            "| Dataset | Target | Defense | s per epoch | total s |", "|---|---|---|---:|---:|"]
+    for _, r in training.iterrows():
+        out.append(f"| {r['dataset']} | {r['target']} | {r['defense']} | {_num(r['defense_seconds_per_epoch'], '.1f')}"
+                   f" | {_num(r['defense_train_seconds'], '.1f')} |")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- figures
+def _save(fig, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        path = stem.with_suffix(f".{ext}")
+        tmp = path.with_name(path.name + ".tmp")
+        fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def timing_figure(cells: pd.DataFrame, stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = cells.groupby("defense", sort=False)["seconds"].sum()
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(per) + 2), 3.2))
+    ax.bar(range(len(per)), per.values, color="#4c72b0")
+    ax.set_xticks(range(len(per)), per.index, rotation=45, ha="right")
+    ax.set_ylabel("evaluation wall time (s)")
+    ax.set_title("Evaluation cost per defense (all attacks)")
+    ax.grid(axis="y", alpha=0.3)
+    paths = _save(fig, stem)
+    plt.close(fig)
+    return paths
+
+
+def cost_robustness_figure(df: pd.DataFrame, adaptive: pd.DataFrame, stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # cost over the attacks every row has (an attack run on some rows only would skew the comparison)
+    common = set.intersection(*[set(g["attack"]) for _, g in df.groupby("defense", sort=False)])
+    shared = df[df["attack"].isin(common)]
+    cost = shared.groupby("defense", sort=False).apply(
+        lambda g: 1000 * g["seconds"].fillna(0).sum() / max(1, g["n"].max()), include_groups=False)
+    robust = adaptive.set_index("defense")[["plain", "adaptive"]].min(axis=1)
+    names = [d for d in cost.index if d in robust.index and pd.notna(robust[d])]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for d in names:
+        ax.scatter(cost[d], 100 * robust[d], s=30)
+        ax.annotate(d, (cost[d], 100 * robust[d]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_xscale("symlog")
+    ax.set_xlabel(f"evaluation seconds per 1000 images ({len(common)} attacks every row has)")
+    ax.set_ylabel("robust accuracy, worst of PGD and adaptive (%)")
+    ax.grid(alpha=0.3)
+    paths = _save(fig, stem)
+    plt.close(fig)
+    return paths
+
+
+# ----------------------------------------------------------------------------- the report
+def write_report(run_dir: Path) -> list[Path]:
+    """Write ``<run>/report/`` (tables, adaptive table, paper comparison, timing, figures, index)."""
+    run_dir = Path(run_dir)
+    records = load_records(run_dir)
+    if not records:
+        return []
+    out = run_dir / "report"
+    df = _frame(records)
+    written = list(write_tables(run_dir))
+    adaptive = adaptive_table(df)
+    comparison = paper_comparison(df)
+    cells, training = timing_table(df), training_table(df)
+    parts = {
+        "adaptive.md": adaptive_markdown(adaptive),
+        "paper_comparison.md": comparison_markdown(comparison),
+        "timing.md": timing_markdown(cells, training),
+    }
+    for name, text in parts.items():
+        written.append(atomic_write_text(out / name, text))
+    written.append(atomic_write_text(out / "timing.csv", cells.to_csv(index=False)))
+    if len(comparison):
+        written.append(atomic_write_text(out / "paper_comparison.csv", comparison.to_csv(index=False)))
+    figures = timing_figure(cells, out / "figures" / "timing")
+    if len(adaptive):
+        figures += cost_robustness_figure(df, adaptive, out / "figures" / "cost_robustness")
+    written += figures
+    manifest = {}
+    if (run_dir / "manifest.json").is_file():
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+    versions = manifest.get("versions", {})
+    index = [f"# Report: {manifest.get('config', {}).get('name', run_dir.name)}", "",
+             f"- profile: {manifest.get('profile')}; device: {manifest.get('device')} "
+             f"({versions.get('device_name', '-')}); git commit: {versions.get('git_commit')}; "
+             f"torch {versions.get('torch')}; config hash {manifest.get('config_hash')}",
+             f"- {len(records)} cells", "",
+             "## Results", "", to_markdown(build_blocks(records_frame(records))),
+             "Tables: [markdown](../tables/results.md), [with 95% intervals](../tables/results_ci.md), "
+             "[LaTeX](../tables/results.tex), [CSV](../tables/results.csv)", "",
+             "## Adaptive evaluation", "", parts["adaptive.md"],
+             "## Against the seed paper", "", parts["paper_comparison.md"],
+             "## Cost", "", "[timing table](timing.md), [CSV](timing.csv)", ""]
+    for f in figures:
+        if f.suffix == ".png":
+            index.append(f"![{f.stem}](figures/{f.name}) ([PDF](figures/{f.stem}.pdf))")
+    index.append("")
+    written.append(atomic_write_text(out / "index.md", "\n".join(index)))
+    return written
