@@ -71,6 +71,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_umap(args: argparse.Namespace) -> int:
+    from benchmark.umap_report import write_umap
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "manifest.json").is_file():
+        raise BenchError(f"{run_dir} is not a run folder (no manifest.json inside)")
+    for p in write_umap(run_dir, args.defenses, args.n, device=args.device, dataset=args.dataset,
+                        target=args.target):
+        print(p)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -169,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       "timing, figures, index) of a run folder from its records")
     rp.add_argument("run_dir")
     rp.set_defaults(func=cmd_report)
+
+    u = sub.add_parser("umap", help="Figure 5: UMAP of restored representations under white-box PGD, "
+                                    "from a finished run's artifacts (never trains)")
+    u.add_argument("run_dir")
+    u.add_argument("--defenses", nargs="+", help="rows of the run (default: all)")
+    u.add_argument("--n", type=int, default=500, help="test images (default 500)")
+    u.add_argument("--dataset", help="dataset of the run (default: the first)")
+    u.add_argument("--target", help="target of the run (default: the first)")
+    u.add_argument("--device", default="auto")
+    u.set_defaults(func=cmd_umap)
 
     t = sub.add_parser("train", help="train one target classifier and report clean and PGD accuracy")
     t.add_argument("--dataset", default="digits")

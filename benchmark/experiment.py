@@ -21,7 +21,7 @@ import torch
 from benchmark.checkpoint import load_checkpoint, load_pretrained, read_card, save_checkpoint
 from benchmark.config import ConfigError, from_dict, load_yaml, require, subkey
 from benchmark.data import load_dataset
-from benchmark.errors import CheckpointError
+from benchmark.errors import BenchError, CheckpointError
 from benchmark.io import artifact_key
 from benchmark.models import create_model
 from benchmark.registry import ATTACKS, DATASETS, DEFENSES, MODELS
@@ -245,9 +245,9 @@ def target_key(ds: DatasetSpec, target: TargetSpec, seed: int) -> str:
 
 
 def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, device: torch.device,
-                   artifacts: Path, progress: bool = True) -> tuple[torch.nn.Module, dict, bool]:
+                   artifacts: Path, progress: bool = True, train: bool = True) -> tuple[torch.nn.Module, dict, bool]:
     """Train, or load from the artifact folder, the target ``target`` on ``ds``. Returns
-    (model, card, reused)."""
+    (model, card, reused). ``train=False``: load only (a report never trains)."""
     if target.pretrained is not None:
         model, card = load_pretrained(target.pretrained, device)
         return model, card, True
@@ -263,6 +263,8 @@ def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, d
             return model, card, True
         except CheckpointError as exc:
             log.warning("target %s/%s: cached artifact rejected (%s); retraining", ds.name, target.name, exc)
+    if not train:
+        raise BenchError(f"target {ds.name}/{target.name}: no trained artifact {stem}.json in the run")
     train = load_dataset(ds.name, "train", n=ds.n_train, seed=cfg.seed, root=ds.root,
                          download=ds.download, **ds.options)
     model = create_model(target.arch, num_classes=train.num_classes, in_channels=train.channels,
@@ -293,7 +295,8 @@ def defense_key(ds: DatasetSpec, spec: DefenseSpec, target_sha: str, seed: int) 
 
 def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Module, target_card: dict,
                     cfg: ExperimentConfig, device: torch.device, artifacts: Path, train_data,
-                    data_shape: tuple[int, int] | None = None, progress: bool = True) -> tuple[Any, dict | None]:
+                    data_shape: tuple[int, int] | None = None, progress: bool = True,
+                    train: bool = True) -> tuple[Any, dict | None]:
     """Build the defense; train it (or reuse its cached artifact) if it is trainable.
 
     ``train_data`` is a callable returning the training split (loaded only if needed).
@@ -324,6 +327,8 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
             return defense.to(device).eval(), card
         except CheckpointError as exc:
             log.warning("defense %s/%s: cached artifact rejected (%s); retraining", ds.name, spec.name, exc)
+    if not train:
+        raise BenchError(f"defense {ds.name}/{spec.name}: no trained artifact {stem}.json in the run")
     train_cfg = from_dict(type(defense).TrainConfig, spec.train, f"defense {spec.name!r} train") \
         if type(defense).TrainConfig is not None else None
     if train_cfg is not None and hasattr(train_cfg, "progress"):

@@ -164,10 +164,7 @@ def _save(fig, stem: Path) -> list[Path]:
 
 
 def timing_figure(cells: pd.DataFrame, stem: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     per = cells.groupby("defense", sort=False)["seconds"].sum()
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(per) + 2), 3.2))
@@ -182,10 +179,7 @@ def timing_figure(cells: pd.DataFrame, stem: Path) -> list[Path]:
 
 
 def cost_robustness_figure(df: pd.DataFrame, adaptive: pd.DataFrame, stem: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     # cost over the attacks every row has (an attack run on some rows only would skew the comparison)
     common = set.intersection(*[set(g["attack"]) for _, g in df.groupby("defense", sort=False)])
@@ -202,6 +196,85 @@ def cost_robustness_figure(df: pd.DataFrame, adaptive: pd.DataFrame, stem: Path)
     ax.set_xlabel(f"evaluation seconds per 1000 images ({len(common)} attacks every row has)")
     ax.set_ylabel("robust accuracy, worst of PGD and adaptive (%)")
     ax.grid(alpha=0.3)
+    paths = _save(fig, stem)
+    plt.close(fig)
+    return paths
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def noise_discard_figure(records: list[dict], stem: Path) -> list[Path]:
+    """Figure 2: robust accuracy vs the fraction of adversarial noise discarded, one line per
+    (target, base attack)."""
+    rows = [(r["cell"]["target"], r["attack_params"].get("base"), r["attack_params"].get("fraction"), r["accuracy"])
+            for r in records if r.get("attack_registered") == "noise-discard"]
+    if not rows:
+        return []
+    plt = _plt()
+    df = pd.DataFrame(rows, columns=["target", "base", "fraction", "accuracy"]).sort_values("fraction")
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for (target, base), g in df.groupby(["target", "base"]):
+        ax.plot(100 * g["fraction"], 100 * g["accuracy"], marker="o", label=f"{target}, {base}")
+    ax.set_xlabel("noise discarded (% of pixels)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths = _save(fig, stem)
+    plt.close(fig)
+    return paths
+
+
+def alpha_figure(records: list[dict], stem: Path) -> list[Path]:
+    """Figure 6a: natural and robust (PGD) accuracy of DIR rows against their alpha."""
+    rows = []
+    for r in records:
+        if r.get("defense_registered") != "dir" or r.get("attack_registered") not in ("clean", "pgd"):
+            continue
+        alpha = (r.get("defense_train") or {}).get("alpha", 2.0)
+        rows.append((float(alpha), r["attack_registered"], r["accuracy"]))
+    df = pd.DataFrame(rows, columns=["alpha", "attack", "accuracy"])
+    if df.empty or df["alpha"].nunique() < 2:
+        return []
+    plt = _plt()
+    df = df.groupby(["alpha", "attack"], as_index=False)["accuracy"].mean().sort_values("alpha")
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for attack, label in (("clean", "natural"), ("pgd", "PGD")):
+        g = df[df["attack"] == attack]
+        ax.plot(g["alpha"], 100 * g["accuracy"], marker="o", label=label)
+    ax.set_xlabel("alpha (weight of L_rep)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths = _save(fig, stem)
+    plt.close(fig)
+    return paths
+
+
+def robust_bars_figure(df: pd.DataFrame, stem: Path, attack: str = PLAIN) -> list[Path]:
+    """Figure 6b style: robust accuracy per defense under ``attack``, with the target alone as a line."""
+    g = df[df["attack_registered"] == attack].drop_duplicates("defense")
+    if g.empty:
+        return []
+    plt = _plt()
+    rows = g[g["defense_registered"] != "none"]
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(rows) + 2), 3.4))
+    ax.bar(range(len(rows)), 100 * rows["accuracy"], yerr=[100 * (rows["accuracy"] - rows["ci_low"]),
+                                                           100 * (rows["ci_high"] - rows["accuracy"])],
+           color="#55a868", capsize=3)
+    none = g[g["defense_registered"] == "none"]
+    if len(none):
+        ax.axhline(100 * none["accuracy"].iloc[0], color="k", ls="--", lw=1, label="none (target alone)")
+        ax.legend(fontsize=8)
+    ax.set_xticks(range(len(rows)), rows["defense"], rotation=45, ha="right")
+    ax.set_ylabel(f"{g['column'].iloc[0]} accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
     paths = _save(fig, stem)
     plt.close(fig)
     return paths
@@ -233,6 +306,9 @@ def write_report(run_dir: Path) -> list[Path]:
     figures = timing_figure(cells, out / "figures" / "timing")
     if len(adaptive):
         figures += cost_robustness_figure(df, adaptive, out / "figures" / "cost_robustness")
+    figures += robust_bars_figure(df, out / "figures" / "robust_pgd")
+    figures += noise_discard_figure(records, out / "figures" / "noise_discard")
+    figures += alpha_figure(records, out / "figures" / "alpha")
     written += figures
     manifest = {}
     if (run_dir / "manifest.json").is_file():
@@ -249,6 +325,9 @@ def write_report(run_dir: Path) -> list[Path]:
              "## Adaptive evaluation", "", parts["adaptive.md"],
              "## Against the seed paper", "", parts["paper_comparison.md"],
              "## Cost", "", "[timing table](timing.md), [CSV](timing.csv)", ""]
+    umap_png = out / "figures" / "umap_restored.png"
+    if umap_png.is_file():  # made by `run_benchmark.py umap RUN_DIR` (needs the models, not only records)
+        figures.append(umap_png)
     for f in figures:
         if f.suffix == ".png":
             index.append(f"![{f.stem}](figures/{f.name}) ([PDF](figures/{f.stem}.pdf))")

@@ -214,6 +214,7 @@ class Runner:
             "attack_label": cell.attack.column, "attack_registered": cell.attack.registered,
             "attack_params": attack.describe(),
             "defense_registered": cell.defense.registered, "defense_options": cell.defense.options,
+            "defense_train": cell.defense.train,
             "defense_declarations": defended.defense.declarations(),
             "bpda": defended.bpda,
             "threat": {"norm": self.threat.norm, "eps": self.threat.eps},

@@ -115,6 +115,13 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     table = (out_dir / "tables" / "results.md").read_text()
     assert "| none |" in table and "| DIR |" in table and "Worst" in table and "scikit-learn digits" in table
     assert (out_dir / "run.log").is_file() and "| none |" in r.stdout
+    # the report over the smoke run: every table and figure its cells allow, linked from the index
+    rep = _run("report", str(out_dir), timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    index = (out_dir / "report" / "index.md").read_text()
+    for part in ("figures/timing.png", "figures/cost_robustness.png", "figures/robust_pgd.png", "| ME-Net |"):
+        assert part in index, part
+    assert "BPDA+EOT" in (out_dir / "report" / "adaptive.md").read_text()
     stamps = {p.name: p.stat().st_mtime_ns for p in records}
     # A rerun finds every cell recorded and recomputes nothing.
     r2 = _run("run", "--no-progress", timeout=600)

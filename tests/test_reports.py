@@ -80,3 +80,44 @@ def test_timing_table_and_report_files(tmp_path):
     assert "deadbeef" in index and "figures/timing.png" in index and "| DIR |" in index
     assert "+4.28" in (run / "report" / "paper_comparison.md").read_text()  # 50.00 - 45.72
     assert cli_main(["report", str(run)]) == 0
+
+
+def test_paper_figures_from_synthetic_records(tmp_path):
+    from benchmark.reports import alpha_figure, noise_discard_figure, robust_bars_figure
+
+    discard = []
+    for target in ("nat", "at"):
+        for base in ("pgd", "mi-fgsm"):
+            for f in (0.0, 0.5, 0.9):
+                r = rec("none", f"{base}-discard{int(100 * f)}", "1100" if f < 0.5 else "1110", "noise-discard")
+                r["cell"]["target"] = target
+                r["attack_params"] = {"base": base, "fraction": f}
+                discard.append(r)
+    paths = noise_discard_figure(discard, tmp_path / "fig2")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
+    alphas = []
+    for a in (0.0, 1.0, 2.0):
+        for attack, bits in (("clean", "1111"), ("pgd", "1000" if a else "1100")):
+            r = rec(f"dir-alpha{int(a)}", attack, bits, reg_def="dir")
+            r["defense_train"] = {"alpha": a}
+            alphas.append(r)
+    assert len(alpha_figure(alphas, tmp_path / "fig6a")) == 2
+    assert alpha_figure(alphas[:2], tmp_path / "one") == []  # a single alpha: no curve to draw
+    assert len(robust_bars_figure(_frame(RECORDS), tmp_path / "bars")) == 2
+    assert noise_discard_figure(RECORDS, tmp_path / "none") == []
+
+
+def test_umap_figure_and_class_separation(tmp_path):
+    import numpy as np
+
+    from benchmark.umap_report import class_separation, umap_figure
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 80)
+    separated = rng.normal(size=(240, 16)) * 0.3 + np.eye(3, 16)[labels] * 5
+    mixed = rng.normal(size=(240, 16))
+    assert class_separation(separated, labels) > 0.5 > class_separation(mixed, labels)
+    paths, scores = umap_figure({"good": (separated, labels), "bad": (mixed, labels)}, tmp_path / "umap")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and paths[0].stat().st_size > 5000
+    assert scores["good"]["silhouette_features"] > scores["bad"]["silhouette_features"]
+    assert scores["good"]["n"] == 240

@@ -1,0 +1,115 @@
+"""Figure 5 of the seed paper: UMAP of restored representations under white-box PGD.
+
+For each chosen defense of a finished run: PGD-20 against the whole defended model on
+``n`` test images, purify the adversarial images, take the target's penultimate
+features of the restorations, embed them with UMAP (umap-learn) and draw one panel per
+defense colored by the true class, with the silhouette score of the classes in feature
+space (and in the embedding) printed on the panel: a number, not only a picture.
+
+The run's own artifacts are loaded (never trained here): ``python run_benchmark.py umap
+RUN_DIR [--defenses HGD DIR] [--n 500]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attacks.pgd import pgd_linf
+from benchmark.config import from_dict
+from benchmark.data import load_dataset
+from benchmark.errors import BenchError
+from benchmark.experiment import ExperimentConfig, prepare_defense, prepare_target
+from benchmark.runtime import resolve_device
+from defenses.base import DefendedModel
+
+
+def class_separation(features: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import silhouette_score
+
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(silhouette_score(features, labels))
+
+
+def embed(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    import umap
+
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(features) - 1), min_dist=0.1, random_state=seed)
+    return reducer.fit_transform(features)
+
+
+def restored_features(run_dir: Path, defenses: list[str] | None, n: int, steps: int = 20,
+                      device: str = "auto", dataset: str | None = None, target: str | None = None) -> dict:
+    """{defense name: (features, labels)} from the run's artifacts; PGD through the defended model."""
+    manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+    cfg = from_dict(ExperimentConfig, manifest["config"], f"{run_dir}/manifest.json config")
+    dev = resolve_device(device if device != "auto" else cfg.device)
+    ds = next((d for d in cfg.datasets if dataset in (None, d.name)), None)
+    tspec = next((t for t in cfg.targets if target in (None, t.name)), None)
+    if ds is None or tspec is None:
+        raise BenchError(f"{run_dir}: no dataset {dataset!r} / target {target!r} in the run's config")
+    names = defenses or [d.name for d in cfg.defenses]
+    specs = {d.name: d for d in cfg.defenses}
+    unknown = [d for d in names if d not in specs]
+    if unknown:
+        raise BenchError(f"{run_dir}: defenses {unknown} are not in the run; it has {sorted(specs)}")
+    artifacts = Path(run_dir) / "artifacts"
+    classifier, card, _ = prepare_target(ds, tspec, cfg, dev, artifacts, progress=False, train=False)
+    test = load_dataset(ds.name, "test", root=ds.root, **ds.options).subset(n, seed=cfg.seed).to(dev)
+    x, y = test.as_float(), test.labels
+    eps, step = cfg.threat.eps, cfg.threat.step_size
+    out = {}
+    for name in names:
+        defense, _ = prepare_defense(ds, specs[name], classifier, card, cfg, dev, artifacts, train_data=None,
+                                     data_shape=(test.channels, test.image_size[0]), progress=False, train=False)
+        defense.seed(cfg.seed, dev)
+        own = defense.own_classifier
+        clf = own if own is not None else classifier
+        model = DefendedModel(defense, clf, bpda=not defense.differentiable or defense.prefers_bpda)
+        feats = []
+        for i in range(0, len(x), 250):
+            xb, yb = x[i:i + 250], y[i:i + 250]
+            adv = pgd_linf(model, xb, yb, eps=eps, step_size=step, steps=steps)
+            with torch.no_grad():
+                feats.append(clf.features(defense.purify(adv)).float().cpu())
+        out[name] = (torch.cat(feats).numpy(), y.cpu().numpy())
+    return out
+
+
+def umap_figure(data: dict, stem: Path, seed: int = 0) -> tuple[list[Path], dict]:
+    """One UMAP panel per defense; returns (files, {defense: silhouette in feature space, in 2-D})."""
+    from benchmark.reports import _plt, _save
+
+    plt = _plt()
+    k = len(data)
+    fig, axes = plt.subplots(1, k, figsize=(3.6 * k, 3.6), squeeze=False)
+    scores = {}
+    for ax, (name, (feats, labels)) in zip(axes[0], data.items()):
+        emb = embed(feats, seed)
+        s_feat, s_emb = class_separation(feats, labels), class_separation(emb, labels)
+        scores[name] = {"silhouette_features": s_feat, "silhouette_umap": s_emb, "n": int(len(labels))}
+        ax.scatter(emb[:, 0], emb[:, 1], c=labels, cmap="tab10", s=4, alpha=0.8)
+        ax.set_title(name)
+        ax.text(0.02, 0.02, f"silhouette: {s_feat:.3f} (features), {s_emb:.3f} (UMAP)", transform=ax.transAxes,
+                fontsize=7, va="bottom")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Restored representations under white-box PGD (target's penultimate features)", fontsize=9)
+    paths = _save(fig, stem)
+    plt.close(fig)
+    return paths, scores
+
+
+def write_umap(run_dir: Path, defenses: list[str] | None = None, n: int = 500, device: str = "auto",
+               dataset: str | None = None, target: str | None = None) -> list[Path]:
+    from benchmark.io import atomic_write_json
+
+    data = restored_features(run_dir, defenses, n, device=device, dataset=dataset, target=target)
+    out = Path(run_dir) / "report" / "figures"
+    paths, scores = umap_figure(data, out / "umap_restored")
+    paths.append(atomic_write_json(out / "umap_restored.json", scores))
+    return paths
