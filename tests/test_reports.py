@@ -121,3 +121,25 @@ def test_umap_figure_and_class_separation(tmp_path):
     assert [p.suffix for p in paths] == [".png", ".pdf"] and paths[0].stat().st_size > 5000
     assert scores["good"]["silhouette_features"] > scores["bad"]["silhouette_features"]
     assert scores["good"]["n"] == 240
+
+
+def test_paper_comparison_finds_tables_2_to_5_and_the_text():
+    rows = []
+    r = rec("DIR", "bpda-eot", "1010", reg_def="dir")
+    rows.append(r)
+    r = rec("HGD", "pgd", "1000", reg_def="hgd")
+    r["target"] = {"arch": "resnet18", "method": "natural"}
+    rows.append(r)
+    r = rec("NRP", "autoattack", "1000", label="AA", reg_def="nrp")
+    r["target"] = {"arch": "resnet18", "method": "mart"}
+    rows.append(r)
+    r = rec("dir-4-1", "clean", "1111", reg_def="dir")
+    r["defense_options"] = {"depth": 4, "decoder_depth": 1}
+    rows.append(r)
+    rows.append(rec("DIR", "mask-adaptive", "1100", reg_def="dir"))
+    t = paper_comparison(_frame(rows)).set_index("defense")
+    assert t.loc["DIR"].set_index("source").loc["Table 3", "paper"] == 52.09
+    assert t.loc["HGD", "paper"] == 20.57 and t.loc["HGD", "source"] == "Table 4"
+    assert t.loc["NRP", "paper"] == 16.91 and t.loc["NRP", "source"] == "Table 2"
+    assert t.loc["dir-4-1", "paper"] == 84.20 and t.loc["dir-4-1", "source"] == "Table 5"
+    assert t.loc["DIR"].set_index("source").loc["§4.2-4.3", "paper"] == 53.68
