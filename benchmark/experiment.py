@@ -267,6 +267,9 @@ def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, d
         raise BenchError(f"target {ds.name}/{target.name}: no trained artifact {stem}.json in the run")
     train = load_dataset(ds.name, "train", n=ds.n_train, seed=cfg.seed, root=ds.root,
                          download=ds.download, **ds.options)
+    # Initial weights from a seed of their own: whatever ran before (other cells, other targets)
+    # must not change what this artifact is.
+    torch.manual_seed(int(key[:8], 16) ^ cfg.seed)
     model = create_model(target.arch, num_classes=train.num_classes, in_channels=train.channels,
                          mean=train.mean, std=train.std, **target.arch_options)
     tcfg = replace(target.train, progress=target.train.progress and progress)
@@ -304,6 +307,8 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
     """
     from benchmark.checkpoint import load_into, load_verified_state
 
+    key = defense_key(ds, spec, target_card["sha256"], cfg.seed)
+    torch.manual_seed(int(key[:8], 16) ^ cfg.seed)  # initial weights independent of what ran before
     defense = build_defense(spec, f"defense {spec.name!r}", data_shape)
     if hasattr(defense, "attach_classifier"):  # the defense retrains its own copy of the target (ME-Net)
         defense.attach_classifier(classifier)
@@ -313,7 +318,6 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
         return defense.to(device).eval(), card
     if not defense.trainable:
         return defense.to(device).eval(), None
-    key = defense_key(ds, spec, target_card["sha256"], cfg.seed)
     stem = artifacts / "defenses" / f"{ds.name}-{spec.name}-{key}"
     if not stem.with_name(stem.name + ".json").is_file():  # another row with the same training (NRP-dynamic)
         same = sorted(stem.parent.glob(f"{ds.name}-*-{key}.json"))

@@ -211,3 +211,16 @@ def test_a_defense_trained_against_one_target_is_evaluated_in_front_of_another(t
     cfg["defenses"][1]["trained_against"] = "trades"
     with pytest.raises(ConfigError, match=r"defenses\[1\]\.trained_against: 'trades' is not a target"):
         load_config(_write(tmp_path, cfg, "bad.yaml"))
+
+
+def test_an_artifact_does_not_depend_on_what_ran_before_it(tmp_path):
+    both = json.loads(json.dumps(BASE))
+    both["attacks"] = [{"name": "clean"}, {"name": "pgd", "params": {"steps": 3, "step_size": 0.025}}]
+    alone = json.loads(json.dumps(both))
+    alone["defenses"] = [alone["defenses"][2]]  # den-b only: no den-a training or cells before it
+    _run(_write(tmp_path, both, "both.yaml"), tmp_path / "both")
+    _run(_write(tmp_path, alone, "alone.yaml"), tmp_path / "alone")
+    a = {r["cell"]["defense"]: r for r in load_records(tmp_path / "both")}
+    b = {r["cell"]["defense"]: r for r in load_records(tmp_path / "alone")}
+    assert a["den-b"]["defense_checkpoint_sha256"] == b["den-b"]["defense_checkpoint_sha256"]
+    assert a["den-b"]["target"]["checkpoint_sha256"] == b["den-b"]["target"]["checkpoint_sha256"]
