@@ -311,6 +311,55 @@ def robust_bars_figure(df: pd.DataFrame, stem: Path, attack: str = PLAIN) -> lis
     return paths
 
 
+# ----------------------------------------------------------------------------- HTML
+def _inline(text: str) -> str:
+    import html
+    import re
+
+    t = html.escape(text, quote=False)
+    t = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:100%">', t)
+    t = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', t)
+    t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+
+
+def markdown_to_html(md: str, title: str) -> str:
+    """The small Markdown subset the reports write (headings, lists, pipe tables, images, links,
+    bold, code), as a self-contained HTML page; no dependency."""
+    import html
+
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+           "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px}"
+           "td{text-align:right}td:first-child{text-align:left}</style></head><body>"]
+    lines, i = md.split("\n"), 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                if not all(set(c) <= set("-:") for c in cells):
+                    rows.append(cells)
+                i += 1
+            out.append("<table>")
+            for k, cells in enumerate(rows):
+                tag = "th" if k == 0 else "td"
+                out.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+            out.append("</table>")
+            continue
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("- "):
+            out.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
 # ----------------------------------------------------------------------------- the report
 def write_report(run_dir: Path) -> list[Path]:
     """Write ``<run>/report/`` (tables, adaptive table, paper comparison, timing, figures, index)."""
@@ -364,4 +413,6 @@ def write_report(run_dir: Path) -> list[Path]:
             index.append(f"![{f.stem}](figures/{f.name}) ([PDF](figures/{f.stem}.pdf))")
     index.append("")
     written.append(atomic_write_text(out / "index.md", "\n".join(index)))
+    html_text = markdown_to_html("\n".join(index), f"Report: {run_dir.name}")
+    written.append(atomic_write_text(out / "index.html", html_text))
     return written

@@ -121,6 +121,7 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     index = (out_dir / "report" / "index.md").read_text()
     for part in ("figures/timing.png", "figures/cost_robustness.png", "figures/robust_pgd.png", "| ME-Net |"):
         assert part in index, part
+    assert "<table>" in (out_dir / "report" / "index.html").read_text()
     assert "BPDA+EOT" in (out_dir / "report" / "adaptive.md").read_text()
     stamps = {p.name: p.stat().st_mtime_ns for p in records}
     # A rerun finds every cell recorded and recomputes nothing.

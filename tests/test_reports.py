@@ -143,3 +143,14 @@ def test_paper_comparison_finds_tables_2_to_5_and_the_text():
     assert t.loc["NRP", "paper"] == 16.91 and t.loc["NRP", "source"] == "Table 2"
     assert t.loc["dir-4-1", "paper"] == 84.20 and t.loc["dir-4-1", "source"] == "Table 5"
     assert t.loc["DIR"].set_index("source").loc["§4.2-4.3", "paper"] == 53.68
+
+
+def test_markdown_to_html_renders_tables_images_and_links():
+    from benchmark.reports import markdown_to_html
+
+    md = "# T <x>\n\n| A | B |\n|---|---:|\n| **1** | `c` |\n\n![fig](figures/a.png) [t](../tables/results.md)\n- item"
+    page = markdown_to_html(md, "t")
+    assert "<h1>T &lt;x&gt;</h1>" in page
+    assert "<tr><th>A</th><th>B</th></tr>" in page and "<td><b>1</b></td><td><code>c</code></td>" in page
+    assert '<img alt="fig" src="figures/a.png"' in page and '<a href="../tables/results.md">t</a>' in page
+    assert "<li>item</li>" in page and "---" not in page
