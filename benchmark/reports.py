@@ -35,7 +35,6 @@ def reference_numbers() -> dict:
 
 def _frame(records: list[dict]) -> pd.DataFrame:
     df = records_frame(records)
-    df["defense_registered"] = [r.get("defense_registered", r["cell"]["defense"]) for r in records]
     df["defense_options"] = [r.get("defense_options") or {} for r in records]
     df["defense_seconds_per_epoch"] = [(r.get("defense_training") or {}).get("seconds_per_epoch") for r in records]
     df["defense_train_seconds"] = [(r.get("defense_training") or {}).get("seconds") for r in records]
@@ -241,6 +240,17 @@ def _plt():
     return plt
 
 
+def _finish_lines(plt, fig, ax, xlabel: str, stem: Path) -> list[Path]:
+    """Common look of the accuracy-curve figures; saves PNG and PDF."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths = _save(fig, stem)
+    plt.close(fig)
+    return paths
+
+
 def noise_discard_figure(records: list[dict], stem: Path) -> list[Path]:
     """Figure 2: robust accuracy vs the fraction of adversarial noise discarded, one line per
     (target, base attack)."""
@@ -253,13 +263,7 @@ def noise_discard_figure(records: list[dict], stem: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for (target, base), g in df.groupby(["target", "base"]):
         ax.plot(100 * g["fraction"], 100 * g["accuracy"], marker="o", label=f"{target}, {base}")
-    ax.set_xlabel("noise discarded (% of pixels)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    paths = _save(fig, stem)
-    plt.close(fig)
-    return paths
+    return _finish_lines(plt, fig, ax, "noise discarded (% of pixels)", stem)
 
 
 def alpha_figure(records: list[dict], stem: Path) -> list[Path]:
@@ -279,13 +283,7 @@ def alpha_figure(records: list[dict], stem: Path) -> list[Path]:
     for attack, label in (("clean", "natural"), ("pgd", "PGD")):
         g = df[df["attack"] == attack]
         ax.plot(g["alpha"], 100 * g["accuracy"], marker="o", label=label)
-    ax.set_xlabel("alpha (weight of L_rep)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    paths = _save(fig, stem)
-    plt.close(fig)
-    return paths
+    return _finish_lines(plt, fig, ax, "alpha (weight of L_rep)", stem)
 
 
 def robust_bars_figure(df: pd.DataFrame, stem: Path, attack: str = PLAIN) -> list[Path]:

@@ -184,9 +184,7 @@ class Runner:
                         failures.append(f"{ds.name}/{target.name}/{dspec.name}: {exc}")
                         bar.update(len(cells))
                         continue
-                    own = defense.own_classifier
-                    defended = DefendedModel(defense, own if own is not None else classifier,
-                                             bpda=not defense.differentiable or defense.prefers_bpda)
+                    defended = DefendedModel.for_defense(defense, classifier)
                     for cell in cells:
                         self.run_cell(cell, defended, eval_set, manifest, target_card, defense_card)
                         computed += 1

@@ -67,9 +67,8 @@ def restored_features(run_dir: Path, defenses: list[str] | None, n: int, steps: 
         defense, _ = prepare_defense(ds, specs[name], classifier, card, cfg, dev, artifacts, train_data=None,
                                      data_shape=(test.channels, test.image_size[0]), progress=False, train=False)
         defense.seed(cfg.seed, dev)
-        own = defense.own_classifier
-        clf = own if own is not None else classifier
-        model = DefendedModel(defense, clf, bpda=not defense.differentiable or defense.prefers_bpda)
+        model = DefendedModel.for_defense(defense, classifier)
+        clf = model.classifier
         feats = []
         for i in range(0, len(x), 250):
             xb, yb = x[i:i + 250], y[i:i + 250]

@@ -153,6 +153,14 @@ class DefendedModel(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
+    @classmethod
+    def for_defense(cls, defense: Defense, target: nn.Module) -> DefendedModel:
+        """The defended model the declarations ask for: the defense's own classifier if it has one
+        (ME-Net), else the target; BPDA for non-differentiable or ``prefers_bpda`` defenses."""
+        own = defense.own_classifier
+        return cls(defense, own if own is not None else target,
+                   bpda=not defense.differentiable or defense.prefers_bpda)
+
     def purify(self, x: torch.Tensor) -> torch.Tensor:
         if self.bpda and torch.is_grad_enabled() and x.requires_grad:
             with torch.no_grad():

@@ -106,11 +106,10 @@ def guided_loss(classifier, restored: torch.Tensor, x: torch.Tensor, y: torch.Te
     return (classifier.feature_map(restored, layer).float() - ref).abs().mean()
 
 
-@DEFENSES.register("hgd", paper="Liao et al., CVPR 2018",
-                   description="HGD: U-Net (DUNET) correction trained with a representation-guided L1 loss")
-class HGD(Defense):
+class ResidualDUNetDefense(Defense):
+    """x^ = x + DUNet(x), clipped to [0,1]: the purifier of HGD and of the JATP reconstruction."""
+
     trainable = True
-    TrainConfig = HGDTrain
     data_shape_options = ("in_channels",)
 
     def __init__(self, in_channels: int = 3, width_scale: float = 1.0) -> None:
@@ -120,6 +119,12 @@ class HGD(Defense):
 
     def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
         return (x + self.net(x)).clamp(0, 1)
+
+
+@DEFENSES.register("hgd", paper="Liao et al., CVPR 2018",
+                   description="HGD: U-Net (DUNET) correction trained with a representation-guided L1 loss")
+class HGD(ResidualDUNetDefense):
+    TrainConfig = HGDTrain
 
     def fit(self, classifier, train, device, config: HGDTrain | None = None, seed: int = 0) -> FitResult:
         cfg = config or HGDTrain()

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
-from defenses.base import Defense, FitResult
-from defenses.hgd import DUNet
+from defenses.base import FitResult
+from defenses.hgd import ResidualDUNetDefense
 from defenses.pairs import (  # noqa: I001
     EpochLog,
     PairSource,
@@ -65,21 +65,11 @@ class JATPTrain(PairTrain):
 @DEFENSES.register("jatp", paper="Zhou et al., arXiv 2106.05453 (reconstruction)",
                    description="JATP (benchmark reconstruction): DUNET trained on full adversarial examples with "
                                "feature-similarity, pixel and misclassification-aware losses")
-class JATP(Defense):
+class JATP(ResidualDUNetDefense):
     """JATP as reconstructed by this benchmark (a reconstruction, not the authors' code)."""
 
-    trainable = True
     TrainConfig = JATPTrain
-    data_shape_options = ("in_channels",)
     note = RECONSTRUCTION_NOTE
-
-    def __init__(self, in_channels: int = 3, width_scale: float = 1.0) -> None:
-        super().__init__()
-        self._config = dict(in_channels=in_channels, width_scale=width_scale)
-        self.net = DUNet(in_channels, width_scale)
-
-    def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
-        return (x + self.net(x)).clamp(0, 1)
 
     def fit(self, classifier, train, device, config: JATPTrain | None = None, seed: int = 0) -> FitResult:
         cfg = config or JATPTrain()
@@ -89,13 +79,11 @@ class JATP(Defense):
         def phi(z: torch.Tensor) -> torch.Tensor:
             return classifier.feature_map(z, cfg.layer)
 
-        if cfg.attack == "feature":
-            source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self,
-                                attack_forward=lambda z: phi(self.purify(z)),
-                                attack_reference=lambda x, y: phi(x).float(),
-                                attack_loss=lambda f, ref: feature_distance(f, ref, "cosine").sum())
-        else:
-            source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self)
+        crafting = {} if cfg.attack == "ce" else dict(  # CE through g and h, or the feature distance
+            attack_forward=lambda z: phi(self.purify(z)), attack_reference=lambda x, y: phi(x).float(),
+            attack_loss=lambda f, ref: feature_distance(f, ref, "cosine").sum())
+        source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self,
+                            **crafting)
         opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = cfg.epochs * -(-len(train) // cfg.batch_size)
         sched = step_schedule(opt, steps, cfg.milestones)
