@@ -78,6 +78,10 @@ class DefenseSpec:
     trained_against: str | None = None
     # Evaluate only in front of these targets (default: every target of the config).
     targets: list[str] | None = None
+    # Evaluate this row on the first ``eval_n`` examples of the config's evaluation subset (for
+    # defenses too costly to attack on all of them, e.g. the EBM's long Langevin chains); the
+    # tables print every row's n.
+    eval_n: int | None = None
 
     @property
     def registered(self) -> str:
@@ -87,6 +91,8 @@ class DefenseSpec:
         if self.registered not in DEFENSES:
             raise ConfigError(f"{subkey(where, 'defense' if self.defense else 'name')}: "
                               f"{DEFENSES.unknown_message(self.registered)}")
+        require(self.eval_n is None or self.eval_n >= 1, subkey(where, "eval_n"),
+                f"must be >= 1 or null, got {self.eval_n}")
         build_defense(self, where)  # option errors surface now, before anything runs
 
 

@@ -80,7 +80,8 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
                     cell_hash = artifact_key({
                         "v": ARTIFACT_VERSION, "dataset": asdict(ds) | {"root": None},
                         "target": asdict(target),
-                        "defense": {k: v for k, v in asdict(defense).items() if k != "targets"},
+                        "defense": {k: v for k, v in asdict(defense).items()
+                                    if k != "targets" and not (k == "eval_n" and v is None)},
                         "attack": {k: v for k, v in asdict(attack).items() if k != "only"},
                         "threat": asdict(cfg.threat), "n": cfg.eval.n, "seed": cfg.seed,
                         **({"trained_against": asdict(next(t for t in cfg.targets if t.name == defense.trained_against))}
@@ -111,6 +112,10 @@ class Runner:
             if n is not None and n > len(test):
                 raise BenchError(f"eval.n={n} is larger than the {ds.name} test split ({len(test)} examples)")
             self.eval_sets[ds.name] = test.subset(n, seed=self.cfg.seed)
+            for d in self.cfg.defenses:
+                if d.eval_n is not None and d.eval_n > len(self.eval_sets[ds.name]):
+                    raise BenchError(f"defense {d.name!r}: eval_n={d.eval_n} is larger than the evaluation subset "
+                                     f"of {ds.name} ({len(self.eval_sets[ds.name])} examples, eval.n)")
 
     def record_path(self, cell: Cell) -> Path:
         return self.out / "records" / f"{cell.cell_id}.json"
@@ -185,8 +190,9 @@ class Runner:
                         bar.update(len(cells))
                         continue
                     defended = DefendedModel.for_defense(defense, classifier)
+                    rows = eval_set if dspec.eval_n is None else eval_set.head(dspec.eval_n)
                     for cell in cells:
-                        self.run_cell(cell, defended, eval_set, manifest, target_card, defense_card)
+                        self.run_cell(cell, defended, rows, manifest, target_card, defense_card)
                         computed += 1
                         bar.update(1)
         bar.close()

@@ -81,7 +81,7 @@ def build_blocks(df: pd.DataFrame) -> list[dict]:
                 "copy": first["copy"], "profile": first["profile"], "n": sorted(set(int(v) for v in g["n"])),
                 "target": f"{target} ({first['target_arch']}, {first['target_method']})",
                 "eps": float(first["eps"]), "norm": first["norm"],
-                "notes": component_notes(g),
+                "notes": component_notes(g) + subset_notes(g),
             },
         })
     return blocks
@@ -111,6 +111,16 @@ def component_notes(g: pd.DataFrame) -> list[str]:
                 rows = sorted(set(g[g[col] == name]["defense" if label == "defense" else "column"]))
                 notes.append(f"{', '.join(rows)}: {note}.")
     return notes
+
+
+def subset_notes(g: pd.DataFrame) -> list[str]:
+    """Rows evaluated on fewer examples than the others (a defense's ``eval_n``) are named."""
+    full = int(g["n"].max())
+    small = {d: int(gd["n"].max()) for d, gd in g.groupby("defense", sort=False) if int(gd["n"].max()) < full}
+    if not small:
+        return []
+    rows = ", ".join(f"{d} (n = {n})" for d, n in small.items())
+    return [f"Evaluated on the first examples of the same subset only: {rows}; their intervals are wider."]
 
 
 def footer_text(block: dict) -> str:

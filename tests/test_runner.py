@@ -224,3 +224,22 @@ def test_an_artifact_does_not_depend_on_what_ran_before_it(tmp_path):
     b = {r["cell"]["defense"]: r for r in load_records(tmp_path / "alone")}
     assert a["den-b"]["defense_checkpoint_sha256"] == b["den-b"]["defense_checkpoint_sha256"]
     assert a["den-b"]["target"]["checkpoint_sha256"] == b["den-b"]["target"]["checkpoint_sha256"]
+
+
+def test_a_costly_row_can_be_evaluated_on_a_prefix_of_the_subset(tmp_path):
+    cfg = json.loads(json.dumps(BASE))
+    cfg["defenses"][1]["eval_n"] = 20
+    out = tmp_path / "run"
+    _run(_write(tmp_path, cfg), out)
+    recs = {(r["cell"]["defense"], r["cell"]["attack"]): r for r in load_records(out)}
+    assert recs["den-a", "pgd"]["n"] == 20 and recs["den-b", "pgd"]["n"] == 60
+    # the same examples as the first 20 of every other row
+    assert recs["den-a", "clean"]["sample_indices"] == recs["none", "clean"]["sample_indices"][:20]
+    table = (out / "tables" / "results.md").read_text()
+    assert "n = 20, 60" in table and "den-a (n = 20)" in table
+    cfg["defenses"][1]["eval_n"] = 61
+    with pytest.raises(BenchError, match=r"defense 'den-a': eval_n=61 is larger than the evaluation subset"):
+        Runner(load_config(_write(tmp_path, cfg, "big.yaml")), tmp_path / "big", progress=False).preflight()
+    cfg["defenses"][1]["eval_n"] = 0
+    with pytest.raises(ConfigError, match=r"defenses\[1\]\.eval_n: must be >= 1"):
+        load_config(_write(tmp_path, cfg, "zero.yaml"))

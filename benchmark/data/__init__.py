@@ -78,6 +78,13 @@ class ImageData:
             indices=base[idx],
         )
 
+    def head(self, n: int) -> ImageData:
+        """The first ``n`` examples (a prefix of a subset is the same examples for every row)."""
+        if n >= len(self):
+            return self
+        base = self.indices if self.indices is not None else torch.arange(len(self))
+        return replace(self, images=self.images[:n], labels=self.labels[:n], indices=base[:n])
+
     def as_float(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
         x = self.images if index is None else self.images[index]
         return x.float().div_(255.0)
