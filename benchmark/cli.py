@@ -63,7 +63,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "records").is_dir():
         raise BenchError(f"{run_dir} is not a run folder (no records/ inside)")
-    paths = write_report(run_dir)
+    paths = write_report(run_dir, preset=args.preset)
     if not paths:
         raise BenchError(f"{run_dir}/records holds no valid record")
     for p in paths:
@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="(re)build the tables and the report (adaptive table, paper comparison, "
                                       "timing, figures, index) of a run folder from its records")
     rp.add_argument("run_dir")
+    rp.add_argument("--preset", default="all",
+                    help="all (default: everything), paper (the seed paper's tables, comparison and figures "
+                         "only) or a comma list of table1..table5")
     rp.set_defaults(func=cmd_report)
 
     u = sub.add_parser("umap", help="Figure 5: UMAP of restored representations under white-box PGD, "

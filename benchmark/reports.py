@@ -187,7 +187,9 @@ def _save(fig, stem: Path) -> list[Path]:
     for ext in ("png", "pdf"):
         path = stem.with_suffix(f".{ext}")
         tmp = path.with_name(path.name + ".tmp")
-        fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+        # no creation date: the same records give byte-identical figures (published reports do not churn)
+        meta = {"CreationDate": None} if ext == "pdf" else {}
+        fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight", metadata=meta)
         tmp.replace(path)
         paths.append(path)
     return paths
@@ -359,34 +361,47 @@ def markdown_to_html(md: str, title: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the report
-def write_report(run_dir: Path) -> list[Path]:
-    """Write ``<run>/report/`` (tables, adaptive table, paper comparison, timing, figures, index)."""
+def write_report(run_dir: Path, preset: str = "all") -> list[Path]:
+    """Write ``<run>/report/``: the result tables, the seed paper's table presets
+    (``report/presets/``), the paper comparison and figures, and with ``preset="all"`` also the
+    adaptive table, the timing report and the cost figures; ``index.md`` / ``index.html`` link them.
+    ``preset`` is ``all``, ``paper`` or a comma list of preset names (then only those tables)."""
+    from benchmark.presets import resolve_presets, write_presets
+
     run_dir = Path(run_dir)
+    presets = resolve_presets(preset)  # bad names fail before anything is written
+    everything, paper = preset == "all", preset in ("all", "paper")
     records = load_records(run_dir)
     if not records:
         return []
     out = run_dir / "report"
     df = _frame(records)
     written = list(write_tables(run_dir))
+    reference = reference_numbers()
+    preset_files = write_presets(df, out / "presets", presets, reference)
+    for paths in preset_files.values():
+        written += paths
     adaptive = adaptive_table(df)
-    comparison = paper_comparison(df)
+    comparison = paper_comparison(df, reference)
     cells, training = timing_table(df), training_table(df)
-    parts = {
-        "adaptive.md": adaptive_markdown(adaptive),
-        "paper_comparison.md": comparison_markdown(comparison),
-        "timing.md": timing_markdown(cells, training),
-    }
+    parts = {"paper_comparison.md": comparison_markdown(comparison)} if paper else {}
+    if everything:
+        parts |= {"adaptive.md": adaptive_markdown(adaptive), "timing.md": timing_markdown(cells, training)}
     for name, text in parts.items():
         written.append(atomic_write_text(out / name, text))
-    written.append(atomic_write_text(out / "timing.csv", cells.to_csv(index=False)))
-    if len(comparison):
+    if everything:
+        written.append(atomic_write_text(out / "timing.csv", cells.to_csv(index=False)))
+    if paper and len(comparison):
         written.append(atomic_write_text(out / "paper_comparison.csv", comparison.to_csv(index=False)))
-    figures = timing_figure(cells, out / "figures" / "timing")
-    if len(adaptive):
-        figures += cost_robustness_figure(df, adaptive, out / "figures" / "cost_robustness")
-    figures += robust_bars_figure(df, out / "figures" / "robust_pgd")
-    figures += noise_discard_figure(records, out / "figures" / "noise_discard")
-    figures += alpha_figure(records, out / "figures" / "alpha")
+    figures: list[Path] = []
+    if everything:
+        figures += timing_figure(cells, out / "figures" / "timing")
+        if len(adaptive):
+            figures += cost_robustness_figure(df, adaptive, out / "figures" / "cost_robustness")
+        figures += robust_bars_figure(df, out / "figures" / "robust_pgd")
+    if paper:
+        figures += noise_discard_figure(records, out / "figures" / "noise_discard")
+        figures += alpha_figure(records, out / "figures" / "alpha")
     written += figures
     manifest = {}
     if (run_dir / "manifest.json").is_file():
@@ -396,15 +411,30 @@ def write_report(run_dir: Path) -> list[Path]:
              f"- profile: {manifest.get('profile')}; device: {manifest.get('device')} "
              f"({versions.get('device_name', '-')}); git commit: {versions.get('git_commit')}; "
              f"torch {versions.get('torch')}; config hash {manifest.get('config_hash')}",
-             f"- {len(records)} cells", "",
+             f"- {len(records)} cells; report preset: {preset}", "",
              "## Results", "", to_markdown(build_blocks(records_frame(records))),
              "Tables: [markdown](../tables/results.md), [with 95% intervals](../tables/results_ci.md), "
-             "[LaTeX](../tables/results.tex), [CSV](../tables/results.csv)", "",
-             "## Adaptive evaluation", "", parts["adaptive.md"],
-             "## Against the seed paper", "", parts["paper_comparison.md"],
-             "## Cost", "", "[timing table](timing.md), [CSV](timing.csv)", ""]
+             "[LaTeX](../tables/results.tex), [CSV](../tables/results.csv)", ""]
+    if preset_files:
+        index += ["## The seed paper's tables", ""]
+        for name, paths in preset_files.items():
+            links = ", ".join(f"[{p.suffix[1:] if not p.stem.endswith('_ci') else 'with 95% intervals'}]"
+                              f"(presets/{p.name})" for p in paths)
+            index.append(f"- {name}: {links}")
+        index.append("")
+        for paths in preset_files.values():
+            index.append(paths[0].read_text())
+    elif presets:
+        index += ["## The seed paper's tables", "",
+                  "No record of this run fits a preset (" + ", ".join(p.name for p in presets) + ").", ""]
+    if everything:
+        index += ["## Adaptive evaluation", "", parts["adaptive.md"]]
+    if paper:
+        index += ["## Against the seed paper", "", parts["paper_comparison.md"]]
+    if everything:
+        index += ["## Cost", "", "[timing table](timing.md), [CSV](timing.csv)", ""]
     umap_png = out / "figures" / "umap_restored.png"
-    if umap_png.is_file():  # made by `run_benchmark.py umap RUN_DIR` (needs the models, not only records)
+    if paper and umap_png.is_file():  # made by `run_benchmark.py umap RUN_DIR` (needs the models, not only records)
         figures.append(umap_png)
     for f in figures:
         if f.suffix == ".png":

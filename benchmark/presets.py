@@ -1,0 +1,214 @@
+"""Named table presets: the seed paper's Tables 1-5 rebuilt from any run's records.
+
+A preset picks the records that belong to one of the paper's tables (by the target's training
+method, the registered defense and its options, the registered attack), lays them out with the
+paper's columns, and prints the paper's number beside ours with the difference. Each preset is
+written as Markdown, LaTeX (booktabs) and CSV; best value per column in bold; a footer states the
+data copy, profile, n, target and eps (the same footer as every other table of the suite).
+
+Presets (``PRESETS``): ``table1`` (AT target: Natural, PGD, AA, MI, VNI; one block per dataset),
+``table2`` (TRADES / MART targets: Natural, PGD, AA), ``table3`` (BPDA+EOT rows: Natural, PGD,
+BPDA+EOT), ``table4`` (naturally trained target: Natural, PGD and training seconds per epoch),
+``table5`` (DIR encoder/decoder depths: Natural, PGD).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.io import atomic_write_text
+from benchmark.tables import _tex_escape, build_blocks, footer_text
+
+SECONDS = "s/epoch"
+
+
+def _footer(block: dict) -> str:
+    return footer_text(block).replace("; Worst = per-sample worst case over the row's attacks", "")
+
+
+def _depth(options: dict) -> tuple[int, int]:
+    return int(options.get("depth", 8)), int(options.get("decoder_depth", 2))
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    title: str
+    attacks: tuple[str, ...]  # registered attacks, in the paper's column order
+    select: Callable[[pd.DataFrame], pd.Series]  # which records (rows of the report frame) belong here
+    training_time: bool = False  # add the defense's training seconds per epoch as a column
+    need: str | None = None  # a record with this registered attack must exist for the row to be shown
+
+
+def _not_depth_variant(df: pd.DataFrame) -> pd.Series:
+    return pd.Series([not (d == "dir" and _depth(o) != (8, 2))
+                      for d, o in zip(df["defense_registered"], df["defense_options"])], index=df.index)
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("table1", "Table 1: defenses in front of the adversarially trained target",
+           ("clean", "pgd", "autoattack", "mi-fgsm", "vni-fgsm"),
+           lambda df: (df["target_method"] == "at") & _not_depth_variant(df)),
+    Preset("table2", "Table 2: denoisers in front of TRADES and MART targets",
+           ("clean", "pgd", "autoattack"),
+           lambda df: df["target_method"].isin(["trades", "mart"]) & _not_depth_variant(df)),
+    Preset("table3", "Table 3: BPDA+EOT against random and non-differentiable defenses",
+           ("clean", "pgd", "bpda-eot"), lambda df: _not_depth_variant(df), need="bpda-eot"),
+    Preset("table4", "Table 4: the naturally trained target, robust accuracy and training cost",
+           ("clean", "pgd"), lambda df: (df["target_method"] == "natural") & _not_depth_variant(df),
+           training_time=True),
+    Preset("table5", "Table 5: DIR encoder / decoder depth",
+           ("clean", "pgd"), lambda df: (df["defense_registered"] == "dir") & (df["target_method"] == "at")),
+)}
+
+
+def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dict]:
+    """Blocks (as ``benchmark.tables.build_blocks``) restricted to the preset, each cell carrying
+    the paper's number (or None) as a fifth element."""
+    from benchmark.reports import _paper_value
+
+    sel = df[preset.select(df) & df["attack_registered"].isin(preset.attacks)]
+    if preset.need is not None:
+        keep = set(sel.loc[sel["attack_registered"] == preset.need, "defense"])
+        sel = sel[sel["defense"].isin(keep)]
+    if sel.empty:
+        return []
+    order = {a: i for i, a in enumerate(preset.attacks)}
+    blocks = build_blocks(sel)
+    for block in blocks:
+        g = sel[(sel["dataset"] == block["dataset"]) & (sel["target"] == block["target"])]
+        label_of = dict(zip(g["attack_registered"], g["column"]))
+        block["columns"] = [label_of[a] for a in sorted(label_of, key=order.__getitem__)]
+        for row in block["rows"]:
+            row["cells"].pop("Worst", None)
+            gd = g[g["defense"] == row["defense"]]
+            for _, r in gd.iterrows():
+                hit = _paper_value(reference, r)
+                acc, lo, hi, n = row["cells"][r["column"]][:4]
+                row["cells"][r["column"]] = (acc, lo, hi, n, hit[1] if hit else None)
+            if preset.training_time:
+                spe = gd["defense_seconds_per_epoch"].dropna()
+                paper = reference.get("table4", {}).get(gd["defense_registered"].iloc[0], {}).get("seconds_per_epoch")
+                row["seconds_per_epoch"] = (float(spe.iloc[0]) if len(spe) else None, paper)
+        if preset.training_time:
+            block["columns"].append(SECONDS)
+    return blocks
+
+
+def _best(block: dict) -> dict[str, float]:
+    best = {}
+    for col in block["columns"]:
+        vals = [r["cells"][col][0] for r in block["rows"] if col in r["cells"]]
+        if vals and len(block["rows"]) > 1:
+            best[col] = max(vals)
+    return best
+
+
+def _cell_text(row: dict, col: str, best: dict, compare: bool, intervals: bool, bold: Callable[[str], str],
+               na: str) -> str:
+    if col == SECONDS:
+        ours, paper = row.get("seconds_per_epoch", (None, None))
+        text = na if ours is None else f"{ours:.1f}"
+        if compare and paper is not None:
+            text += f" / {paper:g}"
+        return text
+    if col not in row["cells"]:
+        return na
+    acc, lo, hi, _, paper = row["cells"][col]
+    text = f"{100 * acc:.2f}"
+    if intervals:
+        text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+    if col in best and acc == best[col]:
+        text = bold(text)
+    if compare and paper is not None:
+        text += f" / {paper:.2f} ({100 * acc - paper:+.2f})"
+    return text
+
+
+LEGEND = ("Cells: ours / the seed paper's number (ours minus paper, points); best of ours in bold. "
+          "The paper used the original data, 91-epoch targets and its full training budgets.")
+
+
+def preset_markdown(preset: Preset, blocks: list[dict], compare: bool = True, intervals: bool = False) -> str:
+    out = [f"## {preset.title}", ""]
+    for b in blocks:
+        best = _best(b)
+        out.append(f"### {b['dataset']} / target {b['target']}\n")
+        out.append("| Defense | " + " | ".join(b["columns"]) + " |")
+        out.append("|---|" + "---:|" * len(b["columns"]))
+        for r in b["rows"]:
+            cells = [_cell_text(r, c, best, compare, intervals, lambda t: f"**{t}**", "-") for c in b["columns"]]
+            out.append(f"| {r['defense']} | " + " | ".join(cells) + " |")
+        out += ["", _footer(b) + (" " + LEGEND if compare else ""), ""]
+    return "\n".join(out)
+
+
+def preset_latex(preset: Preset, blocks: list[dict], compare: bool = True) -> str:
+    out = []
+    for b in blocks:
+        best = _best(b)
+        cols = b["columns"]
+        out += [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
+                "Defense & " + " & ".join(_tex_escape(c) for c in cols) + r" \\", r"\midrule"]
+        for r in b["rows"]:
+            cells = [_cell_text(r, c, best, compare, False, lambda t: rf"\textbf{{{t}}}", "--") for c in cols]
+            out.append(_tex_escape(r["defense"]) + " & " + " & ".join(cells) + r" \\")
+        caption = f"{preset.title}. {b['dataset']}, target {b['target']}. " + _footer(b)
+        if compare:
+            caption += " " + LEGEND
+        out += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(caption) + "}", r"\end{table}", ""]
+    return "\n".join(out)
+
+
+def preset_frame(preset: Preset, blocks: list[dict]) -> pd.DataFrame:
+    rows = []
+    for b in blocks:
+        for r in b["rows"]:
+            for col in b["columns"]:
+                if col == SECONDS:
+                    ours, paper = r.get("seconds_per_epoch", (None, None))
+                    rows.append({"preset": preset.name, "dataset": b["dataset"], "target": b["target"],
+                                 "defense": r["defense"], "column": col, "value": ours, "paper": paper,
+                                 "difference": None if ours is None or paper is None else ours - paper})
+                elif col in r["cells"]:
+                    acc, lo, hi, n, paper = r["cells"][col]
+                    rows.append({"preset": preset.name, "dataset": b["dataset"], "target": b["target"],
+                                 "defense": r["defense"], "column": col, "value": 100 * acc,
+                                 "ci_low": 100 * lo, "ci_high": 100 * hi, "n": n, "paper": paper,
+                                 "difference": None if paper is None else 100 * acc - paper,
+                                 "copy": b["footer"]["copy"], "profile": b["footer"]["profile"]})
+    return pd.DataFrame(rows)
+
+
+def resolve_presets(spec: str) -> list[Preset]:
+    """``paper`` / ``all``: every preset; else a comma-separated list of preset names."""
+    from benchmark.errors import BenchError
+
+    if spec in ("paper", "all"):
+        return list(PRESETS.values())
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown or not names:
+        raise BenchError(f"--preset {spec!r}: unknown preset(s) {unknown or [spec]}; "
+                         f"allowed: paper, all, or a comma list of {', '.join(PRESETS)}")
+    return [PRESETS[n] for n in names]
+
+
+def write_presets(df: pd.DataFrame, out: Path, presets: list[Preset], reference: dict) -> dict[str, list[Path]]:
+    """Write ``out/<preset>.{md,tex,csv}`` for every preset that has records; {name: paths}."""
+    written: dict[str, list[Path]] = {}
+    for p in presets:
+        blocks = preset_blocks(df, p, reference)
+        if not blocks:
+            continue
+        written[p.name] = [
+            atomic_write_text(out / f"{p.name}.md", preset_markdown(p, blocks)),
+            atomic_write_text(out / f"{p.name}_ci.md", preset_markdown(p, blocks, intervals=True)),
+            atomic_write_text(out / f"{p.name}.tex", preset_latex(p, blocks)),
+            atomic_write_text(out / f"{p.name}.csv", preset_frame(p, blocks).to_csv(index=False)),
+        ]
+    return written
