@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from attacks.base import Attack, IterativeParams, Threat
-from attacks.pgd import ce_sum, input_gradient, project_linf
+from attacks.pgd import ce_sum, input_gradient, project_linf, summed_gradients
 from benchmark.config import require, subkey
 from benchmark.registry import ATTACKS
 
@@ -71,10 +71,9 @@ class VNIFGSM(Attack):
             nes = adv + p.step_size * p.decay * g  # Nesterov look-ahead
             grad, _ = input_gradient(model, nes, y, ce_sum)
             g = p.decay * g + _l1_normalize(grad + v)
-            neighborhood = torch.zeros_like(x)
-            for _ in range(p.neighbors):  # gradient variance around x_t
-                r = (torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * 2 - 1) * radius
-                neighborhood += input_gradient(model, adv + r, y, ce_sum)[0]
-            v = neighborhood / p.neighbors - grad
+            # gradient variance around x_t: the draws in a fixed order, the passes batched by the engine
+            around = [adv + (torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * 2 - 1) * radius
+                      for _ in range(p.neighbors)]
+            v = summed_gradients(model, around, y, ce_sum) / p.neighbors - grad
             adv = project_linf(adv.detach() + p.step_size * g.sign(), x, threat.eps)
         return adv

@@ -91,15 +91,28 @@ def trades_kl_linf(
 # ----------------------------------------------------------------------------- registered attack
 
 
+def summed_gradients(model: Callable, inputs: list[torch.Tensor], y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    """Sum of the input gradients at each of ``inputs`` (same shape as each other). The engine's
+    ``eot_batch`` (read from ``model``) sets how many of them share one forward pass: the inputs
+    are concatenated, so a stochastic defense draws independent randomness for each copy."""
+    per_pass = max(1, int(getattr(model, "eot_batch", 1) or 1))
+    total = torch.zeros_like(inputs[0])
+    for start in range(0, len(inputs), per_pass):
+        chunk = inputs[start:start + per_pass]
+        if len(chunk) == 1:
+            total += input_gradient(model, chunk[0], y, loss_fn)[0]
+        else:
+            grad, _ = input_gradient(model, torch.cat(chunk), y.repeat(len(chunk)), loss_fn)
+            total += grad.view(len(chunk), *inputs[0].shape).sum(0)
+    return total
+
+
 def eot_gradient(model: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, samples: int) -> torch.Tensor:
     """Expectation over transformation: the mean input gradient over ``samples`` forward passes
     (each draws fresh randomness from a stochastic defense)."""
     if samples == 1:
         return input_gradient(model, x, y, loss_fn)[0]
-    total = torch.zeros_like(x)
-    for _ in range(samples):
-        total += input_gradient(model, x, y, loss_fn)[0]
-    return total / samples
+    return summed_gradients(model, [x] * samples, y, loss_fn) / samples
 
 
 @dataclass

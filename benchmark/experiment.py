@@ -46,6 +46,14 @@ class DatasetSpec:
         require(self.n_train is None or self.n_train >= 1, subkey(where, "n_train"), "must be >= 1 or null")
 
 
+def _verify_checkpoint(path: str) -> None:
+    """Card and weights' hash checked when the config is read: a bad checkpoint fails before
+    anything is written to the results folder."""
+    from benchmark.checkpoint import checkpoint_paths, verify_weights
+
+    verify_weights(read_card(path), checkpoint_paths(path)[1])
+
+
 @dataclass
 class TargetSpec:
     name: str
@@ -61,7 +69,7 @@ class TargetSpec:
         if self.train is not None and self.arch not in MODELS:
             raise ConfigError(f"{subkey(where, 'arch')}: {MODELS.unknown_message(self.arch)}")
         if self.checkpoint is not None:
-            read_card(self.checkpoint)  # fails early, naming the file
+            _verify_checkpoint(self.checkpoint)
 
 
 @dataclass
@@ -93,6 +101,8 @@ class DefenseSpec:
                               f"{DEFENSES.unknown_message(self.registered)}")
         require(self.eval_n is None or self.eval_n >= 1, subkey(where, "eval_n"),
                 f"must be >= 1 or null, got {self.eval_n}")
+        if self.checkpoint is not None:
+            _verify_checkpoint(self.checkpoint)
         build_defense(self, where)  # option errors surface now, before anything runs
 
 
@@ -166,11 +176,24 @@ class ThreatSpec:
 @dataclass
 class EvalSpec:
     n: int | None = 1000  # evaluation examples (a deterministic subset of the test split); null = all
-    batch_size: int = 500
+    batch_size: int | Literal["auto"] = 500  # auto: the largest that fits in free GPU memory (CPU: 500)
+    # attack engine (attacks/engine.py): speed options that keep each attack's strength
+    precision: Literal["fp32", "bf16"] = "fp32"  # of the attack's passes; re-scoring is always fp32
+    channels_last: bool = False
+    compile: bool = False
+    eot_batch: int = 1  # EOT / VNI draws per forward pass
 
     def validate(self, where: str) -> None:
         require(self.n is None or self.n >= 1, subkey(where, "n"), f"must be >= 1 or null, got {self.n}")
-        require(self.batch_size >= 1, subkey(where, "batch_size"), "must be >= 1")
+        require(self.batch_size == "auto" or self.batch_size >= 1, subkey(where, "batch_size"),
+                "must be >= 1 or auto")
+        require(self.eot_batch >= 1, subkey(where, "eot_batch"), f"must be >= 1, got {self.eot_batch}")
+
+    @property
+    def engine(self):
+        from attacks.engine import EngineOptions
+
+        return EngineOptions(self.precision, self.channels_last, self.compile, self.eot_batch)
 
 
 @dataclass

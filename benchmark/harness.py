@@ -10,13 +10,14 @@ and records peak GPU memory.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.base import Attack, Threat
+from attacks.engine import AttackView, EngineOptions, auto_batch_size, prepare_model
 from benchmark.errors import BenchError
 
 BALL_TOLERANCE = 1e-6
@@ -97,14 +98,24 @@ def run_attack(
     labels: torch.Tensor,
     threat: Threat,
     *,
-    batch_size: int,
+    batch_size: int | str,
     seed: int = 0,
     name: str = "attack",
     progress: bool = False,
+    engine: EngineOptions | None = None,
 ) -> AttackOutcome:
-    """Attack ``model`` on float images in [0,1] (already on the model's device), batch by batch."""
+    """Attack ``model`` on float images in [0,1] (already on the model's device), batch by batch.
+
+    The attack sees the model through the engine's options (``attacks.engine``); the reported
+    accuracy always comes from a plain fp32 pass over the returned images."""
     device = images.device
+    engine = engine or EngineOptions()
+    prepare_model(model, engine)
     counter = CountingModel(model)
+    view = AttackView(counter, engine, device)
+    if batch_size == "auto":
+        replicas = engine.eot_batch if getattr(getattr(model, "defense", None), "stochastic", False) else 1
+        batch_size = auto_batch_size(model, images, labels, len(images), replicas=replicas)
     defense = getattr(model, "defense", None)
     if defense is not None and hasattr(defense, "seed"):
         defense.seed(seed, device)
@@ -118,7 +129,7 @@ def run_attack(
     for start in tqdm(starts, desc=name, disable=not progress, leave=False, dynamic_ncols=True):
         x = images[start : start + batch_size]
         y = labels[start : start + batch_size]
-        x_adv = attack(counter, x, y, threat, gen).detach()
+        x_adv = attack(view, x, y, threat, gen).detach()
         check_adversarial(x_adv, attack.reference(x), threat, name)
         with torch.no_grad():  # re-score from x_adv with a fresh pass of the defended model
             pred = attack.score(counter, x_adv).argmax(1)
@@ -127,4 +138,5 @@ def run_attack(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return AttackOutcome(correct, seconds, counter.forwards, counter.backwards, peak)
+    return AttackOutcome(correct, seconds, counter.forwards, counter.backwards, peak,
+                         extra={"batch_size": batch_size, **({"engine": asdict(engine)} if not engine.is_default else {})})

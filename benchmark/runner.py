@@ -84,6 +84,7 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
                                     if k != "targets" and not (k == "eval_n" and v is None)},
                         "attack": {k: v for k, v in asdict(attack).items() if k != "only"},
                         "threat": asdict(cfg.threat), "n": cfg.eval.n, "seed": cfg.seed,
+                        **({"engine": engine} if (engine := cfg.eval.engine.changes_results()) else {}),
                         **({"trained_against": asdict(next(t for t in cfg.targets if t.name == defense.trained_against))}
                            if defense.trained_against else {}),
                     })
@@ -210,7 +211,8 @@ class Runner:
         x, y = data.as_float(), data.labels
         t0 = time.perf_counter()
         outcome = run_attack(attack, defended, x, y, self.threat, batch_size=self.cfg.eval.batch_size,
-                             seed=self.cfg.seed, name=cell.cell_id, progress=self.progress)
+                             seed=self.cfg.seed, name=cell.cell_id, progress=self.progress,
+                             engine=self.cfg.eval.engine)
         wall = time.perf_counter() - t0
         lo, hi = wilson_interval(outcome.n_correct, outcome.n)
         record = {
@@ -228,7 +230,7 @@ class Runner:
             "sample_indices": data.indices.tolist() if data.indices is not None else None,
             "seconds": wall, "attack_seconds": outcome.seconds,
             "images_per_second": outcome.n / outcome.seconds if outcome.seconds > 0 else None,
-            "forwards": outcome.forwards, "backwards": outcome.backwards,
+            "forwards": outcome.forwards, "backwards": outcome.backwards, **outcome.extra,
             "peak_gpu_memory_mb": outcome.peak_memory_bytes / 2**20 if outcome.peak_memory_bytes else None,
             "target": {"name": cell.target.name, "arch": target_card.get("arch"), "method": target_card.get("method"),
                        "checkpoint_sha256": target_card.get("sha256")},

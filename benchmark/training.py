@@ -55,6 +55,7 @@ class TrainConfig:
     flip: bool = True
     bf16: Literal["auto", True, False] = "auto"
     channels_last: Literal["auto", True, False] = "auto"
+    compile: bool = False  # torch.compile the model for the training steps (CUDA; first epoch pays the compile)
     seed: int = 0
     eval_n: int | None = 1000
     eval_pgd_steps: int = 20
@@ -163,6 +164,7 @@ def train_classifier(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     use_bf16 = _use(cfg.bf16, device)
+    step_model = torch.compile(model) if cfg.compile else model  # shares parameters and train/eval mode
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -193,7 +195,7 @@ def train_classifier(
                 x = augment(x, crop_padding=cfg.crop_padding, flip=cfg.flip, generator=aug_gen)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss, logits = train_step_loss(model, x, y, cfg, autocast)
+            loss, logits = train_step_loss(step_model, x, y, cfg, autocast)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
