@@ -91,6 +91,22 @@ def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, threat: Threat, atta
         raise ThreatModelViolation(f"attack {attack!r} returned pixels outside [0,1]: [{lo:.6f}, {hi:.6f}]")
 
 
+def gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """One of the gradient-masking checks (Carlini et al. 2019): the input gradient of the loss
+    that the attacks follow, at the clean images of the first batch. A defense whose gradient is
+    zero for most images, or not finite, makes every gradient attack look weak: ``masked`` flags it
+    (tables and the adaptive report show the flag). Not counted in the cell's passes or time."""
+    from attacks.pgd import ce_sum, input_gradient
+
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        grad, _ = input_gradient(model, x, y, ce_sum)
+    per_image = grad.detach().flatten(1).abs().amax(1)
+    finite = bool(torch.isfinite(grad).all())
+    zero = float((per_image == 0).float().mean()) if finite else float("nan")
+    return {"n": int(len(x)), "zero_gradient_fraction": zero, "finite": finite,
+            "masked": (not finite) or zero >= 0.5}
+
+
 def run_attack(
     attack: Attack,
     model: nn.Module,
@@ -138,5 +154,6 @@ def run_attack(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    check = gradient_check(AttackView(model, engine, device), images[:batch_size], labels[:batch_size]) if attack.uses_gradients else None
     return AttackOutcome(correct, seconds, counter.forwards, counter.backwards, peak,
-                         extra={"batch_size": batch_size, **({"engine": asdict(engine)} if not engine.is_default else {})})
+                         extra={**({"gradient_check": check} if check else {}),"batch_size": batch_size, **({"engine": asdict(engine)} if not engine.is_default else {})})

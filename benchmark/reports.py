@@ -38,6 +38,7 @@ def _frame(records: list[dict]) -> pd.DataFrame:
     df["defense_options"] = [r.get("defense_options") or {} for r in records]
     df["defense_seconds_per_epoch"] = [(r.get("defense_training") or {}).get("seconds_per_epoch") for r in records]
     df["defense_train_seconds"] = [(r.get("defense_training") or {}).get("seconds") for r in records]
+    df["gradient_masked"] = [bool((r.get("gradient_check") or {}).get("masked")) for r in records]
     return df
 
 
@@ -60,6 +61,8 @@ def adaptive_table(df: pd.DataFrame) -> pd.DataFrame:
             row |= {"adaptive": None, "adaptive_attack": None, "adaptive_ci": None}
         row["drop"] = (row["plain"] - row["adaptive"]) if row["plain"] is not None and row["adaptive"] is not None \
             else None
+        masked = g[g["gradient_masked"]] if "gradient_masked" in g else g.iloc[:0]
+        row["masking_flags"] = ", ".join(dict.fromkeys(masked["column"])) or None
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -68,17 +71,20 @@ def adaptive_markdown(table: pd.DataFrame) -> str:
     def pct(v):
         return "-" if v is None or pd.isna(v) else f"{100 * v:.2f}"
 
-    out = ["| Dataset | Target | Defense | PGD (plain white-box) | Strongest adaptive | attack | Drop |",
-           "|---|---|---|---:|---:|---|---:|"]
+    out = ["| Dataset | Target | Defense | PGD (plain white-box) | Strongest adaptive | attack | Drop | "
+           "Zero-gradient flag |",
+           "|---|---|---|---:|---:|---|---:|---|"]
     for _, r in table.iterrows():
         ci = r["adaptive_ci"]
         adaptive = pct(r["adaptive"]) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
         out.append(f"| {r['dataset']} | {r['target']} | {r['defense']} | {pct(r['plain'])} | {adaptive} | "
-                   f"{r['adaptive_attack'] or '-'} | {pct(r['drop'])} |")
+                   f"{r['adaptive_attack'] if isinstance(r['adaptive_attack'], str) else '-'} | {pct(r['drop'])} | {r.get('masking_flags') if isinstance(r.get('masking_flags'), str) else '-'} |")
     out.append("")
     out.append("Strongest adaptive = the lowest accuracy among the attacks built from the defense's declarations "
                f"({', '.join(ADAPTIVE_ATTACKS)}) that the run holds; Drop = PGD minus that, in points. A large drop "
-               "means plain PGD overestimated the defense.")
+               "means plain PGD overestimated the defense. Zero-gradient flag: the attacks (columns) whose input "
+               "gradient at the clean images was zero for at least half of them, or not finite (gradient masking: "
+               "their numbers overstate robustness; attack through BPDA).")
     return "\n".join(out) + "\n"
 
 

@@ -95,3 +95,18 @@ def test_auto_batch_size_on_cpu_and_eval_options_are_validated(tmp_path, trained
     with pytest.raises(ConfigError, match=r"eval\.precision"):
         from_dict(EvalSpec, {"precision": "fp16"}, "eval")
     assert from_dict(EvalSpec, {"batch_size": "auto"}, "eval").batch_size == "auto"
+
+
+def test_gradient_check_flags_a_masked_defense_and_not_an_at_target(trained_pair, batch):
+    from purifybench_testing import Quantize
+
+    x, y = batch
+    pgd = ATTACKS.get("pgd")(steps=2, step_size=0.025)
+    masked = _run(DefendedModel(Quantize(), trained_pair["at"][0], bpda=False), pgd, x, y)
+    assert masked.extra["gradient_check"]["masked"] and masked.extra["gradient_check"]["zero_gradient_fraction"] == 1
+    honest = _run(DefendedModel(Quantize(), trained_pair["at"][0], bpda=True), pgd, x, y)  # BPDA: gradient flows
+    plain = _run(_defended(trained_pair), pgd, x, y)
+    assert not honest.extra["gradient_check"]["masked"] and not plain.extra["gradient_check"]["masked"]
+    assert plain.forwards == 48 * 2 * 2 + 2 * 48 + 96  # the check's pass is not counted in the cell
+    clean = _run(_defended(trained_pair), ATTACKS.get("clean")(), x, y)
+    assert "gradient_check" not in clean.extra

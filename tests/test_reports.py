@@ -154,3 +154,14 @@ def test_markdown_to_html_renders_tables_images_and_links():
     assert "<tr><th>A</th><th>B</th></tr>" in page and "<td><b>1</b></td><td><code>c</code></td>" in page
     assert '<img alt="fig" src="figures/a.png"' in page and '<a href="../tables/results.md">t</a>' in page
     assert "<li>item</li>" in page and "---" not in page
+
+
+def test_adaptive_table_shows_the_zero_gradient_flag():
+    masked = dict(rec("ME-Net", "pgd", "1111", reg_def="menet"), gradient_check={"masked": True})
+    records = [rec("none", "pgd", "1100"), masked, rec("ME-Net", "bpda-eot", "1000", reg_def="menet")]
+    t = adaptive_table(_frame(records)).set_index("defense")
+    assert t.loc["ME-Net", "masking_flags"] == "pgd" and pd.isna(t.loc["none", "masking_flags"])
+    from benchmark.reports import adaptive_markdown
+
+    md = adaptive_markdown(t.reset_index())
+    assert "| 100.00 | 25.00 [0.0, 100.0] | bpda-eot | 75.00 | pgd |" in md and "nan" not in md
