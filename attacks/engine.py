@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from benchmark.config import require, subkey
 
 log = logging.getLogger("purifybench")
 
@@ -37,10 +36,7 @@ class EngineOptions:
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
-    eot_batch: int = 1  # EOT draws per forward pass (replicated batch); 1 = one pass per draw
-
-    def validate(self, where: str) -> None:
-        require(self.eot_batch >= 1, subkey(where, "eot_batch"), f"must be >= 1, got {self.eot_batch}")
+    eot_batch: int = 1  # EOT draws per forward pass (replicated batch); 1 = one pass per draw (checked in eval)
 
     @property
     def is_default(self) -> bool:
@@ -106,8 +102,6 @@ def auto_batch_size(model: nn.Module, sample: torch.Tensor, y: torch.Tensor, n: 
     device = sample.device
     if device.type != "cuda":
         return max(1, min(n, cpu_default))
-    import torch.nn.functional as F
-
     probe = max(1, min(len(sample), 32))
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()

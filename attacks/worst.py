@@ -48,10 +48,6 @@ class WorstOf(Attack):
             self.members.append((name, cls(where=subkey(at, "params"), **(spec.get("params") or {}))))
         self.survivors: list[int] = []  # robust samples after each member, summed over batches
 
-    @classmethod
-    def applies_to(cls, defense_cls: type) -> bool:
-        return True
-
     def describe(self) -> dict:
         return {"attacks": [{"name": n, "params": a.describe()} for n, a in self.members]}
 

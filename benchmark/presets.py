@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.io import atomic_write_text
-from benchmark.tables import _tex_escape, build_blocks, footer_text
+from benchmark.tables import _best, build_blocks, footer_text, is_best, latex_block, markdown_block
 
 SECONDS = "s/epoch"
 
@@ -99,17 +99,8 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
     return blocks
 
 
-def _best(block: dict) -> dict[str, float]:
-    best = {}
-    for col in block["columns"]:
-        vals = [r["cells"][col][0] for r in block["rows"] if col in r["cells"]]
-        if vals and len(block["rows"]) > 1:
-            best[col] = max(vals)
-    return best
-
-
-def _cell_text(row: dict, col: str, best: dict, compare: bool, intervals: bool, bold: Callable[[str], str],
-               na: str) -> str:
+def _cell_text(block: dict, row: dict, col: str, best: dict, compare: bool, intervals: bool,
+               bold: Callable[[str], str], na: str) -> str:
     if col == SECONDS:
         ours, paper = row.get("seconds_per_epoch", (None, None))
         text = na if ours is None else f"{ours:.1f}"
@@ -122,7 +113,7 @@ def _cell_text(row: dict, col: str, best: dict, compare: bool, intervals: bool, 
     text = f"{100 * acc:.2f}"
     if intervals:
         text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
-    if col in best and acc == best[col]:
+    if is_best(block, best, col, acc):
         text = bold(text)
     if compare and paper is not None:
         text += f" / {paper:.2f} ({100 * acc - paper:+.2f})"
@@ -137,13 +128,9 @@ def preset_markdown(preset: Preset, blocks: list[dict], compare: bool = True, in
     out = [f"## {preset.title}", ""]
     for b in blocks:
         best = _best(b)
-        out.append(f"### {b['dataset']} / target {b['target']}\n")
-        out.append("| Defense | " + " | ".join(b["columns"]) + " |")
-        out.append("|---|" + "---:|" * len(b["columns"]))
-        for r in b["rows"]:
-            cells = [_cell_text(r, c, best, compare, intervals, lambda t: f"**{t}**", "-") for c in b["columns"]]
-            out.append(f"| {r['defense']} | " + " | ".join(cells) + " |")
-        out += ["", _footer(b) + (" " + LEGEND if compare else ""), ""]
+        out += markdown_block(
+            b, lambda r, c, b=b, best=best: _cell_text(b, r, c, best, compare, intervals, lambda t: f"**{t}**", "-"),
+            _footer(b) + (" " + LEGEND if compare else ""))
     return "\n".join(out)
 
 
@@ -151,16 +138,11 @@ def preset_latex(preset: Preset, blocks: list[dict], compare: bool = True) -> st
     out = []
     for b in blocks:
         best = _best(b)
-        cols = b["columns"]
-        out += [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
-                "Defense & " + " & ".join(_tex_escape(c) for c in cols) + r" \\", r"\midrule"]
-        for r in b["rows"]:
-            cells = [_cell_text(r, c, best, compare, False, lambda t: rf"\textbf{{{t}}}", "--") for c in cols]
-            out.append(_tex_escape(r["defense"]) + " & " + " & ".join(cells) + r" \\")
         caption = f"{preset.title}. {b['dataset']}, target {b['target']}. " + _footer(b)
-        if compare:
-            caption += " " + LEGEND
-        out += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(caption) + "}", r"\end{table}", ""]
+        out += latex_block(
+            b, lambda r, c, b=b, best=best: _cell_text(b, r, c, best, compare, False,
+                                                       lambda t: rf"\textbf{{{t}}}", "--"),
+            caption + (" " + LEGEND if compare else ""))
     return "\n".join(out)
 
 

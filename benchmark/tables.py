@@ -134,30 +134,44 @@ def footer_text(block: dict) -> str:
             + "".join(" " + n for n in f.get("notes", [])))
 
 
+def is_best(block: dict, best: dict[str, float], col: str, acc: float) -> bool:
+    """Bold only where there is something to compare with."""
+    return len(block["rows"]) > 1 and col in best and acc == best[col]
+
+
+def markdown_block(block: dict, cell, footer: str) -> list[str]:
+    """One block as a Markdown table: ``cell(row, column)`` gives each cell's text."""
+    out = [f"### {block['dataset']} / target {block['target']}\n",
+           "| Defense | " + " | ".join(block["columns"]) + " |",
+           "|---|" + "---:|" * len(block["columns"])]
+    for r in block["rows"]:
+        out.append(f"| {r['defense']} | " + " | ".join(cell(r, c) for c in block["columns"]) + " |")
+    return out + ["", footer, ""]
+
+
+def latex_block(block: dict, cell, caption: str) -> list[str]:
+    """One block as a booktabs table: ``cell(row, column)`` gives each cell's LaTeX."""
+    cols = block["columns"]
+    out = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
+           "Defense & " + " & ".join(_tex_escape(c) for c in cols) + r" \\", r"\midrule"]
+    for r in block["rows"]:
+        out.append(_tex_escape(r["defense"]) + " & " + " & ".join(cell(r, c) for c in cols) + r" \\")
+    return out + [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(caption) + "}", r"\end{table}", ""]
+
+
 def to_markdown(blocks: list[dict], intervals: bool = False) -> str:
     out = []
     for b in blocks:
         best = _best(b)
-        out.append(f"### {b['dataset']} / target {b['target']}\n")
-        out.append("| Defense | " + " | ".join(b["columns"]) + " |")
-        out.append("|---|" + "---:|" * len(b["columns"]))
-        for r in b["rows"]:
-            cells = []
-            for col in b["columns"]:
-                if col not in r["cells"]:
-                    cells.append("-")
-                    continue
-                acc, lo, hi, _ = r["cells"][col]
-                text = f"{100 * acc:.2f}"
-                if intervals:
-                    text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
-                if len(b["rows"]) > 1 and acc == best[col]:
-                    text = f"**{text}**"
-                cells.append(text)
-            out.append(f"| {r['defense']} | " + " | ".join(cells) + " |")
-        out.append("")
-        out.append(footer_text(b))
-        out.append("")
+
+        def cell(r, col, b=b, best=best):
+            if col not in r["cells"]:
+                return "-"
+            acc, lo, hi, _ = r["cells"][col]
+            text = f"{100 * acc:.2f}" + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if intervals else "")
+            return f"**{text}**" if is_best(b, best, col, acc) else text
+
+        out += markdown_block(b, cell, footer_text(b))
     return "\n".join(out)
 
 
@@ -171,28 +185,15 @@ def to_latex(blocks: list[dict]) -> str:
     out = []
     for b in blocks:
         best = _best(b)
-        cols = b["columns"]
-        out.append(r"\begin{table}[t]")
-        out.append(r"\centering")
-        out.append(r"\begin{tabular}{l" + "r" * len(cols) + "}")
-        out.append(r"\toprule")
-        out.append("Defense & " + " & ".join(_tex_escape(c) for c in cols) + r" \\")
-        out.append(r"\midrule")
-        for r in b["rows"]:
-            cells = []
-            for col in cols:
-                if col not in r["cells"]:
-                    cells.append("--")
-                    continue
-                acc = r["cells"][col][0]
-                text = f"{100 * acc:.2f}"
-                cells.append(rf"\textbf{{{text}}}" if len(b["rows"]) > 1 and acc == best[col] else text)
-            out.append(_tex_escape(r["defense"]) + " & " + " & ".join(cells) + r" \\")
-        out.append(r"\bottomrule")
-        out.append(r"\end{tabular}")
-        out.append(r"\caption{" + _tex_escape(f"{b['dataset']}, target {b['target']}. " + footer_text(b)) + "}")
-        out.append(r"\end{table}")
-        out.append("")
+
+        def cell(r, col, b=b, best=best):
+            if col not in r["cells"]:
+                return "--"
+            acc = r["cells"][col][0]
+            text = f"{100 * acc:.2f}"
+            return rf"\textbf{{{text}}}" if is_best(b, best, col, acc) else text
+
+        out += latex_block(b, cell, f"{b['dataset']}, target {b['target']}. " + footer_text(b))
     return "\n".join(out)
 
 
