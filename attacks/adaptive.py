@@ -128,9 +128,9 @@ class RepresentationAttack(Attack):
 
 def _count(model, forwards: int = 0, backwards: int = 0) -> None:
     """Book passes that bypass the harness's counting wrapper (calls to the classifier alone)."""
-    if hasattr(model, "forwards"):
-        model.forwards += forwards
-        model.backwards += backwards
+    book = getattr(model, "count", None)  # the harness's counter, also through the engine's view
+    if book is not None:
+        book(forwards, backwards)
 
 
 @dataclass

@@ -47,6 +47,11 @@ class CountingModel(nn.Module):
             out.register_hook(count)
         return out
 
+    def count(self, forwards: int = 0, backwards: int = 0) -> None:
+        """Book passes an attack made around this wrapper (e.g. through the classifier alone)."""
+        self.forwards += forwards
+        self.backwards += backwards
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
