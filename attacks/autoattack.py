@@ -45,3 +45,40 @@ class AutoAttackWrapper(Attack):
         with torch.no_grad():
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
         return x_adv.detach()
+
+
+@dataclass
+class SquareParams:
+    n_queries: int = 5000
+    p_init: float = 0.8
+    restarts: int = 1
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        from benchmark.config import require, subkey
+
+        require(self.n_queries >= 1, subkey(where, "n_queries"), f"must be >= 1, got {self.n_queries}")
+        require(0 < self.p_init <= 1, subkey(where, "p_init"), f"must be in (0, 1], got {self.p_init}")
+        require(self.restarts >= 1, subkey(where, "restarts"), f"must be >= 1, got {self.restarts}")
+
+
+@ATTACKS.register("square", label="Square", paper="Andriushchenko et al., ECCV 2020",
+                  description="Square Attack (score-based, no gradients) via pyautoattack, margin loss")
+class Square(Attack):
+    """The gradient-free member of AutoAttack on its own: the reference the gradient-masking
+    checks compare white-box attacks with (a black-box attack must not beat them)."""
+
+    Params = SquareParams
+    uses_gradients = False
+
+    def run(self, model, x, y, threat: Threat, generator):
+        from pyautoattack.square import SquareAttack
+
+        p = self.params
+        adversary = SquareAttack(model, norm="Linf", eps=threat.eps, n_queries=p.n_queries, p_init=p.p_init,
+                                 n_restarts=p.restarts, seed=p.seed, device=x.device)
+        # perturb() reseeds the global generators: keep its seeding from leaking into what follows
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+            x_adv = adversary.perturb(x, y)
+        # Square rounds nothing but may step a hair past the ball in float arithmetic: clamp to it.
+        return torch.min(torch.max(x_adv.detach(), x - threat.eps), x + threat.eps).clamp(0, 1)

@@ -20,6 +20,10 @@ log = logging.getLogger("purifybench")
 
 
 def _setup_logging(out: Path | None, quiet: bool = False) -> None:
+    from benchmark import distributed
+
+    if not distributed.is_main():  # under torchrun only rank 0 reports and writes run.log
+        quiet, out = True, None
     log.setLevel(logging.INFO)
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
@@ -48,9 +52,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(out)
     log.info("run %s (profile %s) on %s -> %s", args.config, cfg.profile, runner.device, out)
     t0 = time.perf_counter()
-    summary = runner.run()
+    try:
+        summary = runner.run()
+    finally:
+        from benchmark import distributed
+
+        distributed.shutdown()
     md = out / "tables" / "results.md"
-    if md.is_file():
+    from benchmark import distributed
+
+    if md.is_file() and distributed.is_main():
         print(md.read_text(encoding="utf-8"), end="")
     log.info("done in %.1f s: %d cells planned, %d computed; results in %s", time.perf_counter() - t0,
              summary["planned"], summary["computed"], out)

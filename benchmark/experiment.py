@@ -18,13 +18,16 @@ from typing import Any, Literal
 
 import torch
 
+from benchmark import distributed
 from benchmark.checkpoint import load_checkpoint, load_pretrained, read_card, save_checkpoint
 from benchmark.config import ConfigError, from_dict, load_yaml, require, subkey
 from benchmark.data import load_dataset
 from benchmark.errors import BenchError, CheckpointError
 from benchmark.io import artifact_key
+from benchmark.masking import ChecksSpec
 from benchmark.models import create_model
 from benchmark.registry import ATTACKS, DATASETS, DEFENSES, MODELS
+from benchmark.resume import EpochCheckpoint
 from benchmark.training import TrainConfig, train_classifier
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+-]{0,63}")
@@ -182,6 +185,8 @@ class EvalSpec:
     channels_last: bool = False
     compile: bool = False
     eot_batch: int = 1  # EOT / VNI draws per forward pass
+    # gradient-masking checks per row (benchmark/masking.py); on by default
+    checks: ChecksSpec = field(default_factory=ChecksSpec)
 
     def validate(self, where: str) -> None:
         require(self.n is None or self.n >= 1, subkey(where, "n"), f"must be >= 1 or null, got {self.n}")
@@ -302,13 +307,19 @@ def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, d
     model = create_model(target.arch, num_classes=train.num_classes, in_channels=train.channels,
                          mean=train.mean, std=train.std, **target.arch_options)
     tcfg = replace(target.train, progress=target.train.progress and progress)
-    log.info("target %s/%s: training %s (%s, %d epochs, %d images) on %s", ds.name, target.name,
-             target.arch, tcfg.method, tcfg.epochs, len(train), device)
-    result = train_classifier(model, train, tcfg, device, eval_data=None, desc=f"{ds.name}/{target.name}")
+    partial = EpochCheckpoint(stem.with_name(stem.name + ".partial"), key)  # a killed training resumes here
+    log.info("target %s/%s: training %s (%s, %d epochs, %d images) on %s%s", ds.name, target.name,
+             target.arch, tcfg.method, tcfg.epochs, len(train), device,
+             f" (DDP over {distributed.size()} ranks)" if distributed.active() else "")
+    result = train_classifier(model, train, tcfg, device, eval_data=None, desc=f"{ds.name}/{target.name}",
+                              checkpoint=partial, ddp=distributed.active())
     card = classifier_card(target.arch, train, tcfg, result, device, arch_options=target.arch_options,
                            artifact_key=key)
     card["dataset"]["spec"] = asdict(ds)
-    save_checkpoint(model, stem, card)
+    if distributed.is_main():  # under torchrun every rank trained the same weights (DDP); rank 0 writes
+        save_checkpoint(model, stem, card)
+        partial.clear()
+    distributed.barrier()
     return model.eval(), read_card(stem), False
 
 
@@ -373,6 +384,8 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
     # Stages a defense may share between configs that differ only later (DIR's pre-training).
     defense.stage_dir = artifacts / "stages" / f"{ds.name}-{target_card['sha256'][:16]}"
     log.info("defense %s/%s: training on %s", ds.name, spec.name, device)
+    # Per-epoch state for defenses whose training resumes after a kill (DIR's main training).
+    defense.epoch_checkpoint = EpochCheckpoint(stem.with_name(stem.name + ".partial"), key)
     result = defense.fit(classifier, train_data(), device, config=train_cfg, seed=cfg.seed)
     card = {
         "kind": "defense", "defense": spec.registered, "name": spec.name, "options": spec.options,
@@ -380,4 +393,5 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
         "declarations": defense.declarations(), "fit": asdict(result),
     }
     save_checkpoint(defense, stem, card)
+    defense.epoch_checkpoint.clear()
     return defense.eval(), read_card(stem)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack, Threat
 from attacks.engine import AttackView, EngineOptions, auto_batch_size, prepare_model
+from benchmark import distributed
 from benchmark.errors import BenchError
 
 BALL_TOLERANCE = 1e-6
@@ -124,11 +125,13 @@ def run_attack(
     name: str = "attack",
     progress: bool = False,
     engine: EngineOptions | None = None,
+    sharded: bool = False,
 ) -> AttackOutcome:
     """Attack ``model`` on float images in [0,1] (already on the model's device), batch by batch.
 
     The attack sees the model through the engine's options (``attacks.engine``); the reported
-    accuracy always comes from a plain fp32 pass over the returned images."""
+    accuracy always comes from a plain fp32 pass over the returned images. ``sharded``: under
+    torchrun, each rank attacks its share of the batches and every rank gets the joined outcome."""
     device = images.device
     engine = engine or EngineOptions()
     prepare_model(model, engine)
@@ -138,27 +141,63 @@ def run_attack(
         replicas = engine.eot_batch if getattr(getattr(model, "defense", None), "stochastic", False) else 1
         batch_size = auto_batch_size(model, images, labels, len(images), replicas=replicas)
     defense = getattr(model, "defense", None)
-    if defense is not None and hasattr(defense, "seed"):
-        defense.seed(seed, device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device)
     correct = torch.zeros(len(images), dtype=torch.bool)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=name, disable=not progress, leave=False, dynamic_ncols=True):
-        x = images[start : start + batch_size]
-        y = labels[start : start + batch_size]
-        x_adv = attack(view, x, y, threat, gen).detach()
-        check_adversarial(x_adv, attack.reference(x), threat, name)
-        with torch.no_grad():  # re-score from x_adv with a fresh pass of the defended model
-            pred = attack.score(counter, x_adv).argmax(1)
-        correct[start : start + len(x)] = (pred == y).cpu()
+    starts = list(range(0, len(images), batch_size))
+    if sharded:
+        starts = distributed.shard(starts)
+    # Every batch draws from generators seeded by (seed, its first row): the attack's, the defense's
+    # and torch's global one (restored afterwards). A batch's result then does not depend on the
+    # batches before it, so a run sharded over ranks equals a single-process run.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for start in tqdm(starts, desc=name, disable=not progress, leave=False, dynamic_ncols=True):
+            batch_seed = (seed * 1_000_003 + start) % (2**62)
+            gen.manual_seed(batch_seed)
+            torch.manual_seed(batch_seed)
+            if defense is not None and hasattr(defense, "seed"):
+                defense.seed(batch_seed, device)
+            x = images[start : start + batch_size]
+            y = labels[start : start + batch_size]
+            x_adv = attack(view, x, y, threat, gen).detach()
+            check_adversarial(x_adv, attack.reference(x), threat, name)
+            with torch.no_grad():  # re-score from x_adv with a fresh pass of the defended model
+                pred = attack.score(counter, x_adv).argmax(1)
+            correct[start : start + len(x)] = (pred == y).cpu()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    check = gradient_check(AttackView(model, engine, device), images[:batch_size], labels[:batch_size]) if attack.uses_gradients else None
-    return AttackOutcome(correct, seconds, counter.forwards, counter.backwards, peak,
-                         extra={**({"gradient_check": check} if check else {}),"batch_size": batch_size, **({"engine": asdict(engine)} if not engine.is_default else {})})
+    check = None
+    if attack.uses_gradients and (not sharded or distributed.is_main()):  # rank 0 holds the first batch
+        check = gradient_check(AttackView(model, engine, device), images[:batch_size], labels[:batch_size])
+    extra = {**({"gradient_check": check} if check else {}), "batch_size": batch_size,
+             **({"engine": asdict(engine)} if not engine.is_default else {})}
+    outcome = AttackOutcome(correct, seconds, counter.forwards, counter.backwards, peak, extra=extra)
+    if sharded:
+        outcome = _gather(outcome, starts, batch_size, len(images))
+    return outcome
+
+
+def _gather(local: AttackOutcome, starts: list[int], batch_size: int, n: int) -> AttackOutcome:
+    """Every rank's share of a sharded cell, joined (on every rank): per-sample results in data order,
+    passes summed, the slowest rank's time and the largest peak memory."""
+    rows = [(s, min(s + batch_size, n)) for s in starts]
+    parts = distributed.gather({"rows": rows, "bits": [local.correct[a:b].tolist() for a, b in rows],
+                                "seconds": local.seconds, "forwards": local.forwards, "backwards": local.backwards,
+                                "peak": local.peak_memory_bytes, "extra": local.extra})
+    correct = torch.zeros(n, dtype=torch.bool)
+    covered = torch.zeros(n, dtype=torch.bool)
+    for part in parts:
+        for (a, b), bits in zip(part["rows"], part["bits"]):
+            correct[a:b] = torch.tensor(bits, dtype=torch.bool)
+            covered[a:b] = True
+    if not bool(covered.all()):
+        raise BenchError("a sharded cell lost rows: the ranks' shares do not cover the evaluation set")
+    peaks = [p["peak"] for p in parts if p["peak"] is not None]
+    extra = dict(parts[0]["extra"], ranks=len(parts))
+    return AttackOutcome(correct, max(p["seconds"] for p in parts), sum(p["forwards"] for p in parts),
+                         sum(p["backwards"] for p in parts), max(peaks) if peaks else None, extra=extra)

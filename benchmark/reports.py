@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.io import atomic_write_text
+from benchmark.masking import load_checks
 from benchmark.records import load_records
 from benchmark.tables import build_blocks, records_frame, to_markdown, write_tables
 
@@ -418,7 +419,7 @@ def write_report(run_dir: Path, preset: str = "all") -> list[Path]:
              f"({versions.get('device_name', '-')}); git commit: {versions.get('git_commit')}; "
              f"torch {versions.get('torch')}; config hash {manifest.get('config_hash')}",
              f"- {len(records)} cells; report preset: {preset}", "",
-             "## Results", "", to_markdown(build_blocks(records_frame(records))),
+             "## Results", "", to_markdown(build_blocks(records_frame(records), load_checks(run_dir) or None)),
              "Tables: [markdown](../tables/results.md), [with 95% intervals](../tables/results_ci.md), "
              "[LaTeX](../tables/results.tex), [CSV](../tables/results.csv)", ""]
     if preset_files:

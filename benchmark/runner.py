@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from attacks.base import Threat
+from benchmark import distributed
 from benchmark.data import ImageData, load_dataset
 from benchmark.errors import BenchError
 from benchmark.experiment import (
@@ -35,6 +36,7 @@ from benchmark.experiment import (
 )
 from benchmark.harness import run_attack
 from benchmark.io import atomic_write_json
+from benchmark.masking import run_checks, spec_dict, valid_checks, write_checks
 from benchmark.records import valid_record, write_record
 from benchmark.registry import ATTACKS, DEFENSES
 from benchmark.runtime import resolve_device, versions
@@ -62,6 +64,47 @@ class Cell:
                 "attack": self.attack.name}
 
 
+def _on_main_first(build):
+    """``build()`` on rank 0 first (it trains and writes the artifact), then on the other ranks (they
+    load it); a failure on rank 0 is raised on every rank. Without torchrun: just ``build()``."""
+    if not distributed.active():
+        return build()
+    error, result = None, None
+    if distributed.is_main():
+        try:
+            result = build()
+        except BenchError as exc:
+            error = str(exc)
+    error = distributed.broadcast(error)
+    if error is not None:
+        raise BenchError(error)
+    if not distributed.is_main():
+        result = build()
+    distributed.barrier()
+    return result
+
+
+def row_description(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> dict:
+    """What a row's results depend on (a cell adds its attack): the cell and checks hashes."""
+    return {
+        "v": ARTIFACT_VERSION, "dataset": asdict(ds) | {"root": None},
+        "target": asdict(target),
+        "defense": {k: v for k, v in asdict(defense).items() if k != "targets" and not (k == "eval_n" and v is None)},
+        "threat": asdict(cfg.threat), "n": cfg.eval.n, "seed": cfg.seed,
+        **({"engine": engine} if (engine := cfg.eval.engine.changes_results()) else {}),
+        **({"trained_against": asdict(next(t for t in cfg.targets if t.name == defense.trained_against))}
+           if defense.trained_against else {}),
+    }
+
+
+def row_id(ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
+    return "__".join(_slug(n) for n in (ds.name, target.name, defense.name))
+
+
+def checks_hash(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
+    return artifact_key(row_description(cfg, ds, target, defense) | {"checks": spec_dict(cfg.eval.checks)})
+
+
 def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
     """Every (dataset, target, defense, attack) whose attack applies to the defense (e.g. the
     mask-adaptive attack only to defenses that declare masks)."""
@@ -77,17 +120,8 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
                     if defense.targets is not None and target.name not in defense.targets:
                         continue
                     cell_id = "__".join(_slug(n) for n in (ds.name, target.name, defense.name, attack.name))
-                    cell_hash = artifact_key({
-                        "v": ARTIFACT_VERSION, "dataset": asdict(ds) | {"root": None},
-                        "target": asdict(target),
-                        "defense": {k: v for k, v in asdict(defense).items()
-                                    if k != "targets" and not (k == "eval_n" and v is None)},
-                        "attack": {k: v for k, v in asdict(attack).items() if k != "only"},
-                        "threat": asdict(cfg.threat), "n": cfg.eval.n, "seed": cfg.seed,
-                        **({"engine": engine} if (engine := cfg.eval.engine.changes_results()) else {}),
-                        **({"trained_against": asdict(next(t for t in cfg.targets if t.name == defense.trained_against))}
-                           if defense.trained_against else {}),
-                    })
+                    cell_hash = artifact_key(row_description(cfg, ds, target, defense) | {
+                        "attack": {k: v for k, v in asdict(attack).items() if k != "only"}})
                     cells.append(Cell(ds, target, defense, attack, cell_id, cell_hash))
     return cells
 
@@ -100,7 +134,7 @@ class Runner:
         self.force = force
         self.progress = progress
         self.config_path = config_path
-        self.device = resolve_device(device or cfg.device)
+        self.device = distributed.init_from_env(resolve_device(device or cfg.device))
         self.cells = plan_cells(cfg)
         self.eval_sets: dict[str, ImageData] = {}
         self.threat = Threat(cfg.threat.norm, cfg.threat.eps)
@@ -138,16 +172,22 @@ class Runner:
     def run(self) -> dict:
         if not self.eval_sets:
             self.preflight()
+        main = distributed.is_main()
+        todo = self.pending()
+        # Decided before anything is written, so that every rank of a torchrun run decides the same.
+        unchecked_rows = {(ds.name, t.name, d.name) for ds in self.cfg.datasets for t in self.cfg.targets
+                          for d in self.cfg.defenses if self.needs_checks(ds, t, d)}
+        distributed.barrier()
         self.out.mkdir(parents=True, exist_ok=True)
         manifest = self.manifest()
-        atomic_write_json(self.out / "manifest.json", manifest)
-        atomic_write_json(self.out / "plan.json", {"cells": [
-            {"cell_id": c.cell_id, "cell_hash": c.cell_hash, **c.key()} for c in self.cells]})
-        todo = self.pending()
+        if main:
+            atomic_write_json(self.out / "manifest.json", manifest)
+            atomic_write_json(self.out / "plan.json", {"cells": [
+                {"cell_id": c.cell_id, "cell_hash": c.cell_hash, **c.key()} for c in self.cells]})
         log.info("%d cells planned, %d to compute, %d already recorded", len(self.cells), len(todo),
                  len(self.cells) - len(todo))
         todo_ids = {c.cell_id for c in todo}
-        bar = tqdm(total=len(todo), desc="matrix", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc="matrix", disable=not self.progress or not main, dynamic_ncols=True)
         artifacts = self.out / "artifacts"
         computed = 0
         failures: list[str] = []
@@ -172,19 +212,24 @@ class Runner:
 
             for target in self.cfg.targets:
                 group = [c for c in self.cells if c.dataset is ds and c.target is target and c.cell_id in todo_ids]
-                if not group:
+                unchecked = [d for d in self.cfg.defenses if (ds.name, target.name, d.name) in unchecked_rows]
+                if not group and not unchecked:
                     continue
                 classifier, target_card = target_for(target.name)
                 for dspec in self.cfg.defenses:
                     cells = [c for c in group if c.defense is dspec]
-                    if not cells:
+                    if not cells and dspec not in unchecked:
                         continue
                     try:
                         trained_on, trained_card = (target_for(dspec.trained_against) if dspec.trained_against
                                                     else (classifier, target_card))
-                        defense, defense_card = prepare_defense(
-                            ds, dspec, trained_on, trained_card, self.cfg, self.device, artifacts, train_data,
-                            data_shape=(eval_set.channels, eval_set.image_size[0]), progress=self.progress)
+                        def prepare(dspec=dspec, trained_on=trained_on, trained_card=trained_card, ds=ds,
+                                    train_data=train_data, eval_set=eval_set):
+                            return prepare_defense(
+                                ds, dspec, trained_on, trained_card, self.cfg, self.device, artifacts, train_data,
+                                data_shape=(eval_set.channels, eval_set.image_size[0]), progress=self.progress)
+
+                        defense, defense_card = _on_main_first(prepare)
                     except BenchError as exc:  # one defense that cannot be trained does not stop the others
                         log.error("defense %s/%s: %s; its %d cells are skipped", ds.name, dspec.name, exc, len(cells))
                         failures.append(f"{ds.name}/{target.name}/{dspec.name}: {exc}")
@@ -192,6 +237,8 @@ class Runner:
                         continue
                     defended = DefendedModel.for_defense(defense, classifier)
                     rows = eval_set if dspec.eval_n is None else eval_set.head(dspec.eval_n)
+                    if dspec in unchecked and main:  # the other ranks wait in the row's first cell
+                        self.run_row_checks(ds, target, dspec, defended, rows)
                     for cell in cells:
                         self.run_cell(cell, defended, rows, manifest, target_card, defense_card)
                         computed += 1
@@ -199,11 +246,44 @@ class Runner:
         bar.close()
         from benchmark.tables import write_tables
 
-        tables = write_tables(self.out)
+        tables = write_tables(self.out) if main else []
+        distributed.barrier()
         if failures:
             raise BenchError(f"{len(failures)} defense(s) failed, their cells are missing from the tables "
                              f"(rerun to retry them): " + "; ".join(failures))
         return {"planned": len(self.cells), "computed": computed, "tables": tables}
+
+    # -- gradient-masking checks, once per row --------------------------------------------
+    def checks_path(self, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> Path:
+        return self.out / "checks" / f"{row_id(ds, target, defense)}.json"
+
+    def needs_checks(self, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> bool:
+        if not self.cfg.eval.checks.enabled:
+            return False
+        if not any(c.dataset is ds and c.target is target and c.defense is defense for c in self.cells):
+            return False  # a row with no cells (restricted to other targets) has nothing to check
+        if self.force:
+            return True
+        return valid_checks(self.checks_path(ds, target, defense), checks_hash(self.cfg, ds, target, defense)) is None
+
+    def run_row_checks(self, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec, defended: DefendedModel,
+                       data: ImageData) -> dict:
+        spec = self.cfg.eval.checks
+        rows = data.head(min(spec.n, len(data)))
+        out = run_checks(defended, rows.as_float(), rows.labels, self.threat, spec, seed=self.cfg.seed,
+                         batch_size=self.cfg.eval.batch_size, engine=self.cfg.eval.engine)
+        record = {
+            "row": {"dataset": ds.name, "target": target.name, "defense": defense.name},
+            "row_hash": checks_hash(self.cfg, ds, target, defense), "spec": spec_dict(spec),
+            "threat": {"norm": self.threat.norm, "eps": self.threat.eps}, "dataset_copy": rows.copy,
+            "profile": self.cfg.profile, "bpda": defended.bpda,
+            "sample_indices": rows.indices.tolist() if rows.indices is not None else None,
+            **out, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_checks(self.checks_path(ds, target, defense), record)
+        log.info("checks %s/%s/%s: %s (%.1f s)", ds.name, target.name, defense.name,
+                 ", ".join(out["flags"]) or "ok", out["results"]["seconds"])
+        return record
 
     def run_cell(self, cell: Cell, defended: DefendedModel, data: ImageData, manifest: dict,
                  target_card: dict, defense_card: dict | None) -> dict:
@@ -211,8 +291,8 @@ class Runner:
         x, y = data.as_float(), data.labels
         t0 = time.perf_counter()
         outcome = run_attack(attack, defended, x, y, self.threat, batch_size=self.cfg.eval.batch_size,
-                             seed=self.cfg.seed, name=cell.cell_id, progress=self.progress,
-                             engine=self.cfg.eval.engine)
+                             seed=self.cfg.seed, name=cell.cell_id, progress=self.progress and distributed.is_main(),
+                             engine=self.cfg.eval.engine, sharded=distributed.active())
         wall = time.perf_counter() - t0
         lo, hi = wilson_interval(outcome.n_correct, outcome.n)
         record = {
@@ -238,6 +318,8 @@ class Runner:
             "defense_training": defense_card.get("fit") if defense_card else None,
             "manifest": manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if not distributed.is_main():
+            return record
         write_record(self.record_path(cell), record)
         log.info("%s: %.2f%% [%.2f, %.2f] (n=%d, %.1f s)", cell.cell_id, 100 * outcome.accuracy, 100 * lo, 100 * hi,
                  outcome.n, wall)

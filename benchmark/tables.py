@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.io import atomic_write_text
+from benchmark.masking import LEGEND, checks_markdown, flag_text, load_checks
 from benchmark.records import load_records
 from benchmark.stats import wilson_interval
 
@@ -36,6 +37,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "images_per_second": r.get("images_per_second"), "forwards": r.get("forwards"),
             "backwards": r.get("backwards"), "peak_gpu_memory_mb": r.get("peak_gpu_memory_mb"),
             "target_arch": r.get("target", {}).get("arch"), "target_method": r.get("target", {}).get("method"),
+            "grad_masked": bool((r.get("gradient_check") or {}).get("masked", False)),
         })
     return pd.DataFrame(rows)
 
@@ -52,8 +54,9 @@ def worst_case(bits: list[str]) -> tuple[int, int]:
     return bin(acc).count("1"), n
 
 
-def build_blocks(df: pd.DataFrame) -> list[dict]:
-    """One block per (dataset, target): a table of accuracy cells with intervals."""
+def build_blocks(df: pd.DataFrame, checks: dict | None = None) -> list[dict]:
+    """One block per (dataset, target): a table of accuracy cells with intervals. With ``checks``
+    (:func:`benchmark.masking.load_checks`), each row also gets its gradient-masking flags."""
     blocks = []
     for (dataset, target), g in df.groupby(["dataset", "target"], sort=False):
         columns = list(dict.fromkeys(g["column"]))
@@ -71,7 +74,11 @@ def build_blocks(df: pd.DataFrame) -> list[dict]:
                 k, n = worst_case(list(gd["correct"]))
                 lo, hi = wilson_interval(k, n)
                 cells["Worst"] = (k / n, lo, hi, n)
-            rows.append({"defense": defense, "cells": cells})
+            row = {"defense": defense, "cells": cells}
+            if checks is not None:
+                masked = bool(gd["grad_masked"].any()) if "grad_masked" in gd else False
+                row["checks"] = flag_text(checks.get((dataset, target, defense)), masked)
+            rows.append(row)
         if any("Worst" in r["cells"] for r in rows):
             columns.append("Worst")
         first = g.iloc[0]
@@ -81,7 +88,7 @@ def build_blocks(df: pd.DataFrame) -> list[dict]:
                 "copy": first["copy"], "profile": first["profile"], "n": sorted(set(int(v) for v in g["n"])),
                 "target": f"{target} ({first['target_arch']}, {first['target_method']})",
                 "eps": float(first["eps"]), "norm": first["norm"],
-                "notes": component_notes(g) + subset_notes(g),
+                "notes": component_notes(g) + subset_notes(g) + ([LEGEND] if checks is not None else []),
             },
         })
     return blocks
@@ -141,21 +148,27 @@ def is_best(block: dict, best: dict[str, float], col: str, acc: float) -> bool:
 
 def markdown_block(block: dict, cell, footer: str) -> list[str]:
     """One block as a Markdown table: ``cell(row, column)`` gives each cell's text."""
+    flags = any("checks" in r for r in block["rows"])
     out = [f"### {block['dataset']} / target {block['target']}\n",
-           "| Defense | " + " | ".join(block["columns"]) + " |",
-           "|---|" + "---:|" * len(block["columns"])]
+           "| Defense | " + " | ".join(block["columns"]) + (" | Checks" if flags else "") + " |",
+           "|---|" + "---:|" * len(block["columns"]) + ("---|" if flags else "")]
     for r in block["rows"]:
-        out.append(f"| {r['defense']} | " + " | ".join(cell(r, c) for c in block["columns"]) + " |")
+        out.append(f"| {r['defense']} | " + " | ".join(cell(r, c) for c in block["columns"])
+                   + (f" | {r.get('checks', 'n/a')}" if flags else "") + " |")
     return out + ["", footer, ""]
 
 
 def latex_block(block: dict, cell, caption: str) -> list[str]:
     """One block as a booktabs table: ``cell(row, column)`` gives each cell's LaTeX."""
     cols = block["columns"]
-    out = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
-           "Defense & " + " & ".join(_tex_escape(c) for c in cols) + r" \\", r"\midrule"]
+    flags = any("checks" in r for r in block["rows"])
+    out = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * len(cols) + ("l" if flags else "") + "}",
+           r"\toprule",
+           "Defense & " + " & ".join(_tex_escape(c) for c in cols) + (" & Checks" if flags else "") + r" \\",
+           r"\midrule"]
     for r in block["rows"]:
-        out.append(_tex_escape(r["defense"]) + " & " + " & ".join(cell(r, c) for c in cols) + r" \\")
+        out.append(_tex_escape(r["defense"]) + " & " + " & ".join(cell(r, c) for c in cols)
+                   + (" & " + _tex_escape(r.get("checks", "n/a")) if flags else "") + r" \\")
     return out + [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(caption) + "}", r"\end{table}", ""]
 
 
@@ -217,7 +230,8 @@ def write_tables(run_dir: Path) -> list[Path]:
     records = load_records(run_dir)
     if not records:
         return []
-    blocks = build_blocks(records_frame(records))
+    checks = load_checks(run_dir)
+    blocks = build_blocks(records_frame(records), checks if checks else None)
     tdir = run_dir / "tables"
     paths = [
         atomic_write_text(tdir / "results.md", to_markdown(blocks)),
@@ -225,4 +239,6 @@ def write_tables(run_dir: Path) -> list[Path]:
         atomic_write_text(tdir / "results.tex", to_latex(blocks)),
         atomic_write_text(tdir / "results.csv", to_csv_frame(blocks).to_csv(index=False)),
     ]
+    if checks:
+        paths.append(atomic_write_text(tdir / "checks.md", checks_markdown(checks)))
     return paths

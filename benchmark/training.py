@@ -11,6 +11,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,9 +22,11 @@ from tqdm.auto import tqdm
 
 from attacks.base import Threat
 from attacks.pgd import pgd_linf, trades_kl_linf
+from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.data import ImageData, augment
 from benchmark.harness import run_attack
+from benchmark.resume import EpochCheckpoint, pack, unpack
 
 log = logging.getLogger("purifybench")
 Method = Literal["natural", "at", "trades", "mart"]
@@ -121,8 +124,11 @@ def mart_loss(logits_adv: torch.Tensor, logits_nat: torch.Tensor, y: torch.Tenso
 
 
 def train_step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-                    autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of one batch for ``cfg.method``; also the logits used for the accuracy readout."""
+                    autocast, attack_model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of one batch for ``cfg.method``; also the logits used for the accuracy readout.
+    ``attack_model`` crafts the adversarial examples (the plain module when ``model`` is a DDP
+    wrapper: input-gradient passes must not enter DDP's gradient synchronisation)."""
+    attack_model = model if attack_model is None else attack_model
     if cfg.method == "natural":
         with autocast():
             logits = model(x).float()
@@ -132,9 +138,9 @@ def train_step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tra
     model.eval()
     with autocast():
         if cfg.method == "trades":
-            x_adv = trades_kl_linf(model, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps)
+            x_adv = trades_kl_linf(attack_model, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps)
         else:
-            x_adv = pgd_linf(model, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps)
+            x_adv = pgd_linf(attack_model, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps)
     model.train()
     with autocast():
         if cfg.method == "at":
@@ -155,8 +161,16 @@ def train_classifier(
     device: torch.device,
     eval_data: ImageData | None = None,
     desc: str = "train",
+    checkpoint: EpochCheckpoint | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    ddp: bool = False,
 ) -> TrainResult:
-    """Train ``model`` (images in [0,1] -> logits) in place; evaluate clean and PGD accuracy at the end."""
+    """Train ``model`` (images in [0,1] -> logits) in place; evaluate clean and PGD accuracy at the end.
+
+    With ``checkpoint``, the state is saved after every epoch and a training that finds a state of
+    its own there continues after that epoch (bit-identical on the CPU to an uninterrupted run);
+    ``on_epoch(row)`` is called after each epoch's state is saved. ``ddp`` (under torchrun, every rank
+    calling): DistributedDataParallel, each rank training on its slice of every batch."""
     torch.manual_seed(cfg.seed)
     data = train.to(device)
     model.to(device)
@@ -165,6 +179,11 @@ def train_classifier(
         model.to(memory_format=torch.channels_last)
     use_bf16 = _use(cfg.bf16, device)
     step_model = torch.compile(model) if cfg.compile else model  # shares parameters and train/eval mode
+    ddp = ddp and distributed.active()
+    if ddp:  # torchrun: every rank trains on its slice of each batch; gradients are averaged
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -182,10 +201,18 @@ def train_classifier(
     gen = torch.Generator().manual_seed(cfg.seed)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     history: list[dict] = []
+    first = 0
+    state = {"modules": {"model": model}, "optimizers": {"sgd": opt}, "gens": {"shuffle": gen, "augment": aug_gen}}
+    if checkpoint is not None and (saved := checkpoint.load()) is not None:
+        first, tensors, meta = saved
+        unpack(tensors, meta, **state)
+        sched.load_state_dict(meta["scheduler"])
+        history = meta["history"]
+        log.info("%s: resuming after epoch %d of %d (%s)", desc, first, cfg.epochs, checkpoint.folder)
     start = time.perf_counter()
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, disable=not cfg.progress,
-               dynamic_ncols=True, leave=False)
-    for epoch in range(cfg.epochs):
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=first * steps_per_epoch, desc=desc,
+               disable=not cfg.progress, dynamic_ncols=True, leave=False)
+    for epoch in range(first, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -193,9 +220,12 @@ def train_classifier(
         for step, (x, y) in enumerate(data.batches(cfg.batch_size, shuffle=True, generator=gen)):
             if cfg.augment:
                 x = augment(x, crop_padding=cfg.crop_padding, flip=cfg.flip, generator=aug_gen)
+            if ddp:  # the same shuffled batch on every rank (same generator), each rank its slice
+                lo, hi = len(x) * distributed.rank() // distributed.size(), len(x) * (distributed.rank() + 1) // distributed.size()
+                x, y = x[lo:hi], y[lo:hi]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss, logits = train_step_loss(step_model, x, y, cfg, autocast)
+            loss, logits = train_step_loss(step_model, x, y, cfg, autocast, attack_model=model if ddp else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -206,6 +236,9 @@ def train_classifier(
             bar.update(1)
             if cfg.progress and step % 20 == 0:  # the only host sync in the loop, and a rare one
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        if ddp:  # the epoch's figures over every rank's slices
+            torch.distributed.all_reduce(loss_sum)
+            torch.distributed.all_reduce(correct)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         row = {
@@ -219,8 +252,13 @@ def train_classifier(
         log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, lr %.4g, %.2f s", desc, epoch + 1, cfg.epochs,
                  row["loss"], row["train_acc"], row["lr"], row["seconds"])
         bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}")
+        if checkpoint is not None and epoch + 1 < cfg.epochs and distributed.is_main():
+            tensors, meta = pack(**state)
+            checkpoint.save(epoch + 1, tensors, meta | {"scheduler": sched.state_dict(), "history": history})
+        if on_epoch is not None:
+            on_epoch(row)
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + sum(h["seconds"] for h in history[:first])
     model.eval()
     metrics: dict = {}
     if eval_data is not None:

@@ -65,6 +65,7 @@ from benchmark.data import augment
 from benchmark.errors import BenchError, CheckpointError
 from benchmark.io import artifact_key
 from benchmark.registry import DEFENSES
+from benchmark.resume import pack, unpack
 from defenses.base import Defense, FitResult
 
 
@@ -453,12 +454,24 @@ class DIR(Defense):
         gen = torch.Generator().manual_seed(seed + 1)
         aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
         history = []
-        bar = tqdm(total=total_steps, desc="dir main", disable=not cfg.progress, leave=False, dynamic_ncols=True)
+        first = 0
+        # Per-epoch state (set by the runner): a killed main training resumes after its last epoch.
+        ckpt = getattr(self, "epoch_checkpoint", None)
+        state = {"modules": {"net": self.net, **({"classifier": classifier} if joint else {})},
+                 "optimizers": {"sgd": opt},
+                 "gens": {"shuffle": gen, "augment": aug_gen, "masks": self._gen(device)}}
+        if ckpt is not None and (saved := ckpt.load()) is not None:
+            first, tensors, meta = saved
+            unpack(tensors, meta, **state)
+            sched.load_state_dict(meta["scheduler"])
+            history = meta["history"]
+        bar = tqdm(total=total_steps, initial=first * steps_per_epoch, desc="dir main", disable=not cfg.progress,
+                   leave=False, dynamic_ncols=True)
 
         def defended(z: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
             return classifier(self.restore(z, masks)).float()
 
-        for epoch in range(cfg.epochs):
+        for epoch in range(first, cfg.epochs):
             t0 = time.perf_counter()
             total = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -501,6 +514,11 @@ class DIR(Defense):
             history.append({"phase": "main", "epoch": epoch + 1, "loss": float(total) / len(data),
                             "robust_train_acc": float(correct) / len(data), "seconds": time.perf_counter() - t0})
             _check_finite(history[-1], self)
+            if ckpt is not None and epoch + 1 < cfg.epochs:
+                tensors, meta = pack(**state)
+                ckpt.save(epoch + 1, tensors, meta | {"scheduler": sched.state_dict(), "history": history})
+            if (hook := getattr(self, "on_epoch", None)) is not None:
+                hook(history[-1])
         bar.close()
         if joint:
             classifier.eval()

@@ -116,45 +116,78 @@ def test_worst_case_and_bold_best():
 KILL_CFG = {
     **{k: v for k, v in BASE.items() if k not in ("defenses", "attacks", "targets", "eval")},
     "name": "kill-test",
-    "eval": {"n": 300, "batch_size": 100},
+    "eval": {"n": 200, "batch_size": 100,
+             "checks": {"n": 50, "steps": 5, "more_steps": 15, "eps_multipliers": [4.0], "square_queries": 100}},
     "targets": [{"name": "nat", "arch": "small-cnn",
-                 "train": {"method": "natural", "epochs": 1, "batch_size": 128, "lr": 0.05, "progress": False}}],
+                 "train": {"method": "at", "epochs": 4, "batch_size": 64, "lr": 0.05, "eps": 0.1,
+                           "step_size": 0.025, "attack_steps": 2, "augment": False, "progress": False}}],
     "defenses": [{"name": "none"}],
     "attacks": [{"name": "clean"}] + [
         {"name": f"pgd{i}", "attack": "pgd", "params": {"steps": 30 + i, "step_size": 0.01}} for i in range(6)],
 }
 
 
-def test_sigkill_mid_run_then_resume_recomputes_nothing_finished(tmp_path):
+def _files_are_sound(out):
+    """After a kill: every record and checks file that exists verifies (temp files may remain)."""
+    from benchmark.masking import valid_checks
+
+    for p in (out / "records").glob("*.json") if (out / "records").is_dir() else []:
+        assert valid_record(p) is not None, p
+    for p in (out / "checks").glob("*.json") if (out / "checks").is_dir() else []:
+        assert valid_checks(p) is not None, p
+    for p in out.rglob("*.tmp"):  # a killed atomic write may leave a temp file, never a partial result
+        assert p.name.startswith(".")
+
+
+def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(tmp_path):
+    import random
+
+    rng = random.Random(int(os.environ.get("PURIFYBENCH_KILL_SEED", "0")))
     cfg = _write(tmp_path, KILL_CFG)
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "run", str(cfg), "--out", str(out), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            done = list((out / "records").glob("*.json")) if (out / "records").is_dir() else []
-            if len(done) >= 2 or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    before = {p.name: (p.stat().st_mtime_ns, read_record(p)["created"]) for p in (out / "records").glob("*.json")}
-    assert 2 <= len(before) < 7, "the run should have been killed mid-way"
-    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
-    for p in leftovers:  # a killed atomic write may leave a temp file, never a partial record
-        assert not p.name.endswith(".json")
+    # Kill points: during the target's training (a per-epoch state must be resumed), then after
+    # a random number of finished cells, each after a random extra delay.
+    plan = [("training", 1), ("cells", rng.randint(1, 3)), ("cells", rng.randint(4, 6))]
+    finished: dict[str, tuple] = {}
+    resumed = False
+    for what, k in plan:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        deadline = time.time() + 300
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                if what == "training":
+                    partial = list((out / "artifacts").rglob("state.json")) if (out / "artifacts").is_dir() else []
+                    if partial:
+                        break
+                elif (out / "records").is_dir() and len(list((out / "records").glob("*.json"))) >= k:
+                    break
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.1 if what == "training" else 0.3))
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+        resumed = resumed or "resuming after epoch" in err
+        _files_are_sound(out)
+        for p in (out / "records").glob("*.json") if (out / "records").is_dir() else []:
+            finished.setdefault(p.name, (p.stat().st_mtime_ns, read_record(p)["created"]))
+    assert resumed, "the second start should have resumed the target's training from its epoch state"
+    assert len(finished) < 7, "the runs should have been killed before the end"
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    plan_ids = {c["cell_id"] for c in json.loads((out / "plan.json").read_text())["cells"]}
     records = sorted((out / "records").glob("*.json"))
-    assert len(records) == 7
+    assert {p.stem for p in records} == plan_ids and len(records) == 7  # none lost, none extra
     for p in records:
-        assert valid_record(p) is not None
-    for name, (mtime, created) in before.items():
+        rec = valid_record(p)
+        assert rec is not None and rec["n"] == 200
+    for name, (mtime, created) in finished.items():  # finished cells are never recomputed
         p = out / "records" / name
         assert p.stat().st_mtime_ns == mtime and read_record(p)["created"] == created
+    assert len(list((out / "checks").glob("*.json"))) == 1
+    assert not list((out / "artifacts").rglob("*.partial"))  # the epoch state is gone once the artifact exists
+    assert len(list((out / "artifacts").rglob("*.safetensors"))) == 1
 
 
 def test_corrupt_record_is_recomputed(tmp_path):

@@ -1,0 +1,234 @@
+"""Gradient-masking checks, run per row (dataset, target, defense) of the matrix.
+
+The checklist of Carlini et al. (2019, "On evaluating adversarial robustness"),
+automated in the spirit of AutoAttack's ``checks.py``, on the first ``n``
+examples of the row's evaluation subset and on the defended model exactly as the
+row's attacks see it (BPDA where the defense declares it):
+
+* ``zero-grad``: zero or non-finite input gradients at the clean images;
+* ``steps``: PGD with more steps must not leave more images robust than PGD with few;
+* ``eps``: robust accuracy must fall as eps grows (a short sweep), towards chance
+  at the largest eps;
+* ``square``: a gradient-free attack (Square, from pyautoattack) must not beat the
+  white-box attacks (the per-sample worst case of the two PGD runs above);
+* ``eot`` (stochastic defenses): doubling the EOT samples must not lower robust
+  accuracy further (if it does, the EOT attacks of the row are not converged). The
+  spread of robust accuracy over repeated evaluations is recorded alongside.
+
+Differences are flagged only beyond sampling noise (:func:`tolerance`). Every
+attack goes through the checking harness. The result is one checksummed JSON file
+per row, ``checks/<row>.json``; the results tables show its flags as a column.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from attacks.base import Threat
+from benchmark.config import require, subkey
+from benchmark.harness import gradient_check, run_attack
+from benchmark.io import atomic_write_text
+from benchmark.records import checksum
+
+SCHEMA = "purifybench-checks/1"
+FLAGS = ("zero-grad", "steps", "eps", "square", "eot")
+LEGEND = ("Checks: gradient-masking checks on the first examples of the subset (Carlini et al. 2019; "
+          "checks.md has the figures): ok = none failed; zero-grad = zero or non-finite input gradients; "
+          "steps = more PGD steps left more images robust; eps = accuracy did not fall towards chance as eps grew; "
+          "square = the gradient-free Square attack beat the white-box attacks; eot = more EOT samples lowered "
+          "accuracy further; n/a = not run.")
+
+
+@dataclass
+class ChecksSpec:
+    enabled: bool = True
+    n: int = 100  # examples: the first n of each row's evaluation subset
+    steps: int = 10  # PGD steps of the base run (step size 2.5 eps / steps)
+    more_steps: int = 50  # ... and of the longer run that must not do worse
+    eps_multipliers: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])  # the sweep, times eps (capped at 1)
+    square_queries: int = 1000
+    eot: int = 4  # stochastic defenses: EOT-PGD with eot and with 2 * eot samples
+    repeats: int = 3  # stochastic defenses: PGD evaluations whose spread is recorded
+
+    def validate(self, where: str) -> None:
+        require(self.n >= 1, subkey(where, "n"), f"must be >= 1, got {self.n}")
+        require(self.steps >= 1, subkey(where, "steps"), f"must be >= 1, got {self.steps}")
+        require(self.more_steps > self.steps, subkey(where, "more_steps"),
+                f"must be larger than steps ({self.steps}), got {self.more_steps}")
+        require(len(self.eps_multipliers) >= 1 and all(m > 1 for m in self.eps_multipliers),
+                subkey(where, "eps_multipliers"), f"must list numbers > 1, got {self.eps_multipliers}")
+        require(self.square_queries >= 1, subkey(where, "square_queries"), "must be >= 1")
+        require(self.eot >= 1, subkey(where, "eot"), f"must be >= 1, got {self.eot}")
+        require(self.repeats >= 1, subkey(where, "repeats"), f"must be >= 1, got {self.repeats}")
+
+
+def tolerance(p1: float, p2: float, m: int, stochastic: bool) -> float:
+    """How far two accuracies on the same m images may differ by chance: two images (random starts
+    of PGD move a few borderline images), plus, for a stochastic defense, 1.96 standard errors of the
+    difference of two independent re-scorings."""
+    tol = max(0.02, 2.0 / m)
+    if stochastic:
+        tol += 1.96 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / m)
+    return tol
+
+
+def _pgd(steps: int, eps: float, eot: int = 1):
+    from benchmark.registry import ATTACKS
+
+    step_size = min(1.0, 2.5 * eps / steps)
+    if eot == 1:
+        return ATTACKS.get("pgd")(where="checks", steps=steps, step_size=step_size)
+    return ATTACKS.get("eot-pgd")(where="checks", steps=steps, step_size=step_size, eot=eot)
+
+
+def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: ChecksSpec, *,
+               seed: int = 0, batch_size: int | str = 500, engine=None) -> dict:
+    """Every check on images ``x`` (float in [0,1], on the model's device): figures and flags."""
+    from benchmark.registry import ATTACKS
+
+    m = len(x)
+    stochastic = bool(getattr(model, "stochastic", False))
+    t0 = time.perf_counter()
+    passes = {"forwards": 0, "backwards": 0}
+
+    def attack(a, eps=threat.eps, s=seed):
+        out = run_attack(a, model, x, y, Threat(threat.norm, eps), batch_size=batch_size, seed=s, engine=engine)
+        passes["forwards"] += out.forwards
+        passes["backwards"] += out.backwards
+        return out
+
+    results: dict = {"n": m, "stochastic": stochastic}
+    flags: list[str] = []
+
+    grad = gradient_check(model, x, y)
+    results["gradient"] = grad
+    if grad["masked"]:
+        flags.append("zero-grad")
+
+    clean = attack(ATTACKS.get("clean")())
+    few, more = attack(_pgd(spec.steps, threat.eps)), attack(_pgd(spec.more_steps, threat.eps))
+    tol = tolerance(few.accuracy, more.accuracy, m, stochastic)
+    results["steps"] = {"clean": clean.accuracy, "steps": [spec.steps, spec.more_steps],
+                        "accuracy": [few.accuracy, more.accuracy], "tolerance": tol,
+                        "failed": more.accuracy > few.accuracy + tol}
+    if results["steps"]["failed"]:
+        flags.append("steps")
+
+    whitebox = few.correct & more.correct
+    wb_acc = float(whitebox.float().mean())
+    classes = None
+    sweep_eps, sweep_acc = [threat.eps], [few.accuracy]
+    for k in spec.eps_multipliers:
+        eps_k = min(1.0, threat.eps * k)
+        sweep_eps.append(eps_k)
+        sweep_acc.append(attack(_pgd(spec.steps, eps_k), eps=eps_k).accuracy)
+    with torch.no_grad():
+        classes = int(model(x[:1]).shape[1])
+    chance = 1.0 / classes
+    rises = [b - a for a, b in zip(sweep_acc, sweep_acc[1:])]
+    eps_tol = tolerance(sweep_acc[0], sweep_acc[-1], m, stochastic)
+    eps_failed = sweep_acc[-1] > chance + 0.1 or any(r > eps_tol for r in rises)
+    results["eps"] = {"eps": sweep_eps, "accuracy": sweep_acc, "chance": chance, "tolerance": eps_tol,
+                      "failed": eps_failed}
+    if eps_failed:
+        flags.append("eps")
+
+    square = attack(ATTACKS.get("square")(where="checks", n_queries=spec.square_queries, seed=seed))
+    sq_tol = tolerance(square.accuracy, wb_acc, m, stochastic)
+    results["square"] = {"queries": spec.square_queries, "accuracy": square.accuracy, "whitebox_accuracy": wb_acc,
+                         "beaten_only_by_square": int((whitebox & ~square.correct).sum()), "tolerance": sq_tol,
+                         "failed": square.accuracy < wb_acc - sq_tol}
+    if results["square"]["failed"]:
+        flags.append("square")
+
+    if stochastic:
+        repeats = [few.accuracy] + [attack(_pgd(spec.steps, threat.eps), s=seed + r).accuracy
+                                    for r in range(1, spec.repeats)]
+        e1 = attack(_pgd(spec.steps, threat.eps, eot=spec.eot)).accuracy
+        e2 = attack(_pgd(spec.steps, threat.eps, eot=2 * spec.eot)).accuracy
+        eot_tol = tolerance(e1, e2, m, stochastic)
+        results["eot"] = {"repeats": repeats, "spread": max(repeats) - min(repeats),
+                          "std": float(torch.tensor(repeats).std()) if len(repeats) > 1 else 0.0,
+                          "samples": [spec.eot, 2 * spec.eot], "accuracy": [e1, e2], "tolerance": eot_tol,
+                          "failed": e2 < e1 - eot_tol}
+        if results["eot"]["failed"]:
+            flags.append("eot")
+    results["seconds"] = time.perf_counter() - t0
+    results.update(passes)
+    return {"results": results, "flags": flags, "passed": not flags}
+
+
+# -- the per-row file --------------------------------------------------------------------------
+def write_checks(path: Path, record: dict) -> Path:
+    record = dict(record, schema=SCHEMA)
+    record["checksum"] = checksum(record)
+    return atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def valid_checks(path: Path, row_hash: str | None = None) -> dict | None:
+    """The checks file at ``path`` if it parses, verifies its checksum and (optionally) matches the row."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA or record.get("checksum") != checksum(record):
+        return None
+    if row_hash is not None and record.get("row_hash") != row_hash:
+        return None
+    return record
+
+
+def load_checks(run_dir: Path) -> dict[tuple[str, str, str], dict]:
+    """Every valid checks file of a run, keyed by (dataset, target, defense)."""
+    out = {}
+    for p in sorted((Path(run_dir) / "checks").glob("*.json")):
+        rec = valid_checks(p)
+        if rec is not None:
+            row = rec["row"]
+            out[(row["dataset"], row["target"], row["defense"])] = rec
+    return out
+
+
+def flag_text(check: dict | None, cell_masked: bool = False) -> str:
+    """The table's Checks cell: failed checks by name, ``ok``, or ``n/a`` when not run."""
+    flags = list(check["flags"]) if check else []
+    if cell_masked and "zero-grad" not in flags:  # a cell's own gradient check (every gradient attack runs one)
+        flags.insert(0, "zero-grad")
+    if flags:
+        return ", ".join(f for f in FLAGS if f in flags)
+    return "ok" if check else "n/a"
+
+
+def checks_markdown(checks: dict[tuple[str, str, str], dict]) -> str:
+    """The figures behind the flags, one line per row."""
+    out = ["# Gradient-masking checks\n", LEGEND, "",
+           "| Dataset | Target | Defense | n | Flags | Zero grad | PGD few / more | eps sweep | Square / white-box "
+           "| EOT E / 2E | Spread |",
+           "|---|---|---|---:|---|---:|---|---|---|---|---:|"]
+
+    def pct(v):
+        return f"{100 * v:.1f}"
+
+    for (ds, target, defense), rec in checks.items():
+        r = rec["results"]
+        eot = r.get("eot")
+        out.append(" | ".join([
+            f"| {ds}", target, defense, str(r["n"]), flag_text(rec),
+            pct(r["gradient"]["zero_gradient_fraction"]) if r["gradient"]["finite"] else "non-finite",
+            " / ".join(pct(a) for a in r["steps"]["accuracy"]),
+            " > ".join(f"{pct(a)}" for a in r["eps"]["accuracy"]) + f" (eps x1..x{r['eps']['eps'][-1] / r['eps']['eps'][0]:g})",
+            f"{pct(r['square']['accuracy'])} / {pct(r['square']['whitebox_accuracy'])}",
+            " / ".join(pct(a) for a in eot["accuracy"]) if eot else "-",
+            pct(eot["spread"]) if eot else "-",
+        ]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def spec_dict(spec: ChecksSpec) -> dict:
+    return asdict(spec)

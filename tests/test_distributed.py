@@ -1,0 +1,88 @@
+"""torchrun on the CPU (gloo, 2 processes): the sharded run writes the same records as a single
+process, stochastic defenses included, with the target trained by DistributedDataParallel."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmark.records import valid_record
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CFG = {
+    "name": "ddp-test", "profile": "smoke", "seed": 0, "device": "cpu",
+    "datasets": [{"name": "digits", "n_train": 512, "options": {"size": 16}}],
+    "threat": {"eps": 0.1, "step_size": 0.025},
+    "eval": {"n": 100, "batch_size": 25,
+             "checks": {"n": 25, "steps": 2, "more_steps": 4, "eps_multipliers": [4.0], "square_queries": 20,
+                        "eot": 1, "repeats": 2}},
+    "targets": [{"name": "at", "arch": "small-cnn",
+                 "train": {"method": "at", "epochs": 1, "batch_size": 64, "lr": 0.05, "augment": False,
+                           "eps": 0.1, "step_size": 0.025, "attack_steps": 1, "progress": False}}],
+    "defenses": [{"name": "none"},
+                 {"name": "ME-Net", "defense": "menet",
+                  "train": {"epochs": 1, "batch_size": 64, "lr": 0.01, "init": "target", "augment": False,
+                            "eps": 0.1, "step_size": 0.025}}],
+    "attacks": [{"name": "clean"}, {"name": "pgd", "params": {"steps": 3, "step_size": 0.025}},
+                {"name": "eot-pgd", "params": {"steps": 2, "step_size": 0.025, "eot": 2}}],
+}
+
+
+def _cli(out, cfg, torchrun: bool):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] \
+        if torchrun else [sys.executable]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd + [str(ROOT / "run_benchmark.py"), "run", str(cfg), "--out", str(out), "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _records(out):
+    return {p.stem: valid_record(p) for p in sorted((out / "records").glob("*.json"))}
+
+
+@pytest.mark.skipif(not shutil.which("true"), reason="needs a POSIX shell")
+def test_torchrun_two_cpu_ranks_equal_one_process(tmp_path):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(CFG))
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _cli(single, cfg_path, torchrun=False)
+    # the same trained target in both runs, so that the comparison is of the sharded evaluation
+    shutil.copytree(single / "artifacts", multi / "artifacts")
+    _cli(multi, cfg_path, torchrun=True)
+    one, two = _records(single), _records(multi)
+    assert set(one) == set(two) and len(one) == 6
+    for cell, rec in one.items():
+        other = two[cell]
+        assert other is not None and other["ranks"] == 2 and "ranks" not in rec
+        assert other["correct"] == rec["correct"], cell  # per-sample identical, ME-Net's randomness included
+        assert (other["forwards"], other["backwards"]) == (rec["forwards"], rec["backwards"]), cell
+        assert other.get("gradient_check") == rec.get("gradient_check"), cell
+    checks = sorted((multi / "checks").glob("*.json"))
+    assert len(checks) == 2  # written once, by rank 0
+    assert not list(multi.rglob("*.tmp"))
+    assert "| Checks |" in (multi / "tables" / "results.md").read_text()
+
+
+def test_torchrun_trains_the_target_with_ddp(tmp_path):
+    cfg = json.loads(json.dumps(CFG))
+    cfg["defenses"] = [{"name": "none"}]
+    cfg["attacks"] = [{"name": "clean"}]
+    cfg["eval"]["checks"] = {"enabled": False}
+    cfg["targets"][0]["train"].update(epochs=4, lr=0.1)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    r = _cli(out, cfg_path, torchrun=True)
+    assert r.stderr.count("training small-cnn") == 1 and "(DDP over 2 ranks)" in r.stderr  # rank 0 reports
+    targets = list((out / "artifacts" / "targets").glob("*.safetensors"))
+    assert len(targets) == 1
+    rec = next(iter(_records(out).values()))
+    assert rec["accuracy"] > 0.5  # the DDP-trained target learned

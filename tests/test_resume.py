@@ -1,0 +1,110 @@
+"""Per-epoch training checkpoints: a training interrupted after an epoch resumes there and ends
+with exactly the weights of an uninterrupted run (CPU); a state that fails its checks is ignored."""
+
+import pytest
+import torch
+
+from benchmark.models import create_model
+from benchmark.resume import EpochCheckpoint
+from benchmark.training import TrainConfig, train_classifier
+
+CFG = TrainConfig(method="at", epochs=3, batch_size=64, lr=0.05, eps=0.1, step_size=0.025, attack_steps=2,
+                  augment=True, progress=False)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _model(train):
+    torch.manual_seed(5)
+    return create_model("small-cnn", in_channels=1, mean=train.mean, std=train.std)
+
+
+@pytest.fixture(scope="module")
+def train(digits_train):
+    return digits_train.subset(320, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(train):
+    model = _model(train)
+    result = train_classifier(model, train, CFG, torch.device("cpu"))
+    return model.state_dict(), result
+
+
+def _stop_after(k):
+    def hook(row):
+        if row["epoch"] == k:
+            raise Interrupted
+
+    return hook
+
+
+@pytest.mark.parametrize("stop", [1, 2])
+def test_resumed_training_equals_the_uninterrupted_one(tmp_path, train, reference, stop):
+    ckpt = EpochCheckpoint(tmp_path / "partial", key="k1")
+    with pytest.raises(Interrupted):
+        train_classifier(_model(train), train, CFG, torch.device("cpu"), checkpoint=ckpt, on_epoch=_stop_after(stop))
+    assert ckpt.load()[0] == stop
+    assert len(list((tmp_path / "partial").glob("epoch-*.safetensors"))) == 1  # older epochs are removed
+    model = _model(train)
+    torch.manual_seed(123)  # whatever ran in between must not matter
+    epochs_run = []
+    result = train_classifier(model, train, CFG, torch.device("cpu"), checkpoint=ckpt,
+                              on_epoch=lambda row: epochs_run.append(row["epoch"]))
+    assert epochs_run == list(range(stop + 1, CFG.epochs + 1))
+    ref_state, ref_result = reference
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref_state[k]), k
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in ref_result.history]
+
+
+def test_a_state_of_another_training_or_with_a_bad_hash_is_ignored(tmp_path, train):
+    ckpt = EpochCheckpoint(tmp_path / "partial", key="k1")
+    with pytest.raises(Interrupted):
+        train_classifier(_model(train), train, CFG, torch.device("cpu"), checkpoint=ckpt, on_epoch=_stop_after(1))
+    assert EpochCheckpoint(tmp_path / "partial", key="other").load() is None
+    tensors = next((tmp_path / "partial").glob("epoch-*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:-10])  # truncated
+    assert ckpt.load() is None
+    (tmp_path / "partial" / "state.json").write_text("{not json")
+    assert ckpt.load() is None
+    seen = []
+    train_classifier(_model(train), train, CFG, torch.device("cpu"), checkpoint=ckpt,
+                     on_epoch=lambda row: seen.append(row["epoch"]))
+    assert seen == [1, 2, 3]  # started over
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_dir_main_training_resumes_after_a_kill_with_identical_weights(tmp_path, trained_pair, digits_train, joint):
+    from defenses.dir import DIR, DIRTrain
+
+    tiny = dict(image_size=16, in_channels=1, embed_dim=32, depth=1, num_heads=2, decoder_depth=1,
+                joint_classifier=joint)
+    clf = trained_pair["at"][0]
+    data = digits_train.subset(128, seed=0)
+    cfg = DIRTrain(pretrain_epochs=0, epochs=3, batch_size=64, eps=0.1, step_size=0.025, attack_steps=1,
+                   rep_steps=1, augment=True, progress=False, classifier_lr=0.05)
+
+    def fresh():
+        torch.manual_seed(0)
+        d = DIR(**tiny)
+        d.attach_classifier(clf)
+        return d
+
+    ref = fresh()
+    ref.fit(clf, data, torch.device("cpu"), cfg, seed=0)
+    killed = fresh()
+    killed.epoch_checkpoint = EpochCheckpoint(tmp_path / "dir.partial", "dir-k")
+    killed.on_epoch = _stop_after(2)
+    with pytest.raises(Interrupted):
+        killed.fit(clf, data, torch.device("cpu"), cfg, seed=0)
+    resumed = fresh()
+    resumed.epoch_checkpoint = EpochCheckpoint(tmp_path / "dir.partial", "dir-k")
+    seen = []
+    resumed.on_epoch = lambda row: seen.append(row["epoch"])
+    result = resumed.fit(clf, data, torch.device("cpu"), cfg, seed=0)
+    assert seen == [3] and len([h for h in result.history if h.get("phase") == "main"]) == 3
+    for (k, v), w in zip(resumed.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(v, w), k
