@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,8 +33,8 @@ import torch
 from attacks.base import Threat
 from benchmark.config import require, subkey
 from benchmark.harness import gradient_check, run_attack
-from benchmark.io import atomic_write_text
-from benchmark.records import checksum
+from benchmark.records import checksum, write_record
+from benchmark.registry import ATTACKS
 
 SCHEMA = "purifybench-checks/1"
 FLAGS = ("zero-grad", "steps", "eps", "square", "eot")
@@ -79,8 +79,6 @@ def tolerance(p1: float, p2: float, m: int, stochastic: bool) -> float:
 
 
 def _pgd(steps: int, eps: float, eot: int = 1):
-    from benchmark.registry import ATTACKS
-
     step_size = min(1.0, 2.5 * eps / steps)
     if eot == 1:
         return ATTACKS.get("pgd")(where="checks", steps=steps, step_size=step_size)
@@ -90,8 +88,6 @@ def _pgd(steps: int, eps: float, eot: int = 1):
 def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: ChecksSpec, *,
                seed: int = 0, batch_size: int | str = 500, engine=None) -> dict:
     """Every check on images ``x`` (float in [0,1], on the model's device): figures and flags."""
-    from benchmark.registry import ATTACKS
-
     m = len(x)
     stochastic = bool(getattr(model, "stochastic", False))
     t0 = time.perf_counter()
@@ -122,7 +118,6 @@ def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: Ch
 
     whitebox = few.correct & more.correct
     wb_acc = float(whitebox.float().mean())
-    classes = None
     sweep_eps, sweep_acc = [threat.eps], [few.accuracy]
     for k in spec.eps_multipliers:
         eps_k = min(1.0, threat.eps * k)
@@ -166,9 +161,7 @@ def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: Ch
 
 # -- the per-row file --------------------------------------------------------------------------
 def write_checks(path: Path, record: dict) -> Path:
-    record = dict(record, schema=SCHEMA)
-    record["checksum"] = checksum(record)
-    return atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    return write_record(path, record, schema=SCHEMA)
 
 
 def valid_checks(path: Path, row_hash: str | None = None) -> dict | None:
@@ -228,7 +221,3 @@ def checks_markdown(checks: dict[tuple[str, str, str], dict]) -> str:
             pct(eot["spread"]) if eot else "-",
         ]) + " |")
     return "\n".join(out) + "\n"
-
-
-def spec_dict(spec: ChecksSpec) -> dict:
-    return asdict(spec)

@@ -32,8 +32,8 @@ def checksum(record: dict) -> str:
     return hashlib.sha256(_canonical(body).encode()).hexdigest()
 
 
-def write_record(path: Path, record: dict[str, Any]) -> Path:
-    record = dict(record, schema=SCHEMA)
+def write_record(path: Path, record: dict[str, Any], schema: str = SCHEMA) -> Path:
+    record = dict(record, schema=schema)
     record["checksum"] = checksum(record)
     return atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
 

@@ -36,7 +36,7 @@ from benchmark.experiment import (
 )
 from benchmark.harness import run_attack
 from benchmark.io import atomic_write_json
-from benchmark.masking import run_checks, spec_dict, valid_checks, write_checks
+from benchmark.masking import run_checks, valid_checks, write_checks
 from benchmark.records import valid_record, write_record
 from benchmark.registry import ATTACKS, DEFENSES
 from benchmark.runtime import resolve_device, versions
@@ -102,7 +102,7 @@ def row_id(ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
 
 
 def checks_hash(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
-    return artifact_key(row_description(cfg, ds, target, defense) | {"checks": spec_dict(cfg.eval.checks)})
+    return artifact_key(row_description(cfg, ds, target, defense) | {"checks": asdict(cfg.eval.checks)})
 
 
 def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
@@ -274,7 +274,7 @@ class Runner:
                          batch_size=self.cfg.eval.batch_size, engine=self.cfg.eval.engine)
         record = {
             "row": {"dataset": ds.name, "target": target.name, "defense": defense.name},
-            "row_hash": checks_hash(self.cfg, ds, target, defense), "spec": spec_dict(spec),
+            "row_hash": checks_hash(self.cfg, ds, target, defense), "spec": asdict(spec),
             "threat": {"norm": self.threat.norm, "eps": self.threat.eps}, "dataset_copy": rows.copy,
             "profile": self.cfg.profile, "bpda": defended.bpda,
             "sample_indices": rows.indices.tolist() if rows.indices is not None else None,
