@@ -48,24 +48,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else REPO_ROOT / "results" / cfg.name
     runner = Runner(cfg, out, device=args.device, force=args.force, progress=not args.no_progress,
                     config_path=str(args.config))
-    runner.preflight()  # bad input fails here, before anything is written
-    _setup_logging(out)
-    log.info("run %s (profile %s) on %s -> %s", args.config, cfg.profile, runner.device, out)
-    t0 = time.perf_counter()
-    try:
-        summary = runner.run()
-    finally:
-        from benchmark import distributed
-
-        distributed.shutdown()
-    md = out / "tables" / "results.md"
     from benchmark import distributed
 
+    cluster = _cluster_options(args)
+    if cluster is not None:
+        if distributed.active():
+            raise BenchError("--executor and torchrun do not combine: run the submitting command as one process")
+        cluster.validate()
+    runner.preflight()  # bad input fails here, before anything is written
+    _setup_logging(out)
+    log.info("run %s (profile %s) on %s -> %s%s", args.config, cfg.profile, runner.device, out,
+             f" through the {cluster.executor} executor" if cluster else "")
+    t0 = time.perf_counter()
+    try:
+        if cluster is not None:
+            from benchmark.cluster import submit
+
+            summary = submit(runner, cluster, device=args.device)
+        else:
+            summary = runner.run()
+    finally:
+        distributed.shutdown()
+    md = out / "tables" / "results.md"
     if md.is_file() and distributed.is_main():
         print(md.read_text(encoding="utf-8"), end="")
     log.info("done in %.1f s: %d cells planned, %d computed; results in %s", time.perf_counter() - t0,
              summary["planned"], summary["computed"], out)
+    if summary.get("busy"):
+        log.warning("%d cells or checks were left to other workers that hold their locks: %s; run `report` "
+                    "(or this command again) once they finish", len(summary["busy"]), ", ".join(summary["busy"]))
+    if summary.get("failed"):
+        raise BenchError(f"{len(summary['failed'])} cluster task(s) failed: " + "; ".join(summary["failed"]))
     return 0
+
+
+def _cluster_options(args: argparse.Namespace):
+    given = {k: getattr(args, k) for k in ("partition", "jobs", "array_parallelism", "time_min", "gpus_per_job",
+                                           "cpus_per_job", "mem_gb", "slurm_arg") if getattr(args, k) is not None}
+    if args.executor is None:
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise BenchError(f"{flag} needs --executor slurm or --executor local")
+        return None
+    from benchmark.cluster import ClusterOptions, parse_slurm_args
+
+    return ClusterOptions(
+        executor=args.executor, partition=args.partition, jobs=args.jobs, array_parallelism=args.array_parallelism,
+        timeout_min=args.time_min if args.time_min is not None else 24 * 60, gpus_per_job=args.gpus_per_job,
+        cpus_per_job=args.cpus_per_job, mem_gb=args.mem_gb, slurm_args=parse_slurm_args(args.slurm_arg))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -186,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n-eval", type=int, help="number of test examples (overrides eval.n)")
     r.add_argument("--force", action="store_true", help="recompute cells that already have a record")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c = r.add_argument_group("cluster (submitit): job arrays for targets, then defenses, then cells")
+    c.add_argument("--executor", choices=["slurm", "local"],
+                   help="submit the matrix as job arrays on Slurm, or run the same path on this machine")
+    c.add_argument("--partition", help="Slurm partition")
+    c.add_argument("--jobs", type=int, help="array elements per stage at most (default: slurm one per "
+                                            "artifact or row, local 1)")
+    c.add_argument("--array-parallelism", type=int, help="Slurm: array elements running at once")
+    c.add_argument("--time-min", type=int, help="time limit of each job in minutes (default 1440)")
+    c.add_argument("--gpus-per-job", type=int, help="default: 1 on Slurm (0 with --device cpu), 0 locally")
+    c.add_argument("--cpus-per-job", type=int, help="CPUs per job, also torch's thread count")
+    c.add_argument("--mem-gb", type=float, help="memory per job")
+    c.add_argument("--slurm-arg", action="append", metavar="KEY=VALUE",
+                   help="extra sbatch option, e.g. account=abc or qos=high (repeatable)")
     r.set_defaults(func=cmd_run)
 
     rp = sub.add_parser("report", help="(re)build the tables and the report (adaptive table, paper comparison, "

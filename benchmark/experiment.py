@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from benchmark.config import ConfigError, from_dict, load_yaml, require, subkey
 from benchmark.data import load_dataset
 from benchmark.errors import BenchError, CheckpointError
 from benchmark.io import artifact_key
+from benchmark.locks import OwnerLock
 from benchmark.masking import ChecksSpec
 from benchmark.models import create_model
 from benchmark.registry import ATTACKS, DATASETS, DEFENSES, MODELS
@@ -290,15 +292,47 @@ def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, d
         return model, card, True
     key = target_key(ds, target, cfg.seed)
     stem = artifacts / "targets" / f"{ds.name}-{target.name}-{key}"
-    if stem.with_name(stem.name + ".json").is_file():
-        try:
-            model, card = load_checkpoint(stem, device)
-            log.info("target %s/%s: reusing %s", ds.name, target.name, stem.name)
-            return model, card, True
-        except CheckpointError as exc:
-            log.warning("target %s/%s: cached artifact rejected (%s); retraining", ds.name, target.name, exc)
+
+    def cached():
+        if stem.with_name(stem.name + ".json").is_file():
+            try:
+                model, card = load_checkpoint(stem, device)
+                log.info("target %s/%s: reusing %s", ds.name, target.name, stem.name)
+                return model, card, True
+            except CheckpointError as exc:
+                log.warning("target %s/%s: cached artifact rejected (%s); retraining", ds.name, target.name, exc)
+        return None
+
+    if (found := cached()) is not None:
+        return found
     if not train:
         raise BenchError(f"target {ds.name}/{target.name}: no trained artifact {stem}.json in the run")
+    with _artifact_lock(stem.with_name(stem.name + ".lock"), f"target {ds.name}/{target.name}"):
+        if (found := cached()) is not None:  # another worker trained it while we waited
+            return found
+        return _train_target(ds, target, cfg, device, key, stem, progress)
+
+
+def _artifact_lock(path: Path, what: str):
+    """One worker trains an artifact; another that needs it waits for it, then loads it. Under
+    torchrun rank 0 holds the lock for all ranks."""
+    lock = OwnerLock(path)
+
+    @contextmanager
+    def held():
+        if distributed.is_main():
+            lock.wait(on_wait=lambda owner: log.info("%s: another worker (%s) is training it; waiting", what, owner))
+        distributed.barrier()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    return held()
+
+
+def _train_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, device: torch.device, key: str,
+                  stem: Path, progress: bool) -> tuple[torch.nn.Module, dict, bool]:
     train = load_dataset(ds.name, "train", n=ds.n_train, seed=cfg.seed, root=ds.root,
                          download=ds.download, **ds.options)
     # Initial weights from a seed of their own: whatever ran before (other cells, other targets)
@@ -359,20 +393,38 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
     if not defense.trainable:
         return defense.to(device).eval(), None
     stem = artifacts / "defenses" / f"{ds.name}-{spec.name}-{key}"
-    if not stem.with_name(stem.name + ".json").is_file():  # another row with the same training (NRP-dynamic)
-        same = sorted(stem.parent.glob(f"{ds.name}-*-{key}.json"))
-        if same:
-            stem = same[0].with_suffix("")
-    if stem.with_name(stem.name + ".json").is_file():
-        try:
-            state, card = load_verified_state(stem, "defense")
-            load_into(defense, state, f"defense artifact {stem}")
-            log.info("defense %s/%s: reusing %s", ds.name, spec.name, stem.name)
-            return defense.to(device).eval(), card
-        except CheckpointError as exc:
-            log.warning("defense %s/%s: cached artifact rejected (%s); retraining", ds.name, spec.name, exc)
+
+    def cached():
+        found = stem
+        if not found.with_name(found.name + ".json").is_file():  # another row with the same training (NRP-dynamic)
+            same = sorted(stem.parent.glob(f"{ds.name}-*-{key}.json"))
+            if same:
+                found = same[0].with_suffix("")
+        if found.with_name(found.name + ".json").is_file():
+            try:
+                state, card = load_verified_state(found, "defense")
+                load_into(defense, state, f"defense artifact {found}")
+                log.info("defense %s/%s: reusing %s", ds.name, spec.name, found.name)
+                return defense.to(device).eval(), card
+            except CheckpointError as exc:
+                log.warning("defense %s/%s: cached artifact rejected (%s); retraining", ds.name, spec.name, exc)
+        return None
+
+    if (found := cached()) is not None:
+        return found
     if not train:
         raise BenchError(f"defense {ds.name}/{spec.name}: no trained artifact {stem}.json in the run")
+    # locked by key: rows that share one training (NRP and NRP-dynamic) wait for each other
+    with _artifact_lock(stem.parent / f"{ds.name}-{key}.lock", f"defense {ds.name}/{spec.name}"):
+        if (found := cached()) is not None:
+            return found
+        return _train_defense(ds, spec, defense, classifier, target_card, cfg, device, artifacts, train_data,
+                              key, stem, progress)
+
+
+def _train_defense(ds: DatasetSpec, spec: DefenseSpec, defense, classifier: torch.nn.Module, target_card: dict,
+                   cfg: ExperimentConfig, device: torch.device, artifacts: Path, train_data, key: str, stem: Path,
+                   progress: bool) -> tuple[Any, dict]:
     train_cfg = from_dict(type(defense).TrainConfig, spec.train, f"defense {spec.name!r} train") \
         if type(defense).TrainConfig is not None else None
     if train_cfg is not None and hasattr(train_cfg, "progress"):

@@ -36,6 +36,7 @@ from benchmark.experiment import (
 )
 from benchmark.harness import run_attack
 from benchmark.io import atomic_write_json
+from benchmark.locks import OwnerLock, owner_info, sweep_stale_locks
 from benchmark.masking import run_checks, valid_checks, write_checks
 from benchmark.records import valid_record, write_record
 from benchmark.registry import ATTACKS, DEFENSES
@@ -126,6 +127,45 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
     return cells
 
 
+class _Builder:
+    """Targets and defenses of one dataset, built (trained, or loaded from the artifact folder) once."""
+
+    def __init__(self, runner: Runner, ds: DatasetSpec, train: bool, train_targets: bool | None = None) -> None:
+        self.runner, self.ds = runner, ds
+        self.train = train
+        self.train_targets = train if train_targets is None else train_targets
+        self.eval_set = runner.eval_sets[ds.name].to(runner.device)
+        self.artifacts = runner.out / "artifacts"
+        self._train_split: ImageData | None = None
+        self._targets: dict[str, tuple] = {}
+
+    def train_data(self) -> ImageData:
+        if self._train_split is None:
+            ds, cfg = self.ds, self.runner.cfg
+            self._train_split = load_dataset(ds.name, "train", n=ds.n_train, seed=cfg.seed, root=ds.root,
+                                             download=ds.download, **ds.options)
+        return self._train_split
+
+    def target(self, name: str) -> tuple:
+        if name not in self._targets:
+            r = self.runner
+            spec = next(t for t in r.cfg.targets if t.name == name)
+            self._targets[name] = prepare_target(self.ds, spec, r.cfg, r.device, self.artifacts,
+                                                 progress=r.progress, train=self.train_targets)[:2]
+        return self._targets[name]
+
+    def defense(self, dspec: DefenseSpec, target: str) -> tuple:
+        r = self.runner
+        trained_on, trained_card = self.target(dspec.trained_against or target)
+
+        def build():
+            return prepare_defense(self.ds, dspec, trained_on, trained_card, r.cfg, r.device, self.artifacts,
+                                   self.train_data, data_shape=(self.eval_set.channels, self.eval_set.image_size[0]),
+                                   progress=r.progress, train=self.train)
+
+        return _on_main_first(build)
+
+
 class Runner:
     def __init__(self, cfg: ExperimentConfig, out: Path, *, device: str | None = None, force: bool = False,
                  progress: bool = True, config_path: str | None = None) -> None:
@@ -168,90 +208,141 @@ class Runner:
             "versions": versions(),
         }
 
+    def write_manifest(self) -> dict:
+        """manifest.json and plan.json of the run folder; stale locks of killed workers removed."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        manifest = self.manifest()
+        atomic_write_json(self.out / "manifest.json", manifest)
+        atomic_write_json(self.out / "plan.json", {"cells": [
+            {"cell_id": c.cell_id, "cell_hash": c.cell_hash, **c.key()} for c in self.cells]})
+        sweep_stale_locks(self.out)
+        return manifest
+
     # -- the run ---------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, *, cells: set[str] | None = None, rows: set[tuple[str, str, str]] | None = None,
+            train: bool = True, tables: bool = True) -> dict:
+        """Compute every pending cell and every row's checks, or only the cells with ids in
+        ``cells`` and the checks of ``rows`` (dataset, target, defense) when given (a cluster
+        worker's share). ``train=False``: artifacts must exist already. A cell or row that
+        another worker holds the lock of is left to it (``busy`` in the summary)."""
         if not self.eval_sets:
             self.preflight()
         main = distributed.is_main()
-        todo = self.pending()
+        pending = self.pending()
+        todo = [c for c in pending if cells is None or c.cell_id in cells]
         # Decided before anything is written, so that every rank of a torchrun run decides the same.
         unchecked_rows = {(ds.name, t.name, d.name) for ds in self.cfg.datasets for t in self.cfg.targets
-                          for d in self.cfg.defenses if self.needs_checks(ds, t, d)}
+                          for d in self.cfg.defenses
+                          if (rows is None or (ds.name, t.name, d.name) in rows) and self.needs_checks(ds, t, d)}
         distributed.barrier()
-        self.out.mkdir(parents=True, exist_ok=True)
-        manifest = self.manifest()
-        if main:
-            atomic_write_json(self.out / "manifest.json", manifest)
-            atomic_write_json(self.out / "plan.json", {"cells": [
-                {"cell_id": c.cell_id, "cell_hash": c.cell_hash, **c.key()} for c in self.cells]})
+        manifest = self.write_manifest() if main else self.manifest()
         log.info("%d cells planned, %d to compute, %d already recorded", len(self.cells), len(todo),
-                 len(self.cells) - len(todo))
+                 len(self.cells) - len(pending))
         todo_ids = {c.cell_id for c in todo}
         bar = tqdm(total=len(todo), desc="matrix", disable=not self.progress or not main, dynamic_ncols=True)
-        artifacts = self.out / "artifacts"
         computed = 0
+        busy: list[str] = []
         failures: list[str] = []
         for ds in self.cfg.datasets:
-            eval_set = self.eval_sets[ds.name].to(self.device)
-            train_cache: dict[str, ImageData] = {}
-
-            def train_data(ds=ds, cache=train_cache):
-                if "train" not in cache:
-                    cache["train"] = load_dataset(ds.name, "train", n=ds.n_train, seed=self.cfg.seed,
-                                                  root=ds.root, download=ds.download, **ds.options)
-                return cache["train"]
-
-            prepared: dict[str, tuple] = {}
-
-            def target_for(name: str, ds=ds, prepared=prepared):
-                if name not in prepared:
-                    spec = next(t for t in self.cfg.targets if t.name == name)
-                    prepared[name] = prepare_target(ds, spec, self.cfg, self.device, artifacts,
-                                                    progress=self.progress)[:2]
-                return prepared[name]
-
+            builder = _Builder(self, ds, train)
             for target in self.cfg.targets:
                 group = [c for c in self.cells if c.dataset is ds and c.target is target and c.cell_id in todo_ids]
                 unchecked = [d for d in self.cfg.defenses if (ds.name, target.name, d.name) in unchecked_rows]
                 if not group and not unchecked:
                     continue
-                classifier, target_card = target_for(target.name)
                 for dspec in self.cfg.defenses:
-                    cells = [c for c in group if c.defense is dspec]
-                    if not cells and dspec not in unchecked:
+                    cells_here = [c for c in group if c.defense is dspec]
+                    if not cells_here and dspec not in unchecked:
                         continue
                     try:
-                        trained_on, trained_card = (target_for(dspec.trained_against) if dspec.trained_against
-                                                    else (classifier, target_card))
-                        def prepare(dspec=dspec, trained_on=trained_on, trained_card=trained_card, ds=ds,
-                                    train_data=train_data, eval_set=eval_set):
-                            return prepare_defense(
-                                ds, dspec, trained_on, trained_card, self.cfg, self.device, artifacts, train_data,
-                                data_shape=(eval_set.channels, eval_set.image_size[0]), progress=self.progress)
-
-                        defense, defense_card = _on_main_first(prepare)
+                        classifier, target_card = builder.target(target.name)
+                        defense, defense_card = builder.defense(dspec, target.name)
                     except BenchError as exc:  # one defense that cannot be trained does not stop the others
-                        log.error("defense %s/%s: %s; its %d cells are skipped", ds.name, dspec.name, exc, len(cells))
+                        log.error("defense %s/%s: %s; its %d cells are skipped", ds.name, dspec.name, exc,
+                                  len(cells_here))
                         failures.append(f"{ds.name}/{target.name}/{dspec.name}: {exc}")
-                        bar.update(len(cells))
+                        bar.update(len(cells_here))
                         continue
                     defended = DefendedModel.for_defense(defense, classifier)
-                    rows = eval_set if dspec.eval_n is None else eval_set.head(dspec.eval_n)
-                    if dspec in unchecked and main:  # the other ranks wait in the row's first cell
-                        self.run_row_checks(ds, target, dspec, defended, rows)
-                    for cell in cells:
-                        self.run_cell(cell, defended, rows, manifest, target_card, defense_card)
-                        computed += 1
+                    data = builder.eval_set if dspec.eval_n is None else builder.eval_set.head(dspec.eval_n)
+                    if dspec in unchecked:
+                        name = row_id(ds, target, dspec)
+                        lock = OwnerLock(self.out / "locks" / f"checks__{name}.lock")
+                        claim = self._claim(lock, lambda ds=ds, t=target, d=dspec: not self.needs_checks(ds, t, d))
+                        if claim == "take":
+                            try:
+                                if main:  # the other ranks wait in the row's first cell
+                                    self.run_row_checks(ds, target, dspec, defended, data)
+                            finally:
+                                lock.release()
+                        elif claim == "busy":
+                            busy.append(f"checks {name}")
+                    for cell in cells_here:
+                        lock = OwnerLock(self.out / "locks" / f"{cell.cell_id}.lock")
+                        claim = self._claim(lock, lambda cell=cell: valid_record(self.record_path(cell),
+                                                                                 cell.cell_hash) is not None)
+                        if claim == "take":
+                            try:
+                                self.run_cell(cell, defended, data, manifest, target_card, defense_card)
+                                computed += 1
+                            finally:
+                                lock.release()
+                        elif claim == "busy":
+                            busy.append(cell.cell_id)
                         bar.update(1)
         bar.close()
         from benchmark.tables import write_tables
 
-        tables = write_tables(self.out) if main else []
+        written = write_tables(self.out) if main and tables else []
         distributed.barrier()
         if failures:
             raise BenchError(f"{len(failures)} defense(s) failed, their cells are missing from the tables "
                              f"(rerun to retry them): " + "; ".join(failures))
-        return {"planned": len(self.cells), "computed": computed, "tables": tables}
+        return {"planned": len(self.cells), "computed": computed, "busy": busy, "tables": written}
+
+    def _claim(self, lock: OwnerLock, done) -> str:
+        """Whether this worker computes a cell (or a row's checks): "take" (rank 0 holds its lock),
+        "done" (another worker finished it since planning) or "busy" (another worker holds the
+        lock). Every rank gets rank 0's answer."""
+        claim = "done"
+        if distributed.is_main() and (self.force or not done()):
+            if not lock.acquire():
+                claim = "busy"
+                log.info("%s: another worker (%s) is computing it; left to it", lock.path.stem,
+                         lock.describe_owner())
+            elif not self.force and done():  # finished between the check and the lock
+                lock.release()
+            else:
+                claim = "take"
+        return distributed.broadcast(claim)
+
+    def build_artifacts(self, targets: list[tuple[str, str]] = (), rows: list[tuple[str, str, str]] = (),
+                        train_targets: bool = True) -> dict:
+        """Train (or verify) the artifacts of ``targets`` (dataset, target) and of the defenses of
+        ``rows`` (dataset, target, defense): the first stages of a cluster run."""
+        if not self.eval_sets:
+            self.preflight()
+        done, failures = [], []
+        for ds in self.cfg.datasets:
+            builder = _Builder(self, ds, train=True, train_targets=train_targets)
+            for d, t in targets:
+                if d == ds.name:
+                    try:
+                        builder.target(t)
+                        done.append(f"{d}/{t}")
+                    except BenchError as exc:
+                        failures.append(f"target {d}/{t}: {exc}")
+            for d, t, name in rows:
+                if d == ds.name:
+                    try:
+                        builder.target(t)
+                        builder.defense(next(x for x in self.cfg.defenses if x.name == name), t)
+                        done.append(f"{d}/{t}/{name}")
+                    except BenchError as exc:
+                        failures.append(f"defense {d}/{t}/{name}: {exc}")
+        for f in failures:
+            log.error("%s", f)
+        return {"built": done, "failed": failures}
 
     # -- gradient-masking checks, once per row --------------------------------------------
     def checks_path(self, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> Path:
@@ -316,7 +407,7 @@ class Runner:
                        "checkpoint_sha256": target_card.get("sha256")},
             "defense_checkpoint_sha256": defense_card.get("sha256") if defense_card else None,
             "defense_training": defense_card.get("fit") if defense_card else None,
-            "manifest": manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "manifest": manifest, "worker": owner_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if not distributed.is_main():
             return record

@@ -2,6 +2,7 @@
 traceback, and nothing written to the results folder."""
 
 import io
+import shutil
 import tarfile
 
 import pytest
@@ -124,6 +125,14 @@ CASES = {
     "report with an unknown preset": (lambda t: ["report", str((t / "records").mkdir() or t), "--preset", "t9"],
                                       "unknown preset"),
     "eval of a missing checkpoint": (lambda t: ["eval", str(t / "missing")], "not found"),
+    # cluster options
+    "--partition without --executor": (lambda t: _run(t) + ["--partition", "gpu"], "--partition needs --executor"),
+    "--executor slurm without sbatch": (lambda t: _run(t) + ["--executor", "slurm"], "sbatch is not on PATH"),
+    "--jobs 0": (lambda t: _run(t) + ["--executor", "local", "--jobs", "0"], "--jobs must be at least 1"),
+    "--slurm-arg with the local executor": (lambda t: _run(t) + ["--executor", "local", "--slurm-arg", "qos=x"],
+                                            "--slurm-arg applies only to --executor slurm"),
+    "--slurm-arg without '='": (lambda t: _run(t) + ["--executor", "slurm", "--slurm-arg", "account"],
+                                "expected KEY=VALUE"),
 }
 
 
@@ -132,6 +141,8 @@ def test_bad_input(tmp_path, capsys, case):
     build, expected = CASES[case]
     if case == "device cuda without CUDA" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    if case == "--executor slurm without sbatch" and shutil.which("sbatch"):
+        pytest.skip("this machine has Slurm")
     argv = build(tmp_path)
     assert main(argv) == 2, case
     err = capsys.readouterr().err.strip()

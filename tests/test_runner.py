@@ -55,7 +55,7 @@ def _artifacts(out):
 def test_matrix_records_tables_and_artifact_reuse(tmp_path):
     out = tmp_path / "run"
     summary = _run(_write(tmp_path, BASE), out)
-    assert summary == {"planned": 6, "computed": 6, "tables": summary["tables"]}
+    assert summary == {"planned": 6, "computed": 6, "busy": [], "tables": summary["tables"]}
     records = load_records(out)
     assert [r["cell"]["defense"] for r in records] == ["none", "none", "den-a", "den-a", "den-b", "den-b"]
     for r in records:

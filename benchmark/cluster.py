@@ -1,0 +1,276 @@
+"""Cluster runs through submitit: the matrix as job arrays on Slurm, or on this machine.
+
+``run_benchmark.py run CONFIG --executor slurm [--partition P]`` plans the run as the plain
+runner does, then submits up to three job arrays, one after the other, all writing to the one
+results folder:
+
+1. ``targets``: one array element per target to train (dataset, target);
+2. ``defenses``: one per trainable defense row (dataset, target, defense), loading the targets;
+3. ``cells``: one per row by default: the row's gradient-masking checks, then its cells, with
+   artifacts loaded, never trained.
+
+``--jobs N`` caps the number of array elements per stage (tasks are split into N contiguous
+shares). Each cell and row is claimed through a lock (``benchmark.locks``), so two workers,
+or a worker and a plain ``run`` on the same folder, never compute the same cell; artifacts are
+locked too, and a worker that needs one being trained waits for it. The submitting process waits
+for each stage, then writes the tables. If it is stopped, the jobs go on; running the same
+command again submits only what is still missing (a cell held by a live worker is left to it).
+
+``--executor local`` runs the same path through submitit's local executor (each array element a
+process on this machine); that is how it is tested. Submitit stores its jobs as pickles in
+``<out>/submitit``: a folder written by this process for itself, never one received from others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmark.errors import BenchError
+from benchmark.experiment import ExperimentConfig
+from benchmark.io import atomic_write_json
+from benchmark.registry import DEFENSES
+
+log = logging.getLogger("purifybench")
+
+EXECUTORS = ("local", "slurm")
+STAGES = ("targets", "defenses", "cells")
+_SLURM_KEY = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+@dataclass
+class ClusterOptions:
+    executor: str
+    partition: str | None = None
+    jobs: int | None = None  # array elements per stage, at most (default: slurm one per task, local 1)
+    array_parallelism: int | None = None  # Slurm: elements of one array running at once
+    timeout_min: int = 24 * 60
+    gpus_per_job: int | None = None  # default: 1 on Slurm unless the device is the CPU; 0 locally
+    cpus_per_job: int | None = None  # also torch's thread count in the worker
+    mem_gb: float | None = None
+    slurm_args: dict[str, str] = field(default_factory=dict)
+    poll_s: float = 2.0
+
+    def validate(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise BenchError(f"--executor {self.executor!r} is not known; allowed: {', '.join(EXECUTORS)}")
+        for name in ("jobs", "array_parallelism", "timeout_min", "cpus_per_job"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.gpus_per_job is not None and self.gpus_per_job < 0:
+            raise BenchError(f"--gpus-per-job must not be negative, got {self.gpus_per_job}")
+        if self.mem_gb is not None and not self.mem_gb > 0:
+            raise BenchError(f"--mem-gb must be positive, got {self.mem_gb}")
+        if self.executor != "slurm":
+            for name, value in (("partition", self.partition), ("array-parallelism", self.array_parallelism),
+                                ("slurm-arg", self.slurm_args or None)):
+                if value is not None:
+                    raise BenchError(f"--{name} applies only to --executor slurm")
+        for key, value in self.slurm_args.items():
+            if not _SLURM_KEY.fullmatch(key) or any(c in str(value) for c in "\n\r\0"):
+                raise BenchError(f"--slurm-arg {key}={value!r}: use KEY=VALUE with a lower-case sbatch option "
+                                 "name (e.g. account=abc, qos=high) and a one-line value")
+        if self.executor == "slurm" and shutil.which("sbatch") is None:
+            raise BenchError("--executor slurm: sbatch is not on PATH (run this on a Slurm login node, "
+                             "or use --executor local)")
+
+
+def parse_slurm_args(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--slurm-arg {item!r}: expected KEY=VALUE (e.g. account=abc)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ----------------------------------------------------------------------------- planning
+def plan_stages(runner) -> dict[str, list[tuple]]:
+    """The tasks of each stage for what is still missing in the run folder."""
+    cfg: ExperimentConfig = runner.cfg
+    pending = runner.pending()
+    rows = {(c.dataset.name, c.target.name, c.defense.name) for c in pending}
+    checks = {(ds.name, t.name, d.name) for ds in cfg.datasets for t in cfg.targets for d in cfg.defenses
+              if runner.needs_checks(ds, t, d)}
+    rows |= checks
+    by_name = {d.name: d for d in cfg.defenses}
+    targets_by_name = {t.name: t for t in cfg.targets}
+    order = {(ds.name, t.name, d.name): i for i, (ds, t, d) in enumerate(
+        (ds, t, d) for ds in cfg.datasets for t in cfg.targets for d in cfg.defenses)}
+    rows_sorted = sorted(rows, key=order.__getitem__)
+
+    needed_targets = set()
+    for ds, t, d in rows_sorted:
+        for name in (t, by_name[d].trained_against):
+            spec = targets_by_name.get(name) if name else None
+            if spec is not None and spec.pretrained is None and spec.checkpoint is None:
+                needed_targets.add((ds, name))
+    t_order = {(ds.name, t.name): i for i, (ds, t) in enumerate(
+        (ds, t) for ds in cfg.datasets for t in cfg.targets)}
+    stage_targets = [("target", ds, t) for ds, t in sorted(needed_targets, key=t_order.__getitem__)]
+    stage_defenses = [("defense", ds, t, d) for ds, t, d in rows_sorted
+                      if by_name[d].checkpoint is None and DEFENSES.get(by_name[d].registered).trainable]
+    stage_cells: list[tuple] = []
+    for row in rows_sorted:
+        if row in checks:
+            stage_cells.append(("checks", *row))
+        stage_cells += [("cell", *row, c.cell_id) for c in pending
+                        if (c.dataset.name, c.target.name, c.defense.name) == row]
+    return {"targets": stage_targets, "defenses": stage_defenses, "cells": stage_cells}
+
+
+def split(stage: str, tasks: list[tuple], jobs: int | None) -> list[list[tuple]]:
+    """Array elements of a stage: one task each (artifacts) or one row each (cells: the row's
+    checks and cells share the loaded defense), then merged into at most ``jobs`` contiguous shares."""
+    units: list[list[tuple]] = []
+    for task in tasks:
+        if stage == "cells" and units and units[-1][-1][1:4] == task[1:4]:
+            units[-1].append(task)
+        else:
+            units.append([task])
+    if jobs is None or len(units) <= jobs:
+        return units
+    return [sum(units[i * len(units) // jobs:(i + 1) * len(units) // jobs], []) for i in range(jobs)]
+
+
+# ----------------------------------------------------------------------------- the worker
+@dataclass
+class Share:
+    """What one array element does (pickled by submitit)."""
+
+    stage: str
+    tasks: list[tuple]
+    cfg: ExperimentConfig
+    out: str
+    device: str | None
+    force: bool
+    threads: int | None
+    config_path: str | None
+
+
+def work(share: Share) -> dict:
+    """The body of one array element: build the artifacts of its tasks, or compute its cells."""
+    import torch
+
+    from benchmark.locks import owner_info
+    from benchmark.runner import Runner
+
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
+    if share.threads:
+        torch.set_num_threads(share.threads)
+    t0 = time.perf_counter()
+    result = {"stage": share.stage, "tasks": len(share.tasks), "worker": owner_info(), "computed": 0,
+              "busy": [], "failed": [], "built": []}
+    try:
+        runner = Runner(share.cfg, Path(share.out), device=share.device, force=share.force, progress=False,
+                        config_path=share.config_path)
+        runner.preflight()
+        if share.stage == "targets":
+            out = runner.build_artifacts(targets=[t[1:] for t in share.tasks])
+            result.update(built=out["built"], failed=out["failed"])
+        elif share.stage == "defenses":
+            out = runner.build_artifacts(rows=[t[1:] for t in share.tasks], train_targets=False)
+            result.update(built=out["built"], failed=out["failed"])
+        else:
+            cells = {t[4] for t in share.tasks if t[0] == "cell"}
+            rows = {t[1:] for t in share.tasks if t[0] == "checks"}
+            out = runner.run(cells=cells, rows=rows, train=False, tables=False)
+            result.update(computed=out["computed"], busy=out["busy"])
+    except BenchError as exc:  # reported by the submitter in one line
+        result["failed"].append(str(exc))
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+# ----------------------------------------------------------------------------- submitting
+def _executor(opts: ClusterOptions, folder: Path, device: str):
+    try:
+        import submitit
+    except ImportError as exc:
+        raise BenchError("--executor needs the submitit package (pip install submitit)") from exc
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=opts.executor)
+    gpus = opts.gpus_per_job
+    if gpus is None:
+        gpus = 1 if opts.executor == "slurm" and device != "cpu" else 0
+    params = {"timeout_min": opts.timeout_min, "gpus_per_node": gpus, "nodes": 1, "tasks_per_node": 1}
+    if opts.cpus_per_job is not None:
+        params["cpus_per_task"] = opts.cpus_per_job
+    if opts.mem_gb is not None:
+        params["mem_gb"] = opts.mem_gb
+    if opts.executor == "slurm":
+        if opts.partition:
+            params["slurm_partition"] = opts.partition
+        if opts.array_parallelism:
+            params["slurm_array_parallelism"] = opts.array_parallelism
+        if opts.slurm_args:
+            params["slurm_additional_parameters"] = dict(opts.slurm_args)
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(runner, opts: ClusterOptions, *, device: str | None = None) -> dict:
+    """Submit the missing work of ``runner``'s run as job arrays, wait for each stage, write the
+    tables. Returns the summary the CLI prints."""
+    opts.validate()
+    stages = plan_stages(runner)
+    out = runner.out
+    runner.write_manifest()
+    folder = out / "submitit"
+    dev = device or runner.cfg.device
+    executor = _executor(opts, folder, dev)
+    jobs_cap = opts.jobs if opts.jobs is not None else (1 if opts.executor == "local" else None)
+    state = {"executor": opts.executor, "stages": []}
+    summary = {"planned": len(runner.cells), "computed": 0, "busy": [], "failed": [], "jobs": []}
+    for stage in STAGES:
+        tasks = stages[stage]
+        if not tasks:
+            continue
+        shares = split(stage, tasks, jobs_cap)
+        threads = opts.cpus_per_job
+        if threads is None and opts.executor == "local":
+            threads = max(1, (os.cpu_count() or 1) // len(shares))
+        payload = [Share(stage, s, runner.cfg, str(out), device, runner.force, threads, runner.config_path)
+                   for s in shares]
+        executor.update_parameters(name=f"purifybench-{runner.cfg.name}-{stage}")
+        try:
+            jobs = executor.map_array(work, payload)
+        except Exception as exc:  # sbatch refused the array: its message, in one line
+            raise BenchError(f"submitting the {stage} array failed: {' '.join(str(exc).split())}") from exc
+        ids = [j.job_id for j in jobs]
+        log.info("stage %s: %d tasks in %d jobs (%s)", stage, len(tasks), len(jobs), ", ".join(ids))
+        state["stages"].append({"stage": stage, "tasks": len(tasks), "jobs": ids})
+        atomic_write_json(out / "cluster.json", state)
+        for job in jobs:
+            while not job.done():
+                time.sleep(opts.poll_s)
+            try:
+                res = job.result()
+            except Exception as exc:  # the job died (killed, timed out, a bug): its log has the traceback
+                logs = getattr(job.paths, "stderr", folder)
+                summary["failed"].append(f"{stage} job {job.job_id} failed ({type(exc).__name__}); see {logs}")
+                continue
+            summary["jobs"].append({"job": job.job_id, **res})
+            summary["computed"] += res.get("computed", 0)
+            summary["busy"] += res.get("busy", [])
+            summary["failed"] += [f"{stage} job {job.job_id}: {f}" for f in res.get("failed", [])]
+        for f in summary["failed"]:
+            log.error("%s", f)
+    from benchmark.tables import write_tables
+
+    summary["tables"] = write_tables(out) if (out / "records").is_dir() else []
+    state["summary"] = {k: v for k, v in summary.items() if k != "jobs"}
+    atomic_write_json(out / "cluster.json", state | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return summary
