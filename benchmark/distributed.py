@@ -5,13 +5,16 @@ attacks its share of every cell's evaluation batches (whole batches, so that wit
 harness's per-batch seeding the record equals a single-process run's, stochastic
 defenses included); rank 0 gathers the per-sample results and is the only writer of
 records, checks, tables and artifacts. Targets train with DistributedDataParallel
-(each rank a slice of every batch); defenses train on rank 0 while the others wait,
-then load the artifact. Backend: NCCL on CUDA, gloo on the CPU.
+(each rank a slice of every batch); defenses that declare ``data_parallel`` train on
+every rank the same way (``synchronized`` averages the gradients before each step);
+the others train on rank 0 while the rest wait, then load the artifact. Backend:
+NCCL on CUDA, gloo on the CPU.
 """
 
 from __future__ import annotations
 
 import os
+import types
 from typing import Any
 
 import torch
@@ -79,3 +82,49 @@ def shard(starts: list[int]) -> list[int]:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- data-parallel training
+def rank_slice(n: int) -> slice:
+    """This rank's contiguous part of a batch of ``n`` (every rank draws the same batch)."""
+    return slice(n * rank() // size(), n * (rank() + 1) // size())
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (the same start for data-parallel training)."""
+    if not active():
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+def synchronized(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``opt`` whose ``step()`` first averages the gradients over the ranks: data-parallel training
+    for a loop in which each rank computes its loss on its slice of every batch (as
+    DistributedDataParallel does, without wrapping the modules). Without torchrun: ``opt``."""
+    if not active():
+        return opt
+    params = [p for group in opt.param_groups for p in group["params"]]
+    step = opt.step
+
+    def step_all(_opt, *args, **kwargs):  # a bound method, as LR schedulers expect to wrap one
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= size()
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        return step(*args, **kwargs)
+
+    opt.step = types.MethodType(step_all, opt)
+    return opt
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks, in place (a training epoch's totals)."""
+    if active():
+        dist.all_reduce(t)
+    return t

@@ -303,26 +303,36 @@ def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, d
                 log.warning("target %s/%s: cached artifact rejected (%s); retraining", ds.name, target.name, exc)
         return None
 
-    if (found := cached()) is not None:
+    together = distributed.active()  # under torchrun every rank trains the target (DDP)
+    if (found := _agreed(cached(), together)) is not None:
         return found
     if not train:
         raise BenchError(f"target {ds.name}/{target.name}: no trained artifact {stem}.json in the run")
-    with _artifact_lock(stem.with_name(stem.name + ".lock"), f"target {ds.name}/{target.name}"):
-        if (found := cached()) is not None:  # another worker trained it while we waited
+    with _artifact_lock(stem.with_name(stem.name + ".lock"), f"target {ds.name}/{target.name}", together):
+        if (found := _agreed(cached(), together)) is not None:  # another worker trained it while we waited
             return found
         return _train_target(ds, target, cfg, device, key, stem, progress)
 
 
-def _artifact_lock(path: Path, what: str):
-    """One worker trains an artifact; another that needs it waits for it, then loads it. Under
-    torchrun rank 0 holds the lock for all ranks."""
+def _agreed(found, together: bool):
+    """``found`` if every rank that trains together found the artifact, else None on every rank (so
+    that they all train, or all load)."""
+    if together and not all(distributed.gather(found is not None)):
+        return None
+    return found
+
+
+def _artifact_lock(path: Path, what: str, together: bool = False):
+    """One worker trains an artifact; another that needs it waits for it, then loads it. Ranks that
+    train ``together`` (torchrun) share rank 0's lock; otherwise the caller holds it alone."""
     lock = OwnerLock(path)
 
     @contextmanager
     def held():
-        if distributed.is_main():
+        if distributed.is_main() or not together:
             lock.wait(on_wait=lambda owner: log.info("%s: another worker (%s) is training it; waiting", what, owner))
-        distributed.barrier()
+        if together:
+            distributed.barrier()
         try:
             yield
         finally:
@@ -373,10 +383,12 @@ def defense_key(ds: DatasetSpec, spec: DefenseSpec, target_sha: str, seed: int) 
 def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Module, target_card: dict,
                     cfg: ExperimentConfig, device: torch.device, artifacts: Path, train_data,
                     data_shape: tuple[int, int] | None = None, progress: bool = True,
-                    train: bool = True) -> tuple[Any, dict | None]:
+                    train: bool = True, together: bool = False) -> tuple[Any, dict | None]:
     """Build the defense; train it (or reuse its cached artifact) if it is trainable.
 
     ``train_data`` is a callable returning the training split (loaded only if needed).
+    ``together``: every torchrun rank calls this at once and trains data-parallel (defenses that
+    declare ``data_parallel``); otherwise one process trains.
     Returns (defense, card or None for defenses without weights).
     """
     from benchmark.checkpoint import load_into, load_verified_state
@@ -410,21 +422,21 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
                 log.warning("defense %s/%s: cached artifact rejected (%s); retraining", ds.name, spec.name, exc)
         return None
 
-    if (found := cached()) is not None:
+    if (found := _agreed(cached(), together)) is not None:
         return found
     if not train:
         raise BenchError(f"defense {ds.name}/{spec.name}: no trained artifact {stem}.json in the run")
     # locked by key: rows that share one training (NRP and NRP-dynamic) wait for each other
-    with _artifact_lock(stem.parent / f"{ds.name}-{key}.lock", f"defense {ds.name}/{spec.name}"):
-        if (found := cached()) is not None:
+    with _artifact_lock(stem.parent / f"{ds.name}-{key}.lock", f"defense {ds.name}/{spec.name}", together):
+        if (found := _agreed(cached(), together)) is not None:
             return found
         return _train_defense(ds, spec, defense, classifier, target_card, cfg, device, artifacts, train_data,
-                              key, stem, progress)
+                              key, stem, progress, together)
 
 
 def _train_defense(ds: DatasetSpec, spec: DefenseSpec, defense, classifier: torch.nn.Module, target_card: dict,
                    cfg: ExperimentConfig, device: torch.device, artifacts: Path, train_data, key: str, stem: Path,
-                   progress: bool) -> tuple[Any, dict]:
+                   progress: bool, together: bool) -> tuple[Any, dict]:
     train_cfg = from_dict(type(defense).TrainConfig, spec.train, f"defense {spec.name!r} train") \
         if type(defense).TrainConfig is not None else None
     if train_cfg is not None and hasattr(train_cfg, "progress"):
@@ -435,7 +447,8 @@ def _train_defense(ds: DatasetSpec, spec: DefenseSpec, defense, classifier: torc
     defense.to(device)
     # Stages a defense may share between configs that differ only later (DIR's pre-training).
     defense.stage_dir = artifacts / "stages" / f"{ds.name}-{target_card['sha256'][:16]}"
-    log.info("defense %s/%s: training on %s", ds.name, spec.name, device)
+    log.info("defense %s/%s: training on %s%s", ds.name, spec.name, device,
+             f" (data-parallel over {distributed.size()} ranks)" if distributed.active() else "")
     # Per-epoch state for defenses whose training resumes after a kill (DIR's main training).
     defense.epoch_checkpoint = EpochCheckpoint(stem.with_name(stem.name + ".partial"), key)
     result = defense.fit(classifier, train_data(), device, config=train_cfg, seed=cfg.seed)
@@ -444,6 +457,10 @@ def _train_defense(ds: DatasetSpec, spec: DefenseSpec, defense, classifier: torc
         "train": spec.train, "target_sha256": target_card["sha256"], "artifact_key": key,
         "declarations": defense.declarations(), "fit": asdict(result),
     }
-    save_checkpoint(defense, stem, card)
-    defense.epoch_checkpoint.clear()
+    if distributed.is_main():  # alone, or rank 0 of ranks that trained together
+        save_checkpoint(defense, stem, card)
+        defense.epoch_checkpoint.clear()
+    if together:  # every rank goes on with rank 0's weights and statistics, as saved
+        distributed.broadcast_module(defense)
+        distributed.barrier()
     return defense.eval(), read_card(stem)

@@ -124,3 +124,43 @@ class EpochCheckpoint:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class LoopState:
+    """A defense's training loop wired to the per-epoch state the runner gives it
+    (``defense.epoch_checkpoint``, ``defense.on_epoch``; both absent outside a run).
+
+    ``first, history = state.resume()`` restores the last complete epoch, if any;
+    ``state.epoch_done(epoch, epochs, history)`` saves after each epoch but the last. Everything
+    the loop draws from must be in ``optimizers``, ``gens`` and ``schedulers``; the defense's
+    own weights (all its submodules) always are."""
+
+    def __init__(self, defense: nn.Module, name: str, *, optimizers: dict[str, torch.optim.Optimizer],
+                 gens: dict[str, torch.Generator], schedulers: dict | None = None,
+                 modules: dict[str, nn.Module] | None = None) -> None:
+        self.ckpt: EpochCheckpoint | None = getattr(defense, "epoch_checkpoint", None)
+        self.hook = getattr(defense, "on_epoch", None)
+        self.name = name
+        self.state = {"modules": {"defense": defense, **(modules or {})}, "optimizers": optimizers,
+                      "gens": {k: g for k, g in gens.items() if g is not None}}
+        self.schedulers = schedulers or {}
+
+    def resume(self) -> tuple[int, list[dict]]:
+        if self.ckpt is None or (saved := self.ckpt.load()) is None:
+            return 0, []
+        epoch, tensors, meta = saved
+        unpack(tensors, meta, **self.state)
+        for k, sched in self.schedulers.items():
+            sched.load_state_dict(meta["schedulers"][k])
+        log.info("%s: resuming after epoch %d (%s)", self.name, epoch, self.ckpt.folder)
+        return epoch, list(meta["history"])
+
+    def epoch_done(self, epoch: int, epochs: int, history: list[dict]) -> None:
+        from benchmark import distributed
+
+        if self.ckpt is not None and epoch < epochs and distributed.is_main():  # data-parallel: rank 0 writes
+            tensors, meta = pack(**self.state)
+            self.ckpt.save(epoch, tensors, meta | {"history": history, "schedulers": {
+                k: s.state_dict() for k, s in self.schedulers.items()}})
+        if self.hook is not None and history:
+            self.hook(history[-1])

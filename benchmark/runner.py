@@ -158,12 +158,14 @@ class _Builder:
         r = self.runner
         trained_on, trained_card = self.target(dspec.trained_against or target)
 
+        together = distributed.active() and DEFENSES.get(dspec.registered).data_parallel
+
         def build():
             return prepare_defense(self.ds, dspec, trained_on, trained_card, r.cfg, r.device, self.artifacts,
                                    self.train_data, data_shape=(self.eval_set.channels, self.eval_set.image_size[0]),
-                                   progress=r.progress, train=self.train)
+                                   progress=r.progress, train=self.train, together=together)
 
-        return _on_main_first(build)
+        return build() if together else _on_main_first(build)
 
 
 class Runner:

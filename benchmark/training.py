@@ -164,13 +164,15 @@ def train_classifier(
     checkpoint: EpochCheckpoint | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     ddp: bool = False,
+    gens: dict[str, torch.Generator] | None = None,
 ) -> TrainResult:
     """Train ``model`` (images in [0,1] -> logits) in place; evaluate clean and PGD accuracy at the end.
 
     With ``checkpoint``, the state is saved after every epoch and a training that finds a state of
     its own there continues after that epoch (bit-identical on the CPU to an uninterrupted run);
     ``on_epoch(row)`` is called after each epoch's state is saved. ``ddp`` (under torchrun, every rank
-    calling): DistributedDataParallel, each rank training on its slice of every batch."""
+    calling): DistributedDataParallel, each rank training on its slice of every batch. ``gens``: other
+    generators the model draws from while training (saved with the state; ME-Net's masks)."""
     torch.manual_seed(cfg.seed)
     data = train.to(device)
     model.to(device)
@@ -202,7 +204,8 @@ def train_classifier(
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     history: list[dict] = []
     first = 0
-    state = {"modules": {"model": model}, "optimizers": {"sgd": opt}, "gens": {"shuffle": gen, "augment": aug_gen}}
+    state = {"modules": {"model": model}, "optimizers": {"sgd": opt},
+             "gens": {"shuffle": gen, "augment": aug_gen, **(gens or {})}}
     if checkpoint is not None and (saved := checkpoint.load()) is not None:
         first, tensors, meta = saved
         unpack(tensors, meta, **state)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from attacks.pgd import pgd_linf, project_linf
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
+from benchmark.resume import LoopState
 from defenses.base import Defense, FitResult
 
 
@@ -157,8 +158,10 @@ class AIDPurifier(Defense):
         gen = torch.Generator().manual_seed(seed)
         agen = torch.Generator(device=device).manual_seed(seed + 1)
         data = train.to(device)
-        history, t_start = [], time.perf_counter()
-        for epoch in range(1, cfg.epochs + 1):
+        t_start = time.perf_counter()
+        loop = LoopState(self, "AID-Purifier", optimizers={"sgd": opt}, gens={"shuffle": gen, "attack": agen})
+        first, history = loop.resume()
+        for epoch in range(first + 1, cfg.epochs + 1):
             t0, total, count = time.perf_counter(), torch.zeros((), device=device), 0
             bar = tqdm(total=-(-len(data) // cfg.batch_size), desc="aid", disable=not cfg.progress, leave=False)
             for x, y in data.batches(cfg.batch_size, shuffle=True, generator=gen):
@@ -181,6 +184,7 @@ class AIDPurifier(Defense):
             bar.close()
             history.append({"phase": "train", "epoch": epoch, "loss": float(total) / count,
                             "seconds": time.perf_counter() - t0})
+            loop.epoch_done(epoch, cfg.epochs, history)
         disc.eval()
         self.eval()
         return FitResult(seconds=time.perf_counter() - t_start, seconds_per_epoch=history[-1]["seconds"],

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
+from benchmark.resume import LoopState
 from defenses.base import Defense, FitResult
 from defenses.pairs import EpochLog, PairSource, PairTrain, use_bf16
 
@@ -82,6 +84,7 @@ class APEGANTrain(PairTrain):
                    description="APE-GAN: conv/deconv generator trained with MSE + GAN loss on adversarial pairs")
 class APEGAN(Defense):
     trainable = True
+    data_parallel = True
     TrainConfig = APEGANTrain
     data_shape_options = ("in_channels",)
     inference_options = ("bn_batch_stats",)
@@ -117,13 +120,16 @@ class APEGAN(Defense):
         t_start = time.perf_counter()
         source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self)
         g, d = self.generator_net, self.critic
-        opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-        opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+        distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
+        opt_g = distributed.synchronized(torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999)))
+        opt_d = distributed.synchronized(torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999)))
         w_rec, w_adv = (0.7, 0.3) if cfg.loss == "pytorch" else (0.9, 0.02)
         bf16 = use_bf16(cfg, device)
         log = EpochLog("APE-GAN", self, device)
-        bar = tqdm(total=cfg.epochs, desc="apegan", disable=not cfg.progress, leave=False)
-        for epoch in range(1, cfg.epochs + 1):
+        loop = LoopState(self, "APE-GAN", optimizers={"g": opt_g, "d": opt_d}, gens=source.generators())
+        first, log.rows = loop.resume()
+        bar = tqdm(total=cfg.epochs, initial=first, desc="apegan", disable=not cfg.progress, leave=False)
+        for epoch in range(first + 1, cfg.epochs + 1):
             log.start()
             for x, x_adv, _ in source.epoch(epoch):
                 self.train()
@@ -149,6 +155,7 @@ class APEGAN(Defense):
                     opt_g.step()
                 log.add(len(x), loss_g=loss_g, mse=mse, loss_d=loss_d)
             log.end(epoch)
+            loop.epoch_done(epoch, cfg.epochs, log.rows)
             bar.update(1)
         bar.close()
         self.eval()

@@ -54,6 +54,9 @@ class Defense(nn.Module):
     # Differentiable, but exact gradients are impractical (an iterative inner loop): adaptive
     # attacks use the BPDA surrogate unless told otherwise.
     prefers_bpda: ClassVar[bool] = False
+    # Under torchrun every rank runs fit() at once, each on its part of every batch, with gradients
+    # averaged (benchmark.distributed.synchronized); otherwise rank 0 trains alone.
+    data_parallel: ClassVar[bool] = False
 
     @property
     def own_classifier(self) -> nn.Module | None:

@@ -59,6 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.pgd import project_linf, uniform_start
+from benchmark import distributed
 from benchmark.checkpoint import load_into, load_verified_state, save_checkpoint
 from benchmark.config import require, subkey
 from benchmark.data import augment
@@ -239,6 +240,7 @@ class DIR(Defense):
     differentiable = True
     uses_masks = True
     trainable = True
+    data_parallel = True
     TrainConfig = DIRTrain
     data_shape_options = ("in_channels", "image_size")
 
@@ -328,6 +330,7 @@ class DIR(Defense):
             seed: int = 0) -> FitResult:
         cfg = config or DIRTrain()
         self.attach_classifier(classifier)
+        distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
         target = classifier  # pre-training attacks the shared target alone (Eq. 2)
         torch.manual_seed(seed)
         self.seed(seed, device)
@@ -375,12 +378,15 @@ class DIR(Defense):
             except CheckpointError as exc:  # a corrupt stage is redone, never trusted
                 warnings.warn(f"DIR pre-training stage {stem} rejected ({exc}); pre-training again", stacklevel=2)
         history = self.pretrain(classifier, data, cfg, device, use_bf16, seed)
-        save_checkpoint(self.net, stem, {"kind": "defense", "defense": "dir", "options": self.config(),
-                                     "stage": "pretrain", "history": history})
+        if distributed.is_main():
+            save_checkpoint(self.net, stem, {"kind": "defense", "defense": "dir", "options": self.config(),
+                                             "stage": "pretrain", "history": history})
         return history
 
     def _batches(self, data, batch_size: int, cfg: DIRTrain, gen: torch.Generator, aug_gen: torch.Generator):
         for x, y in data.batches(batch_size, shuffle=True, generator=gen):
+            part = distributed.rank_slice(len(x))  # under torchrun each rank its part of the batch
+            x, y = x[part], y[part]
             if cfg.augment:
                 x = augment(x, generator=aug_gen)
             yield x, y
@@ -391,7 +397,8 @@ class DIR(Defense):
         from attacks.pgd import pgd_linf
 
         lr = cfg.pretrain_lr * cfg.pretrain_batch_size / 256
-        opt = torch.optim.AdamW(self.net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=cfg.pretrain_weight_decay)
+        opt = distributed.synchronized(torch.optim.AdamW(self.net.parameters(), lr=lr, betas=(0.9, 0.95),
+                                                         weight_decay=cfg.pretrain_weight_decay))
         steps = cfg.pretrain_epochs * math.ceil(len(data) / cfg.pretrain_batch_size)
         warm = max(1, int(cfg.pretrain_warmup_fraction * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -417,6 +424,7 @@ class DIR(Defense):
                 bar.update(1)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            distributed.all_sum(total)
             history.append({"phase": "pretrain", "epoch": epoch + 1, "loss": float(total) / len(data),
                             "seconds": time.perf_counter() - t0})
             _check_finite(history[-1], self)
@@ -446,7 +454,8 @@ class DIR(Defense):
             for p in classifier.parameters():
                 p.requires_grad_(True)
             groups.append({"params": list(classifier.parameters()), "lr": cfg.classifier_lr})
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = distributed.synchronized(torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                                                       weight_decay=cfg.weight_decay))
         steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
         total_steps = cfg.epochs * steps_per_epoch
         bounds = [int(m * total_steps) for m in cfg.milestones]
@@ -511,10 +520,12 @@ class DIR(Defense):
                 bar.update(1)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            distributed.all_sum(total)
+            distributed.all_sum(correct)
             history.append({"phase": "main", "epoch": epoch + 1, "loss": float(total) / len(data),
                             "robust_train_acc": float(correct) / len(data), "seconds": time.perf_counter() - t0})
             _check_finite(history[-1], self)
-            if ckpt is not None and epoch + 1 < cfg.epochs:
+            if ckpt is not None and epoch + 1 < cfg.epochs and distributed.is_main():
                 tensors, meta = pack(**state)
                 ckpt.save(epoch + 1, tensors, meta | {"scheduler": sched.state_dict(), "history": history})
             if (hook := getattr(self, "on_epoch", None)) is not None:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from benchmark.config import require, subkey
 from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
+from benchmark.resume import LoopState
 from defenses.base import Defense, FitResult
 
 
@@ -69,6 +70,14 @@ def langevin(energy: nn.Module, z: torch.Tensor, steps: int, tau: float, generat
     return z
 
 
+class _Chains(nn.Module):
+    """The persistent Langevin chains as a buffer, so that a training's per-epoch state holds them."""
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("bank", bank)
+
+
 @dataclass
 class EBMTrain:
     iterations: int = 250_000
@@ -80,11 +89,16 @@ class EBMTrain:
     lr_sgd: float = 5e-5  # SGD afterwards, times tau^2 / 2
     switch_fraction: float = 0.5
     log_every: int = 500
+    # per-"epoch" state for resuming after a kill (weights, optimizers, the persistent chains, the
+    # generator): every this many iterations, a multiple of log_every
+    checkpoint_every: int = 10_000
     progress: bool = True
 
     def validate(self, where: str) -> None:
-        for key in ("iterations", "batch_size", "mcmc_steps", "log_every"):
+        for key in ("iterations", "batch_size", "mcmc_steps", "log_every", "checkpoint_every"):
             require(getattr(self, key) >= 1, subkey(where, key), f"must be >= 1, got {getattr(self, key)}")
+        require(self.checkpoint_every % self.log_every == 0, subkey(where, "checkpoint_every"),
+                f"must be a multiple of log_every ({self.log_every}), got {self.checkpoint_every}")
         for key in ("data_noise", "tau", "lr", "lr_sgd"):
             require(getattr(self, key) > 0, subkey(where, key), f"must be > 0, got {getattr(self, key)}")
         require(0 <= self.switch_fraction <= 1, subkey(where, "switch_fraction"), "must be in [0, 1]")
@@ -122,16 +136,22 @@ class EBM(Defense):
         data = train.to(device)
         n = len(data)
         bank = torch.rand((n, *data.images.shape[1:]), device=device, generator=gen) * 2 - 1  # U[-1,1]
-        opt = torch.optim.Adam(self.energy.parameters(), lr=cfg.lr)
-        switch = int(cfg.switch_fraction * cfg.iterations)
         scale = cfg.tau ** 2 / 2
-        history, t0, t_log = [], time.perf_counter(), time.perf_counter()
+        adam = torch.optim.Adam(self.energy.parameters(), lr=cfg.lr)
+        sgd = torch.optim.SGD(self.energy.parameters(), lr=cfg.lr_sgd * scale)
+        switch = int(cfg.switch_fraction * cfg.iterations)
+        chains = _Chains(bank)
+        loop = LoopState(self, "EBM", optimizers={"adam": adam, "sgd": sgd}, gens={"ebm": gen},
+                         modules={"chains": chains})
+        chunks = -(-cfg.iterations // cfg.checkpoint_every)
+        first, history = loop.resume()
+        t0, t_log = time.perf_counter(), time.perf_counter()
         sums = torch.zeros(3, device=device)
-        bar = tqdm(total=cfg.iterations, desc="ebm", disable=not cfg.progress, leave=False)
+        start = first * cfg.checkpoint_every
+        bar = tqdm(total=cfg.iterations, initial=start, desc="ebm", disable=not cfg.progress, leave=False)
         self.train()
-        for it in range(cfg.iterations):
-            if it == switch:
-                opt = torch.optim.SGD(self.energy.parameters(), lr=cfg.lr_sgd * scale)
+        for it in range(start, cfg.iterations):
+            opt = adam if it < switch else sgd
             idx = torch.randint(0, n, (cfg.batch_size,), device=device, generator=gen)
             pos = data.as_float(idx) * 2 - 1
             pos = pos + cfg.data_noise * torch.randn(pos.shape, device=device, generator=gen)
@@ -155,6 +175,8 @@ class EBM(Defense):
                 if not all(map(torch.isfinite, (loss, e_pos, e_neg))):
                     raise BenchError(f"EBM training diverged at iteration {it + 1}; lower lr or tau in the "
                                      "defense's train options")
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+                loop.epoch_done(-(-(it + 1) // cfg.checkpoint_every), chunks, history)
         bar.close()
         self.eval()
         seconds = time.perf_counter() - t0

@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
+from benchmark.resume import LoopState
 from defenses.base import Defense, FitResult
 from defenses.pairs import EpochLog, PairSource, PairTrain, step_schedule, use_bf16
 
@@ -110,6 +112,7 @@ class ResidualDUNetDefense(Defense):
     """x^ = x + DUNet(x), clipped to [0,1]: the purifier of HGD and of the JATP reconstruction."""
 
     trainable = True
+    data_parallel = True
     data_shape_options = ("in_channels",)
 
     def __init__(self, in_channels: int = 3, width_scale: float = 1.0) -> None:
@@ -131,14 +134,19 @@ class HGD(ResidualDUNetDefense):
         torch.manual_seed(seed)
         t_start = time.perf_counter()
         source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self)
-        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
+        opt = distributed.synchronized(torch.optim.Adam(self.net.parameters(), lr=cfg.lr,
+                                                        weight_decay=cfg.weight_decay))
         steps = cfg.epochs * -(-len(train) // cfg.batch_size)
         sched = step_schedule(opt, steps, cfg.milestones)
         bf16 = use_bf16(cfg, device)
         mix = torch.Generator(device=device).manual_seed(seed + 3)
         log = EpochLog("HGD", self, device)
-        bar = tqdm(total=cfg.epochs, desc="hgd", disable=not cfg.progress, leave=False)
-        for epoch in range(1, cfg.epochs + 1):
+        loop = LoopState(self, "HGD", optimizers={"adam": opt}, gens={**source.generators(), "mix": mix},
+                         schedulers={"lr": sched})
+        first, log.rows = loop.resume()
+        bar = tqdm(total=cfg.epochs, initial=first, desc="hgd", disable=not cfg.progress, leave=False)
+        for epoch in range(first + 1, cfg.epochs + 1):
             log.start()
             for x, x_adv, y in source.epoch(epoch):
                 if cfg.clean_fraction > 0:
@@ -154,6 +162,7 @@ class HGD(ResidualDUNetDefense):
                 sched.step()
                 log.add(len(x), loss=loss)
             log.end(epoch, lr=opt.param_groups[0]["lr"])
+            loop.epoch_done(epoch, cfg.epochs, log.rows)
             bar.update(1)
         bar.close()
         self.eval()

@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
+from benchmark.resume import LoopState
 from defenses.base import FitResult
 from defenses.hgd import ResidualDUNetDefense
 from defenses.pairs import (  # noqa: I001
@@ -84,13 +86,17 @@ class JATP(ResidualDUNetDefense):
             attack_loss=lambda f, ref: feature_distance(f, ref, "cosine").sum())
         source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self,
                             **crafting)
-        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
+        opt = distributed.synchronized(torch.optim.Adam(self.net.parameters(), lr=cfg.lr,
+                                                        weight_decay=cfg.weight_decay))
         steps = cfg.epochs * -(-len(train) // cfg.batch_size)
         sched = step_schedule(opt, steps, cfg.milestones)
         bf16 = use_bf16(cfg, device)
         log = EpochLog("JATP", self, device)
-        bar = tqdm(total=cfg.epochs, desc="jatp", disable=not cfg.progress, leave=False)
-        for epoch in range(1, cfg.epochs + 1):
+        loop = LoopState(self, "JATP", optimizers={"adam": opt}, gens=source.generators(), schedulers={"lr": sched})
+        first, log.rows = loop.resume()
+        bar = tqdm(total=cfg.epochs, initial=first, desc="jatp", disable=not cfg.progress, leave=False)
+        for epoch in range(first + 1, cfg.epochs + 1):
             log.start()
             for x, x_adv, y in source.epoch(epoch):
                 self.train()
@@ -110,6 +116,7 @@ class JATP(ResidualDUNetDefense):
                 sched.step()
                 log.add(len(x), loss=loss, pixel=pixel, feature=dist.mean())
             log.end(epoch, lr=opt.param_groups[0]["lr"])
+            loop.epoch_done(epoch, cfg.epochs, log.rows)
             bar.update(1)
         bar.close()
         self.eval()

@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.training import TrainConfig, train_classifier
@@ -111,6 +112,7 @@ class MENet(Defense):
     stochastic = True
     differentiable = False  # SVD under no_grad: BPDA with the identity
     trainable = True
+    data_parallel = True
     TrainConfig = MENetTrain
     data_shape_options = ()
     default_method = "natural"
@@ -161,7 +163,9 @@ class MENet(Defense):
         t0 = time.perf_counter()
         # bf16 autocast and channels_last off: the SVD runs in fp32 and the wrapper is not a plain CNN
         result = train_classifier(wrapped, train, replace(cfg, bf16=False, channels_last=False), device,
-                                  desc=f"ME-Net ({cfg.method})")
+                                  desc=f"ME-Net ({cfg.method})", checkpoint=getattr(self, "epoch_checkpoint", None),
+                                  on_epoch=getattr(self, "on_epoch", None), gens={"menet": self.generator},
+                                  ddp=distributed.active())
         for q in clf.parameters():
             q.requires_grad_(False)
         clf.eval()

@@ -32,8 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.ssp import ssp_linf
+from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
+from benchmark.resume import LoopState
 from defenses.base import Defense, FitResult
 from defenses.pairs import EpochLog, PairSource, PairTrain, use_bf16
 
@@ -125,6 +127,7 @@ def relativistic_losses(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.T
 class NRP(Defense):
     note = "feature loss on the target's layer3, not NRP's ImageNet VGG16 (no offline weights)"
     trainable = True
+    data_parallel = True
     TrainConfig = NRPTrain
     data_shape_options = ("in_channels",)
     inference_options = ("mode", "noise_std", "noise_eps")  # NRP and NRP-dynamic share one training
@@ -162,14 +165,17 @@ class NRP(Defense):
         source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self,
                             mode=mode)
         g, d = self.net, self.critic
-        opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-        opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
+        opt_g = distributed.synchronized(torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(0.9, 0.999)))
+        opt_d = distributed.synchronized(torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(0.9, 0.999)))
         bf16 = use_bf16(cfg, device)
         gen = torch.Generator(device=device).manual_seed(seed + 5)
         log = EpochLog("NRP", self, device)
-        bar = tqdm(total=cfg.epochs, desc="nrp", disable=not cfg.progress, leave=False)
+        loop = LoopState(self, "NRP", optimizers={"g": opt_g, "d": opt_d}, gens={**source.generators(), "ssp": gen})
+        first, log.rows = loop.resume()
+        bar = tqdm(total=cfg.epochs, initial=first, desc="nrp", disable=not cfg.progress, leave=False)
         batches = source.epoch if cfg.source == "pgd" else self._ssp_batches(source, classifier, cfg, gen)
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(first + 1, cfg.epochs + 1):
             log.start()
             for x, x_adv, _ in batches(epoch):
                 self.train()
@@ -196,6 +202,7 @@ class NRP(Defense):
                     opt_d.step()
                 log.add(len(x), loss_g=loss_g, feature=feat, pixel=pix, loss_d=loss_d)
             log.end(epoch)
+            loop.epoch_done(epoch, cfg.epochs, log.rows)
             bar.update(1)
         bar.close()
         self.eval()
@@ -208,6 +215,7 @@ class NRP(Defense):
             order = torch.randperm(len(source.data), generator=source.order_gen).to(source.device)
             for start in range(0, len(order), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
+                idx = idx[distributed.rank_slice(len(idx))]
                 x, y = source.data.as_float(idx), source.data.labels[idx]
                 x_adv = ssp_linf(lambda z: classifier.feature_map(z, cfg.layer), x, eps=cfg.eps,
                                  step_size=cfg.ssp_step_size, steps=cfg.ssp_steps, generator=gen)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.pgd import LossFn, ce_sum, pgd_linf
+from benchmark import distributed
 from benchmark.checkpoint import load_into, load_verified_state, save_checkpoint
 from benchmark.config import require, subkey
 from benchmark.data import ImageData, augment
@@ -171,6 +172,10 @@ class PairSource:
         elif self.mode == "full" and defense is None:
             raise BenchError("pairs 'full' needs the defense being trained")
 
+    def generators(self) -> dict[str, torch.Generator]:
+        """Every generator the source draws from (saved with a training's per-epoch state)."""
+        return {"pairs.order": self.order_gen, "pairs.augment": self.aug_gen, "pairs.attack": self.attack_gen}
+
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         cfg, n = self.cfg, len(self.data)
         if self.mode == "per-epoch":
@@ -179,6 +184,7 @@ class PairSource:
         order = torch.randperm(n, generator=self.order_gen).to(self.device)
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
+            idx = idx[distributed.rank_slice(len(idx))]  # under torchrun each rank its part of the batch
             x, y = self.data.as_float(idx), self.data.labels[idx]
             if self.mode == "full":
                 if cfg.augment:

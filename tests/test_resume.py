@@ -108,3 +108,75 @@ def test_dir_main_training_resumes_after_a_kill_with_identical_weights(tmp_path,
     assert seen == [3] and len([h for h in result.history if h.get("phase") == "main"]) == 3
     for (k, v), w in zip(resumed.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def _baseline(name):
+    """A tiny instance of each baseline and a two-"epoch" training config for it."""
+    from benchmark.registry import DEFENSES
+
+    cls = DEFENSES.get(name)
+    pair = dict(epochs=2, batch_size=64, eps=0.1, step_size=0.025, attack_steps=1, progress=False)
+    return {
+        "apegan": lambda: (cls(in_channels=1, width=8, critic_width=8), cls.TrainConfig(**pair, augment=True)),
+        "hgd": lambda: (cls(in_channels=1, width_scale=0.125), cls.TrainConfig(**pair, augment=True)),
+        "nrp": lambda: (cls(in_channels=1, width=8, blocks=1, growth=4, critic_width=8),
+                        cls.TrainConfig(**pair, augment=False)),
+        "jatp": lambda: (cls(in_channels=1, width_scale=0.125), cls.TrainConfig(**pair, augment=True)),
+        "aid": lambda: (cls(width=16, eps=0.1), cls.TrainConfig(**pair)),
+        "menet": lambda: (cls(), cls.TrainConfig(epochs=2, batch_size=64, lr=0.05, init="target", augment=True,
+                                                 eps=0.1, step_size=0.025, progress=False)),
+        "ebm": lambda: (cls(in_channels=1, width=8, steps=5, chains=2),
+                        cls.TrainConfig(iterations=40, batch_size=32, mcmc_steps=5, log_every=10,
+                                        checkpoint_every=20, progress=False)),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ["apegan", "hgd", "nrp", "jatp", "aid", "menet", "ebm"])
+def test_baseline_training_resumes_after_a_kill_with_identical_weights(tmp_path, trained_pair, digits_train, name,
+                                                                      monkeypatch):
+    # one thread: EBM's training is not bit-reproducible across runs with several CPU threads at all
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _resume_check(tmp_path, trained_pair, digits_train, name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _resume_check(tmp_path, trained_pair, digits_train, name):
+    clf = trained_pair["at"][0]
+    data = digits_train.subset(128, seed=0)
+    dev = torch.device("cpu")
+
+    def fresh():
+        torch.manual_seed(0)
+        d, cfg = _baseline(name)
+        if hasattr(d, "attach_classifier"):
+            d.attach_classifier(clf)
+        return d, cfg
+
+    ref, cfg = fresh()
+    ref.fit(clf, data, dev, cfg, seed=0)
+
+    killed, _ = fresh()
+    killed.epoch_checkpoint = EpochCheckpoint(tmp_path / "partial", f"{name}-k")
+
+    def stop(row):
+        raise Interrupted
+
+    killed.on_epoch = stop
+    with pytest.raises(Interrupted):
+        killed.fit(clf, data, dev, cfg, seed=0)
+    assert EpochCheckpoint(tmp_path / "partial", f"{name}-k").load()[0] == 1
+
+    resumed, _ = fresh()
+    resumed.epoch_checkpoint = EpochCheckpoint(tmp_path / "partial", f"{name}-k")
+    seen = []
+    resumed.on_epoch = seen.append
+    torch.manual_seed(123)  # whatever ran in between must not matter
+    resumed.fit(clf, data, dev, cfg, seed=0)
+    assert len(seen) == 1  # only the second epoch ran
+    ref_state = ref.state_dict()
+    assert resumed.state_dict().keys() == ref_state.keys()
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, ref_state[k]), k
