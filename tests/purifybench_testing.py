@@ -16,6 +16,28 @@ from benchmark.registry import DEFENSES
 from defenses.base import Defense, FitResult
 
 
+def menet_matrix(name: str, n: int, batch_size: int, checks_n: int) -> dict:
+    """A small run config (digits, an AT target, none and ME-Net, clean/PGD/EOT-PGD) for the tests that
+    compare one process with several (torchrun, cluster workers)."""
+    return {
+        "name": name, "profile": "smoke", "seed": 0, "device": "cpu",
+        "datasets": [{"name": "digits", "n_train": 512, "options": {"size": 16}}],
+        "threat": {"eps": 0.1, "step_size": 0.025},
+        "eval": {"n": n, "batch_size": batch_size,
+                 "checks": {"n": checks_n, "steps": 2, "more_steps": 4, "eps_multipliers": [4.0],
+                            "square_queries": 20, "eot": 1, "repeats": 2}},
+        "targets": [{"name": "at", "arch": "small-cnn",
+                     "train": {"method": "at", "epochs": 1, "batch_size": 64, "lr": 0.05, "augment": False,
+                               "eps": 0.1, "step_size": 0.025, "attack_steps": 1, "progress": False}}],
+        "defenses": [{"name": "none"},
+                     {"name": "ME-Net", "defense": "menet",
+                      "train": {"epochs": 1, "batch_size": 64, "lr": 0.01, "init": "target", "augment": False,
+                                "eps": 0.1, "step_size": 0.025}}],
+        "attacks": [{"name": "clean"}, {"name": "pgd", "params": {"steps": 3, "step_size": 0.025}},
+                    {"name": "eot-pgd", "params": {"steps": 2, "step_size": 0.025, "eot": 2}}],
+    }
+
+
 @dataclass
 class TinyTrain:
     epochs: int = 1

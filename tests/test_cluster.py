@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from purifybench_testing import menet_matrix
 
 from benchmark.cluster import plan_stages, split
 from benchmark.experiment import load_config
@@ -22,23 +23,7 @@ pytest.importorskip("submitit")
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CFG = {
-    "name": "cluster-test", "profile": "smoke", "seed": 0, "device": "cpu",
-    "datasets": [{"name": "digits", "n_train": 512, "options": {"size": 16}}],
-    "threat": {"eps": 0.1, "step_size": 0.025},
-    "eval": {"n": 60, "batch_size": 30,
-             "checks": {"n": 20, "steps": 2, "more_steps": 4, "eps_multipliers": [4.0], "square_queries": 20,
-                        "eot": 1, "repeats": 2}},
-    "targets": [{"name": "at", "arch": "small-cnn",
-                 "train": {"method": "at", "epochs": 1, "batch_size": 64, "lr": 0.05, "augment": False,
-                           "eps": 0.1, "step_size": 0.025, "attack_steps": 1, "progress": False}}],
-    "defenses": [{"name": "none"},
-                 {"name": "ME-Net", "defense": "menet",
-                  "train": {"epochs": 1, "batch_size": 64, "lr": 0.01, "init": "target", "augment": False,
-                            "eps": 0.1, "step_size": 0.025}}],
-    "attacks": [{"name": "clean"}, {"name": "pgd", "params": {"steps": 3, "step_size": 0.025}},
-                {"name": "eot-pgd", "params": {"steps": 2, "step_size": 0.025, "eot": 2}}],
-}
+CFG = menet_matrix("cluster-test", n=60, batch_size=30, checks_n=20)
 
 
 def _cfg(tmp_path, cfg=CFG):
