@@ -226,7 +226,7 @@ def submit(runner, opts: ClusterOptions, *, device: str | None = None) -> dict:
     tables. Returns the summary the CLI prints."""
     opts.validate()
     stages = plan_stages(runner)
-    out = runner.out
+    out = runner.out.resolve()  # workers may start elsewhere (another node, another folder)
     runner.write_manifest()
     folder = out / "submitit"
     dev = device or runner.cfg.device

@@ -13,6 +13,7 @@ NCCL on CUDA, gloo on the CPU.
 
 from __future__ import annotations
 
+import gc
 import os
 import types
 from typing import Any
@@ -81,6 +82,9 @@ def shard(starts: list[int]) -> list[int]:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # DDP wrappers sit in reference cycles; freed after the group is gone, gloo's threads can
+        # abort the process at exit ("terminate called without an active exception")
+        gc.collect()
         dist.destroy_process_group()
 
 

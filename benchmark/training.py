@@ -7,6 +7,7 @@ with channels_last memory layout; losses are computed in fp32.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import statistics
@@ -261,6 +262,9 @@ def train_classifier(
         if on_epoch is not None:
             on_epoch(row)
     bar.close()
+    if ddp:  # free the DDP wrapper (it sits in reference cycles) while the process group is alive
+        del step_model
+        gc.collect()
     seconds = time.perf_counter() - start + sum(h["seconds"] for h in history[:first])
     model.eval()
     metrics: dict = {}
