@@ -19,7 +19,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "smoke" / "default.yaml"
 log = logging.getLogger("purifybench")
 
 
-def _setup_logging(out: Path | None, quiet: bool = False) -> None:
+def setup_logging(out: Path | None, quiet: bool = False) -> None:
     from benchmark import distributed
 
     if not distributed.is_main():  # under torchrun only rank 0 reports and writes run.log
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise BenchError("--executor and torchrun do not combine: run the submitting command as one process")
         cluster.validate()
     runner.preflight()  # bad input fails here, before anything is written
-    _setup_logging(out)
+    setup_logging(out)
     log.info("run %s (profile %s) on %s -> %s%s", args.config, cfg.profile, runner.device, out,
              f" through the {cluster.executor} executor" if cluster else "")
     t0 = time.perf_counter()
@@ -148,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     test = load_dataset(args.dataset, "test", root=args.root, **ds_opts)
     model = create_model(args.arch, num_classes=train.num_classes, in_channels=train.channels,
                          mean=train.mean, std=train.std)
-    _setup_logging(None)
+    setup_logging(None)
     log.info("training %s on %s (%d images, %s) with %s for %d epochs on %s", args.arch, args.dataset,
              len(train), train.copy, cfg.method, cfg.epochs, device)
     torch.manual_seed(cfg.seed)

@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,20 +101,11 @@ def plan_stages(runner) -> dict[str, list[tuple]]:
               if runner.needs_checks(ds, t, d)}
     rows |= checks
     by_name = {d.name: d for d in cfg.defenses}
-    targets_by_name = {t.name: t for t in cfg.targets}
-    order = {(ds.name, t.name, d.name): i for i, (ds, t, d) in enumerate(
-        (ds, t, d) for ds in cfg.datasets for t in cfg.targets for d in cfg.defenses)}
-    rows_sorted = sorted(rows, key=order.__getitem__)
-
-    needed_targets = set()
-    for ds, t, d in rows_sorted:
-        for name in (t, by_name[d].trained_against):
-            spec = targets_by_name.get(name) if name else None
-            if spec is not None and spec.pretrained is None and spec.checkpoint is None:
-                needed_targets.add((ds, name))
-    t_order = {(ds.name, t.name): i for i, (ds, t) in enumerate(
-        (ds, t) for ds in cfg.datasets for t in cfg.targets)}
-    stage_targets = [("target", ds, t) for ds, t in sorted(needed_targets, key=t_order.__getitem__)]
+    rows_sorted = [(ds.name, t.name, d.name) for ds in cfg.datasets for t in cfg.targets for d in cfg.defenses
+                   if (ds.name, t.name, d.name) in rows]  # in plan order
+    needed = {(ds, name) for ds, t, d in rows_sorted for name in (t, by_name[d].trained_against) if name}
+    stage_targets = [("target", ds.name, t.name) for ds in cfg.datasets for t in cfg.targets
+                     if (ds.name, t.name) in needed and t.pretrained is None and t.checkpoint is None]
     stage_defenses = [("defense", ds, t, d) for ds, t, d in rows_sorted
                       if by_name[d].checkpoint is None and DEFENSES.get(by_name[d].registered).trainable]
     stage_cells: list[tuple] = []
@@ -160,15 +150,11 @@ def work(share: Share) -> dict:
     """The body of one array element: build the artifacts of its tasks, or compute its cells."""
     import torch
 
+    from benchmark.cli import setup_logging
     from benchmark.locks import owner_info
     from benchmark.runner import Runner
 
-    log.setLevel(logging.INFO)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.propagate = False
+    setup_logging(None)  # to stderr, which submitit keeps in the job's log
     if share.threads:
         torch.set_num_threads(share.threads)
     t0 = time.perf_counter()

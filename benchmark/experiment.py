@@ -272,6 +272,12 @@ def classifier_card(arch: str, train, tcfg: TrainConfig, result, device, **extra
     }
 
 
+def train_split(ds: DatasetSpec, cfg: ExperimentConfig):
+    """The training split a run's targets and defenses train on."""
+    return load_dataset(ds.name, "train", n=ds.n_train, seed=cfg.seed, root=ds.root, download=ds.download,
+                        **ds.options)
+
+
 def target_key(ds: DatasetSpec, target: TargetSpec, seed: int) -> str:
     return artifact_key({
         "v": ARTIFACT_VERSION, "dataset": asdict(ds) | {"root": None}, "arch": target.arch,
@@ -343,8 +349,7 @@ def _artifact_lock(path: Path, what: str, together: bool = False):
 
 def _train_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, device: torch.device, key: str,
                   stem: Path, progress: bool) -> tuple[torch.nn.Module, dict, bool]:
-    train = load_dataset(ds.name, "train", n=ds.n_train, seed=cfg.seed, root=ds.root,
-                         download=ds.download, **ds.options)
+    train = train_split(ds, cfg)
     # Initial weights from a seed of their own: whatever ran before (other cells, other targets)
     # must not change what this artifact is.
     torch.manual_seed(int(key[:8], 16) ^ cfg.seed)
@@ -407,16 +412,16 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
     stem = artifacts / "defenses" / f"{ds.name}-{spec.name}-{key}"
 
     def cached():
-        found = stem
-        if not found.with_name(found.name + ".json").is_file():  # another row with the same training (NRP-dynamic)
+        path = stem
+        if not path.with_name(path.name + ".json").is_file():  # another row with the same training (NRP-dynamic)
             same = sorted(stem.parent.glob(f"{ds.name}-*-{key}.json"))
             if same:
-                found = same[0].with_suffix("")
-        if found.with_name(found.name + ".json").is_file():
+                path = same[0].with_suffix("")
+        if path.with_name(path.name + ".json").is_file():
             try:
-                state, card = load_verified_state(found, "defense")
-                load_into(defense, state, f"defense artifact {found}")
-                log.info("defense %s/%s: reusing %s", ds.name, spec.name, found.name)
+                state, card = load_verified_state(path, "defense")
+                load_into(defense, state, f"defense artifact {path}")
+                log.info("defense %s/%s: reusing %s", ds.name, spec.name, path.name)
                 return defense.to(device).eval(), card
             except CheckpointError as exc:
                 log.warning("defense %s/%s: cached artifact rejected (%s); retraining", ds.name, spec.name, exc)

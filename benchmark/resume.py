@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from benchmark import distributed
 from benchmark.io import atomic_write, atomic_write_json, sha256_file
 
 log = logging.getLogger("purifybench")
@@ -156,8 +157,6 @@ class LoopState:
         return epoch, list(meta["history"])
 
     def epoch_done(self, epoch: int, epochs: int, history: list[dict]) -> None:
-        from benchmark import distributed
-
         if self.ckpt is not None and epoch < epochs and distributed.is_main():  # data-parallel: rank 0 writes
             tensors, meta = pack(**self.state)
             self.ckpt.save(epoch, tensors, meta | {"history": history, "schedulers": {

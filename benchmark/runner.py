@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from benchmark.experiment import (
     build_attack,
     prepare_defense,
     prepare_target,
+    train_split,
 )
 from benchmark.harness import run_attack
 from benchmark.io import atomic_write_json
@@ -141,9 +143,7 @@ class _Builder:
 
     def train_data(self) -> ImageData:
         if self._train_split is None:
-            ds, cfg = self.ds, self.runner.cfg
-            self._train_split = load_dataset(ds.name, "train", n=ds.n_train, seed=cfg.seed, root=ds.root,
-                                             download=ds.download, **ds.options)
+            self._train_split = train_split(self.ds, self.runner.cfg)
         return self._train_split
 
     def target(self, name: str) -> tuple:
@@ -269,28 +269,16 @@ class Runner:
                     data = builder.eval_set if dspec.eval_n is None else builder.eval_set.head(dspec.eval_n)
                     if dspec in unchecked:
                         name = row_id(ds, target, dspec)
-                        lock = OwnerLock(self.out / "locks" / f"checks__{name}.lock")
-                        claim = self._claim(lock, lambda ds=ds, t=target, d=dspec: not self.needs_checks(ds, t, d))
-                        if claim == "take":
-                            try:
-                                if main:  # the other ranks wait in the row's first cell
-                                    self.run_row_checks(ds, target, dspec, defended, data)
-                            finally:
-                                lock.release()
-                        elif claim == "busy":
-                            busy.append(f"checks {name}")
+                        with self._claimed(f"checks__{name}", busy, lambda ds=ds, t=target, d=dspec:
+                                           not self.needs_checks(ds, t, d)) as take:
+                            if take and main:  # the other ranks wait in the row's first cell
+                                self.run_row_checks(ds, target, dspec, defended, data)
                     for cell in cells_here:
-                        lock = OwnerLock(self.out / "locks" / f"{cell.cell_id}.lock")
-                        claim = self._claim(lock, lambda cell=cell: valid_record(self.record_path(cell),
-                                                                                 cell.cell_hash) is not None)
-                        if claim == "take":
-                            try:
+                        with self._claimed(cell.cell_id, busy, lambda cell=cell: valid_record(
+                                self.record_path(cell), cell.cell_hash) is not None) as take:
+                            if take:
                                 self.run_cell(cell, defended, data, manifest, target_card, defense_card)
                                 computed += 1
-                            finally:
-                                lock.release()
-                        elif claim == "busy":
-                            busy.append(cell.cell_id)
                         bar.update(1)
         bar.close()
         from benchmark.tables import write_tables
@@ -302,21 +290,29 @@ class Runner:
                              f"(rerun to retry them): " + "; ".join(failures))
         return {"planned": len(self.cells), "computed": computed, "busy": busy, "tables": written}
 
-    def _claim(self, lock: OwnerLock, done) -> str:
-        """Whether this worker computes a cell (or a row's checks): "take" (rank 0 holds its lock),
-        "done" (another worker finished it since planning) or "busy" (another worker holds the
-        lock). Every rank gets rank 0's answer."""
+    @contextmanager
+    def _claimed(self, name: str, busy: list[str], done):
+        """Yields whether this worker computes a cell (or a row's checks, ``name`` naming its lock):
+        rank 0 takes its lock, unless another worker finished it since planning (``done()``) or holds
+        the lock (``name`` goes to ``busy``); every rank gets rank 0's answer. The lock is released
+        on leaving."""
+        lock = OwnerLock(self.out / "locks" / f"{name}.lock")
         claim = "done"
         if distributed.is_main() and (self.force or not done()):
             if not lock.acquire():
                 claim = "busy"
-                log.info("%s: another worker (%s) is computing it; left to it", lock.path.stem,
-                         lock.describe_owner())
+                log.info("%s: another worker (%s) is computing it; left to it", name, lock.describe_owner())
             elif not self.force and done():  # finished between the check and the lock
                 lock.release()
             else:
                 claim = "take"
-        return distributed.broadcast(claim)
+        claim = distributed.broadcast(claim)
+        if claim == "busy":
+            busy.append(name)
+        try:
+            yield claim == "take"
+        finally:
+            lock.release()
 
     def build_artifacts(self, targets: list[tuple[str, str]] = (), rows: list[tuple[str, str, str]] = (),
                         train_targets: bool = True) -> dict:
@@ -337,7 +333,6 @@ class Runner:
             for d, t, name in rows:
                 if d == ds.name:
                     try:
-                        builder.target(t)
                         builder.defense(next(x for x in self.cfg.defenses if x.name == name), t)
                         done.append(f"{d}/{t}/{name}")
                     except BenchError as exc:
