@@ -136,13 +136,15 @@ class PGD(Attack):
         p = self.params
         best = x.clone()
         todo = torch.arange(len(x), device=x.device)  # samples no restart has broken yet
-        for _ in range(p.restarts):
+        for restart in range(p.restarts):
             xs, ys = x[todo], y[todo]
             adv = uniform_start(xs, threat.eps, generator) if p.random_start else xs.clone()
             for _ in range(p.steps):
                 grad = eot_gradient(model, adv, ys, ce_sum, p.eot)
                 adv = project_linf(adv.detach() + p.step_size * grad.sign(), xs, threat.eps)
             best[todo] = adv
+            if restart == p.restarts - 1:  # the harness re-scores the result: no pass of our own
+                break
             with torch.no_grad():
                 fooled = model(adv).argmax(1) != ys
             todo = todo[~fooled]

@@ -1,13 +1,14 @@
 """The benchmark scripts run end to end at CPU size (their figures are not checked: noisy)."""
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 
 
 def _script(*args, timeout=600):
@@ -17,11 +18,61 @@ def _script(*args, timeout=600):
     return r.stdout
 
 
-@pytest.mark.skipif(not (SHARED_CIFAR / "test.tar.xz").is_file(), reason="offline CIFAR-10 JPEG copy not present")
-def test_attack_throughput_prints_its_table():
+def _tiny_cifar(root: Path, n: int = 8) -> Path:
+    """CIFAR-10 python batches of random images, ``n`` per batch: the benchmarks' data at toy size."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return root
+
+
+def test_attack_throughput_prints_its_table_and_targets(tmp_path):
     pytest.importorskip("pyautoattack")
-    out = _script("benchmarks/attack_throughput.py", "--n", "8", "--steps", "1", "--repeats", "1")
+    root = _tiny_cifar(tmp_path)
+    out = _script("benchmarks/attack_throughput.py", "--n", "8", "--steps", "1", "--repeats", "1",
+                  "--dataset", "cifar10", "--root", str(root))
     assert "| none | ours fp32 |" in out and "| none | pyautoattack APGD-CE |" in out
+    # On a CPU at toy size the speed targets are not judged; the accuracy agreement always is.
+    assert "| PGD-1 on 8 images <= 3 s |" in out and "| n/a |" in out
+    assert "| robust accuracy within 0.3 points of fp32 |" in out
+    acc = {line.split("|")[2].strip(): float(line.split("|")[6]) for line in out.splitlines()
+           if line.startswith("| none | ours")}
+    assert acc["ours fp32"] == acc["ours channels_last"]  # fp32 options never change the result
+
+
+def test_attack_throughput_refuses_images_of_another_size(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/attack_throughput.py", "--dataset", "digits", "--n", "4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT)})
+    assert r.returncode != 0 and "needs (3, 32, 32)" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
+    """The one-command GPU run, on a CPU at toy size: every step runs and its figures are printed."""
+    root = _tiny_cifar(tmp_path / "data")
+    out_dir = tmp_path / "out"
+    r = subprocess.run(["bash", "benchmarks/gpu_speed.sh", "--toy", str(root)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                                    "PYTHON": sys.executable, "OUT": str(out_dir)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert not (out_dir / "failed.txt").exists()
+    logs = {p.stem: p.read_text() for p in out_dir.glob("*.log")}
+    assert sorted(logs) == ["profile", "throughput-dir", "throughput-none", "training"]
+    assert "| dir | ours fp32 |" in logs["throughput-dir"]
+    assert "| PGD-5 AT, ResNet-18, batch 256 |" in logs["training"]
+    assert "| DIR main training (Algorithm 1), batch 128 |" in logs["training"]
+    for section in logs["profile"].split("### ")[1:]:
+        kinds = section.split("| kind of work |")[1].split("\n\n")[0].splitlines()[2:]
+        shares = [float(line.split("|")[3].strip(" %")) for line in kinds]
+        assert abs(sum(shares) - 100) < 0.5, section  # the kinds account for all the profiled time
+        assert "| convolution |" in section and "TFLOP/s" in section
+    assert {"pgd-none", "pgd-dir", "at"} == {sec.split(":")[0] for sec in logs["profile"].split("### ")[1:]}
+    tail = r.stdout.split("== targets")[1]
+    assert "PGD-5 AT epoch <= 6 s" in tail and "robust accuracy within 0.3 points of fp32" in tail
 
 
 def test_matrix_time_splits_training_and_evaluation():
