@@ -15,6 +15,7 @@ warm-up), images x steps per second, the ratio to torchattacks, the robust accur
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -65,26 +66,32 @@ def main() -> None:
             defense = DIR().to(device)
         else:
             defense = NoDefense()
-        model = DefendedModel(defense, classifier.eval()).to(device)
+        classifier.eval()
+
+        def fresh() -> DefendedModel:
+            """Each contender gets its own copy of the same weights: the engine converts the memory
+            layout of the model it is given, and that must not speed up the references."""
+            return DefendedModel(copy.deepcopy(defense), copy.deepcopy(classifier)).to(device)
+
+        model = fresh()  # the references' model, as a user would pass it (contiguous, fp32)
         flops = step_flops(model, x[: min(len(x), 64)], y[: min(len(x), 64)]) / min(len(x), 64)
         work = len(x) * args.steps
 
-        def ours(engine=None, m=model):
+        def ours(m, engine=None):
             attack = ATTACKS.get("pgd")(steps=args.steps, step_size=alpha)
             return run_attack(attack, m, x, y, threat, batch_size=bs, seed=0, engine=engine).accuracy
 
-        variants = [("ours fp32", lambda: ours())]
+        plain = fresh()
+        variants = [("ours fp32", lambda: ours(plain))]
         if device.type == "cuda":
-            fast = EngineOptions(precision="bf16", channels_last=True)
-            variants.append(("ours bf16 + channels_last", lambda: ours(fast)))
+            fast, fast_model = EngineOptions(precision="bf16", channels_last=True), fresh()
+            variants.append(("ours bf16 + channels_last", lambda: ours(fast_model, fast)))
             if args.compile:
-                import copy
-
-                compiled = DefendedModel(defense, copy.deepcopy(classifier)).to(device)
-                opts = EngineOptions(precision="bf16", channels_last=True, compile=True)
-                variants.append(("ours bf16 + channels_last + compile", lambda: ours(opts, compiled)))
+                opts, compiled = EngineOptions(precision="bf16", channels_last=True, compile=True), fresh()
+                variants.append(("ours bf16 + channels_last + compile", lambda: ours(compiled, opts)))
         else:
-            variants.append(("ours channels_last", lambda: ours(EngineOptions(channels_last=True))))
+            nhwc = fresh()
+            variants.append(("ours channels_last", lambda: ours(nhwc, EngineOptions(channels_last=True))))
         try:
             import torchattacks
 
