@@ -45,6 +45,21 @@ def test_cpu_engine_options_give_identical_results(trained_pair, batch, name, pa
         assert (fast.forwards, fast.backwards) == (base.forwards, base.backwards)
 
 
+@pytest.mark.slow
+def test_compiled_classifier_keeps_the_attack_result(trained_pair, batch):
+    """``compile`` (torch.compile through inductor, C++ on a CPU) changes how the classifier runs,
+    not what PGD finds: the same per-sample results and passes as the eager model."""
+    x, y = batch
+    attack = dict(steps=8, step_size=0.025)
+    base = _run(_defended(trained_pair), ATTACKS.get("pgd")(**attack), x, y)
+    compiled = _defended(trained_pair)
+    fast = _run(compiled, ATTACKS.get("pgd")(**attack), x, y, EngineOptions(compile=True))
+    assert getattr(compiled, "_engine_compiled", False)
+    assert torch.equal(fast.correct, base.correct)
+    assert (fast.forwards, fast.backwards) == (base.forwards, base.backwards)
+    assert fast.extra["engine"]["compile"] is True
+
+
 def test_batched_eot_draws_independent_randomness_per_copy():
     class Noisy(torch.nn.Module):  # a stochastic "model": logits = x-independent noise + x
         def forward(self, x):

@@ -27,6 +27,21 @@ def test_a_few_epochs_lower_the_loss(method, digits_train):
     assert result.seconds_per_epoch > 0 and len(result.history) == 4
 
 
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_one(digits_train):
+    """``compile: true`` (torch.compile, C++ through inductor on a CPU) trains the same model: the same
+    batches and augmentations, so the per-epoch losses agree up to floating-point reassociation."""
+    data = digits_train.subset(512, seed=0)
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = create_model("small-cnn", in_channels=1, mean=data.mean, std=data.std)
+        cfg = TrainConfig(method="at", epochs=2, batch_size=64, lr=0.05, eps=0.1, step_size=0.025,
+                          attack_steps=2, progress=False, compile=compiled)
+        runs[compiled] = [h["loss"] for h in train_classifier(model, data, cfg, torch.device("cpu")).history]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-3), runs
+
+
 def test_adversarial_training_beats_natural_training_under_pgd(trained_pair):
     nat, at = trained_pair["natural"][1].metrics, trained_pair["at"][1].metrics
     assert nat["clean_acc"] > 0.9 and at["clean_acc"] > 0.85
