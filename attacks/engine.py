@@ -7,7 +7,8 @@ images, parameters frozen). On top of that the engine offers, per evaluation:
   returned in fp32 so losses are fp32; the harness re-scores the final adversarial images with a
   plain fp32 pass (the reported accuracy never comes from a bf16 pass);
 * ``channels_last``: model weights and inputs in NHWC (faster convolutions on tensor cores);
-* ``compile``: ``torch.compile`` of the classifier inside the defended model (CUDA);
+* ``compile``: ``torch.compile`` of the classifier inside the defended model and of the defense's
+  networks (``Defense.compile_modules``: DIR's ViT, the denoisers);
 * ``eot_batch``: EOT draws replicated into one forward (``eot_batch`` draws per pass) instead of
   one pass per draw. Every stochastic defense draws its randomness per row, so a replicated batch
   holds independent draws; for a deterministic model the result equals the sequential one;
@@ -90,6 +91,8 @@ def prepare_model(defended: nn.Module, options: EngineOptions) -> nn.Module:
         if not hasattr(defended, "classifier"):
             raise ValueError("eval.compile needs a defended model (defense + classifier)")
         defended.classifier = torch.compile(defended.classifier)
+        for module in defended.defense.compile_modules():  # the denoiser too (in place: same weights)
+            module.compile()
         defended._engine_compiled = True
     return defended
 

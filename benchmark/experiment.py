@@ -31,6 +31,7 @@ from benchmark.models import create_model
 from benchmark.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from benchmark.resume import EpochCheckpoint
 from benchmark.training import TrainConfig, train_classifier
+from defenses.base import compiled
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+-]{0,63}")
 log = logging.getLogger("purifybench")
@@ -456,7 +457,8 @@ def _train_defense(ds: DatasetSpec, spec: DefenseSpec, defense, classifier: torc
              f" (data-parallel over {distributed.size()} ranks)" if distributed.active() else "")
     # Per-epoch state for defenses whose training resumes after a kill (DIR's main training).
     defense.epoch_checkpoint = EpochCheckpoint(stem.with_name(stem.name + ".partial"), key)
-    result = defense.fit(classifier, train_data(), device, config=train_cfg, seed=cfg.seed)
+    with compiled(defense.compile_modules(training=True), bool(getattr(train_cfg, "compile", False))):
+        result = defense.fit(classifier, train_data(), device, config=train_cfg, seed=cfg.seed)
     card = {
         "kind": "defense", "defense": spec.registered, "name": spec.name, "options": spec.options,
         "train": spec.train, "target_sha256": target_card["sha256"], "artifact_key": key,

@@ -98,6 +98,9 @@ class APEGAN(Defense):
         self.critic = DCGANCritic(in_channels, critic_width)  # training only; saved for completeness
         self.bn_batch_stats = bn_batch_stats
 
+    def compile_modules(self, training: bool = False) -> list[nn.Module]:
+        return [self.generator_net] + ([self.critic] if training else [])
+
     def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
         if self.bn_batch_stats and not self.training:
             bns = [m for m in self.generator_net.modules() if isinstance(m, nn.BatchNorm2d)]

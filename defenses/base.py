@@ -21,6 +21,7 @@ what training produces, so cached artifacts are not reused.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -83,6 +84,14 @@ class Defense(nn.Module):
     def sample_masks(self, x: torch.Tensor) -> Any:
         """Draw the masks the next ``purify(x)`` would use (only if ``uses_masks``)."""
         raise NotImplementedError(f"{type(self).__name__} does not use masks")
+
+    # -- speed --------------------------------------------------------------------------
+    def compile_modules(self, training: bool = False) -> list[nn.Module]:
+        """The networks ``compile`` (the attack engine's, or a defense's ``train: {compile: true}``)
+        compiles in place with torch.compile; ``training``: also those used only in training
+        (critics). Default: the denoiser ``net`` if the defense has one."""
+        net = self._modules.get("net")
+        return [net] if net is not None else []
 
     # -- randomness ---------------------------------------------------------------------
     def seed(self, seed: int, device: torch.device | str | None = None) -> None:
@@ -194,3 +203,19 @@ class DefendedModel(nn.Module):
     @property
     def stochastic(self) -> bool:
         return self.defense.stochastic and self.masks is None
+
+
+@contextmanager
+def compiled(modules: list[nn.Module], enabled: bool = True):
+    """Run the block with ``modules`` compiled in place (``nn.Module.compile``: parameters, state-dict
+    names and train/eval mode unchanged), and eager again afterwards."""
+    if not enabled or not modules:
+        yield
+        return
+    for m in modules:
+        m.compile()
+    try:
+        yield
+    finally:
+        for m in modules:  # nn.Module.compile stores the compiled call here; None is the eager call
+            m._compiled_call_impl = None

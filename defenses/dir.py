@@ -208,6 +208,7 @@ class DIRTrain:
     classifier_lr: float = 0.01
     augment: bool = True
     bf16: Literal["auto", True, False] = "auto"
+    compile: bool = False  # torch.compile the networks being trained (in place; the first epoch compiles)
     progress: bool = True
 
     def validate(self, where: str) -> None:

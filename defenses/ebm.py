@@ -92,6 +92,7 @@ class EBMTrain:
     # per-"epoch" state for resuming after a kill (weights, optimizers, the persistent chains, the
     # generator): every this many iterations, a multiple of log_every
     checkpoint_every: int = 10_000
+    compile: bool = False  # torch.compile the energy network in place (the first iterations compile)
     progress: bool = True
 
     def validate(self, where: str) -> None:
@@ -122,6 +123,9 @@ class EBM(Defense):
         self._config = dict(in_channels=in_channels, width=width, steps=steps, chains=chains, tau=tau)
         self.energy = EnergyNet(in_channels, width)
         self.steps, self.chains, self.tau = steps, chains, tau
+
+    def compile_modules(self, training: bool = False) -> list[nn.Module]:
+        return [self.energy]
 
     def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
         """One Langevin chain per input row (the defended model repeats each image ``chains`` times)."""

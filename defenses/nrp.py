@@ -144,6 +144,9 @@ class NRP(Defense):
         self.net = RRDBNet(in_channels, width, blocks, growth)
         self.critic = VGGCritic(in_channels, critic_width)
 
+    def compile_modules(self, training: bool = False) -> list[nn.Module]:
+        return [self.net] + ([self.critic] if training else [])
+
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
         return self.mode == "dynamic"

@@ -54,6 +54,7 @@ class PairTrain:
     attack_steps: int = 5
     augment: bool = True
     bf16: Literal["auto", True, False] = "auto"
+    compile: bool = False  # torch.compile the networks being trained (in place; the first epoch compiles)
     progress: bool = True
 
     def validate(self, where: str) -> None:

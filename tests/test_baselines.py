@@ -172,3 +172,30 @@ def test_nrp_and_nrp_dynamic_share_one_training(tmp_path):
     assert len(list((out / "artifacts" / "defenses").glob("*.json"))) == 1
     assert recs["NRP-dynamic"]["defense_declarations"]["stochastic"]
     assert not recs["NRP"]["defense_declarations"]["stochastic"]
+
+
+@pytest.mark.slow
+def test_compiled_denoiser_training_follows_the_eager_one(trained_pair, digits_train):
+    """``train: {compile: true}``: the networks being trained run compiled (torch.compile in place,
+    C++ through inductor on a CPU), the losses follow the eager training, and the defense is eager
+    again afterwards (the run's evaluation decides its own compilation)."""
+    from defenses.base import compiled
+
+    clf, data = trained_pair["at"][0], digits_train.subset(256, seed=0)
+    losses = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        cls = DEFENSES.get("hgd")
+        hgd = cls(in_channels=1, width_scale=0.125)
+        cfg = cls.TrainConfig(epochs=2, batch_size=64, eps=0.1, step_size=0.025, attack_steps=1, progress=False,
+                              compile=flag)
+        seen = []
+        hgd.on_epoch = lambda row, net=hgd.net: seen.append(net._compiled_call_impl is not None)
+        with compiled(hgd.compile_modules(training=True), cfg.compile):
+            result = hgd.fit(clf, data, torch.device("cpu"), cfg, seed=0)
+        assert seen == [flag, flag] and hgd.net._compiled_call_impl is None
+        losses[flag] = [h["loss"] for h in result.history if "loss" in h]
+    # Adam turns float reassociation into visibly different steps early on (its first updates are
+    # about lr * sign(g)), so the compiled losses follow the eager ones loosely, not bit for bit.
+    assert len(losses[True]) == 2 and losses[True] == pytest.approx(losses[False], rel=0.05), losses
+    assert losses[True][1] < 0.8 * losses[True][0]

@@ -46,15 +46,24 @@ def test_cpu_engine_options_give_identical_results(trained_pair, batch, name, pa
 
 
 @pytest.mark.slow
-def test_compiled_classifier_keeps_the_attack_result(trained_pair, batch):
-    """``compile`` (torch.compile through inductor, C++ on a CPU) changes how the classifier runs,
-    not what PGD finds: the same per-sample results and passes as the eager model."""
+def test_compiled_defended_model_keeps_the_attack_result(trained_pair, batch):
+    """``compile`` (torch.compile through inductor, C++ on a CPU) of the classifier and of the
+    defense's network (a small DIR: its ViT) changes how they run, not what PGD finds: the same
+    per-sample results and passes as the eager model, with the same seeded masks."""
+    from defenses.dir import DIR
+
     x, y = batch
-    attack = dict(steps=8, step_size=0.025)
-    base = _run(_defended(trained_pair), ATTACKS.get("pgd")(**attack), x, y)
-    compiled = _defended(trained_pair)
-    fast = _run(compiled, ATTACKS.get("pgd")(**attack), x, y, EngineOptions(compile=True))
-    assert getattr(compiled, "_engine_compiled", False)
+    torch.manual_seed(0)
+    dir_ = DIR(image_size=16, in_channels=1, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_depth=1)
+    attack = dict(steps=4, step_size=0.025)
+
+    def defended():
+        return DefendedModel(copy.deepcopy(dir_), copy.deepcopy(trained_pair["at"][0]))
+
+    base = _run(defended(), ATTACKS.get("pgd")(**attack), x, y)
+    model = defended()
+    fast = _run(model, ATTACKS.get("pgd")(**attack), x, y, EngineOptions(compile=True))
+    assert model.defense.net._compiled_call_impl is not None  # the ViT ran compiled
     assert torch.equal(fast.correct, base.correct)
     assert (fast.forwards, fast.backwards) == (base.forwards, base.backwards)
     assert fast.extra["engine"]["compile"] is True
