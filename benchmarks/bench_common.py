@@ -8,8 +8,11 @@ tests on a small CIFAR-format folder the test writes.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -85,3 +88,50 @@ def count_flops(fn) -> tuple[float, object]:
     with Counter():
         result = fn()
     return float(Counter.flops), result
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default="at",
+                    help="at (default): a PGD-AT ResNet-18 trained here, then kept in the cache and found again; "
+                         "autoattack: pyautoattack's naturally trained ResNet-18 (a 45 MB file in its wheel); "
+                         "or a suite classifier checkpoint (stem, .json or .safetensors)")
+    ap.add_argument("--train-epochs", type=int, default=None, help="--model at: epochs (default 4 on CUDA, 1 on a CPU)")
+    ap.add_argument("--train-n", type=int, default=None,
+                    help="--model at: training images (default all on CUDA, 256 on a CPU)")
+
+
+def target_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The classifier a benchmark attacks, and one line that says what it is.
+
+    The default is adversarially trained so that robust accuracy is far from 0 and the comparison
+    of robust accuracies between attack implementations means something (a natural model is at 0%
+    under every PGD). It trains once per (dataset, root, epochs, n) and is cached."""
+    from benchmark.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
+    from benchmark.experiment import classifier_card
+    from benchmark.models import create_model
+    from benchmark.paths import cache_dir
+    from benchmark.training import TrainConfig, train_classifier
+
+    if args.model == "autoattack":
+        return load_pretrained("autoattack-resnet18-natural", device)[0].eval(), "pyautoattack's natural ResNet-18"
+    if args.model != "at":
+        return load_checkpoint(args.model, device)[0].eval(), f"checkpoint {args.model}"
+    cuda = device.type == "cuda"
+    epochs = args.train_epochs or (4 if cuda else 1)
+    n = args.train_n or (None if cuda else 256)
+    where = str(Path(args.root).resolve()) if args.root else "default"
+    key = hashlib.sha256(json.dumps([args.dataset, where, epochs, n]).encode()).hexdigest()[:12]
+    stem = cache_dir() / "bench" / f"at-resnet18-{args.dataset}-{key}"
+    if stem.with_name(stem.name + ".json").is_file():
+        model, card = load_checkpoint(stem, device)
+        seconds = card["training"]["seconds"]
+    else:
+        train = load_images(args, "train", n)
+        model = create_model("resnet18", num_classes=train.num_classes, in_channels=train.channels,
+                             mean=train.mean, std=train.std)
+        tcfg = TrainConfig(method="at", epochs=epochs, batch_size=256, lr=0.2, schedule="onecycle", attack_steps=5,
+                           progress=False)
+        result = train_classifier(model, train, tcfg, device)
+        save_checkpoint(model, stem, classifier_card("resnet18", train, tcfg, result, device))
+        seconds = result.seconds
+    return model.eval(), f"PGD-AT ResNet-18 trained by this script ({epochs} epochs, {seconds:.0f} s; {stem})"

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Every speed figure of issue 8 except the matrix run, in one command on a CUDA machine:
-#   bash benchmarks/gpu_speed.sh            # about 6-9 minutes on one H100
+#   bash benchmarks/gpu_speed.sh            # about 7-10 minutes on one H100 (a PGD-AT ResNet-18 is
+#                                           # trained first, about a minute, then cached)
+# Near the device tool's 10-minute call limit, start it in the background and poll its log:
+#   OUT=/tmp/speed setsid nohup bash benchmarks/gpu_speed.sh > /tmp/speed.log 2>&1 < /dev/null &
+#   tail -n 5 /tmp/speed.log        # later calls; then copy /tmp/speed/*.log to $OUT
 #   bash benchmarks/gpu_speed.sh --toy DIR  # the same steps at toy sizes on CIFAR-10 python batches in DIR
 #                                           # (how the tests run it on a CPU)
 # Logs go to $OUT (default results/bench); the last thing printed is the targets of every script.

@@ -190,7 +190,7 @@ def test_compiled_denoiser_training_follows_the_eager_one(trained_pair, digits_t
         cfg = cls.TrainConfig(epochs=2, batch_size=64, eps=0.1, step_size=0.025, attack_steps=1, progress=False,
                               compile=flag)
         seen = []
-        hgd.on_epoch = lambda row, net=hgd.net: seen.append(net._compiled_call_impl is not None)
+        hgd.on_epoch = lambda row, net=hgd.net, seen=seen: seen.append(net._compiled_call_impl is not None)
         with compiled(hgd.compile_modules(training=True), cfg.compile):
             result = hgd.fit(clf, data, torch.device("cpu"), cfg, seed=0)
         assert seen == [flag, flag] and hgd.net._compiled_call_impl is None

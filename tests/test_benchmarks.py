@@ -11,9 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _script(*args, timeout=600):
+def _script(*args, home: Path, timeout=600):
+    """Run a benchmark script; its caches (the trained benchmark model) go under ``home``."""
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(ROOT)})
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(home)})
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -33,8 +34,12 @@ def _tiny_cifar(root: Path, n: int = 8) -> Path:
 def test_attack_throughput_prints_its_table_and_targets(tmp_path):
     pytest.importorskip("pyautoattack")
     root = _tiny_cifar(tmp_path)
+    home = tmp_path / "home"
     out = _script("benchmarks/attack_throughput.py", "--n", "8", "--steps", "1", "--repeats", "1",
-                  "--dataset", "cifar10", "--root", str(root))
+                  "--dataset", "cifar10", "--root", str(root), home=home)
+    assert "model: PGD-AT ResNet-18 trained by this script (1 epochs" in out
+    cards = list((home / ".cache" / "purifybench" / "bench").glob("at-resnet18-cifar10-*.json"))
+    assert len(cards) == 1  # kept for the next call (and the DIR throughput step of gpu_speed.sh)
     assert "| none | ours fp32 |" in out and "| none | pyautoattack APGD-CE |" in out
     # On a CPU at toy size the speed targets are not judged; the accuracy agreement always is.
     assert "| PGD-1 on 8 images <= 3 s |" in out and "| n/a |" in out
@@ -42,11 +47,19 @@ def test_attack_throughput_prints_its_table_and_targets(tmp_path):
     acc = {line.split("|")[2].strip(): float(line.split("|")[6]) for line in out.splitlines()
            if line.startswith("| none | ours")}
     assert acc["ours fp32"] == acc["ours channels_last"]  # fp32 options never change the result
+    # The saved model is a suite checkpoint (hash-verified on load), and the pyautoattack model works too.
+    again = _script("benchmarks/attack_throughput.py", "--n", "8", "--steps", "1", "--repeats", "1",
+                    "--dataset", "cifar10", "--root", str(root), "--model", str(cards[0]), home=home)
+    assert f"model: checkpoint {cards[0]}" in again
+    natural = _script("benchmarks/attack_throughput.py", "--n", "8", "--steps", "1", "--repeats", "1",
+                      "--dataset", "cifar10", "--root", str(root), "--model", "autoattack", home=home)
+    assert "model: pyautoattack's natural ResNet-18" in natural
 
 
 def test_attack_throughput_refuses_images_of_another_size(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/attack_throughput.py", "--dataset", "digits", "--n", "4"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT)})
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={"PYTHONPATH": str(ROOT), "HOME": str(tmp_path)})
     assert r.returncode != 0 and "needs (3, 32, 32)" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -75,6 +88,6 @@ def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
     assert "PGD-5 AT epoch <= 6 s" in tail and "robust accuracy within 0.3 points of fp32" in tail
 
 
-def test_matrix_time_splits_training_and_evaluation():
-    out = _script("benchmarks/matrix_time.py", "reports/quick-cifar10-dir")
+def test_matrix_time_splits_training_and_evaluation(tmp_path):
+    out = _script("benchmarks/matrix_time.py", "reports/quick-cifar10-dir", home=tmp_path)
     assert "| **training** | **888.3** |" in out and "| train target" in out and "evaluate EOT-PGD" in out

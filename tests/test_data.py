@@ -222,6 +222,22 @@ def test_image_folder_tree_archives_and_cache(tmp_path):
     assert ds.name == "pets" and len(ds) == 6 and len(ds.mean) == 3
 
 
+def test_decoded_cache_never_lands_inside_the_repository(tmp_path, monkeypatch):
+    """Data kept in the repository's ignored folders (.gpu/data) travels to the GPU machine; its
+    decoded cache goes to the suite's cache folder instead."""
+    from benchmark.data import imagefolder
+
+    repo = tmp_path / "repo"
+    _make_tree(repo / ".gpu")
+    archive = _tar_from_tree(repo / ".gpu", repo / ".gpu" / "train.tar.xz")
+    monkeypatch.setattr(imagefolder, "REPO_ROOT", repo)
+    monkeypatch.setenv("PURIFYBENCH_CACHE", str(tmp_path / "cache"))
+    images, _, _ = read_image_folder(archive, "train")
+    assert len(images) == 6
+    assert not list((repo / ".gpu").glob(".*decoded*"))
+    assert len(list((tmp_path / "cache" / "decoded").glob(".train.tar.xz.train.decoded-*.safetensors"))) == 1
+
+
 def test_path_traversal_and_links_are_refused(tmp_path):
     evil = tmp_path / "evil.tar"
     with tarfile.open(evil, "w") as tf:

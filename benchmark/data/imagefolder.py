@@ -24,7 +24,7 @@ import torch
 
 from benchmark.errors import DataError
 from benchmark.io import atomic_write
-from benchmark.paths import cache_dir, writable_dir
+from benchmark.paths import REPO_ROOT, cache_dir, writable_dir
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".zip")
@@ -125,7 +125,10 @@ def _cache_path(source: Path, subdir: str | None) -> Path:
     stem = source.name + (f".{subdir}" if subdir else "")
     name = f".{stem}.decoded-{digest}.safetensors"
     beside = source.parent
-    return beside / name if writable_dir(beside) else cache_dir() / "decoded" / name
+    # Beside the source when it may write there, but never inside the repository (its ignored
+    # folders, e.g. .gpu/data, travel to other machines: a 185 MB cache there would go with them).
+    in_repo = REPO_ROOT in beside.resolve().parents or beside.resolve() == REPO_ROOT
+    return beside / name if writable_dir(beside) and not in_repo else cache_dir() / "decoded" / name
 
 
 def _load_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
