@@ -11,6 +11,8 @@
 # The quick Table 1 profile (target <= 25 min, training included) runs longer than one device call:
 #   bash benchmarks/gpu_parallel.sh configs/quick/cifar10_table1.yaml    # returns at once; poll
 #   python benchmarks/matrix_time.py /tmp/cifar10_table1                  # when it has finished
+# The GPU machine has neither pyautoattack nor torchattacks: prepare with
+#   ../shared/tools/gpu-prepare torchattacks      # then carry [".gpu"], PYTHONPATH=$PWD/.gpu/site:$PWD
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
@@ -19,6 +21,9 @@ py=${PYTHON:-python}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/device.txt" || true
 git rev-parse HEAD 2>/dev/null | tee -a "$out/device.txt" || echo "no git: name the commit by hand" | tee -a "$out/device.txt"
+for module in torchattacks pyautoattack; do
+  "$py" -c "import $module" 2>/dev/null || echo "** $module cannot be imported: its rows (and the ratio to it) will be missing" | tee -a "$out/missing.txt"
+done
 step() {  # step NAME COMMAND...: run it, keep its log, go on if it fails (the summary says so)
   local name=$1; shift
   echo "== $name: $*"
