@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from bench_common import (
     add_data_args,
     add_model_args,
+    count_flops,
     describe,
     load_images,
     pick_device,
     target_model,
     timed,
+    verdict,
 )
 
 from attacks.base import Threat
@@ -40,13 +42,9 @@ from defenses.base import DefendedModel, NoDefense
 
 def step_flops(model, x, y) -> float:
     """FLOPs of one attack step (forward + input gradient) on ``x``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     xs = x.detach().clone().requires_grad_(True)
-    with FlopCounterMode(display=False) as counter:
-        loss = F.cross_entropy(model(xs).float(), y, reduction="sum")
-        loss.backward()  # parameters are frozen: only the input gradient is computed
-    return float(counter.get_total_flops())
+    flops, _ = count_flops(lambda: torch.autograd.grad(F.cross_entropy(model(xs).float(), y, reduction="sum"), xs))
+    return flops
 
 
 def main() -> None:
@@ -167,7 +165,7 @@ def verdicts(rows: list[tuple], *, n: int, steps: int, device: torch.device) -> 
     size_note = "" if at_size else " (target set for PGD-20, n = 10,000 on one H100: not judged here)"
 
     def met(ok: bool, judged: bool = at_size) -> str:
-        return ("yes" if ok else "**no**") if judged else "n/a"
+        return verdict(ok, judged)
 
     print(f"\nTargets (none, fastest of ours: {best}){size_note}\n")
     print("| target | this run | met |\n|---|---:|---|")

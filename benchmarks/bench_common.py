@@ -49,6 +49,11 @@ def timed(fn, device: torch.device, repeats: int):
     return statistics.median(times), result
 
 
+def verdict(ok: bool, judged: bool) -> str:
+    """A target table's 'met' cell: judged only at the size and on the device the target is set for."""
+    return ("yes" if ok else "**no**") if judged else "n/a"
+
+
 def add_data_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dataset", default="cifar10-jpeg",
                     help="a registered dataset (default: the offline CIFAR-10 JPEG copy)")
@@ -106,7 +111,12 @@ def target_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.
     The default is adversarially trained so that robust accuracy is far from 0 and the comparison
     of robust accuracies between attack implementations means something (a natural model is at 0%
     under every PGD). It trains once per (dataset, root, epochs, n) and is cached."""
-    from benchmark.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
+    from benchmark.checkpoint import (
+        checkpoint_paths,
+        load_checkpoint,
+        load_pretrained,
+        save_checkpoint,
+    )
     from benchmark.experiment import classifier_card
     from benchmark.models import create_model
     from benchmark.paths import cache_dir
@@ -122,7 +132,7 @@ def target_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.
     where = str(Path(args.root).resolve()) if args.root else "default"
     key = hashlib.sha256(json.dumps([args.dataset, where, epochs, n]).encode()).hexdigest()[:12]
     stem = cache_dir() / "bench" / f"at-resnet18-{args.dataset}-{key}"
-    if stem.with_name(stem.name + ".json").is_file():
+    if checkpoint_paths(stem)[1].is_file():
         model, card = load_checkpoint(stem, device)
         seconds = card["training"]["seconds"]
     else:

@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 
-from bench_common import add_data_args, describe, load_images, pick_device
+from bench_common import add_data_args, describe, load_images, pick_device, verdict
 
 from benchmark.config import from_dict
 from benchmark.models import create_model
@@ -64,15 +64,15 @@ def main() -> None:
         dir_ = DIR(image_size=train.image_size[0], in_channels=train.channels)
         dir_.stage_dir = tempfile.mkdtemp()
         dcfg = from_dict(DIRTrain, dict(pretrain_epochs=args.pretrain_epochs, epochs=args.epochs, progress=False,
-                                             compile=args.compile),
-                         "train")
+                                        compile=args.compile), "train")
         with compiled(dir_.compile_modules(training=True), args.compile):
             fit = dir_.to(device).fit(clf, train, device, dcfg, seed=0)
         main_s = [h["seconds"] for h in fit.history if h.get("phase") == "main"]
         pre_s = [h["seconds"] for h in fit.history if h.get("phase") == "pretrain"]
         s = per_epoch(main_s)
-        rows.append(("DIR main training (Algorithm 1), batch 128" + (" (compiled)" if args.compile else ""), s, s * 50_000 / len(train),
-                     f"paper 527 s; speed-up {527 / (s * 50_000 / len(train)):.3g}x"))
+        s50 = s * 50_000 / len(train)
+        rows.append(("DIR main training (Algorithm 1), batch 128" + (" (compiled)" if args.compile else ""), s, s50,
+                     f"paper 527 s; speed-up {527 / s50:.3g}x"))
         if pre_s:
             rows.append(("DIR pre-training (Eq. 2), batch 256", pre_s[0], pre_s[0] * 50_000 / len(train), "-"))
     print()
@@ -85,11 +85,9 @@ def main() -> None:
     print(f"\nTargets{note}\n\n| target | this run (s/epoch @50k) | met |\n|---|---:|---|")
     for name, _, s50, _ in rows:
         if name.startswith("PGD-5 AT"):
-            print(f"| PGD-5 AT epoch <= 6 s | {s50:.1f} | {('yes' if s50 <= 6 else '**no**') if judged else 'n/a'} |")
+            print(f"| PGD-5 AT epoch <= 6 s | {s50:.1f} | {verdict(s50 <= 6, judged)} |")
         elif name.startswith("DIR main"):
-            ok = 527 / s50 >= 10
-            print(f"| DIR main epoch >= 10x faster than 527 s | {527 / s50:.3g}x | "
-                  f"{('yes' if ok else '**no**') if judged else 'n/a'} |")
+            print(f"| DIR main epoch >= 10x faster than 527 s | {527 / s50:.3g}x | {verdict(527 / s50 >= 10, judged)} |")
 
 
 if __name__ == "__main__":

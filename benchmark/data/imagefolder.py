@@ -127,7 +127,7 @@ def _cache_path(source: Path, subdir: str | None) -> Path:
     beside = source.parent
     # Beside the source when it may write there, but never inside the repository (its ignored
     # folders, e.g. .gpu/data, travel to other machines: a 185 MB cache there would go with them).
-    in_repo = REPO_ROOT in beside.resolve().parents or beside.resolve() == REPO_ROOT
+    in_repo = beside.resolve().is_relative_to(REPO_ROOT)
     return beside / name if writable_dir(beside) and not in_repo else cache_dir() / "decoded" / name
 
 
