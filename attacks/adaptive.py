@@ -18,8 +18,9 @@ from typing import Literal
 import torch
 
 from attacks.base import Attack, IterativeParams, Threat, defended_of
+from attacks.core import AttackResult, Objective, linf_attack, uniform_start
 from attacks.momentum import MIFGSM, MIParams
-from attacks.pgd import PGD, PGDParams, ce_sum, input_gradient, project_linf, uniform_start
+from attacks.pgd import PGD, PGDParams
 from benchmark.config import require, subkey
 from benchmark.registry import ATTACKS
 
@@ -45,10 +46,7 @@ class MaskAdaptiveParams(IterativeParams):
                   description="PGD-40 with the defense's masks known and fixed; evaluated with the same masks")
 class MaskAdaptive(Attack):
     Params = MaskAdaptiveParams
-
-    def __init__(self, where: str = "attack", **params) -> None:
-        super().__init__(where, **params)
-        self._masks = None
+    own_scoring = True
 
     @classmethod
     def applies_to(cls, defense_cls: type) -> bool:
@@ -60,24 +58,17 @@ class MaskAdaptive(Attack):
             raise TypeError(f"mask-adaptive needs a defense that uses masks; "
                             f"{type(defended.defense).__name__} does not")
         p = self.params
-        self._masks = defended.defense.sample_masks(x)
-        defended.masks = self._masks
-        try:
-            adv = uniform_start(x, threat.eps, generator) if p.random_start else x.clone()
-            for _ in range(p.steps):
-                grad, _ = input_gradient(model, adv, y, ce_sum)
-                adv = project_linf(adv.detach() + p.step_size * grad.sign(), x, threat.eps)
-        finally:
-            defended.masks = None
-        return adv
+        masks = defended.defense.sample_masks(x)
+        start = uniform_start(x, threat.eps, generator) if p.random_start else None
+        with defended.fixed_masks(masks):
+            adv = linf_attack(Objective(model, y), x, eps=threat.eps, step_size=p.step_size, steps=p.steps,
+                              start=start)
 
-    def score(self, model, x_adv):
-        defended = defended_of(model)
-        defended.masks = self._masks  # evaluated with the masks the attacker knew
-        try:
-            return model(x_adv)
-        finally:
-            defended.masks = None
+        def score(scorer, x_adv):  # evaluated with the masks the attacker knew: no fresh randomness
+            with defended.fixed_masks(masks):
+                return scorer(x_adv)
+
+        return AttackResult(adv, score=score, random_score=False)
 
 
 @dataclass
@@ -93,14 +84,14 @@ class RepresentationParams(IterativeParams):
 @ATTACKS.register("representation", label="Representation", paper="Zhou et al., ICML 2023 (Eq. 9)",
                   description="PGD-20 on the restored image against the classifier alone, in the eps ball around it")
 class RepresentationAttack(Attack):
-    """The threat ball of this attack is centred on x~ = g(x), not on x: the harness checks
-    against :meth:`reference` and scores with the classifier alone."""
+    """The threat ball of this attack is centred on x~ = g(x), not on x, and it is scored by the
+    classifier alone: its result says so (:class:`~attacks.core.AttackResult`)."""
 
     Params = RepresentationParams
-
-    def __init__(self, where: str = "attack", **params) -> None:
-        super().__init__(where, **params)
-        self._restored = None
+    own_scoring = True
+    threat_space = "representation"
+    measures = ("how far the classifier alone is from adversarial examples around the restored image "
+                "(perturbation around g(x), scored without the defense): not robustness of the defended model")
 
     def run(self, model, x, y, threat: Threat, generator):
         defended = defended_of(model)
@@ -110,27 +101,10 @@ class RepresentationAttack(Attack):
             source = PGD(steps=p.source_steps, step_size=p.step_size).run(model, x, y, threat, generator)
         with torch.no_grad():
             restored = defended.purify(source).clamp(0.0, 1.0)  # one draw of the defense's randomness
-        self._restored = restored
-        adv = restored.clone()
-        for _ in range(p.steps):
-            grad, _ = input_gradient(defended.classifier, adv, y, ce_sum)
-            adv = project_linf(adv.detach() + p.step_size * grad.sign(), restored, threat.eps)
-        _count(model, forwards=(p.steps + 1) * len(x), backwards=p.steps * len(x))
-        return adv
-
-    def reference(self, x):
-        return self._restored
-
-    def score(self, model, x_adv):
-        _count(model, forwards=len(x_adv))
-        return defended_of(model).classifier(x_adv)
-
-
-def _count(model, forwards: int = 0, backwards: int = 0) -> None:
-    """Book passes that bypass the harness's counting wrapper (calls to the classifier alone)."""
-    book = getattr(model, "count", None)  # the harness's counter, also through the engine's view
-    if book is not None:
-        book(forwards, backwards)
+        adv = linf_attack(Objective(defended.classifier, y), restored, eps=threat.eps, step_size=p.step_size,
+                          steps=p.steps)
+        return AttackResult(adv, center=restored, random_score=False,
+                            score=lambda scorer, x_adv: defended_of(scorer).classifier(x_adv))
 
 
 @dataclass
@@ -148,6 +122,9 @@ class NoiseDiscardParams(IterativeParams):
                   description="PGD or MI-FGSM noise with a random fraction of its pixels zeroed")
 class NoiseDiscard(Attack):
     Params = NoiseDiscardParams
+    threat_space = "probe"
+    measures = ("accuracy after a deliberately weakened attack (a fraction of its noise zeroed, DIR's "
+                "Fig. 2 probe): how much noise the model tolerates, not a bound on robustness")
 
     def run(self, model, x, y, threat: Threat, generator):
         p = self.params

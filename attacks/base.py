@@ -1,8 +1,10 @@
 """The attack contract.
 
 An attack is a registered class built from validated parameters; calling it as
-``attack(model, x, y, threat, generator)`` returns ``x_adv``. It only ever sees
-the whole defended model (white-box against defense + classifier). Bookkeeping
+``attack(model, x, y, threat, generator)`` returns ``x_adv``, or an
+:class:`~attacks.core.AttackResult` when its threat ball is centred elsewhere or it
+is scored its own way (it keeps no state between batches). It only ever sees the
+whole defended model (white-box against defense + classifier). Bookkeeping
 (threat-ball checks, re-scoring, counting, timing) lives in the harness
 (:mod:`benchmark.harness`), not in the attacks.
 """
@@ -17,6 +19,13 @@ import torch
 
 from benchmark.config import from_dict, require, subkey
 from benchmark.registry import ATTACKS
+
+INPUT_SPACE = "input"
+
+
+def is_input_space(attack_cls: type) -> bool:
+    """Whether an attack class perturbs the input and is scored by the whole defended model."""
+    return getattr(attack_cls, "threat_space", INPUT_SPACE) == INPUT_SPACE
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,18 @@ class Attack:
 
     Params: ClassVar[type] = NoParams
     uses_gradients: ClassVar[bool] = True
+    # What the attack perturbs and what its accuracy is scored on. ``input``: images inside the eps
+    # ball around the clean input, scored by the whole defended model: the threat model of every
+    # headline number (``Worst``, the adaptive table, the figures, the paper presets). Any other
+    # space is a diagnostic: reported in its own block, never mixed into a headline.
+    threat_space: ClassVar[str] = INPUT_SPACE
+    # For a diagnostic: what its number measures (the footer of the diagnostics block says it).
+    measures: ClassVar[str] = ""
+    # Returns an AttackResult with its own ball centre or scoring (it cannot join a worst-of).
+    own_scoring: ClassVar[bool] = False
+    # Bump when a change of the code or of a default changes what the attack computes: a cell's
+    # identity includes it (from 2 on), so records of the old behaviour are recomputed.
+    version: ClassVar[int] = 1
 
     def __init__(self, where: str = "attack", **params: Any) -> None:
         self.params = from_dict(self.Params, params, where)
@@ -59,34 +80,25 @@ class Attack:
     def describe(self) -> dict:
         return dataclasses.asdict(self.params)
 
-    def run(self, model, x: torch.Tensor, y: torch.Tensor, threat: Threat,
-            generator: torch.Generator | None) -> torch.Tensor:
+    def run(self, model, x: torch.Tensor, y: torch.Tensor, threat: Threat, generator: torch.Generator | None):
+        """``x_adv``, or an :class:`~attacks.core.AttackResult` (ball centre, scoring)."""
         raise NotImplementedError
 
-    def __call__(self, model, x, y, threat: Threat, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, model, x, y, threat: Threat, generator: torch.Generator | None = None):
         return self.run(model, x, y, threat, generator)
-
-    # -- how the harness checks and re-scores the last batch ------------------------------
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The centre of the threat ball of the last batch (the clean input, for most attacks)."""
-        return x
-
-    def score(self, model, x_adv: torch.Tensor) -> torch.Tensor:
-        """Logits the reported accuracy is computed from: a fresh pass of the defended model."""
-        return model(x_adv)
 
 
 def defended_of(model):
-    """The :class:`~defenses.base.DefendedModel` inside wrappers such as the harness's counter."""
+    """The :class:`~defenses.base.DefendedModel` an attack sees: the model itself, or the one behind
+    the attack engine's view (its ``defended``)."""
     from defenses.base import DefendedModel
 
-    seen = model
-    while not isinstance(seen, DefendedModel):
-        inner = getattr(seen, "_modules", {}).get("model")
-        if inner is None:
-            raise TypeError(f"{type(model).__name__} does not wrap a DefendedModel")
-        seen = inner
-    return seen
+    if isinstance(model, DefendedModel):
+        return model
+    inner = getattr(model, "defended", None)
+    if isinstance(inner, DefendedModel):
+        return inner
+    raise TypeError(f"{type(model).__name__} is not a DefendedModel nor a view of one")
 
 
 @ATTACKS.register("clean", label="Natural", description="no attack: natural accuracy")

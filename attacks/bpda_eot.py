@@ -9,16 +9,28 @@ an iterative inner loop such as AID-Purifier's or a long Langevin chain).
 ``bpda`` and ``eot`` are ``auto`` by default: read from the defense's declarations (BPDA
 for non-differentiable or ``prefers_bpda`` defenses; E = ``eot_samples`` for stochastic
 ones, 1 otherwise). A config can force either (``bpda: true/false``, ``eot: 1``...).
-Registered twice: ``bpda-eot`` and ``adaptive`` (the same attack with every choice left to
-the declarations).
+
+``gradient`` chooses how the gradient crosses an iterative or non-differentiable purifier
+that declares exact gradients (EBM, AID-Purifier, ME-Net): ``bpda`` (the surrogate, as
+above), ``exact`` (back-propagate through the purification itself with that draw's
+randomness held fixed: ``Defense.purify_exact``, checkpointed), or ``auto``: the BPDA
+attack first, then the exact one on the samples it left robust, keeping per sample the
+image that fools the model. For a defense without exact gradients every choice is ``bpda``.
+Registered twice: ``bpda-eot`` (``gradient: bpda`` by default) and ``adaptive`` (every
+choice left to the declarations, ``gradient: auto``). What was used is reported in the
+record (``attack_info.resolved``: bpda, eot, gradient = bpda / direct / exact / bpda+exact;
+direct = the plain white-box gradient of a differentiable defense).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+import torch
 
 from attacks.base import Attack, IterativeParams, Threat, defended_of
-from attacks.pgd import ce_sum, eot_gradient, project_linf, uniform_start
+from attacks.core import AttackResult, Objective, ce_sum, linf_attack, uniform_start
 from benchmark.config import require, subkey
 from benchmark.registry import ATTACKS
 
@@ -30,9 +42,12 @@ class BPDAEOTParams(IterativeParams):
     bpda: bool | str = "auto"
     eot: int | str = "auto"
     eot_samples: int = 15  # E used by eot: auto against a stochastic defense
+    gradient: Literal["bpda", "exact", "auto"] = "bpda"
 
     def validate(self, where: str) -> None:
         super().validate(where)
+        require(self.gradient in ("bpda", "exact", "auto"), subkey(where, "gradient"),
+                f"must be bpda, exact or auto, got {self.gradient!r}")
         require(self.bpda in ("auto", True, False), subkey(where, "bpda"), f"must be auto, true or false, got {self.bpda!r}")
         require(self.eot == "auto" or (isinstance(self.eot, int) and self.eot >= 1), subkey(where, "eot"),
                 f"must be auto or an integer >= 1, got {self.eot!r}")
@@ -50,33 +65,48 @@ def resolve(params: BPDAEOTParams, defense) -> tuple[bool, int]:
     return bool(bpda), int(eot)
 
 
+@dataclass
+class AdaptiveParams(BPDAEOTParams):
+    gradient: Literal["bpda", "exact", "auto"] = "auto"
+
+
 @ATTACKS.register("bpda-eot", label="BPDA+EOT", paper="Athalye et al., ICML 2018",
                   description="PGD-40 with E=15 EOT samples per step through the defense's BPDA surrogate "
                               "(both chosen from the defense's declarations unless forced)")
 class BPDAEOT(Attack):
     Params = BPDAEOTParams
 
-    def describe(self) -> dict:
-        return super().describe() | {"resolved": getattr(self, "_resolved", None)}
-
     def run(self, model, x, y, threat: Threat, generator):
         p = self.params
         defended = defended_of(model)
         bpda, eot = resolve(p, defended.defense)
-        self._resolved = {"bpda": bpda, "eot": eot}
-        saved = defended.bpda
-        defended.bpda = bpda or saved  # a non-differentiable defense keeps its forced BPDA
-        try:
-            adv = uniform_start(x, threat.eps, generator) if p.random_start else x.clone()
-            for _ in range(p.steps):
-                grad = eot_gradient(model, adv, y, ce_sum, eot)
-                adv = project_linf(adv.detach() + p.step_size * grad.sign(), x, threat.eps)
-        finally:
-            defended.bpda = saved
-        return adv
+        exact = defended.defense.exact_gradient and p.gradient != "bpda"
+        surrogate = "bpda" if bpda or defended.bpda else "direct"  # direct: the plain white-box gradient
+        modes = [surrogate, "exact"] if exact and p.gradient == "auto" else ["exact" if exact else surrogate]
+        best = x.clone()
+        todo = torch.arange(len(x), device=x.device)
+        for i, mode in enumerate(modes):
+            with defended.gradients(bpda=bpda if mode != "exact" else None, exact=mode == "exact"):
+                adv = self._pgd(model, x[todo], y[todo], threat, generator, eot)
+            best[todo] = adv
+            if i + 1 < len(modes):  # the next mode only attacks the samples this one left robust
+                with torch.no_grad():  # checked in fp32 on the defended model, not through the engine
+                    fooled = defended(adv).argmax(1) != y[todo]
+                todo = todo[~fooled]
+                if len(todo) == 0:
+                    break
+        resolved = {"bpda": "bpda" in modes, "eot": eot, "gradient": "+".join(modes)}
+        return AttackResult(best, info={"resolved": resolved})
+
+    def _pgd(self, model, x, y, threat: Threat, generator, eot: int) -> torch.Tensor:
+        p = self.params
+        start = uniform_start(x, threat.eps, generator) if p.random_start else None
+        return linf_attack(Objective(model, y, ce_sum, eot), x, eps=threat.eps, step_size=p.step_size,
+                           steps=p.steps, start=start)
 
 
 @ATTACKS.register("adaptive", label="Adaptive (BPDA+EOT)", paper="Athalye et al., ICML 2018",
                   description="BPDA+EOT with BPDA and EOT chosen from the defense's declarations")
 class Adaptive(BPDAEOT):
-    pass
+    Params = AdaptiveParams
+    version = 2  # gradient: auto by default (exact gradients after BPDA where a defense has them)

@@ -55,11 +55,9 @@ class EngineOptions:
 
 
 class AttackView(nn.Module):
-    """What an attack calls: the (counting) defended model under the engine's options.
-
-    ``model`` is kept as the ``model`` sub-module so :func:`attacks.base.defended_of` finds the
-    defended model through it.
-    """
+    """What an attack calls: the defended model under the engine's options. It forwards nothing
+    implicitly: ``defended`` is the model behind it (what :func:`attacks.base.defended_of` returns),
+    ``stochastic`` and ``eot_batch`` are what attacks read."""
 
     def __init__(self, model: nn.Module, options: EngineOptions, device: torch.device) -> None:
         super().__init__()
@@ -76,11 +74,13 @@ class AttackView(nn.Module):
                 return self.model(x).float()
         return self.model(x)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["model"], name)
+    @property
+    def defended(self) -> nn.Module:
+        return self.model
+
+    @property
+    def stochastic(self) -> bool:
+        return bool(getattr(self.model, "stochastic", False))
 
 
 def prepare_model(defended: nn.Module, options: EngineOptions) -> nn.Module:

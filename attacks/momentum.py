@@ -8,16 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from attacks.base import Attack, IterativeParams, Threat
-from attacks.pgd import ce_sum, input_gradient, project_linf, summed_gradients
+from attacks.core import Momentum, Objective, VarianceTuned, linf_attack
 from benchmark.config import require, subkey
 from benchmark.registry import ATTACKS
-
-
-def _l1_normalize(g: torch.Tensor) -> torch.Tensor:
-    return g / g.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
 
 
 @dataclass
@@ -35,14 +29,9 @@ class MIFGSM(Attack):
     Params = MIParams
 
     def run(self, model, x, y, threat: Threat, generator):
-        p = self.params
-        g = torch.zeros_like(x)
-        adv = x.clone()
-        for _ in range(p.steps):
-            grad, _ = input_gradient(model, adv, y, ce_sum)
-            g = p.decay * g + _l1_normalize(grad)  # g_{t+1} = mu g_t + grad / ||grad||_1
-            adv = project_linf(adv.detach() + p.step_size * g.sign(), x, threat.eps)
-        return adv
+        p = self.params  # g_{t+1} = mu g_t + grad / ||grad||_1, from the clean image
+        return linf_attack(Objective(model, y), x, eps=threat.eps, step_size=p.step_size, steps=p.steps,
+                           rule=Momentum(p.decay))
 
 
 @dataclass
@@ -63,17 +52,5 @@ class VNIFGSM(Attack):
 
     def run(self, model, x, y, threat: Threat, generator):
         p = self.params
-        g = torch.zeros_like(x)
-        v = torch.zeros_like(x)
-        adv = x.clone()
-        radius = p.beta * threat.eps
-        for _ in range(p.steps):
-            nes = adv + p.step_size * p.decay * g  # Nesterov look-ahead
-            grad, _ = input_gradient(model, nes, y, ce_sum)
-            g = p.decay * g + _l1_normalize(grad + v)
-            # gradient variance around x_t: the draws in a fixed order, the passes batched by the engine
-            around = [adv + (torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * 2 - 1) * radius
-                      for _ in range(p.neighbors)]
-            v = summed_gradients(model, around, y, ce_sum) / p.neighbors - grad
-            adv = project_linf(adv.detach() + p.step_size * g.sign(), x, threat.eps)
-        return adv
+        rule = VarianceTuned(p.decay, p.step_size, p.neighbors, p.beta * threat.eps, generator)
+        return linf_attack(Objective(model, y), x, eps=threat.eps, step_size=p.step_size, steps=p.steps, rule=rule)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attacks.base import Attack, Threat
+from attacks.base import Attack, Threat, defended_of, is_input_space
+from attacks.core import AttackResult
 from benchmark.config import ConfigError, require, subkey
 from benchmark.registry import ATTACKS
 
@@ -42,23 +43,19 @@ class WorstOf(Attack):
             if name not in ATTACKS:
                 raise ConfigError(f"{subkey(at, 'name')}: {ATTACKS.unknown_message(name)}")
             cls = ATTACKS.get(name)
-            if name == "worst-of" or cls.reference is not Attack.reference or cls.score is not Attack.score:
-                raise ConfigError(f"{subkey(at, 'name')}: {name!r} cannot be part of worst-of (it scores or "
-                                  "centres its threat ball its own way); give it its own column")
+            if name == "worst-of" or cls.own_scoring or not is_input_space(cls):
+                raise ConfigError(f"{subkey(at, 'name')}: {name!r} cannot be part of worst-of (it scores, "
+                                  "centres its threat ball or measures its own way); give it its own column")
             self.members.append((name, cls(where=subkey(at, "params"), **(spec.get("params") or {}))))
-        self.survivors: list[int] = []  # robust samples after each member, summed over batches
 
     def describe(self) -> dict:
         return {"attacks": [{"name": n, "params": a.describe()} for n, a in self.members]}
 
     def run(self, model, x, y, threat: Threat, generator):
-        from attacks.engine import AttackView
-
-        plain = model.model if isinstance(model, AttackView) else model  # the success check in fp32
+        plain = defended_of(model)  # the success check in fp32, not through the engine's options
         best = x.clone()
         todo = torch.arange(len(x), device=x.device)
-        if len(self.survivors) != len(self.members):
-            self.survivors = [0] * len(self.members)
+        survivors = [0] * len(self.members)
         for i, (_, attack) in enumerate(self.members):
             if len(todo) == 0:
                 break
@@ -67,5 +64,5 @@ class WorstOf(Attack):
             with torch.no_grad():
                 fooled = plain(adv).argmax(1) != y[todo]
             todo = todo[~fooled]
-            self.survivors[i] += len(todo)
-        return best
+            survivors[i] = len(todo)
+        return AttackResult(best, info={"survivors": survivors})

@@ -24,6 +24,7 @@ from benchmark.checkpoint import load_checkpoint, load_pretrained, read_card, sa
 from benchmark.config import ConfigError, from_dict, load_yaml, require, subkey
 from benchmark.data import load_dataset
 from benchmark.errors import BenchError, CheckpointError
+from benchmark.harness import MAX_DRAWS
 from benchmark.io import artifact_key
 from benchmark.locks import OwnerLock
 from benchmark.masking import ChecksSpec
@@ -35,6 +36,7 @@ from defenses.base import compiled
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+-]{0,63}")
 log = logging.getLogger("purifybench")
+DEFAULT_DRAWS = {"smoke": 4}  # eval.draws when null, per profile (10 for the others)
 ARTIFACT_VERSION = 1  # bump when training code changes what a given spec produces
 
 
@@ -188,6 +190,10 @@ class EvalSpec:
     channels_last: bool = False
     compile: bool = False
     eot_batch: int = 1  # EOT / VNI draws per forward pass
+    # Scoring passes per adversarial image for a stochastic defense (independent draws of its
+    # randomness); a sample is robust only if every draw classifies it correctly. null: 4 in the
+    # smoke profile, 10 otherwise. Deterministic rows are always scored once.
+    draws: int | None = None
     # gradient-masking checks per row (benchmark/masking.py); on by default
     checks: ChecksSpec = field(default_factory=ChecksSpec)
 
@@ -196,6 +202,8 @@ class EvalSpec:
         require(self.batch_size == "auto" or self.batch_size >= 1, subkey(where, "batch_size"),
                 "must be >= 1 or auto")
         require(self.eot_batch >= 1, subkey(where, "eot_batch"), f"must be >= 1, got {self.eot_batch}")
+        require(self.draws is None or 1 <= self.draws <= MAX_DRAWS, subkey(where, "draws"),
+                f"must be in [1, {MAX_DRAWS}] or null, got {self.draws}")
 
     @property
     def engine(self):
@@ -216,6 +224,13 @@ class ExperimentConfig:
     attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec(name="clean")])
     threat: ThreatSpec = field(default_factory=ThreatSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+
+    @property
+    def draws(self) -> int:
+        """Scoring draws per adversarial image for stochastic rows (``eval.draws`` or the profile's)."""
+        if self.eval.draws is not None:
+            return self.eval.draws
+        return DEFAULT_DRAWS.get(self.profile, 10)
 
     def validate(self, where: str) -> None:
         for kind in ("datasets", "targets", "defenses", "attacks"):

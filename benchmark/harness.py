@@ -2,9 +2,13 @@
 
 For every batch: the attack returns ``x_adv``; the harness checks that it lies in
 the threat ball (``|x_adv - x|_inf <= eps + 1e-6``) and in [0,1], then re-scores
-it with a fresh forward pass of the defended model (a stochastic defense draws
-fresh randomness). It counts forward and backward image-passes, times the cell
-and records peak GPU memory.
+it with a fresh forward pass of the defended model. A stochastic defense is scored
+under ``draws`` independent draws of its randomness (each seeded from the batch and
+the draw, so sharded and single runs agree): per sample, how many draws classify it
+correctly, whether the plurality vote of the draws is the true label, and the first
+draw alone. A sample is counted robust (``correct``) only if every draw classifies it
+correctly: an attacker may resubmit the same image. It counts forward and backward
+image-passes, times the cell and records peak GPU memory.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.base import Attack, Threat
+from attacks.core import AttackResult
 from attacks.engine import AttackView, EngineOptions, auto_batch_size, prepare_model
 from benchmark import distributed
 from benchmark.errors import BenchError
@@ -29,46 +34,79 @@ class ThreatModelViolation(BenchError):
     """An attack returned images outside the threat ball or outside [0,1]."""
 
 
-class CountingModel(nn.Module):
-    """Counts image-passes forward and backward through ``model``."""
+class PassCounter:
+    """Counts image-passes, forward and backward, through the defended model and through its
+    classifier alone (DIR's representation attack), with module hooks: a pass is counted once, at
+    the outermost of the two (the classifier inside a defended pass is not counted again). Calls of
+    the defense alone (the representation attack's one purification) and of other networks (SSP's
+    feature extractor) are not passes of either and are not counted."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    def __init__(self, defended: nn.Module) -> None:
         self.forwards = 0
         self.backwards = 0
+        self._depth = 0
+        modules = [defended] + ([defended.classifier] if isinstance(getattr(defended, "classifier", None),
+                                                                     nn.Module) else [])
+        self._handles = []
+        for m in modules:
+            self._handles.append(m.register_forward_pre_hook(self._enter))
+            self._handles.append(m.register_forward_hook(self._leave, always_call=True))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = int(x.shape[0])
+    def _enter(self, module, args) -> None:
+        self._depth += 1
+
+    def _leave(self, module, args, out) -> None:
+        self._depth -= 1
+        if self._depth or out is None:  # out is None when the pass raised (always_call)
+            return
+        n = int(args[0].shape[0])
         self.forwards += n
-        out = self.model(x)
-        if out.requires_grad:
+        if isinstance(out, torch.Tensor) and out.requires_grad:
             def count(grad: torch.Tensor) -> None:
                 self.backwards += n
 
             out.register_hook(count)
-        return out
 
-    def count(self, forwards: int = 0, backwards: int = 0) -> None:
-        """Book passes an attack made around this wrapper (e.g. through the classifier alone)."""
-        self.forwards += forwards
-        self.backwards += backwards
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["model"], name)
+    def __enter__(self) -> PassCounter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # the hooks never outlive the cell, even when an attack fails
+
+
+def _merge_info(total: dict, part: dict) -> dict:
+    """An attack's per-batch report summed over batches (numbers, and lists of numbers elementwise)."""
+    for key, value in part.items():
+        if key not in total:
+            total[key] = list(value) if isinstance(value, list) else value
+        elif isinstance(value, list):
+            total[key] = [a + b for a, b in zip(total[key], value)]
+        elif isinstance(value, (int, float)):
+            total[key] += value
+    return total
 
 
 @dataclass
 class AttackOutcome:
-    correct: torch.Tensor  # bool (n,), on the CPU, in data order
+    correct: torch.Tensor  # bool (n,), on the CPU, in data order: correct under every draw
     seconds: float
     forwards: int
     backwards: int
     peak_memory_bytes: int | None
     extra: dict = field(default_factory=dict)
+    draws: int = 1  # draws of the defense's randomness each adversarial image was scored under
+    draw_counts: torch.Tensor | None = None  # int (n,): how many of the draws classified it correctly
+    majority: torch.Tensor | None = None  # bool (n,): the plurality vote of the draws is the true label
+    single: torch.Tensor | None = None  # bool (n,): the first draw alone
+    score_forwards: int = 0  # image-passes spent on scoring (draws x n); included in ``forwards``
+    random_score: bool = False  # whether the scoring drew randomness (a stochastic defense, not held fixed)
+
+    PER_SAMPLE = ("correct", "draw_counts", "majority", "single")
 
     @property
     def n(self) -> int:
@@ -114,6 +152,38 @@ def gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
             "masked": (not finite) or zero >= 0.5}
 
 
+MAX_DRAWS = 35  # per-sample draw counts are stored as one base-36 digit
+
+
+def draw_seed(batch_seed: int, draw: int) -> int:
+    """The defense's seed for scoring draw ``draw`` of a batch (draw 0 keeps the attack's stream)."""
+    return (batch_seed + (draw + 1) * 0x9E3779B97F4A7C15) % (2**62)
+
+
+def score_draws(score, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, draws: int,
+                defense, batch_seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions of ``draws`` scoring passes over ``x_adv`` (n, draws) and the plurality-vote
+    correctness (n,), ``score(model, x_adv) -> logits`` giving each pass. Draw 0 continues the
+    defense's generator after the attack (so one draw is the single-pass scoring); draw r > 0
+    reseeds it from (batch, r)."""
+    preds = []
+    with torch.no_grad():
+        for r in range(draws):
+            if r > 0 and defense is not None and hasattr(defense, "seed"):
+                defense.seed(draw_seed(batch_seed, r), device)
+            preds.append(score(model, x_adv).argmax(1))
+    preds = torch.stack(preds, dim=1)
+    classes = int(max(int(preds.max()), int(y.max())) + 1)
+    votes = torch.nn.functional.one_hot(preds, classes).sum(1)  # (n, classes)
+    own = votes.gather(1, y.view(-1, 1)).squeeze(1)
+    others = votes.scatter(1, y.view(-1, 1), -1).amax(1)
+    return preds, own > others  # a tie with another class is not a correct vote
+
+
+def _fresh_pass(model: nn.Module, x_adv: torch.Tensor) -> torch.Tensor:
+    return model(x_adv)
+
+
 def run_attack(
     attack: Attack,
     model: nn.Module,
@@ -127,34 +197,45 @@ def run_attack(
     progress: bool = False,
     engine: EngineOptions | None = None,
     sharded: bool = False,
+    draws: int = 1,
 ) -> AttackOutcome:
     """Attack ``model`` on float images in [0,1] (already on the model's device), batch by batch.
 
     The attack sees the model through the engine's options (``attacks.engine``); the reported
     accuracy always comes from a plain fp32 pass over the returned images. ``sharded``: under
-    torchrun, each rank attacks its share of the batches and every rank gets the joined outcome."""
+    torchrun, each rank attacks its share of the batches and every rank gets the joined outcome.
+    ``draws``: scoring passes per batch when the attack's scoring is random (a stochastic defense);
+    deterministic scoring always takes one."""
     device = images.device
     engine = engine or EngineOptions()
     prepare_model(model, engine)
-    counter = CountingModel(model)
-    view = AttackView(counter, engine, device)
+    view = AttackView(model, engine, device)
     if batch_size == "auto":
         replicas = engine.eot_batch if getattr(getattr(model, "defense", None), "stochastic", False) else 1
         batch_size = auto_batch_size(model, images, labels, len(images), replicas=replicas)
     defense = getattr(model, "defense", None)
     gen = torch.Generator(device=device)
-    correct = torch.zeros(len(images), dtype=torch.bool)
+    if not 1 <= draws <= MAX_DRAWS:
+        raise BenchError(f"draws must be in [1, {MAX_DRAWS}], got {draws}")
+    counts = torch.zeros(len(images), dtype=torch.int64)
+    majority = torch.zeros(len(images), dtype=torch.bool)
+    single = torch.zeros(len(images), dtype=torch.bool)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    score_forwards = 0
+    drawn = 1  # the draws the cell's scoring took (1 when it draws no randomness)
+    random = False
+    info: dict = {}
+    counter = PassCounter(model)
     starts = list(range(0, len(images), batch_size))
     if sharded:
         starts = distributed.shard(starts)
     # Every batch draws from generators seeded by (seed, its first row): the attack's, the defense's
     # and torch's global one (restored afterwards). A batch's result then does not depend on the
     # batches before it, so a run sharded over ranks equals a single-process run.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), counter:
         for start in tqdm(starts, desc=name, disable=not progress, leave=False, dynamic_ncols=True):
             batch_seed = (seed * 1_000_003 + start) % (2**62)
             gen.manual_seed(batch_seed)
@@ -163,11 +244,24 @@ def run_attack(
                 defense.seed(batch_seed, device)
             x = images[start : start + batch_size]
             y = labels[start : start + batch_size]
-            x_adv = attack(view, x, y, threat, gen).detach()
-            check_adversarial(x_adv, attack.reference(x), threat, name)
-            with torch.no_grad():  # re-score from x_adv with a fresh pass of the defended model
-                pred = attack.score(counter, x_adv).argmax(1)
-            correct[start : start + len(x)] = (pred == y).cpu()
+            result = attack(view, x, y, threat, gen)
+            if not isinstance(result, AttackResult):
+                result = AttackResult(result)
+            x_adv = result.x_adv.detach()
+            check_adversarial(x_adv, x if result.center is None else result.center, threat, name)
+            _merge_info(info, result.info)
+            random = result.random_score if result.random_score is not None else bool(getattr(model, "stochastic",
+                                                                                                  False))
+            drawn = draws if random else 1
+            # re-score from x_adv with fresh passes of the defended model
+            before = counter.forwards
+            preds, vote = score_draws(result.score or _fresh_pass, model, x_adv, y, drawn, defense, batch_seed,
+                                      device)
+            score_forwards += counter.forwards - before
+            hits = (preds == y.view(-1, 1)).cpu()
+            counts[start : start + len(x)] = hits.sum(1)
+            single[start : start + len(x)] = hits[:, 0]
+            majority[start : start + len(x)] = vote.cpu()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -177,8 +271,11 @@ def run_attack(
         k = min(batch_size, GRADIENT_CHECK_N)
         check = gradient_check(AttackView(model, engine, device), images[:k], labels[:k])
     extra = {**({"gradient_check": check} if check else {}), "batch_size": batch_size,
-             **({"engine": asdict(engine)} if not engine.is_default else {})}
-    outcome = AttackOutcome(correct, seconds, counter.forwards, counter.backwards, peak, extra=extra)
+             **({"engine": asdict(engine)} if not engine.is_default else {}),
+             **({"attack_info": info} if info else {})}
+    outcome = AttackOutcome(counts == drawn, seconds, counter.forwards, counter.backwards, peak, extra=extra,
+                            draws=drawn, draw_counts=counts, majority=majority, single=single,
+                            score_forwards=score_forwards, random_score=random)
     if sharded:
         outcome = _gather(outcome, starts, batch_size, len(images))
     return outcome
@@ -188,18 +285,30 @@ def _gather(local: AttackOutcome, starts: list[int], batch_size: int, n: int) ->
     """Every rank's share of a sharded cell, joined (on every rank): per-sample results in data order,
     passes summed, the slowest rank's time and the largest peak memory."""
     rows = [(s, min(s + batch_size, n)) for s in starts]
-    parts = distributed.gather({"rows": rows, "bits": [local.correct[a:b].tolist() for a, b in rows],
+    fields = AttackOutcome.PER_SAMPLE
+    parts = distributed.gather({"rows": rows, **{f: [getattr(local, f)[a:b].tolist() for a, b in rows] for f in fields},
                                 "seconds": local.seconds, "forwards": local.forwards, "backwards": local.backwards,
-                                "peak": local.peak_memory_bytes, "extra": local.extra})
-    correct = torch.zeros(n, dtype=torch.bool)
+                                "score_forwards": local.score_forwards, "peak": local.peak_memory_bytes,
+                                "extra": local.extra, "draws": local.draws, "random": local.random_score})
+    joined = {f: torch.zeros(n, dtype=getattr(local, f).dtype) for f in fields}
     covered = torch.zeros(n, dtype=torch.bool)
     for part in parts:
-        for (a, b), bits in zip(part["rows"], part["bits"]):
-            correct[a:b] = torch.tensor(bits, dtype=torch.bool)
+        for i, (a, b) in enumerate(part["rows"]):
+            for f in fields:
+                joined[f][a:b] = torch.tensor(part[f][i], dtype=joined[f].dtype)
             covered[a:b] = True
     if not bool(covered.all()):
         raise BenchError("a sharded cell lost rows: the ranks' shares do not cover the evaluation set")
     peaks = [p["peak"] for p in parts if p["peak"] is not None]
     extra = dict(parts[0]["extra"], ranks=len(parts))
-    return AttackOutcome(correct, max(p["seconds"] for p in parts), sum(p["forwards"] for p in parts),
-                         sum(p["backwards"] for p in parts), max(peaks) if peaks else None, extra=extra)
+    info: dict = {}
+    for part in parts:  # an attack's report summed over every rank's batches
+        _merge_info(info, part["extra"].get("attack_info") or {})
+    extra.pop("attack_info", None)
+    if info:
+        extra["attack_info"] = info
+    return AttackOutcome(seconds=max(p["seconds"] for p in parts), forwards=sum(p["forwards"] for p in parts),
+                         backwards=sum(p["backwards"] for p in parts), peak_memory_bytes=max(peaks) if peaks else None,
+                         extra=extra, draws=max(p["draws"] for p in parts),
+                         random_score=any(p["random"] for p in parts), score_forwards=sum(p["score_forwards"] for p in parts),
+                         **joined)

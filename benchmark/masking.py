@@ -13,7 +13,15 @@ row's attacks see it (BPDA where the defense declares it):
   white-box attacks (the per-sample worst case of the two PGD runs above);
 * ``eot`` (stochastic defenses): doubling the EOT samples must not lower robust
   accuracy further (if it does, the EOT attacks of the row are not converged). The
-  spread of robust accuracy over repeated evaluations is recorded alongside.
+  spread of robust accuracy over repeated evaluations is recorded alongside;
+* ``transfer``: PGD crafted on the classifier alone (and, for a BPDA row whose
+  surrogate is not the identity, on classifier(surrogate(x))) and evaluated on the
+  defended model must not beat the white-box attacks: if it does, the white-box
+  gradient is broken;
+* fixed randomness (stochastic defenses, recorded, not flagged): the same PGD with the
+  defense's randomness frozen for the attack and the scoring (the "deterministic
+  white-box" protocol), next to the stochastic result, so that a reader sees how much
+  of a row's robustness is randomness.
 
 Differences are flagged only beyond sampling noise (:func:`tolerance`). Every
 attack goes through the checking harness. The result is one checksummed JSON file
@@ -30,19 +38,21 @@ from pathlib import Path
 
 import torch
 
-from attacks.base import Threat
+from attacks.base import Attack, Threat
+from attacks.pgd import pgd_linf
 from benchmark.config import require, subkey
 from benchmark.harness import gradient_check, run_attack
 from benchmark.records import checksum, write_record
 from benchmark.registry import ATTACKS
 
 SCHEMA = "purifybench-checks/1"
-FLAGS = ("zero-grad", "steps", "eps", "square", "eot")
+FLAGS = ("zero-grad", "steps", "eps", "square", "eot", "transfer")
 LEGEND = ("Checks: gradient-masking checks on the first examples of the subset (Carlini et al. 2019; "
           "checks.md has the figures): ok = none failed; zero-grad = zero or non-finite input gradients; "
           "steps = more PGD steps left more images robust; eps = accuracy did not fall towards chance as eps grew; "
           "square = the gradient-free Square attack beat the white-box attacks; eot = more EOT samples lowered "
-          "accuracy further; n/a = not run.")
+          "accuracy further; transfer = PGD crafted on the classifier alone (or the BPDA surrogate) beat the "
+          "white-box attacks; n/a = not run.")
 
 
 @dataclass
@@ -55,6 +65,8 @@ class ChecksSpec:
     square_queries: int = 1000
     eot: int = 4  # stochastic defenses: EOT-PGD with eot and with 2 * eot samples
     repeats: int = 3  # stochastic defenses: PGD evaluations whose spread is recorded
+    transfer: bool = True  # PGD transferred from the classifier alone (and the BPDA surrogate)
+    fixed_randomness: bool = True  # stochastic defenses: PGD with the randomness frozen
 
     def validate(self, where: str) -> None:
         require(self.n >= 1, subkey(where, "n"), f"must be >= 1, got {self.n}")
@@ -76,6 +88,33 @@ def tolerance(p1: float, p2: float, m: int, stochastic: bool) -> float:
     if stochastic:
         tol += 1.96 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / m)
     return tol
+
+
+class Transfer(Attack):
+    """PGD crafted on ``source`` (the classifier alone, or classifier(surrogate(x))), evaluated by the
+    harness on the defended model: a transfer attack that needs no gradient of the defense."""
+
+    def __init__(self, source, steps: int, step_size: float) -> None:
+        super().__init__()
+        self.source, self.steps, self.step_size = source, steps, step_size
+
+    def run(self, model, x, y, threat: Threat, generator):
+        return pgd_linf(self.source, x, y, eps=threat.eps, step_size=self.step_size, steps=self.steps,
+                        generator=generator)
+
+
+def transfer_sources(model) -> dict:
+    """The models a transfer check crafts on: the defended model's classifier alone, and for a BPDA
+    row whose surrogate is not the identity, the classifier behind that surrogate."""
+    from defenses.base import DefendedModel, Defense
+
+    if not isinstance(model, DefendedModel):
+        return {}
+    out = {"classifier": model.classifier}
+    defense = model.defense
+    if model.bpda and type(defense).bpda_surrogate is not Defense.bpda_surrogate:
+        out["surrogate"] = lambda z: model.classifier(defense.bpda_surrogate(z))
+    return out
 
 
 def _pgd(steps: int, eps: float, eot: int = 1):
@@ -142,6 +181,22 @@ def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: Ch
     if results["square"]["failed"]:
         flags.append("square")
 
+    sources = transfer_sources(model) if spec.transfer else {}
+    if sources:
+        step_size = min(1.0, 2.5 * threat.eps / spec.steps)
+        accs = {name: attack(Transfer(src, spec.steps, step_size)).accuracy for name, src in sources.items()}
+        lowest = min(accs.values())
+        tr_tol = tolerance(lowest, wb_acc, m, stochastic)
+        results["transfer"] = {"accuracy": accs, "whitebox_accuracy": wb_acc, "tolerance": tr_tol,
+                               "failed": lowest < wb_acc - tr_tol}
+        if results["transfer"]["failed"]:
+            flags.append("transfer")
+
+    if stochastic and spec.fixed_randomness and hasattr(model, "fixed_randomness"):
+        with model.fixed_randomness(seed):
+            fixed = attack(_pgd(spec.steps, threat.eps)).accuracy
+        results["fixed"] = {"pgd": few.accuracy, "fixed_pgd": fixed, "from_randomness": few.accuracy - fixed}
+
     if stochastic:
         repeats = [few.accuracy] + [attack(_pgd(spec.steps, threat.eps), s=seed + r).accuracy
                                     for r in range(1, spec.repeats)]
@@ -202,8 +257,8 @@ def checks_markdown(checks: dict[tuple[str, str, str], dict]) -> str:
     """The figures behind the flags, one line per row."""
     out = ["# Gradient-masking checks\n", LEGEND, "",
            "| Dataset | Target | Defense | n | Flags | Zero grad | PGD few / more | eps sweep | Square / white-box "
-           "| EOT E / 2E | Spread |",
-           "|---|---|---|---:|---|---:|---|---|---|---|---:|"]
+           "| Transfer / white-box | EOT E / 2E | Spread | PGD stochastic / fixed randomness |",
+           "|---|---|---|---:|---|---:|---|---|---|---|---|---:|---|"]
 
     def pct(v):
         return f"{100 * v:.1f}"
@@ -217,7 +272,10 @@ def checks_markdown(checks: dict[tuple[str, str, str], dict]) -> str:
             " / ".join(pct(a) for a in r["steps"]["accuracy"]),
             " > ".join(f"{pct(a)}" for a in r["eps"]["accuracy"]) + f" (eps x1..x{r['eps']['eps'][-1] / r['eps']['eps'][0]:g})",
             f"{pct(r['square']['accuracy'])} / {pct(r['square']['whitebox_accuracy'])}",
+            (" / ".join(f"{pct(a)} ({k})" for k, a in r["transfer"]["accuracy"].items())
+             + f" / {pct(r['transfer']['whitebox_accuracy'])}") if r.get("transfer") else "-",
             " / ".join(pct(a) for a in eot["accuracy"]) if eot else "-",
             pct(eot["spread"]) if eot else "-",
+            f"{pct(r['fixed']['pgd'])} / {pct(r['fixed']['fixed_pgd'])}" if r.get("fixed") else "-",
         ]) + " |")
     return "\n".join(out) + "\n"

@@ -3,8 +3,11 @@
 A preset picks the records that belong to one of the paper's tables (by the target's training
 method, the registered defense and its options, the registered attack), lays them out with the
 paper's columns, and prints the paper's number beside ours with the difference. Each preset is
-written as Markdown, LaTeX (booktabs) and CSV; best value per column in bold; a footer states the
-data copy, profile, n, target and eps (the same footer as every other table of the suite).
+written as Markdown, LaTeX (booktabs) and CSV; a column's best value in bold when it is
+significantly better than the runner-up; a footer states the data copy, profile, n, target and
+eps (the same footer as every other table of the suite). A stochastic defense's cells show the
+mean accuracy over the scoring draws (the expected single-draw accuracy, which is what the seed
+paper measured), and the footer says so.
 
 Presets (``PRESETS``): ``table1`` (AT target: Natural, PGD, AA, MI, VNI; one block per dataset),
 ``table2`` (TRADES / MART targets: Natural, PGD, AA), ``table3`` (BPDA+EOT rows: Natural, PGD,
@@ -21,13 +24,16 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.io import atomic_write_text
-from benchmark.tables import _best, build_blocks, footer_text, is_best, latex_block, markdown_block
+from benchmark.tables import (
+    TableCell,
+    bold_cells,
+    build_blocks,
+    footer_text,
+    latex_block,
+    markdown_block,
+)
 
 SECONDS = "s/epoch"
-
-
-def _footer(block: dict) -> str:
-    return footer_text(block).replace("; Worst = per-sample worst case over the row's attacks", "")
 
 
 def _depth(options: dict) -> tuple[int, int]:
@@ -78,7 +84,7 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
     if sel.empty:
         return []
     order = {a: i for i, a in enumerate(preset.attacks)}
-    blocks = build_blocks(sel)
+    blocks = [b for b in build_blocks(sel, value="mean") if b["kind"] == "results"]
     for block in blocks:
         g = sel[(sel["dataset"] == block["dataset"]) & (sel["target"] == block["target"])]
         label_of = dict(zip(g["attack_registered"], g["column"]))
@@ -88,8 +94,7 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
             gd = g[g["defense"] == row["defense"]]
             for _, r in gd.iterrows():
                 hit = _paper_value(reference, r)
-                acc, lo, hi, n = row["cells"][r["column"]][:4]
-                row["cells"][r["column"]] = (acc, lo, hi, n, hit[1] if hit else None)
+                row["cells"][r["column"]] = row["cells"][r["column"]]._replace(paper=hit[1] if hit else None)
             if preset.training_time:
                 spe = gd["defense_seconds_per_epoch"].dropna()
                 paper = reference.get("table4", {}).get(gd["defense_registered"].iloc[0], {}).get("seconds_per_epoch")
@@ -99,7 +104,7 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
     return blocks
 
 
-def _cell_text(block: dict, row: dict, col: str, best: dict, compare: bool, intervals: bool,
+def _cell_text(row: dict, col: str, best: set, compare: bool, intervals: bool,
                bold: Callable[[str], str], na: str) -> str:
     if col == SECONDS:
         ours, paper = row.get("seconds_per_epoch", (None, None))
@@ -109,39 +114,39 @@ def _cell_text(block: dict, row: dict, col: str, best: dict, compare: bool, inte
         return text
     if col not in row["cells"]:
         return na
-    acc, lo, hi, _, paper = row["cells"][col]
+    c: TableCell = row["cells"][col]
+    acc, paper = c.acc, c.paper
     text = f"{100 * acc:.2f}"
     if intervals:
-        text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
-    if is_best(block, best, col, acc):
+        text += f" [{100 * c.lo:.1f}, {100 * c.hi:.1f}]"
+    if (row["defense"], col) in best:
         text = bold(text)
     if compare and paper is not None:
         text += f" / {paper:.2f} ({100 * acc - paper:+.2f})"
     return text
 
 
-LEGEND = ("Cells: ours / the seed paper's number (ours minus paper, points); best of ours in bold. "
+LEGEND = ("Cells: ours / the seed paper's number (ours minus paper, points). "
           "The paper used the original data, 91-epoch targets and its full training budgets.")
 
 
 def preset_markdown(preset: Preset, blocks: list[dict], compare: bool = True, intervals: bool = False) -> str:
     out = [f"## {preset.title}", ""]
     for b in blocks:
-        best = _best(b)
+        best = bold_cells(b)
         out += markdown_block(
-            b, lambda r, c, b=b, best=best: _cell_text(b, r, c, best, compare, intervals, lambda t: f"**{t}**", "-"),
-            _footer(b) + (" " + LEGEND if compare else ""))
+            b, lambda r, c, best=best: _cell_text(r, c, best, compare, intervals, lambda t: f"**{t}**", "-"),
+            footer_text(b) + (" " + LEGEND if compare else ""))
     return "\n".join(out)
 
 
 def preset_latex(preset: Preset, blocks: list[dict], compare: bool = True) -> str:
     out = []
     for b in blocks:
-        best = _best(b)
-        caption = f"{preset.title}. {b['dataset']}, target {b['target']}. " + _footer(b)
+        best = bold_cells(b)
+        caption = f"{preset.title}. {b['dataset']}, target {b['target']}. " + footer_text(b)
         out += latex_block(
-            b, lambda r, c, b=b, best=best: _cell_text(b, r, c, best, compare, False,
-                                                       lambda t: rf"\textbf{{{t}}}", "--"),
+            b, lambda r, c, best=best: _cell_text(r, c, best, compare, False, lambda t: rf"\textbf{{{t}}}", "--"),
             caption + (" " + LEGEND if compare else ""))
     return "\n".join(out)
 
@@ -157,7 +162,7 @@ def preset_frame(preset: Preset, blocks: list[dict]) -> pd.DataFrame:
                                  "defense": r["defense"], "column": col, "value": ours, "paper": paper,
                                  "difference": None if ours is None or paper is None else ours - paper})
                 elif col in r["cells"]:
-                    acc, lo, hi, n, paper = r["cells"][col]
+                    acc, lo, hi, n, paper, _ = r["cells"][col]
                     rows.append({"preset": preset.name, "dataset": b["dataset"], "target": b["target"],
                                  "defense": r["defense"], "column": col, "value": 100 * acc,
                                  "ci_low": 100 * lo, "ci_high": 100 * hi, "n": n, "paper": paper,

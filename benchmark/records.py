@@ -2,7 +2,13 @@
 
 A record carries the cell key, n, the number correct, the accuracy with its
 Wilson 95% interval, per-sample correctness (a '0'/'1' string in the order of
-``sample_indices``), cost figures and the run manifest. Its ``checksum`` is the
+``sample_indices``), cost figures and the run manifest. Schema 2 adds the
+scoring draws: ``draws`` (R), ``scores`` (all-R, mean over draws, majority vote,
+first draw, each with n_correct, accuracy and Wilson interval) and, when R > 1,
+``correct_draws`` (per sample, how many draws were correct, one base-36 digit),
+``correct_majority`` and ``correct_single`` ('0'/'1' strings). ``correct`` is then
+"correct under all R draws". Schema-1 records (written before per-draw scoring)
+still read: they were scored on one draw. Its ``checksum`` is the
 sha256 of the record's canonical JSON without that field; a record whose
 checksum fails is treated as missing (recomputed), never trusted.
 """
@@ -16,7 +22,9 @@ from typing import Any
 
 from benchmark.io import atomic_write_text
 
-SCHEMA = "purifybench-record/1"
+SCHEMA = "purifybench-record/2"
+OLD_SCHEMAS = ("purifybench-record/1",)  # readable: scored on one draw of a stochastic defense
+DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 class RecordError(ValueError):
@@ -44,14 +52,49 @@ def read_record(path: Path) -> dict:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecordError(f"record {path} is unreadable ({exc})") from None
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
-        raise RecordError(f"record {path} is not a {SCHEMA} record")
+    if not isinstance(record, dict) or record.get("schema") not in (SCHEMA, *OLD_SCHEMAS):
+        found = record.get("schema") if isinstance(record, dict) else None
+        raise RecordError(f"record {path} is not a {SCHEMA} record (schema {found!r}; readable: "
+                          f"{', '.join((SCHEMA, *OLD_SCHEMAS))})")
     if record.get("checksum") != checksum(record):
         raise RecordError(f"record {path} fails its checksum")
     bits = record.get("correct", "")
     if len(bits) != record.get("n") or bits.count("1") != record.get("n_correct"):
         raise RecordError(f"record {path}: per-sample results disagree with n / n_correct")
+    draws = record.get("draws", 1)
+    if not isinstance(draws, int) or draws < 1:
+        raise RecordError(f"record {path}: draws must be an integer >= 1, got {draws!r}")
+    if draws > 1:
+        try:
+            counts = draw_counts(record)
+        except (KeyError, TypeError, ValueError):
+            raise RecordError(f"record {path}: draws={draws} but no valid 'correct_draws'") from None
+        if len(counts) != record["n"] or any(c > draws for c in counts) or \
+                any((c == draws) != (b == "1") for c, b in zip(counts, bits)):
+            raise RecordError(f"record {path}: per-draw counts disagree with 'correct' and draws={draws}")
     return record
+
+
+def bit_string(flags) -> str:
+    """A boolean tensor or sequence as a '0'/'1' string."""
+    return "".join("1" if bool(f) else "0" for f in (flags.tolist() if hasattr(flags, "tolist") else flags))
+
+
+def count_string(counts) -> str:
+    """Per-sample draw counts (each 0..35) as one base-36 digit each."""
+    return "".join(DIGITS[int(c)] for c in (counts.tolist() if hasattr(counts, "tolist") else counts))
+
+
+def draw_counts(record: dict) -> list[int]:
+    """Per sample, how many of the record's scoring draws classified it correctly (0/1 for one draw)."""
+    if record.get("draws", 1) > 1:
+        return [DIGITS.index(c) for c in record["correct_draws"]]
+    return [int(b) for b in record["correct"]]
+
+
+def single_draw_bits(record: dict) -> str:
+    """Per-sample correctness under one draw of the defense (the first), as a '0'/'1' string."""
+    return record.get("correct_single") or record["correct"]
 
 
 def valid_record(path: Path, cell_hash: str | None = None) -> dict | None:

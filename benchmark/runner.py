@@ -40,10 +40,10 @@ from benchmark.harness import run_attack
 from benchmark.io import atomic_write_json
 from benchmark.locks import OwnerLock, owner_info, sweep_stale_locks
 from benchmark.masking import run_checks, valid_checks, write_checks
-from benchmark.records import valid_record, write_record
+from benchmark.records import bit_string, count_string, valid_record, write_record
 from benchmark.registry import ATTACKS, DEFENSES
 from benchmark.runtime import resolve_device, versions
-from benchmark.stats import wilson_interval
+from benchmark.stats import draw_scores, wilson_interval
 from defenses.base import DefendedModel
 
 log = logging.getLogger("purifybench")
@@ -100,6 +100,11 @@ def row_description(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, 
     }
 
 
+def row_draws(cfg: ExperimentConfig, defense: DefenseSpec) -> int:
+    """Scoring draws of a row's cells: ``eval.draws`` for a stochastic defense, else one."""
+    return cfg.draws if DEFENSES.get(defense.registered).stochastic_with(defense.options) else 1
+
+
 def row_id(ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
     return "__".join(_slug(n) for n in (ds.name, target.name, defense.name))
 
@@ -124,7 +129,9 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
                         continue
                     cell_id = "__".join(_slug(n) for n in (ds.name, target.name, defense.name, attack.name))
                     cell_hash = artifact_key(row_description(cfg, ds, target, defense) | {
-                        "attack": {k: v for k, v in asdict(attack).items() if k != "only"}})
+                        "attack": {k: v for k, v in asdict(attack).items() if k != "only"}}
+                        | ({"draws": draws} if (draws := row_draws(cfg, defense)) > 1 else {})
+                        | ({"attack_version": v} if (v := getattr(ATTACKS.get(attack.registered), "version", 1)) > 1 else {}))
                     cells.append(Cell(ds, target, defense, attack, cell_id, cell_hash))
     return cells
 
@@ -380,7 +387,8 @@ class Runner:
         t0 = time.perf_counter()
         outcome = run_attack(attack, defended, x, y, self.threat, batch_size=self.cfg.eval.batch_size,
                              seed=self.cfg.seed, name=cell.cell_id, progress=self.progress and distributed.is_main(),
-                             engine=self.cfg.eval.engine, sharded=distributed.active())
+                             engine=self.cfg.eval.engine, sharded=distributed.active(),
+                             draws=row_draws(self.cfg, cell.defense))
         wall = time.perf_counter() - t0
         lo, hi = wilson_interval(outcome.n_correct, outcome.n)
         record = {
@@ -394,7 +402,13 @@ class Runner:
             "threat": {"norm": self.threat.norm, "eps": self.threat.eps},
             "dataset_copy": data.copy, "profile": self.cfg.profile,
             "n": outcome.n, "n_correct": outcome.n_correct, "accuracy": outcome.accuracy, "ci95": [lo, hi],
-            "correct": "".join("1" if c else "0" for c in outcome.correct.tolist()),
+            "correct": bit_string(outcome.correct), "draws": outcome.draws,
+            "scores": draw_scores(outcome.draw_counts.tolist(), outcome.draws, outcome.majority.tolist(),
+                                  outcome.single.tolist()),
+            **({"correct_draws": count_string(outcome.draw_counts), "correct_majority": bit_string(outcome.majority),
+                "correct_single": bit_string(outcome.single)} if outcome.draws > 1 else {}),
+            "score_forwards": outcome.score_forwards, "random_score": outcome.random_score,
+            "threat_space": type(attack).threat_space,
             "sample_indices": data.indices.tolist() if data.indices is not None else None,
             "seconds": wall, "attack_seconds": outcome.seconds,
             "images_per_second": outcome.n / outcome.seconds if outcome.seconds > 0 else None,
@@ -409,6 +423,7 @@ class Runner:
         if not distributed.is_main():
             return record
         write_record(self.record_path(cell), record)
-        log.info("%s: %.2f%% [%.2f, %.2f] (n=%d, %.1f s)", cell.cell_id, 100 * outcome.accuracy, 100 * lo, 100 * hi,
-                 outcome.n, wall)
+        log.info("%s: %.2f%% [%.2f, %.2f] (n=%d, %.1f s%s)", cell.cell_id, 100 * outcome.accuracy, 100 * lo, 100 * hi,
+                 outcome.n, wall, f", all of {outcome.draws} draws; mean over draws "
+                 f"{100 * record['scores']['mean']['accuracy']:.2f}%" if outcome.draws > 1 else "")
         return record

@@ -1,37 +1,81 @@
 """Tables from result records: rows = defenses, columns = Natural + attacks + Worst.
 
-Pure functions from records (a pandas DataFrame) to Markdown, LaTeX (booktabs,
-best per column in bold) and CSV (with the Wilson 95% intervals). ``Worst`` is
-the per-sample worst case over every attack of the row (a sample counts only if
-it survived all of them), computed from the per-sample flags, not from the
-column minima.
+Pure functions from records (a pandas DataFrame) to Markdown, LaTeX (booktabs)
+and CSV (with the Wilson 95% intervals). Each (dataset, target) gets a headline
+block of the attacks in the input threat space (perturbation inside the eps ball
+around the clean image, scored by the whole defended model) with ``Worst``, the
+per-sample worst case over those attacks (a sample counts only if it survived all
+of them), computed from the per-sample flags, not from the column minima; and,
+when the run has any, a separate diagnostics block for attacks that perturb or
+score something else (DIR's representation attack, the noise-discard probe).
+A stochastic defense's cells show "correct under all R scoring draws".
+A column's best value is bold only when it is significantly better (exact McNemar
+test, 5%) than the runner-up on the same samples.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
+from attacks.base import INPUT_SPACE
 from benchmark.io import atomic_write_text
 from benchmark.masking import LEGEND, checks_markdown, flag_text, load_checks
-from benchmark.records import load_records
-from benchmark.stats import wilson_interval
+from benchmark.records import OLD_SCHEMAS, load_records, single_draw_bits
+from benchmark.stats import mcnemar, wilson_interval
+
+log = logging.getLogger("purifybench")
 
 NATURAL = "clean"
+WORST = "Worst"
+ALPHA = 0.05  # significance level of the bold
+
+
+class TableCell(NamedTuple):
+    acc: float
+    lo: float
+    hi: float
+    n: int
+    paper: float | None = None  # the seed paper's number (presets)
+    bits: str | None = None  # per-sample correctness behind ``acc`` (for paired tests)
+
+
+def threat_space(record: dict) -> str:
+    """The record's threat space; records written before it was stored take the registry's."""
+    if record.get("threat_space"):
+        return record["threat_space"]
+    from benchmark.registry import ATTACKS
+
+    name = record.get("attack_registered", record["cell"]["attack"])
+    try:
+        return ATTACKS.get(name).threat_space
+    except Exception:  # an attack no longer installed: counted in the input space, as it was run
+        return INPUT_SPACE
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for r in records:
         cell = r["cell"]
+        mean = (r.get("scores") or {}).get("mean") or {"accuracy": r["accuracy"], "ci95": r["ci95"]}
         rows.append({
             "dataset": cell["dataset"], "target": cell["target"], "defense": cell["defense"],
             "attack": cell["attack"], "column": r.get("attack_label", cell["attack"]),
             "attack_registered": r.get("attack_registered", cell["attack"]),
             "defense_registered": r.get("defense_registered", cell["defense"]),
+            "space": threat_space(r), "draws": int(r.get("draws", 1)),
+            "old_schema": r.get("schema") in OLD_SCHEMAS,
+            "stochastic": bool((r.get("defense_declarations") or {}).get("stochastic", False)),
+            # old records: a stochastic defense's scoring was random unless the attack fixed it
+            "random_score": bool(r.get("random_score", (r.get("defense_declarations") or {}).get("stochastic", False)
+                                       and r.get("attack_registered") != "mask-adaptive")),
             "n": r["n"], "n_correct": r["n_correct"], "accuracy": r["accuracy"],
             "ci_low": r["ci95"][0], "ci_high": r["ci95"][1], "correct": r["correct"],
+            "mean_accuracy": mean["accuracy"], "mean_low": mean["ci95"][0], "mean_high": mean["ci95"][1],
+            "single": single_draw_bits(r),
             "copy": r.get("dataset_copy"), "profile": r.get("profile"), "eps": r["threat"]["eps"],
             "norm": r["threat"]["norm"], "seconds": r.get("seconds"),
             "images_per_second": r.get("images_per_second"), "forwards": r.get("forwards"),
@@ -44,63 +88,145 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
 
 def worst_case(bits: list[str]) -> tuple[int, int]:
     """(n_correct, n) of the per-sample AND over several '0'/'1' strings of equal length."""
+    return and_bits(bits).count("1"), len(bits[0])
+
+
+def and_bits(bits: list[str]) -> str:
+    """The per-sample AND of several '0'/'1' strings of equal length."""
     n = len(bits[0])
     if any(len(b) != n for b in bits):
         raise ValueError("cells of one row disagree on n; the worst case needs the same samples")
-    ints = [int(b, 2) for b in bits]
-    acc = ints[0]
-    for v in ints[1:]:
-        acc &= v
-    return bin(acc).count("1"), n
+    return "".join("1" if all(b[i] == "1" for b in bits) else "0" for i in range(n))
 
 
-def build_blocks(df: pd.DataFrame, checks: dict | None = None) -> list[dict]:
-    """One block per (dataset, target): a table of accuracy cells with intervals. With ``checks``
-    (:func:`benchmark.masking.load_checks`), each row also gets its gradient-masking flags."""
+def input_space_worst(g: pd.DataFrame) -> TableCell | None:
+    """``Worst`` of one row's records: the per-sample AND over its input-space attacks (Natural
+    included) of each cell's headline bits (all draws correct, for a stochastic defense); None when
+    the row has no input-space adversarial attack."""
+    inputs = g[g["space"] == INPUT_SPACE]
+    if not (inputs["attack_registered"] != NATURAL).any():
+        return None
+    bits = and_bits(list(inputs["correct"]))
+    k, n = bits.count("1"), len(bits)
+    lo, hi = wilson_interval(k, n)
+    return TableCell(k / n, lo, hi, n, bits=bits)
+
+
+def _ordered_columns(g: pd.DataFrame) -> list[str]:
+    columns = list(dict.fromkeys(g["column"]))
+    nat = g.loc[g["attack_registered"] == NATURAL, "column"]
+    if len(nat):  # Natural first
+        columns.remove(nat.iloc[0])
+        columns.insert(0, nat.iloc[0])
+    return columns
+
+
+def build_blocks(df: pd.DataFrame, checks: dict | None = None, value: str = "headline") -> list[dict]:
+    """Per (dataset, target): a headline block of input-space attacks with ``Worst``, then (if any)
+    a diagnostics block (``kind``: "results" / "diagnostics"). With ``checks``
+    (:func:`benchmark.masking.load_checks`), each headline row also gets its gradient-masking flags.
+    ``value``: "headline" (a stochastic defense's cells: correct under every scoring draw) or
+    "mean" (the mean over draws, the expected single-draw accuracy; paired tests on one draw)."""
     blocks = []
     for (dataset, target), g in df.groupby(["dataset", "target"], sort=False):
-        columns = list(dict.fromkeys(g["column"]))
-        nat = g.loc[g["attack_registered"] == NATURAL, "column"]
-        if len(nat):  # Natural first
-            columns.remove(nat.iloc[0])
-            columns.insert(0, nat.iloc[0])
-        rows = []
-        for defense, gd in g.groupby("defense", sort=False):
-            cells = {}
-            for _, r in gd.iterrows():
-                cells[r["column"]] = (r["accuracy"], r["ci_low"], r["ci_high"], r["n"])
-            adversarial = gd[gd["attack_registered"] != NATURAL]
-            if len(gd) > 1 and len(adversarial):
-                k, n = worst_case(list(gd["correct"]))
-                lo, hi = wilson_interval(k, n)
-                cells["Worst"] = (k / n, lo, hi, n)
-            row = {"defense": defense, "cells": cells}
-            if checks is not None:
-                masked = bool(gd["grad_masked"].any()) if "grad_masked" in gd else False
-                row["checks"] = flag_text(checks.get((dataset, target, defense)), masked)
-            rows.append(row)
-        if any("Worst" in r["cells"] for r in rows):
-            columns.append("Worst")
         first = g.iloc[0]
-        blocks.append({
-            "dataset": dataset, "target": target, "columns": columns, "rows": rows,
-            "footer": {
-                "copy": first["copy"], "profile": first["profile"], "n": sorted(set(int(v) for v in g["n"])),
-                "target": f"{target} ({first['target_arch']}, {first['target_method']})",
-                "eps": float(first["eps"]), "norm": first["norm"],
-                "notes": component_notes(g) + subset_notes(g) + ([LEGEND] if checks is not None else []),
-            },
-        })
+        footer = {"copy": first["copy"], "profile": first["profile"], "n": sorted(set(int(v) for v in g["n"])),
+                  "target": f"{target} ({first['target_arch']}, {first['target_method']})",
+                  "eps": float(first["eps"]), "norm": first["norm"], "value": value}
+        for kind, part in (("results", g[g["space"] == INPUT_SPACE]), ("diagnostics", g[g["space"] != INPUT_SPACE])):
+            if part.empty:
+                continue
+            rows = []
+            for defense, gd in part.groupby("defense", sort=False):
+                cells = {}
+                for _, r in gd.iterrows():
+                    if value == "mean":
+                        cells[r["column"]] = TableCell(r["mean_accuracy"], r["mean_low"], r["mean_high"], r["n"],
+                                                       bits=r["single"])
+                    else:
+                        cells[r["column"]] = TableCell(r["accuracy"], r["ci_low"], r["ci_high"], r["n"],
+                                                       bits=r["correct"])
+                if kind == "results" and len(gd) > 1 and (worst := input_space_worst(gd)) is not None:
+                    cells[WORST] = worst
+                row = {"defense": defense, "cells": cells}
+                if checks is not None and kind == "results":
+                    masked = bool(gd["grad_masked"].any()) if "grad_masked" in gd else False
+                    row["checks"] = flag_text(checks.get((dataset, target, defense)), masked)
+                rows.append(row)
+            columns = _ordered_columns(part)
+            if any(WORST in r["cells"] for r in rows):
+                columns.append(WORST)
+            notes = component_notes(part) + subset_notes(part)
+            if kind == "results":
+                notes = draw_notes(part, value) + notes + ([LEGEND] if checks is not None else [])
+            else:
+                notes = diagnostic_notes(part) + notes
+            blocks.append({"dataset": dataset, "target": target, "kind": kind, "columns": columns, "rows": rows,
+                           "footer": dict(footer, notes=notes)})
     return blocks
 
 
-def _best(block: dict) -> dict[str, float]:
-    best = {}
+def bold_cells(block: dict) -> set[tuple[str, str]]:
+    """(defense, column) of each column's best value, kept only where it is significantly better than
+    the runner-up (exact McNemar test at ``ALPHA`` on the samples both were scored on)."""
+    out = set()
+    if len(block["rows"]) < 2:
+        return out
     for col in block["columns"]:
-        vals = [r["cells"][col][0] for r in block["rows"] if col in r["cells"]]
-        if vals:
-            best[col] = max(vals)
-    return best
+        ranked = sorted(((r["cells"][col], r["defense"]) for r in block["rows"] if col in r["cells"]),
+                        key=lambda t: -t[0].acc)
+        if len(ranked) < 2 or ranked[0][0].acc == ranked[1][0].acc:
+            continue
+        (best, name), (second, _) = ranked[0], ranked[1]
+        if best.bits is None or second.bits is None:
+            continue
+        m = min(len(best.bits), len(second.bits))  # a row with eval_n: the same subset's first examples
+        if mcnemar(best.bits[:m], second.bits[:m])["p_value"] < ALPHA and \
+                best.bits[:m].count("1") > second.bits[:m].count("1"):
+            out.add((name, col))
+    return out
+
+
+BOLD_NOTE = ("Bold: best in its column and better than the runner-up at 5% (exact McNemar test on the "
+             "same samples); a column without bold has no significant winner.")
+
+
+def draw_notes(g: pd.DataFrame, value: str) -> list[str]:
+    """How the cells of stochastic rows were scored (several draws of the defense's randomness)."""
+    notes = []
+    many = g[g["draws"] > 1]
+    if len(many):
+        rows = ", ".join(dict.fromkeys(many["defense"]))
+        r = ", ".join(map(str, sorted(set(int(v) for v in many["draws"]))))
+        if value == "mean":
+            notes.append(f"Stochastic rows ({rows}): mean accuracy over R = {r} independent draws of the defense's "
+                         "randomness per adversarial image (the expected single-draw accuracy, as the seed paper "
+                         "measured); the suite's results tables give the stricter all-draws accuracy.")
+        else:
+            notes.append(f"Stochastic rows ({rows}): a sample counts as correct only if all R = {r} independent "
+                         "draws of the defense's randomness classify it correctly (robust against resubmission); "
+                         "tables/draws.md has the mean over draws and the majority vote.")
+    once = g[(g["draws"] == 1) & g["random_score"] & (g["space"] == INPUT_SPACE)]
+    if len(once):
+        rows = ", ".join(dict.fromkeys(once["defense"]))
+        old = " (records written before per-draw scoring)" if once["old_schema"].any() else ""
+        notes.append(f"Stochastic rows scored on a single draw of their randomness{old}: {rows}; "
+                     "their numbers may overstate robustness.")
+    return notes
+
+
+def diagnostic_notes(g: pd.DataFrame) -> list[str]:
+    """What each diagnostic column measures (its attack's declaration)."""
+    from benchmark.registry import ATTACKS
+
+    notes = ["Diagnostics: not in the threat model of the headline table and never part of its Worst."]
+    for name, column in dict.fromkeys(zip(g["attack_registered"], g["column"])):
+        try:
+            measures = ATTACKS.get(name).measures
+        except Exception:
+            measures = ""
+        notes.append(f"{column}: {measures or 'a diagnostic outside the input threat space'}.")
+    return notes
 
 
 def component_notes(g: pd.DataFrame) -> list[str]:
@@ -135,21 +261,24 @@ def footer_text(block: dict) -> str:
     eps = f["eps"]
     eps_str = f"{eps * 255:.0f}/255" if abs(eps * 255 - round(eps * 255)) < 1e-6 else f"{eps:.4f}"
     n = ", ".join(map(str, f["n"]))
+    worst = ("; Worst = per-sample worst case over the row's input-space attacks"
+             if WORST in block["columns"] else "")
     return (f"Data: {f['copy']}. Profile: {f['profile']}. n = {n} evaluation examples. Target: {f['target']}. "
             f"Threat: {f['norm']} eps = {eps_str}. Accuracy in %; 95% Wilson intervals in results_ci.md and "
-            "results.csv; Worst = per-sample worst case over the row's attacks."
+            f"results.csv{worst}. {BOLD_NOTE}"
             + "".join(" " + n for n in f.get("notes", [])))
 
 
-def is_best(block: dict, best: dict[str, float], col: str, acc: float) -> bool:
-    """Bold only where there is something to compare with."""
-    return len(block["rows"]) > 1 and col in best and acc == best[col]
+def block_title(block: dict) -> str:
+    title = f"{block['dataset']} / target {block['target']}"
+    return title + (": diagnostics (not robustness of the defended model)" if block.get("kind") == "diagnostics"
+                    else "")
 
 
 def markdown_block(block: dict, cell, footer: str) -> list[str]:
     """One block as a Markdown table: ``cell(row, column)`` gives each cell's text."""
     flags = any("checks" in r for r in block["rows"])
-    out = [f"### {block['dataset']} / target {block['target']}\n",
+    out = [f"### {block_title(block)}\n",
            "| Defense | " + " | ".join(block["columns"]) + (" | Checks" if flags else "") + " |",
            "|---|" + "---:|" * len(block["columns"]) + ("---|" if flags else "")]
     for r in block["rows"]:
@@ -175,14 +304,14 @@ def latex_block(block: dict, cell, caption: str) -> list[str]:
 def to_markdown(blocks: list[dict], intervals: bool = False) -> str:
     out = []
     for b in blocks:
-        best = _best(b)
+        bold = bold_cells(b)
 
-        def cell(r, col, b=b, best=best):
+        def cell(r, col, bold=bold):
             if col not in r["cells"]:
                 return "-"
-            acc, lo, hi, _ = r["cells"][col]
-            text = f"{100 * acc:.2f}" + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if intervals else "")
-            return f"**{text}**" if is_best(b, best, col, acc) else text
+            c = r["cells"][col]
+            text = f"{100 * c.acc:.2f}" + (f" [{100 * c.lo:.1f}, {100 * c.hi:.1f}]" if intervals else "")
+            return f"**{text}**" if (r["defense"], col) in bold else text
 
         out += markdown_block(b, cell, footer_text(b))
     return "\n".join(out)
@@ -197,16 +326,15 @@ def _tex_escape(s: str) -> str:
 def to_latex(blocks: list[dict]) -> str:
     out = []
     for b in blocks:
-        best = _best(b)
+        bold = bold_cells(b)
 
-        def cell(r, col, b=b, best=best):
+        def cell(r, col, bold=bold):
             if col not in r["cells"]:
                 return "--"
-            acc = r["cells"][col][0]
-            text = f"{100 * acc:.2f}"
-            return rf"\textbf{{{text}}}" if is_best(b, best, col, acc) else text
+            text = f"{100 * r['cells'][col].acc:.2f}"
+            return rf"\textbf{{{text}}}" if (r["defense"], col) in bold else text
 
-        out += latex_block(b, cell, f"{b['dataset']}, target {b['target']}. " + footer_text(b))
+        out += latex_block(b, cell, f"{block_title(b)}. " + footer_text(b))
     return "\n".join(out)
 
 
@@ -216,20 +344,56 @@ def to_csv_frame(blocks: list[dict]) -> pd.DataFrame:
         for r in b["rows"]:
             for col in b["columns"]:
                 if col in r["cells"]:
-                    acc, lo, hi, n = r["cells"][col]
+                    c = r["cells"][col]
                     rows.append({"dataset": b["dataset"], "target": b["target"], "defense": r["defense"],
-                                 "column": col, "accuracy": acc, "ci_low": lo, "ci_high": hi, "n": n,
-                                 "copy": b["footer"]["copy"], "profile": b["footer"]["profile"],
-                                 "eps": b["footer"]["eps"]})
+                                 "column": col, "accuracy": c.acc, "ci_low": c.lo, "ci_high": c.hi, "n": c.n,
+                                 "block": b.get("kind", "results"), "copy": b["footer"]["copy"],
+                                 "profile": b["footer"]["profile"], "eps": b["footer"]["eps"]})
     return pd.DataFrame(rows)
 
 
+def draws_markdown(records: list[dict]) -> str:
+    """Per cell of a row scored under several draws: the four ways of scoring it."""
+    out = ["# Scoring draws of stochastic defenses", "",
+           "Each adversarial image of a stochastic defense is scored under R independent draws of the "
+           "defense's randomness. All R = correct under every draw (robust against resubmission; the "
+           "results tables and Worst use it). Mean = mean accuracy over the draws (the expected "
+           "single-draw accuracy; the paper presets use it). Majority = the plurality vote of the R "
+           "predictions is the true label (a tie is not). Single = the first draw alone. "
+           "95% Wilson intervals in brackets.", "",
+           "| Dataset | Target | Defense | Attack | R | n | Single | Mean | Majority | All R | extra passes |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    some = False
+    for r in records:
+        if r.get("draws", 1) < 2:
+            continue
+        some = True
+        s = r["scores"]
+
+        def pct(k, s=s):
+            return f"{100 * s[k]['accuracy']:.2f} [{100 * s[k]['ci95'][0]:.1f}, {100 * s[k]['ci95'][1]:.1f}]"
+
+        c = r["cell"]
+        out.append(f"| {c['dataset']} | {c['target']} | {c['defense']} | {r.get('attack_label', c['attack'])} | "
+                   f"{r['draws']} | {r['n']} | {pct('single')} | {pct('mean')} | {pct('majority')} | {pct('all')} | "
+                   f"{r.get('score_forwards', 0) - r['n']} |")
+    if not some:
+        out.append("| - | - | - | - | - | - | - | - | - | - | - |")
+    out += ["", "extra passes: forward image-passes spent on scoring beyond one per image."]
+    return "\n".join(out) + "\n"
+
+
 def write_tables(run_dir: Path) -> list[Path]:
-    """Write ``<run>/tables/results.{md,tex,csv}`` from the run's records; return the paths."""
+    """Write ``<run>/tables/results.{md,tex,csv}`` (and ``checks.md``, ``draws.md``) from the run's
+    records; return the paths."""
     run_dir = Path(run_dir)
     records = load_records(run_dir)
     if not records:
         return []
+    old = sum(1 for r in records if r.get("schema") in OLD_SCHEMAS)
+    if old:
+        log.warning("%s: %d record(s) predate per-draw scoring (schema %s): a stochastic defense's cells in them "
+                    "rest on one draw; rerun to rescore", run_dir, old, ", ".join(OLD_SCHEMAS))
     checks = load_checks(run_dir)
     blocks = build_blocks(records_frame(records), checks if checks else None)
     tdir = run_dir / "tables"
@@ -238,6 +402,7 @@ def write_tables(run_dir: Path) -> list[Path]:
         atomic_write_text(tdir / "results_ci.md", to_markdown(blocks, intervals=True)),
         atomic_write_text(tdir / "results.tex", to_latex(blocks)),
         atomic_write_text(tdir / "results.csv", to_csv_frame(blocks).to_csv(index=False)),
+        atomic_write_text(tdir / "draws.md", draws_markdown(records)),
     ]
     if checks:
         paths.append(atomic_write_text(tdir / "checks.md", checks_markdown(checks)))

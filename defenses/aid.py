@@ -38,6 +38,7 @@ from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.resume import LoopState
 from defenses.base import Defense, FitResult
+from defenses.unroll import unroll
 
 
 def _dense(cin: int, cout: int) -> nn.Sequential:
@@ -96,6 +97,7 @@ DEFAULT_TAPS = {"ResNet": ["bn1", "layer2"], "WideResNet": ["conv1", "block2"], 
 class AIDPurifier(Defense):
     trainable = True
     prefers_bpda = True
+    exact_gradient = True  # purify_exact: the loop back-propagated in checkpointed segments
     TrainConfig = AIDTrain
     data_shape_options = ()
     inference_options = ("eps", "steps", "attack_gradient")
@@ -132,22 +134,26 @@ class AIDPurifier(Defense):
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.discriminator(self._target[0].feature_maps(x, self.taps))
 
+    def _step(self, z: torch.Tensor, x0: torch.Tensor, t: int, generator, create_graph: bool) -> torch.Tensor:
+        """One signed-gradient step towards "natural" for the discriminator, projected around x0."""
+        s = torch.sigmoid(self.score(z)).sum()
+        (g,) = torch.autograd.grad(s, z, create_graph=create_graph)
+        return project_linf(z + self.eps / 4 * g.sign(), x0, self.eps)
+
     def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
         if not self._target:
             raise RuntimeError("AID-Purifier needs attach_classifier(target) before use")
-        alpha = self.eps / 4
-        x0 = x if self.unrolled else x.detach()
-        z = x0
-        with torch.enable_grad():
-            for _ in range(self.steps):
-                if not z.requires_grad:
-                    z = z.detach().requires_grad_(True)
-                s = torch.sigmoid(self.score(z)).sum()
-                (g,) = torch.autograd.grad(s, z, create_graph=self.unrolled and torch.is_grad_enabled())
-                z = project_linf(z + alpha * g.sign(), x0, self.eps)
-                if not self.unrolled:
-                    z = z.detach()
-        return z if self.unrolled else z.detach()
+        if self.unrolled and torch.is_grad_enabled() and x.requires_grad:
+            return self.purify_exact(x)
+        x = x.detach()
+        return unroll(self._step, x, x, self.steps)  # the plain loop: no graph
+
+    def purify_exact(self, x: torch.Tensor, masks=None) -> torch.Tensor:
+        """The loop back-propagated exactly (through the start point and the projection's centre; the
+        sign's derivative is zero), in checkpointed segments of about sqrt(steps) steps."""
+        if not self._target:
+            raise RuntimeError("AID-Purifier needs attach_classifier(target) before use")
+        return unroll(self._step, x, x, self.steps)
 
     def fit(self, classifier, train, device, config: AIDTrain | None = None, seed: int = 0) -> FitResult:
         cfg = config or AIDTrain()

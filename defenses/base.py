@@ -11,6 +11,10 @@ must know; the runner reads the declarations and builds the adaptive attack:
   function whose gradient stands in (BPDA; the identity by default).
 * ``uses_masks``: the defense draws masks; :meth:`sample_masks` draws them and
   ``purify(x, masks=...)`` applies given ones, so an attacker can fix them.
+* ``exact_gradient``: :meth:`purify_exact` computes the same purification (same random
+  draws) differentiably, however costly: back-propagating through an iterative loop with
+  checkpointing (``defenses.unroll``) or through a decomposition (SVD). Attacks with
+  ``gradient: exact`` use it instead of the BPDA surrogate.
 
 Training: :meth:`fit` receives the frozen target, the training data (an
 ``ImageData``), the device, the validated training options (an instance of the
@@ -55,6 +59,8 @@ class Defense(nn.Module):
     # Differentiable, but exact gradients are impractical (an iterative inner loop): adaptive
     # attacks use the BPDA surrogate unless told otherwise.
     prefers_bpda: ClassVar[bool] = False
+    # purify_exact gives exact gradients (of the draw's randomness held fixed) where BPDA is the default
+    exact_gradient: ClassVar[bool] = False
     # Under torchrun every rank runs fit() at once, each on its part of every batch, with gradients
     # averaged (benchmark.distributed.synchronized); otherwise rank 0 trains alone.
     data_parallel: ClassVar[bool] = False
@@ -76,6 +82,11 @@ class Defense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.purify(x)
+
+    def purify_exact(self, x: torch.Tensor, masks: Any = None) -> torch.Tensor:
+        """:meth:`purify` with exact gradients (declared by ``exact_gradient``): the same forward
+        result for the same random draws, differentiable end to end."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare exact gradients")
 
     def bpda_surrogate(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable stand-in for :meth:`purify` on the backward pass (BPDA)."""
@@ -119,6 +130,16 @@ class Defense(nn.Module):
         """The options that built this defense (stored in checkpoints and artifact keys)."""
         return dict(getattr(self, "_config", {}))
 
+    @classmethod
+    def stochastic_with(cls, options: dict) -> bool:
+        """Whether a defense built with these constructor options is stochastic, without building it
+        (a defense whose ``stochastic`` depends on its options overrides this)."""
+        for klass in cls.__mro__:  # a property (decided per instance) counts as stochastic
+            if "stochastic" in klass.__dict__:
+                declared = klass.__dict__["stochastic"]
+                return True if isinstance(declared, property) else bool(declared)
+        return False
+
     def declarations(self) -> dict:
         out = {
             "stochastic": self.stochastic,
@@ -128,6 +149,8 @@ class Defense(nn.Module):
         }
         if self.prefers_bpda:
             out["prefers_bpda"] = True
+        if self.exact_gradient:
+            out["exact_gradient"] = True
         if self.own_classifier is not None:
             out["own_classifier"] = True
         return out
@@ -152,7 +175,9 @@ class DefendedModel(nn.Module):
     ``bpda=True`` keeps the forward pass exact but routes gradients through the
     defense's ``bpda_surrogate`` (forced on for non-differentiable defenses by the
     runner). ``masks`` fixes the masks of a mask-using defense (the attacker knows them).
-    Parameters are frozen: attacks take gradients with respect to the input only.
+    ``exact=True`` (a defense that declares ``exact_gradient``) differentiates the purification
+    itself (``purify_exact``) instead of the surrogate. Parameters are frozen: attacks take
+    gradients with respect to the input only.
     """
 
     def __init__(self, defense: Defense, classifier: nn.Module, *, bpda: bool = False) -> None:
@@ -160,7 +185,9 @@ class DefendedModel(nn.Module):
         self.defense = defense
         self.classifier = classifier
         self.bpda = bpda
+        self.exact = False
         self.masks: Any = None
+        self.fixed_seed: int | None = None
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -174,6 +201,8 @@ class DefendedModel(nn.Module):
                    bpda=not defense.differentiable or defense.prefers_bpda)
 
     def purify(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact and torch.is_grad_enabled() and x.requires_grad:
+            return self.defense.purify_exact(x, masks=self.masks)
         if self.bpda and torch.is_grad_enabled() and x.requires_grad:
             with torch.no_grad():
                 purified = self.defense.purify(x, masks=self.masks)
@@ -188,6 +217,8 @@ class DefendedModel(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed_seed is not None:  # every pass draws the same randomness
+            self.defense.seed(self.fixed_seed, x.device)
         k = int(getattr(self.defense, "chains", 1) or 1)
         if k == 1:
             return self.classifier(self.purify(x))
@@ -202,7 +233,43 @@ class DefendedModel(nn.Module):
 
     @property
     def stochastic(self) -> bool:
-        return self.defense.stochastic and self.masks is None
+        return self.defense.stochastic and self.masks is None and self.fixed_seed is None
+
+    @contextmanager
+    def fixed_masks(self, masks: Any):
+        """Run the block with the defense's masks fixed to ``masks`` (an attacker who knows them)."""
+        saved, self.masks = self.masks, masks
+        try:
+            yield self
+        finally:
+            self.masks = saved
+
+    @contextmanager
+    def fixed_randomness(self, seed: int):
+        """Run the block with the defense's randomness frozen: every forward pass (of the attack and
+        of the scoring) reseeds it to ``seed`` (the "deterministic white-box" protocol)."""
+        saved, self.fixed_seed = self.fixed_seed, int(seed)
+        try:
+            yield self
+        finally:
+            self.fixed_seed = saved
+
+    @contextmanager
+    def gradients(self, *, bpda: bool | None = None, exact: bool | None = None):
+        """Run the block with BPDA and/or exact gradients switched as given (None: unchanged), and as
+        before afterwards. Exact gradients take precedence over BPDA (``purify`` checks them first);
+        BPDA that the declarations force is never switched off."""
+        saved = (self.bpda, self.exact)
+        if exact is not None:
+            if exact and not self.defense.exact_gradient:
+                raise ValueError(f"{type(self.defense).__name__} does not declare exact gradients")
+            self.exact = exact
+        if bpda is not None:  # a BPDA the declarations force (non-differentiable, prefers_bpda) stays
+            self.bpda = bpda or saved[0]
+        try:
+            yield self
+        finally:
+            self.bpda, self.exact = saved
 
 
 @contextmanager

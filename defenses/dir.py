@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from attacks.pgd import project_linf, uniform_start
+from attacks.pgd import pgd_linf, project_linf
 from benchmark import distributed
 from benchmark.checkpoint import load_into, load_verified_state, save_checkpoint
 from benchmark.config import require, subkey
@@ -395,7 +395,6 @@ class DIR(Defense):
     def pretrain(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int) -> list[dict]:
         """Eq. 2: reconstruct the natural image from each masked view of an adversarial example
         crafted against the target alone."""
-        from attacks.pgd import pgd_linf
 
         lr = cfg.pretrain_lr * cfg.pretrain_batch_size / 256
         opt = distributed.synchronized(torch.optim.AdamW(self.net.parameters(), lr=lr, betas=(0.9, 0.95),
@@ -489,12 +488,9 @@ class DIR(Defense):
                 masks = self.sample_masks(x)  # one mask group per step (Alg. 1, line 4)
                 self.eval()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    x_adv = uniform_start(x, cfg.eps)  # PGD-5 against the whole defended model
-                    for _ in range(cfg.attack_steps):
-                        x_adv.requires_grad_(True)
-                        loss_a = F.cross_entropy(defended(x_adv, masks), y, reduction="sum")
-                        (g,) = torch.autograd.grad(loss_a, x_adv)
-                        x_adv = project_linf(x_adv.detach() + cfg.step_size * g.sign(), x, cfg.eps)
+                    # PGD-5 against the whole defended model, with this step's masks
+                    x_adv = pgd_linf(lambda z, masks=masks: defended(z, masks), x, y, eps=cfg.eps,
+                                     step_size=cfg.step_size, steps=cfg.attack_steps)
                 self.train()
                 classifier.train(joint)  # a jointly trained classifier updates its BN statistics too
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):

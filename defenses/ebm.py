@@ -37,6 +37,7 @@ from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
 from benchmark.resume import LoopState
 from defenses.base import Defense, FitResult
+from defenses.unroll import unroll
 
 
 class EnergyNet(nn.Module):
@@ -109,7 +110,8 @@ class EBMTrain:
                    description="EBM defense: long-run Langevin purification, logits averaged over chains")
 class EBM(Defense):
     stochastic = True
-    differentiable = False  # never unrolled: BPDA (identity) + EOT
+    differentiable = False  # BPDA (identity) + EOT by default
+    exact_gradient = True  # purify_exact: the chain back-propagated (second order), checkpointed
     trainable = True
     TrainConfig = EBMTrain
     data_shape_options = ("in_channels",)
@@ -129,8 +131,20 @@ class EBM(Defense):
 
     def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
         """One Langevin chain per input row (the defended model repeats each image ``chains`` times)."""
-        with torch.enable_grad():
-            z = langevin(self.energy, x.detach() * 2 - 1, self.steps, self.tau, self._gen(x.device))
+        x = x.detach()
+        z = unroll(self._step, x * 2 - 1, x, self.steps, self._gen(x.device))  # the plain loop: no graph
+        return ((z + 1) / 2).clamp(0, 1).to(x.dtype)
+
+    def _step(self, z: torch.Tensor, x: torch.Tensor, t: int, generator, create_graph: bool) -> torch.Tensor:
+        """One Langevin step as ``langevin`` takes it (same draws), differentiable when asked."""
+        (g,) = torch.autograd.grad(self.energy(z).sum(), z, create_graph=create_graph)
+        noise = torch.randn(z.shape, device=z.device, generator=generator).to(z.dtype)
+        return z - g + self.tau * noise
+
+    def purify_exact(self, x: torch.Tensor, masks=None) -> torch.Tensor:
+        """The chain back-propagated exactly (Hessian-vector products through the energy), in
+        checkpointed segments of about sqrt(steps) steps (``defenses.unroll``); same draws as purify."""
+        z = unroll(self._step, x * 2 - 1, x, self.steps, self._gen(x.device))
         return ((z + 1) / 2).clamp(0, 1).to(x.dtype)
 
     def fit(self, classifier, train, device, config: EBMTrain | None = None, seed: int = 0) -> FitResult:

@@ -41,13 +41,19 @@ from benchmark.training import TrainConfig, train_classifier
 from defenses.base import Defense, FitResult
 
 
-@torch.no_grad()
-def usvt(x: torch.Tensor, keep: torch.Tensor, rank: int) -> torch.Tensor:
+def usvt(x: torch.Tensor, keep: torch.Tensor, rank: int, exact: bool = False) -> torch.Tensor:
     """Reconstruct images ``x`` (B, C, H, W in [0,1]) from the pixels where ``keep`` (B, 1, H, W)
-    is true by universal singular value thresholding on the channel-concatenated matrix."""
+    is true by universal singular value thresholding on the channel-concatenated matrix.
+    ``exact``: differentiable (through the SVD, exact almost everywhere); where the SVD's gradient is
+    not finite (repeated singular values) that image's gradient is set to zero, never NaN."""
+    if not exact:
+        with torch.no_grad():
+            return usvt(x, keep, rank, exact=True)
     b, c, h, w = x.shape
-    z = (x.float() * 2 - 1) * keep.float()
+    z = (x.to(torch.promote_types(x.dtype, torch.float32)) * 2 - 1) * keep.to(x.dtype)
     mat = z.permute(0, 2, 1, 3).reshape(b, h, c * w)  # R | G | B side by side
+    if mat.requires_grad:
+        mat.register_hook(_zero_non_finite)
     u, s, vh = torch.linalg.svd(mat, full_matrices=False)
     k = min(rank, s.shape[1])
     low = (u[:, :, :k] * s[:, None, :k]) @ vh[:, :k, :]
@@ -55,6 +61,12 @@ def usvt(x: torch.Tensor, keep: torch.Tensor, rank: int) -> torch.Tensor:
     low = (low / frac[:, None, None]).clamp(-1, 1)
     out = low.reshape(b, h, c, w).permute(0, 2, 1, 3)
     return ((out + 1) / 2).to(x.dtype)
+
+
+def _zero_non_finite(grad: torch.Tensor) -> torch.Tensor:
+    """An image whose gradient through the SVD is not finite gets a zero gradient."""
+    bad = ~torch.isfinite(grad).flatten(1).all(1)
+    return torch.where(bad.view(-1, *([1] * (grad.dim() - 1))), torch.zeros_like(grad), grad)
 
 
 class _BPDAIdentity(torch.autograd.Function):
@@ -110,7 +122,8 @@ class MENetTrain(TrainConfig):
                    description="ME-Net: random pixel masks + USVT; classifier retrained on ME images (naturally)")
 class MENet(Defense):
     stochastic = True
-    differentiable = False  # SVD under no_grad: BPDA with the identity
+    differentiable = False  # SVD under no_grad: BPDA with the identity by default
+    exact_gradient = True  # purify_exact: through the SVD, with the draw's mask
     trainable = True
     data_parallel = True
     TrainConfig = MENetTrain
@@ -131,7 +144,7 @@ class MENet(Defense):
         for q in self.own_classifier.parameters():
             q.requires_grad_(False)
 
-    def reconstruct(self, x: torch.Tensor, p: float | tuple[float, float]) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, p: float | tuple[float, float], exact: bool = False) -> torch.Tensor:
         b, _, h, w = x.shape
         gen = self._gen(x.device)
         if isinstance(p, tuple):  # per-image keep probability in [p_low, p_high]
@@ -141,10 +154,13 @@ class MENet(Defense):
             prob = torch.full((b, 1, 1, 1), float(p), device=x.device)
         keep = torch.rand(b, 1, h, w, device=x.device, generator=gen) < prob
         rank = max(1, int(self.rank_fraction * min(h, x.shape[1] * w)))
-        return usvt(x, keep, rank)
+        return usvt(x, keep, rank, exact=exact)
 
     def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
         return self.reconstruct(x, self.p)
+
+    def purify_exact(self, x: torch.Tensor, masks=None) -> torch.Tensor:
+        return self.reconstruct(x, self.p, exact=True)
 
     def fit(self, classifier, train, device, config: MENetTrain | None = None, seed: int = 0) -> FitResult:
         cfg = config or MENetTrain(method=self.default_method)

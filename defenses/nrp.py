@@ -151,6 +151,10 @@ class NRP(Defense):
     def stochastic(self) -> bool:  # type: ignore[override]
         return self.mode == "dynamic"
 
+    @classmethod
+    def stochastic_with(cls, options: dict) -> bool:
+        return options.get("mode", "standard") == "dynamic"
+
     def declarations(self) -> dict:
         return super().declarations() | {"stochastic": self.stochastic}
 

@@ -1,3 +1,5 @@
+import csv as csv_module
+import io
 import json
 import subprocess
 import sys
@@ -92,16 +94,38 @@ def test_train_then_eval_a_checkpoint(tmp_path, capsys):
 def test_no_argument_run_is_the_smoke_run_and_resumes():
     """`python run_benchmark.py` with no arguments runs the smoke matrix: records, tables, a log."""
     out_dir = ROOT / "results" / "smoke-default"
-    r = _run(timeout=1200)
+    r = _run(timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     records = sorted((out_dir / "records").glob("*.json"))
     loaded = [json.loads(p.read_text()) for p in records]
     cells = {(r["cell"]["defense"], r["cell"]["attack"]) for r in loaded}
     attacks = {"clean", "pgd", "mi-fgsm", "vni-fgsm", "eot-pgd", "representation", "ssp", "bpda-eot"}
     defenses = ("none", "DIR", "APE-GAN", "HGD", "NRP", "JATP", "ME-Net", "ME-Net-A", "EBM", "AID")
+    iterative = ("ME-Net", "ME-Net-A", "EBM", "AID")  # the rows with exact gradients through the purifier
     assert cells == ({(d, a) for d in defenses for a in attacks} | {("DIR", "mask-adaptive")}
-                     | {(d, "autoattack") for d in ("none", "DIR", "HGD", "ME-Net")})
+                     | {(d, "autoattack") for d in ("none", "DIR", "HGD", "ME-Net")}
+                     | {(d, "bpda-eot-exact") for d in iterative})
     recs = {(r["cell"]["defense"], r["cell"]["attack"]): r for r in loaded}
+    for d in iterative:
+        assert recs[d, "bpda-eot-exact"]["attack_info"]["resolved"]["gradient"] == "exact", d
+        assert recs[d, "bpda-eot"]["attack_info"]["resolved"]["gradient"] == "bpda", d
+    # stochastic rows: every cell scored under 4 draws; all 4 correct <= one draw <= ...
+    for d in ("DIR", "ME-Net", "ME-Net-A", "EBM"):
+        for a in ("clean", "pgd", "bpda-eot"):
+            rec = recs[d, a]
+            s = rec["scores"]
+            assert rec["draws"] == 4 and len(rec["correct_draws"]) == rec["n"], (d, a)
+            assert s["all"]["accuracy"] <= min(s["single"]["accuracy"], s["mean"]["accuracy"]), (d, a)
+        assert recs[d, "representation"]["draws"] == 1  # scored on the classifier alone
+    assert recs["DIR", "mask-adaptive"]["draws"] == 1 and recs["HGD", "pgd"]["draws"] == 1
+    # Worst = the per-sample AND over the row's input-space cells (all-draws bits), never a diagnostic
+    csv = {(row["defense"], row["column"]): row for row in
+           csv_module.DictReader(io.StringIO((out_dir / "tables" / "results.csv").read_text()))}
+    for d in defenses:
+        bits = [rec["correct"] for (dd, a), rec in recs.items() if dd == d and rec["threat_space"] == "input"]
+        worst = sum(all(b[i] == "1" for b in bits) for i in range(len(bits[0]))) / len(bits[0])
+        assert abs(float(csv[d, "Worst"]["accuracy"]) - worst) < 1e-9, d
+        assert csv[d, "Representation"]["block"] == "diagnostics"
     assert recs["none", "pgd"]["accuracy"] < recs["none", "clean"]["accuracy"]
     for d in defenses:  # every defense keeps most clean images; white-box PGD hurts
         assert recs[d, "clean"]["accuracy"] > 0.8, d
@@ -114,6 +138,8 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     assert recs["DIR", "autoattack"]["attack_params"]["version"] == "auto"
     table = (out_dir / "tables" / "results.md").read_text()
     assert "| none |" in table and "| DIR |" in table and "Worst" in table and "scikit-learn digits" in table
+    assert "diagnostics (not robustness of the defended model)" in table and "all R = 4" in table
+    assert "| EBM |" in (out_dir / "tables" / "draws.md").read_text()
     assert (out_dir / "run.log").is_file() and "| none |" in r.stdout
     # the report over the smoke run: every table and figure its cells allow, linked from the index
     rep = _run("report", str(out_dir), timeout=300)

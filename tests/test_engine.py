@@ -97,7 +97,7 @@ def test_worst_of_equals_the_per_sample_and_with_early_exit(trained_pair, batch)
     worst = ATTACKS.get("worst-of")(attacks=[{"name": "pgd", "params": pgd}, {"name": "mi-fgsm", "params": mi}])
     w = _run(_defended(trained_pair), worst, x, y, batch_size=96)
     assert torch.equal(w.correct, a.correct & b.correct)
-    assert worst.survivors == [a.n_correct, w.n_correct]
+    assert w.extra["attack_info"]["survivors"] == [a.n_correct, w.n_correct]
     # MI-FGSM ran on PGD's survivors only: fewer backward passes than both run in full
     assert w.backwards == 6 * 96 + 6 * a.n_correct < a.backwards + b.backwards
     with pytest.raises(ConfigError, match=r"attacks\[0\]\.name: unknown attack 'pgdd' \(did you mean 'pgd'\?\)"):

@@ -164,4 +164,21 @@ def test_adaptive_table_shows_the_zero_gradient_flag():
     from benchmark.reports import adaptive_markdown
 
     md = adaptive_markdown(t.reset_index())
-    assert "| 100.00 | 25.00 [0.0, 100.0] | bpda-eot | 75.00 | pgd |" in md and "nan" not in md
+    # Worst 25% (pgd AND bpda-eot); against none's 50% on the same samples: -25 points, p = 1
+    assert "| 100.00 | 25.00 [0.0, 100.0] | bpda-eot | 75.00 | - | - | 25.00 | -25.00 [" in md and "nan" not in md
+    assert "p = 1.000 | pgd |" in md
+
+
+def test_adaptive_table_shows_bpda_and_exact_gradients_side_by_side():
+    declared = {"defense_declarations": {"stochastic": True, "exact_gradient": True}}
+
+    def cell(attack, bits, gradient, label):
+        return dict(rec("EBM", attack, bits, registered="bpda-eot", reg_def="ebm", label=label), **declared,
+                    attack_info={"resolved": {"bpda": gradient != "exact", "eot": 5, "gradient": gradient}})
+
+    records = [rec("none", "pgd", "1100"), rec("EBM", "pgd", "1111", reg_def="ebm"),
+               cell("bpda-eot", "1110", "bpda", "BPDA+EOT"), cell("bpda-eot-exact", "1010", "exact", "exact")]
+    t = adaptive_table(_frame(records)).set_index("defense")
+    assert t.loc["EBM", "bpda"] == 0.75 and t.loc["EBM", "exact"] == 0.5
+    assert t.loc["EBM", "adaptive"] == 0.5 and t.loc["EBM", "worst"] == 0.5  # 1111 AND 1110 AND 1010
+    assert pd.isna(t.loc["none", "bpda"]) and pd.isna(t.loc["none", "exact"])

@@ -15,7 +15,14 @@ from benchmark.errors import BenchError
 from benchmark.experiment import load_config
 from benchmark.records import load_records, read_record, valid_record
 from benchmark.runner import Runner
-from benchmark.tables import build_blocks, records_frame, to_latex, to_markdown, worst_case
+from benchmark.tables import (
+    build_blocks,
+    records_frame,
+    to_csv_frame,
+    to_latex,
+    to_markdown,
+    worst_case,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,27 +97,56 @@ def test_matrix_records_tables_and_artifact_reuse(tmp_path):
     assert _run(_write(tmp_path, changed, "cfg2.yaml"), out, force=True)["computed"] == 6
 
 
+def _table_record(defense, attack, bits, registered=None, **extra):
+    k = bits.count("1")
+    return {"cell": {"dataset": "d", "target": "t", "defense": defense, "attack": attack},
+            "attack_label": attack, "attack_registered": registered or attack, "n": len(bits), "n_correct": k,
+            "accuracy": k / len(bits), "ci95": [0, 1], "correct": bits, "dataset_copy": "copy X",
+            "profile": "smoke", "threat": {"eps": 8 / 255, "norm": "linf"},
+            "target": {"arch": "small-cnn", "method": "at"}, **extra}
+
+
 def test_worst_case_and_bold_best():
-    recs = []
-    for defense, bits in (("a", {"clean": "1111", "pgd": "1100", "mi": "1010"}),
-                          ("b", {"clean": "1110", "pgd": "1110", "mi": "0110"})):
-        for attack, b in bits.items():
-            k = b.count("1")
-            recs.append({"cell": {"dataset": "d", "target": "t", "defense": defense, "attack": attack},
-                         "attack_label": attack, "attack_registered": attack, "n": 4, "n_correct": k,
-                         "accuracy": k / 4, "ci95": [0, 1], "correct": b, "dataset_copy": "copy X",
-                         "profile": "smoke", "threat": {"eps": 8 / 255, "norm": "linf"},
-                         "target": {"arch": "small-cnn", "method": "at"}})
+    recs = [_table_record(d, a, b) for d, bits in (("a", {"clean": "1111", "pgd": "1100", "mi": "1010"}),
+                                                   ("b", {"clean": "1110", "pgd": "1110", "mi": "0110"}))
+            for a, b in bits.items()]
     blocks = build_blocks(records_frame(recs))
     assert blocks[0]["columns"] == ["clean", "pgd", "mi", "Worst"]
     rows = {r["defense"]: r["cells"] for r in blocks[0]["rows"]}
     assert rows["a"]["Worst"][0] == 0.25 and rows["b"]["Worst"][0] == 0.5  # per-sample AND, not column minima
     md = to_markdown(blocks)
-    assert "| a | **100.00** | 50.00 | **50.00** | 25.00 |" in md
-    assert "| b | 75.00 | **75.00** | **50.00** | **50.00** |" in md  # ties in mi: both bold
-    assert "copy X" in md and "eps = 8/255" in md and "n = 4" in md
-    assert r"\textbf{75.00}" in to_latex(blocks)
+    assert "| a | 100.00 | 50.00 | 50.00 | 25.00 |" in md  # four samples: no difference is significant
+    assert "| b | 75.00 | 75.00 | 50.00 | 50.00 |" in md and "**" not in md
+    assert "copy X" in md and "eps = 8/255" in md and "n = 4" in md and "no significant winner" in md
     assert worst_case(["101", "110"]) == (1, 3)
+    # 40 samples: a beats b on pgd in 16 discordant pairs to 0 (McNemar p < 0.001): bold; clean 40 vs
+    # 39 (p = 1): no bold; a tie is never bold
+    big = [_table_record("a", "clean", "1" * 40), _table_record("a", "pgd", "1" * 30 + "0" * 10),
+           _table_record("b", "clean", "1" * 39 + "0"), _table_record("b", "pgd", "1" * 14 + "0" * 26),
+           _table_record("c", "pgd", "0" * 40)]
+    md = to_markdown(build_blocks(records_frame(big)))
+    assert "| a | 100.00 | **75.00** | **75.00** |" in md and "| b | 97.50 | 35.00 | 35.00 |" in md
+    assert r"\textbf{75.00}" in to_latex(build_blocks(records_frame(big)))
+
+
+def test_worst_ignores_diagnostics():
+    """A diagnostic far below every input-space attack (DIR's representation attack, the noise-discard
+    probe) gets its own block and never reaches Worst."""
+    recs = [_table_record("m", "clean", "1" * 8), _table_record("m", "pgd", "11111100"),
+            _table_record("m", "bpda-eot", "11110100"),
+            _table_record("m", "representation", "00000000", threat_space="representation"),
+            _table_record("m", "noise-discard", "10000000")]  # an old record: its space from the registry
+    blocks = build_blocks(records_frame(recs))
+    assert [b["kind"] for b in blocks] == ["results", "diagnostics"]
+    head, diag = blocks
+    assert head["columns"] == ["clean", "pgd", "bpda-eot", "Worst"]
+    assert head["rows"][0]["cells"]["Worst"].acc == 5 / 8  # pgd AND bpda-eot, not 0 from representation
+    assert diag["columns"] == ["representation", "noise-discard"] and "Worst" not in diag["rows"][0]["cells"]
+    md = to_markdown(blocks)
+    assert "### d / target t: diagnostics (not robustness of the defended model)" in md
+    assert "never part of its Worst" in md and "restored image" in md
+    csv = to_csv_frame(blocks)
+    assert set(csv[csv["block"] == "diagnostics"]["column"]) == {"representation", "noise-discard"}
 
 
 KILL_CFG = {
