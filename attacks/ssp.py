@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from attacks.base import Attack, IterativeParams, Threat, defended_of
-from attacks.pgd import project_linf
+from attacks.core import Objective, linf_attack
 from benchmark.registry import ATTACKS
 
 
@@ -31,13 +31,13 @@ def ssp_linf(features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     x = x.detach()
     with torch.no_grad():
         ref = features(x).float()
-    adv = torch.randn(x.shape, device=x.device, generator=generator).to(x.dtype)
-    for _ in range(steps):
-        adv.requires_grad_(True)
-        loss = (features(adv).float() - ref).pow(2).mean()
-        (grad,) = torch.autograd.grad(loss, adv)
-        adv = project_linf(adv.detach() + step_size * grad.sign(), x, eps)
-    return adv.detach()
+    start = torch.randn(x.shape, device=x.device, generator=generator).to(x.dtype)  # not projected first
+
+    def distortion(f: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return (f - reference).pow(2).mean()
+
+    return linf_attack(Objective(features, ref, distortion), x, eps=eps, step_size=step_size, steps=steps,
+                       start=start)
 
 
 @dataclass

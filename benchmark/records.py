@@ -11,12 +11,17 @@ first draw, each with n_correct, accuracy and Wilson interval) and, when R > 1,
 still read: they were scored on one draw. Its ``checksum`` is the
 sha256 of the record's canonical JSON without that field; a record whose
 checksum fails is treated as missing (recomputed), never trusted.
+
+In code a record is a :class:`CellRecord` (typed fields, ``to_json`` /
+``from_json``); readers use its fields, never dict look-ups.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +45,18 @@ def checksum(record: dict) -> str:
     return hashlib.sha256(_canonical(body).encode()).hexdigest()
 
 
-def write_record(path: Path, record: dict[str, Any], schema: str = SCHEMA) -> Path:
+def write_record(path: Path, record: dict[str, Any] | CellRecord, schema: str = SCHEMA) -> Path:
+    """Write ``record`` (a :class:`CellRecord`, or a dict for the other files, e.g. checks) with its
+    schema and checksum, atomically."""
+    if isinstance(record, CellRecord):
+        record = record.to_json()
     record = dict(record, schema=schema)
     record["checksum"] = checksum(record)
     return atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def read_record(path: Path) -> dict:
-    """Parse and verify a record; raise :class:`RecordError` if it cannot be trusted."""
+def read_record(path: Path) -> CellRecord:
+    """Parse and verify a record; raise :class:`RecordError` (one line) if it cannot be trusted."""
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -58,21 +67,7 @@ def read_record(path: Path) -> dict:
                           f"{', '.join((SCHEMA, *OLD_SCHEMAS))})")
     if record.get("checksum") != checksum(record):
         raise RecordError(f"record {path} fails its checksum")
-    bits = record.get("correct", "")
-    if len(bits) != record.get("n") or bits.count("1") != record.get("n_correct"):
-        raise RecordError(f"record {path}: per-sample results disagree with n / n_correct")
-    draws = record.get("draws", 1)
-    if not isinstance(draws, int) or draws < 1:
-        raise RecordError(f"record {path}: draws must be an integer >= 1, got {draws!r}")
-    if draws > 1:
-        try:
-            counts = draw_counts(record)
-        except (KeyError, TypeError, ValueError):
-            raise RecordError(f"record {path}: draws={draws} but no valid 'correct_draws'") from None
-        if len(counts) != record["n"] or any(c > draws for c in counts) or \
-                any((c == draws) != (b == "1") for c, b in zip(counts, bits)):
-            raise RecordError(f"record {path}: per-draw counts disagree with 'correct' and draws={draws}")
-    return record
+    return CellRecord.from_json(record, where=f"record {path}")
 
 
 def bit_string(flags) -> str:
@@ -85,19 +80,160 @@ def count_string(counts) -> str:
     return "".join(DIGITS[int(c)] for c in (counts.tolist() if hasattr(counts, "tolist") else counts))
 
 
-def draw_counts(record: dict) -> list[int]:
-    """Per sample, how many of the record's scoring draws classified it correctly (0/1 for one draw)."""
-    if record.get("draws", 1) > 1:
-        return [DIGITS.index(c) for c in record["correct_draws"]]
-    return [int(b) for b in record["correct"]]
+def parse_counts(text: str) -> list[int]:
+    return [DIGITS.index(c) for c in text]
 
 
-def single_draw_bits(record: dict) -> str:
-    """Per-sample correctness under one draw of the defense (the first), as a '0'/'1' string."""
-    return record.get("correct_single") or record["correct"]
+@dataclass(frozen=True)
+class CellKey:
+    dataset: str
+    target: str
+    defense: str
+    attack: str
 
 
-def valid_record(path: Path, cell_hash: str | None = None) -> dict | None:
+@dataclass
+class Score:
+    """One way of scoring a cell: how many correct (a mean over draws may be fractional), the
+    accuracy and its Wilson 95% interval."""
+
+    n_correct: float
+    accuracy: float
+    ci95: list[float]
+
+
+@dataclass
+class CellRecord:
+    """One cell's result, as written to ``records/<cell>.json`` (:func:`write_record`) and read back
+    (:func:`read_record`). Keys of the file that this version does not know are kept in ``extra``
+    (and written back), so a newer writer's fields survive."""
+
+    cell: CellKey
+    n: int
+    n_correct: int
+    accuracy: float
+    ci95: list[float]
+    correct: str  # per sample, '1' = correct (under every scoring draw)
+    threat: dict
+    cell_id: str = ""
+    cell_hash: str = ""
+    attack_label: str | None = None
+    attack_registered: str | None = None
+    attack_params: dict = field(default_factory=dict)
+    attack_info: dict = field(default_factory=dict)  # what the attack reported (resolved choices, survivors)
+    threat_space: str | None = None
+    defense_registered: str | None = None
+    defense_options: dict = field(default_factory=dict)
+    defense_train: dict | None = None
+    defense_declarations: dict = field(default_factory=dict)
+    bpda: bool = False
+    dataset_copy: str | None = None
+    profile: str | None = None
+    draws: int = 1
+    scores: dict[str, Score] = field(default_factory=dict)  # all / mean / majority / single
+    correct_draws: str | None = None  # draws > 1: per sample, the correct draws (one base-36 digit)
+    correct_majority: str | None = None
+    correct_single: str | None = None
+    random_score: bool | None = None  # None: a record from before it was stored
+    sample_indices: list[int] | None = None
+    seconds: float | None = None
+    attack_seconds: float | None = None
+    images_per_second: float | None = None
+    forwards: int | None = None
+    backwards: int | None = None
+    score_forwards: int | None = None
+    peak_gpu_memory_mb: float | None = None
+    gradient_check: dict | None = None
+    batch_size: int | str | None = None
+    engine: dict | None = None
+    ranks: int | None = None
+    target: dict = field(default_factory=dict)
+    defense_checkpoint_sha256: str | None = None
+    defense_training: dict | None = None
+    manifest: dict = field(default_factory=dict)
+    worker: dict | None = None
+    created: str | None = None
+    schema: str = SCHEMA
+    checksum: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    REQUIRED = ("cell", "n", "n_correct", "accuracy", "ci95", "correct", "threat")
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "record") -> CellRecord:
+        """The typed record of a parsed file, its consistency checked; :class:`RecordError` names
+        what is wrong. A schema-1 record (one scoring draw) gets its single-draw scores."""
+        missing = [k for k in cls.REQUIRED if k not in data]
+        if missing:
+            raise RecordError(f"{where}: missing field(s) {', '.join(missing)}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kw = {k: v for k, v in data.items() if k in names}
+        try:
+            kw["cell"] = CellKey(**data["cell"])
+            kw["scores"] = {k: Score(**v) for k, v in (data.get("scores") or {}).items()}
+            rec = cls(**kw, extra={k: v for k, v in data.items() if k not in names})
+        except TypeError as exc:
+            raise RecordError(f"{where}: malformed ({exc})") from None
+        bits = rec.correct
+        if not isinstance(bits, str) or len(bits) != rec.n or bits.count("1") != rec.n_correct:
+            raise RecordError(f"{where}: per-sample results disagree with n / n_correct")
+        if not isinstance(rec.draws, int) or rec.draws < 1:
+            raise RecordError(f"{where}: draws must be an integer >= 1, got {rec.draws!r}")
+        if rec.draws > 1:
+            try:
+                counts = parse_counts(rec.correct_draws)
+            except (TypeError, ValueError):
+                raise RecordError(f"{where}: draws={rec.draws} but no valid 'correct_draws'") from None
+            if len(counts) != rec.n or any(c > rec.draws for c in counts) or \
+                    any((c == rec.draws) != (b == "1") for c, b in zip(counts, bits)):
+                raise RecordError(f"{where}: per-draw counts disagree with 'correct' and draws={rec.draws}")
+        if not rec.scores:  # written before per-draw scoring: one draw
+            from benchmark.stats import draw_scores
+
+            flags = [b == "1" for b in bits]
+            rec.scores = {k: Score(**v) for k, v in draw_scores([int(f) for f in flags], 1, flags, flags).items()}
+        return rec
+
+    def to_json(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out["cell"] = dataclasses.asdict(self.cell)
+        out["scores"] = {k: dataclasses.asdict(v) for k, v in self.scores.items()}
+        return {**self.extra, **out}
+
+    # -- what readers ask of a record ------------------------------------------------------
+    @property
+    def attack(self) -> str:
+        """The registered attack."""
+        return self.attack_registered or self.cell.attack
+
+    @property
+    def defense(self) -> str:
+        """The registered defense."""
+        return self.defense_registered or self.cell.defense
+
+    @property
+    def column(self) -> str:
+        return self.attack_label or self.cell.attack
+
+    @property
+    def old_schema(self) -> bool:
+        return self.schema in OLD_SCHEMAS
+
+    def draw_counts(self) -> list[int]:
+        """Per sample, how many of the scoring draws classified it correctly (0/1 for one draw)."""
+        return parse_counts(self.correct_draws) if self.draws > 1 else [int(b) for b in self.correct]
+
+    def single_draw_bits(self) -> str:
+        """Per-sample correctness under one draw of the defense (the first), as a '0'/'1' string."""
+        return self.correct_single or self.correct
+
+
+def as_record(record: CellRecord | dict) -> CellRecord:
+    """A typed record from a typed one or a parsed dict (tests and tools build dicts)."""
+    return record if isinstance(record, CellRecord) else CellRecord.from_json(record)
+
+
+def valid_record(path: Path, cell_hash: str | None = None) -> CellRecord | None:
     """The record at ``path`` if it exists, verifies and (optionally) matches ``cell_hash``."""
     if not Path(path).is_file():
         return None
@@ -105,12 +241,12 @@ def valid_record(path: Path, cell_hash: str | None = None) -> dict | None:
         record = read_record(path)
     except RecordError:
         return None
-    if cell_hash is not None and record.get("cell_hash") != cell_hash:
+    if cell_hash is not None and record.cell_hash != cell_hash:
         return None
     return record
 
 
-def load_records(run_dir: Path) -> list[dict]:
+def load_records(run_dir: Path) -> list[CellRecord]:
     """Every valid record of a run, in the order of the run's plan when there is one."""
     run_dir = Path(run_dir)
     plan_path = run_dir / "plan.json"

@@ -22,7 +22,7 @@ import pandas as pd
 
 from benchmark.io import atomic_write_text
 from benchmark.masking import load_checks
-from benchmark.records import load_records
+from benchmark.records import CellRecord, as_record, load_records
 from benchmark.stats import mcnemar
 from benchmark.tables import (
     build_blocks,
@@ -41,25 +41,23 @@ def reference_numbers() -> dict:
         return json.load(f)
 
 
-def _frame(records: list[dict]) -> pd.DataFrame:
+def _frame(records: list[CellRecord | dict]) -> pd.DataFrame:
+    records = [as_record(r) for r in records]
     df = records_frame(records)
-    df["defense_options"] = [r.get("defense_options") or {} for r in records]
-    df["defense_seconds_per_epoch"] = [(r.get("defense_training") or {}).get("seconds_per_epoch") for r in records]
-    df["defense_train_seconds"] = [(r.get("defense_training") or {}).get("seconds") for r in records]
-    df["gradient_masked"] = [bool((r.get("gradient_check") or {}).get("masked")) for r in records]
+    df["defense_options"] = [r.defense_options or {} for r in records]
+    df["defense_seconds_per_epoch"] = [(r.defense_training or {}).get("seconds_per_epoch") for r in records]
+    df["defense_train_seconds"] = [(r.defense_training or {}).get("seconds") for r in records]
+    df["gradient_masked"] = [bool((r.gradient_check or {}).get("masked")) for r in records]
     df["gradient"] = [gradient_mode(r) for r in records]
     return df
 
 
-def gradient_mode(record: dict) -> str | None:
+def gradient_mode(record: CellRecord) -> str | None:
     """How a BPDA+EOT / adaptive cell's gradient crossed a purifier that declares exact gradients:
     bpda, exact or bpda+exact (None for other cells and defenses)."""
-    if record.get("attack_registered") not in ("bpda-eot", "adaptive"):
+    if record.attack not in ("bpda-eot", "adaptive") or not record.defense_declarations.get("exact_gradient"):
         return None
-    if not (record.get("defense_declarations") or {}).get("exact_gradient"):
-        return None
-    resolved = (record.get("attack_info") or {}).get("resolved") or {}
-    return resolved.get("gradient")
+    return (record.attack_info.get("resolved") or {}).get("gradient")
 
 
 # ----------------------------------------------------------------------------- adaptive table
@@ -310,11 +308,11 @@ def _finish_lines(plt, fig, ax, xlabel: str, stem: Path) -> list[Path]:
     return paths
 
 
-def noise_discard_figure(records: list[dict], stem: Path) -> list[Path]:
+def noise_discard_figure(records: list[CellRecord], stem: Path) -> list[Path]:
     """Figure 2: robust accuracy vs the fraction of adversarial noise discarded, one line per
     (target, base attack)."""
-    rows = [(r["cell"]["target"], r["attack_params"].get("base"), r["attack_params"].get("fraction"), r["accuracy"])
-            for r in records if r.get("attack_registered") == "noise-discard"]
+    rows = [(r.cell.target, r.attack_params.get("base"), r.attack_params.get("fraction"), r.accuracy)
+            for r in map(as_record, records) if r.attack == "noise-discard"]
     if not rows:
         return []
     plt = _plt()
@@ -325,14 +323,14 @@ def noise_discard_figure(records: list[dict], stem: Path) -> list[Path]:
     return _finish_lines(plt, fig, ax, "noise discarded (% of pixels)", stem)
 
 
-def alpha_figure(records: list[dict], stem: Path) -> list[Path]:
+def alpha_figure(records: list[CellRecord], stem: Path) -> list[Path]:
     """Figure 6a: natural and robust (PGD) accuracy of DIR rows against their alpha."""
     rows = []
-    for r in records:
-        if r.get("defense_registered") != "dir" or r.get("attack_registered") not in ("clean", "pgd"):
+    for r in map(as_record, records):
+        if r.defense != "dir" or r.attack not in ("clean", "pgd"):
             continue
-        alpha = (r.get("defense_train") or {}).get("alpha", 2.0)
-        rows.append((float(alpha), r["attack_registered"], r["accuracy"]))
+        alpha = (r.defense_train or {}).get("alpha", 2.0)
+        rows.append((float(alpha), r.attack, r.accuracy))
     df = pd.DataFrame(rows, columns=["alpha", "attack", "accuracy"])
     if df.empty or df["alpha"].nunique() < 2:
         return []

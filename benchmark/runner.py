@@ -40,7 +40,7 @@ from benchmark.harness import run_attack
 from benchmark.io import atomic_write_json
 from benchmark.locks import OwnerLock, owner_info, sweep_stale_locks
 from benchmark.masking import run_checks, valid_checks, write_checks
-from benchmark.records import bit_string, count_string, valid_record, write_record
+from benchmark.records import CellRecord, bit_string, count_string, valid_record, write_record
 from benchmark.registry import ATTACKS, DEFENSES
 from benchmark.runtime import resolve_device, versions
 from benchmark.stats import draw_scores, wilson_interval
@@ -381,7 +381,7 @@ class Runner:
         return record
 
     def run_cell(self, cell: Cell, defended: DefendedModel, data: ImageData, manifest: dict,
-                 target_card: dict, defense_card: dict | None) -> dict:
+                 target_card: dict, defense_card: dict | None) -> CellRecord:
         attack = build_attack(cell.attack, f"attack {cell.attack.name!r}")
         x, y = data.as_float(), data.labels
         t0 = time.perf_counter()
@@ -391,7 +391,7 @@ class Runner:
                              draws=row_draws(self.cfg, cell.defense))
         wall = time.perf_counter() - t0
         lo, hi = wilson_interval(outcome.n_correct, outcome.n)
-        record = {
+        record = CellRecord.from_json({
             "cell_id": cell.cell_id, "cell_hash": cell.cell_hash, "cell": cell.key(),
             "attack_label": cell.attack.column, "attack_registered": cell.attack.registered,
             "attack_params": attack.describe(),
@@ -419,11 +419,11 @@ class Runner:
             "defense_checkpoint_sha256": defense_card.get("sha256") if defense_card else None,
             "defense_training": defense_card.get("fit") if defense_card else None,
             "manifest": manifest, "worker": owner_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        }, where=f"cell {cell.cell_id}")
         if not distributed.is_main():
             return record
         write_record(self.record_path(cell), record)
         log.info("%s: %.2f%% [%.2f, %.2f] (n=%d, %.1f s%s)", cell.cell_id, 100 * outcome.accuracy, 100 * lo, 100 * hi,
                  outcome.n, wall, f", all of {outcome.draws} draws; mean over draws "
-                 f"{100 * record['scores']['mean']['accuracy']:.2f}%" if outcome.draws > 1 else "")
+                 f"{100 * record.scores['mean'].accuracy:.2f}%" if outcome.draws > 1 else "")
         return record

@@ -24,7 +24,7 @@ import pandas as pd
 from attacks.base import INPUT_SPACE
 from benchmark.io import atomic_write_text
 from benchmark.masking import LEGEND, checks_markdown, flag_text, load_checks
-from benchmark.records import OLD_SCHEMAS, load_records, single_draw_bits
+from benchmark.records import OLD_SCHEMAS, CellRecord, as_record, load_records
 from benchmark.stats import mcnemar, wilson_interval
 
 log = logging.getLogger("purifybench")
@@ -43,45 +43,46 @@ class TableCell(NamedTuple):
     bits: str | None = None  # per-sample correctness behind ``acc`` (for paired tests)
 
 
-def threat_space(record: dict) -> str:
+def threat_space(record: CellRecord) -> str:
     """The record's threat space; records written before it was stored take the registry's."""
-    if record.get("threat_space"):
-        return record["threat_space"]
+    if record.threat_space:
+        return record.threat_space
     from benchmark.registry import ATTACKS
 
-    name = record.get("attack_registered", record["cell"]["attack"])
     try:
-        return ATTACKS.get(name).threat_space
+        return ATTACKS.get(record.attack).threat_space
     except Exception:  # an attack no longer installed: counted in the input space, as it was run
         return INPUT_SPACE
 
 
-def records_frame(records: list[dict]) -> pd.DataFrame:
+def random_score(record: CellRecord) -> bool:
+    """Whether the cell's scoring drew randomness; for records from before it was stored: a
+    stochastic defense's, unless the attack held its masks fixed."""
+    if record.random_score is not None:
+        return record.random_score
+    return bool(record.defense_declarations.get("stochastic", False)) and record.attack != "mask-adaptive"
+
+
+def records_frame(records: list[CellRecord | dict]) -> pd.DataFrame:
     rows = []
-    for r in records:
-        cell = r["cell"]
-        mean = (r.get("scores") or {}).get("mean") or {"accuracy": r["accuracy"], "ci95": r["ci95"]}
+    for r in map(as_record, records):
+        mean = r.scores["mean"]
         rows.append({
-            "dataset": cell["dataset"], "target": cell["target"], "defense": cell["defense"],
-            "attack": cell["attack"], "column": r.get("attack_label", cell["attack"]),
-            "attack_registered": r.get("attack_registered", cell["attack"]),
-            "defense_registered": r.get("defense_registered", cell["defense"]),
-            "space": threat_space(r), "draws": int(r.get("draws", 1)),
-            "old_schema": r.get("schema") in OLD_SCHEMAS,
-            "stochastic": bool((r.get("defense_declarations") or {}).get("stochastic", False)),
-            # old records: a stochastic defense's scoring was random unless the attack fixed it
-            "random_score": bool(r.get("random_score", (r.get("defense_declarations") or {}).get("stochastic", False)
-                                       and r.get("attack_registered") != "mask-adaptive")),
-            "n": r["n"], "n_correct": r["n_correct"], "accuracy": r["accuracy"],
-            "ci_low": r["ci95"][0], "ci_high": r["ci95"][1], "correct": r["correct"],
-            "mean_accuracy": mean["accuracy"], "mean_low": mean["ci95"][0], "mean_high": mean["ci95"][1],
-            "single": single_draw_bits(r),
-            "copy": r.get("dataset_copy"), "profile": r.get("profile"), "eps": r["threat"]["eps"],
-            "norm": r["threat"]["norm"], "seconds": r.get("seconds"),
-            "images_per_second": r.get("images_per_second"), "forwards": r.get("forwards"),
-            "backwards": r.get("backwards"), "peak_gpu_memory_mb": r.get("peak_gpu_memory_mb"),
-            "target_arch": r.get("target", {}).get("arch"), "target_method": r.get("target", {}).get("method"),
-            "grad_masked": bool((r.get("gradient_check") or {}).get("masked", False)),
+            "dataset": r.cell.dataset, "target": r.cell.target, "defense": r.cell.defense,
+            "attack": r.cell.attack, "column": r.column, "attack_registered": r.attack,
+            "defense_registered": r.defense, "space": threat_space(r), "draws": r.draws,
+            "old_schema": r.old_schema, "stochastic": bool(r.defense_declarations.get("stochastic", False)),
+            "random_score": random_score(r),
+            "n": r.n, "n_correct": r.n_correct, "accuracy": r.accuracy,
+            "ci_low": r.ci95[0], "ci_high": r.ci95[1], "correct": r.correct,
+            "mean_accuracy": mean.accuracy, "mean_low": mean.ci95[0], "mean_high": mean.ci95[1],
+            "single": r.single_draw_bits(),
+            "copy": r.dataset_copy, "profile": r.profile, "eps": r.threat["eps"],
+            "norm": r.threat["norm"], "seconds": r.seconds,
+            "images_per_second": r.images_per_second, "forwards": r.forwards,
+            "backwards": r.backwards, "peak_gpu_memory_mb": r.peak_gpu_memory_mb,
+            "target_arch": r.target.get("arch"), "target_method": r.target.get("method"),
+            "grad_masked": bool((r.gradient_check or {}).get("masked", False)),
         })
     return pd.DataFrame(rows)
 
@@ -352,7 +353,7 @@ def to_csv_frame(blocks: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def draws_markdown(records: list[dict]) -> str:
+def draws_markdown(records: list[CellRecord]) -> str:
     """Per cell of a row scored under several draws: the four ways of scoring it."""
     out = ["# Scoring draws of stochastic defenses", "",
            "Each adversarial image of a stochastic defense is scored under R independent draws of the "
@@ -363,21 +364,15 @@ def draws_markdown(records: list[dict]) -> str:
            "95% Wilson intervals in brackets.", "",
            "| Dataset | Target | Defense | Attack | R | n | Single | Mean | Majority | All R | extra passes |",
            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    some = False
-    for r in records:
-        if r.get("draws", 1) < 2:
-            continue
-        some = True
-        s = r["scores"]
+    many = [r for r in records if r.draws > 1]
+    for r in many:
+        def pct(k, s=r.scores):
+            return f"{100 * s[k].accuracy:.2f} [{100 * s[k].ci95[0]:.1f}, {100 * s[k].ci95[1]:.1f}]"
 
-        def pct(k, s=s):
-            return f"{100 * s[k]['accuracy']:.2f} [{100 * s[k]['ci95'][0]:.1f}, {100 * s[k]['ci95'][1]:.1f}]"
-
-        c = r["cell"]
-        out.append(f"| {c['dataset']} | {c['target']} | {c['defense']} | {r.get('attack_label', c['attack'])} | "
-                   f"{r['draws']} | {r['n']} | {pct('single')} | {pct('mean')} | {pct('majority')} | {pct('all')} | "
-                   f"{r.get('score_forwards', 0) - r['n']} |")
-    if not some:
+        c = r.cell
+        out.append(f"| {c.dataset} | {c.target} | {c.defense} | {r.column} | {r.draws} | {r.n} | {pct('single')} | "
+                   f"{pct('mean')} | {pct('majority')} | {pct('all')} | {(r.score_forwards or 0) - r.n} |")
+    if not many:
         out.append("| - | - | - | - | - | - | - | - | - | - | - |")
     out += ["", "extra passes: forward image-passes spent on scoring beyond one per image."]
     return "\n".join(out) + "\n"
@@ -390,7 +385,7 @@ def write_tables(run_dir: Path) -> list[Path]:
     records = load_records(run_dir)
     if not records:
         return []
-    old = sum(1 for r in records if r.get("schema") in OLD_SCHEMAS)
+    old = sum(1 for r in records if r.old_schema)
     if old:
         log.warning("%s: %d record(s) predate per-draw scoring (schema %s): a stochastic defense's cells in them "
                     "rest on one draw; rerun to rescore", run_dir, old, ", ".join(OLD_SCHEMAS))

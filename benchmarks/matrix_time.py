@@ -34,7 +34,7 @@ def main() -> None:
     per_attack = defaultdict(float)
     records = load_records(run)
     for r in records:
-        per_attack[r.get("attack_label", r["cell"]["attack"])] += float(r.get("seconds") or 0)
+        per_attack[r.column] += float(r.seconds or 0)
     train_total, eval_total = sum(s for *_, s in training), sum(per_attack.values())
     print(f"run: {run} ({len(records)} cells)\n")
     print("| part | seconds |\n|---|---:|")

@@ -167,11 +167,13 @@ def test_nrp_and_nrp_dynamic_share_one_training(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
     Runner(load_config(path), out, progress=False).run()
-    recs = {r["cell"]["defense"]: r for r in load_records(out)}
-    assert recs["NRP"]["defense_checkpoint_sha256"] == recs["NRP-dynamic"]["defense_checkpoint_sha256"]
+    recs = {r.cell.defense: r for r in load_records(out)}
+    assert recs["NRP"].defense_checkpoint_sha256 == recs["NRP-dynamic"].defense_checkpoint_sha256
     assert len(list((out / "artifacts" / "defenses").glob("*.json"))) == 1
-    assert recs["NRP-dynamic"]["defense_declarations"]["stochastic"]
-    assert not recs["NRP"]["defense_declarations"]["stochastic"]
+    assert recs["NRP-dynamic"].defense_declarations["stochastic"]
+    assert not recs["NRP"].defense_declarations["stochastic"]
+    # NRP-dynamic is stochastic: scored under the smoke profile's 4 draws; NRP once
+    assert recs["NRP-dynamic"].draws == 4 and recs["NRP"].draws == 1
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def test_local_executor_runs_the_matrix_and_matches_a_plain_run(tmp_path):
     assert state["summary"]["computed"] == 6 and not state["summary"]["failed"]
     records = _records(out)
     assert len(records) == 6 and all(records.values())
-    workers = {rec["worker"]["pid"] for rec in records.values()}
+    workers = {rec.worker["pid"] for rec in records.values()}
     assert len(workers) == 2 and os.getpid() not in workers  # two array elements, not the submitter
     assert len(list((out / "checks").glob("*.json"))) == 2
     assert "| Checks |" in (out / "tables" / "results.md").read_text()
@@ -83,8 +83,8 @@ def test_local_executor_runs_the_matrix_and_matches_a_plain_run(tmp_path):
     r2 = _cli(cfg, "--out", plain)
     assert r2.returncode == 0, r2.stderr[-3000:]
     for cell, rec in _records(plain).items():
-        assert rec["correct"] == records[cell]["correct"], cell
-        assert (rec["forwards"], rec["backwards"]) == (records[cell]["forwards"], records[cell]["backwards"])
+        assert rec.correct == records[cell].correct and rec.correct_draws == records[cell].correct_draws, cell
+        assert (rec.forwards, rec.backwards) == (records[cell].forwards, records[cell].backwards)
 
     # nothing left to do: no stage is submitted
     r3 = _cli(cfg, "--out", out, "--executor", "local")

@@ -46,10 +46,11 @@ def test_torchrun_two_cpu_ranks_equal_one_process(tmp_path):
     assert set(one) == set(two) and len(one) == 6
     for cell, rec in one.items():
         other = two[cell]
-        assert other is not None and other["ranks"] == 2 and "ranks" not in rec
-        assert other["correct"] == rec["correct"], cell  # per-sample identical, ME-Net's randomness included
-        assert (other["forwards"], other["backwards"]) == (rec["forwards"], rec["backwards"]), cell
-        assert other.get("gradient_check") == rec.get("gradient_check"), cell
+        assert other is not None and other.ranks == 2 and rec.ranks is None
+        assert other.correct == rec.correct, cell  # per-sample identical, ME-Net's randomness included
+        assert (other.correct_draws, other.correct_majority) == (rec.correct_draws, rec.correct_majority), cell
+        assert (other.forwards, other.backwards) == (rec.forwards, rec.backwards), cell
+        assert other.gradient_check == rec.gradient_check, cell
     checks = sorted((multi / "checks").glob("*.json"))
     assert len(checks) == 2  # written once, by rank 0
     assert not list(multi.rglob("*.tmp"))
@@ -70,7 +71,7 @@ def test_torchrun_trains_the_target_with_ddp(tmp_path):
     targets = list((out / "artifacts" / "targets").glob("*.safetensors"))
     assert len(targets) == 1
     rec = next(iter(_records(out).values()))
-    assert rec["accuracy"] > 0.5  # the DDP-trained target learned
+    assert rec.accuracy > 0.5  # the DDP-trained target learned
 
 
 _DP_WORKER = r"""

@@ -64,18 +64,18 @@ def test_matrix_records_tables_and_artifact_reuse(tmp_path):
     summary = _run(_write(tmp_path, BASE), out)
     assert summary == {"planned": 6, "computed": 6, "busy": [], "tables": summary["tables"]}
     records = load_records(out)
-    assert [r["cell"]["defense"] for r in records] == ["none", "none", "den-a", "den-a", "den-b", "den-b"]
+    assert [r.cell.defense for r in records] == ["none", "none", "den-a", "den-a", "den-b", "den-b"]
     for r in records:
-        assert r["n"] == 60 and len(r["correct"]) == 60 and r["n_correct"] == r["correct"].count("1")
-        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
-        assert r["manifest"]["config_hash"] and r["manifest"]["versions"]["torch"]
-        assert r["target"]["checkpoint_sha256"]
-    den = [r for r in records if r["cell"]["defense"] == "den-a"][0]
-    assert den["defense_checkpoint_sha256"] and den["defense_declarations"]["trainable"]
+        assert r.n == 60 and len(r.correct) == 60 and r.n_correct == r.correct.count("1")
+        assert r.ci95[0] <= r.accuracy <= r.ci95[1]
+        assert r.manifest["config_hash"] and r.manifest["versions"]["torch"]
+        assert r.target["checkpoint_sha256"] and r.draws == 1 and r.scores["all"].accuracy == r.accuracy
+    den = [r for r in records if r.cell.defense == "den-a"][0]
+    assert den.defense_checkpoint_sha256 and den.defense_declarations["trainable"]
     # the tables show exactly the records' numbers
     md = (out / "tables" / "results.md").read_text()
     for r in records:
-        assert f"{100 * r['accuracy']:.2f}" in md
+        assert f"{100 * r.accuracy:.2f}" in md
     csv = (out / "tables" / "results.csv").read_text().splitlines()
     assert csv[0].startswith("dataset,target,defense,column,accuracy,ci_low,ci_high")
     assert (out / "tables" / "results.tex").read_text().count(r"\toprule") == 1
@@ -207,7 +207,7 @@ def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(tmp_p
         resumed = resumed or "resuming after epoch" in err
         _files_are_sound(out)
         for p in (out / "records").glob("*.json") if (out / "records").is_dir() else []:
-            finished.setdefault(p.name, (p.stat().st_mtime_ns, read_record(p)["created"]))
+            finished.setdefault(p.name, (p.stat().st_mtime_ns, read_record(p).created))
     assert resumed, "the second start should have resumed the target's training from its epoch state"
     assert len(finished) < 7, "the runs should have been killed before the end"
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -217,10 +217,10 @@ def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(tmp_p
     assert {p.stem for p in records} == plan_ids and len(records) == 7  # none lost, none extra
     for p in records:
         rec = valid_record(p)
-        assert rec is not None and rec["n"] == 200
+        assert rec is not None and rec.n == 200
     for name, (mtime, created) in finished.items():  # finished cells are never recomputed
         p = out / "records" / name
-        assert p.stat().st_mtime_ns == mtime and read_record(p)["created"] == created
+        assert p.stat().st_mtime_ns == mtime and read_record(p).created == created
     assert len(list((out / "checks").glob("*.json"))) == 1
     assert not list((out / "artifacts").rglob("*.partial"))  # the epoch state is gone once the artifact exists
     assert len(list((out / "artifacts").rglob("*.safetensors"))) == 1
@@ -248,7 +248,7 @@ def test_a_defense_that_fails_to_train_does_not_stop_the_others(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(BenchError, match=r"1 defense\(s\) failed.*digits/at/bad: test-diverging training diverged"):
         _run(_write(tmp_path, cfg), out)
-    assert sorted({r["cell"]["defense"] for r in load_records(out)}) == ["den-a", "none"]
+    assert sorted({r.cell.defense for r in load_records(out)}) == ["den-a", "none"]
     assert "den-a" in (out / "tables" / "results.md").read_text()
     assert not list((out / "artifacts" / "defenses").glob("digits-bad-*"))  # nothing saved for it
 
@@ -272,11 +272,11 @@ def test_a_defense_trained_against_one_target_is_evaluated_in_front_of_another(t
     cfg["attacks"] = [{"name": "clean"}]
     out = tmp_path / "run"
     _run(_write(tmp_path, cfg), out)
-    recs = {(r["cell"]["target"], r["cell"]["defense"]): r for r in load_records(out)}
+    recs = {(r.cell.target, r.cell.defense): r for r in load_records(out)}
     # one denoiser, trained against the AT target, in front of both targets
-    assert recs["at", "den"]["defense_checkpoint_sha256"] == recs["nat", "den"]["defense_checkpoint_sha256"]
+    assert recs["at", "den"].defense_checkpoint_sha256 == recs["nat", "den"].defense_checkpoint_sha256
     assert len(list((out / "artifacts" / "defenses").glob("digits-den-*.json"))) == 1
-    assert recs["at", "none"]["target"]["checkpoint_sha256"] != recs["nat", "none"]["target"]["checkpoint_sha256"]
+    assert recs["at", "none"].target["checkpoint_sha256"] != recs["nat", "none"].target["checkpoint_sha256"]
     cfg["defenses"][1]["trained_against"] = "trades"
     with pytest.raises(ConfigError, match=r"defenses\[1\]\.trained_against: 'trades' is not a target"):
         load_config(_write(tmp_path, cfg, "bad.yaml"))
@@ -289,10 +289,10 @@ def test_an_artifact_does_not_depend_on_what_ran_before_it(tmp_path):
     alone["defenses"] = [alone["defenses"][2]]  # den-b only: no den-a training or cells before it
     _run(_write(tmp_path, both, "both.yaml"), tmp_path / "both")
     _run(_write(tmp_path, alone, "alone.yaml"), tmp_path / "alone")
-    a = {r["cell"]["defense"]: r for r in load_records(tmp_path / "both")}
-    b = {r["cell"]["defense"]: r for r in load_records(tmp_path / "alone")}
-    assert a["den-b"]["defense_checkpoint_sha256"] == b["den-b"]["defense_checkpoint_sha256"]
-    assert a["den-b"]["target"]["checkpoint_sha256"] == b["den-b"]["target"]["checkpoint_sha256"]
+    a = {r.cell.defense: r for r in load_records(tmp_path / "both")}
+    b = {r.cell.defense: r for r in load_records(tmp_path / "alone")}
+    assert a["den-b"].defense_checkpoint_sha256 == b["den-b"].defense_checkpoint_sha256
+    assert a["den-b"].target["checkpoint_sha256"] == b["den-b"].target["checkpoint_sha256"]
 
 
 def test_a_costly_row_can_be_evaluated_on_a_prefix_of_the_subset(tmp_path):
@@ -300,10 +300,10 @@ def test_a_costly_row_can_be_evaluated_on_a_prefix_of_the_subset(tmp_path):
     cfg["defenses"][1]["eval_n"] = 20
     out = tmp_path / "run"
     _run(_write(tmp_path, cfg), out)
-    recs = {(r["cell"]["defense"], r["cell"]["attack"]): r for r in load_records(out)}
-    assert recs["den-a", "pgd"]["n"] == 20 and recs["den-b", "pgd"]["n"] == 60
+    recs = {(r.cell.defense, r.cell.attack): r for r in load_records(out)}
+    assert recs["den-a", "pgd"].n == 20 and recs["den-b", "pgd"].n == 60
     # the same examples as the first 20 of every other row
-    assert recs["den-a", "clean"]["sample_indices"] == recs["none", "clean"]["sample_indices"][:20]
+    assert recs["den-a", "clean"].sample_indices == recs["none", "clean"].sample_indices[:20]
     table = (out / "tables" / "results.md").read_text()
     assert "n = 20, 60" in table and "den-a (n = 20)" in table
     cfg["defenses"][1]["eval_n"] = 61

@@ -10,7 +10,6 @@ from benchmark.records import (
     RecordError,
     bit_string,
     count_string,
-    draw_counts,
     read_record,
     write_record,
 )
@@ -112,17 +111,35 @@ def test_majority_is_a_plurality_vote_and_a_tie_is_not_correct():
 
 def test_records_keep_draw_counts_and_reject_inconsistent_ones(tmp_path):
     counts = [0, 3, 10, 10, 7]
-    record = {"cell_hash": "h", "n": 5, "n_correct": 2, "accuracy": 0.4, "correct": "00110", "draws": 10,
+    record = {"cell": {"dataset": "d", "target": "t", "defense": "m", "attack": "pgd"}, "ci95": [0.1, 0.8],
+              "threat": {"norm": "linf", "eps": 0.1}, "future_field": {"kept": True},
+              "cell_hash": "h", "n": 5, "n_correct": 2, "accuracy": 0.4, "correct": "00110", "draws": 10,
               "correct_draws": count_string(counts), "correct_majority": "01111", "correct_single": "01110",
               "scores": draw_scores(counts, 10, [0, 1, 1, 1, 1], [0, 1, 1, 1, 0])}
     path = write_record(tmp_path / "r.json", record)
     back = read_record(path)
-    assert draw_counts(back) == counts and back["scores"]["mean"]["accuracy"] == pytest.approx(30 / 50)
-    assert back["scores"]["all"]["n_correct"] == 2 and back["scores"]["majority"]["n_correct"] == 4
+    assert back.draw_counts() == counts and back.scores["mean"].accuracy == pytest.approx(30 / 50)
+    assert back.scores["all"].n_correct == 2 and back.scores["majority"].n_correct == 4
     bad = dict(record, correct_draws=count_string([0, 3, 10, 9, 7]))  # 9 of 10 draws but counted correct
     with pytest.raises(RecordError, match="per-draw counts disagree"):
         read_record(write_record(tmp_path / "bad.json", bad))
     assert bit_string(torch.tensor([True, False])) == "10"
+    # a field this version does not know survives a round trip
+    assert back.extra == {"future_field": {"kept": True}} and back.to_json()["future_field"] == {"kept": True}
+    with pytest.raises(RecordError, match=r"bad2.json: missing field\(s\) threat"):
+        read_record(write_record(tmp_path / "bad2.json", {k: v for k, v in record.items() if k != "threat"}))
+    with pytest.raises(RecordError, match=r"is not a purifybench-record/2 record \(schema 'purifybench-record/9'"):
+        read_record(write_record(tmp_path / "new.json", record, schema="purifybench-record/9"))
+
+
+def test_a_schema_1_record_reads_as_one_draw(tmp_path):
+    """Records written before per-draw scoring still read: one draw, its scores derived."""
+    old = {"cell": {"dataset": "d", "target": "t", "defense": "m", "attack": "pgd"}, "n": 4, "n_correct": 3,
+           "accuracy": 0.75, "ci95": [0.3, 0.95], "correct": "1101", "threat": {"norm": "linf", "eps": 0.1},
+           "defense_declarations": {"stochastic": True}}
+    back = read_record(write_record(tmp_path / "old.json", old, schema="purifybench-record/1"))
+    assert back.old_schema and back.draws == 1 and back.draw_counts() == [1, 1, 0, 1]
+    assert back.scores["mean"].accuracy == back.scores["all"].accuracy == 0.75
 
 
 def test_mcnemar_exact_and_newcombe_interval():
