@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from bench_common import (
     add_data_args,
+    add_json_arg,
     add_model_args,
     count_flops,
     describe,
@@ -31,6 +32,7 @@ from bench_common import (
     target_model,
     timed,
     verdict,
+    write_figures,
 )
 
 from attacks.base import Threat
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
     add_data_args(ap)
     add_model_args(ap)
+    add_json_arg(ap)
     args = ap.parse_args()
     device = pick_device()
     data = load_images(args, "test", args.n, size=(3, 32, 32)).to(device)
@@ -64,7 +67,7 @@ def main() -> None:
     eps, alpha = 8 / 255, 2 / 255
     threat = Threat("linf", eps)
     bs = args.batch_size or len(x)
-    base_classifier, what = target_model(args, device)
+    base_classifier, what, trained = target_model(args, device)
     print(f"{describe(device)}; n = {len(x)} ({data.copy}); PGD-{args.steps}, eps 8/255, step 2/255; batch {bs}")
     print(f"model: {what}")
     def measure(through: str) -> list[tuple]:
@@ -150,6 +153,45 @@ def main() -> None:
     print("\nTFLOP/s: FLOPs of one step (forward + input gradient, counted by torch.utils.flop_counter) x steps x n"
           " / seconds; APGD also runs a few extra forwards, so its figure is a lower bound.")
     verdicts(rows, n=len(x), steps=args.steps, device=device)
+    figures, conditions = speed_figures(rows, trained, n=len(x), steps=args.steps, batch=bs)
+    write_figures(args.json, figures, conditions,
+                  [dict(zip(("through", "attack", "seconds", "images_steps_per_s", "speedup_vs_torchattacks",
+                             "robust_acc_percent", "tflops"), row)) | {"n": len(x), "steps": args.steps}
+                   for row in rows])
+
+
+def speed_figures(rows: list[tuple], trained: dict, *, n: int, steps: int, batch: int) -> tuple[dict, dict]:
+    """The figures of benchmarks/gpu/*.json this script measures, and how each was measured. The
+    names carry the sizes the targets are set for (PGD-20, 10,000 images); ``conditions`` gives the
+    sizes of this run."""
+    figures, conditions = {}, {}
+    size = {"n": n, "steps": steps, "batch": batch}
+    for through in sorted({r[0] for r in rows}):
+        got = {name: (seconds, acc) for t, name, seconds, _, _, acc, _ in rows if t == through}
+        ours = {k: v for k, v in got.items() if k.startswith("ours")}
+        best = min(ours, key=lambda k: ours[k][0])
+        best_s, best_acc = ours[best]
+        key = "pgd20_resnet18_10k_seconds" if through == "none" else f"pgd20_{through}_seconds"
+        figures[key] = best_s
+        conditions[key] = size | {"through": through, "variant": best}
+        if through != "none":
+            continue
+        if "torchattacks PGD" in got:
+            figures["pgd20_vs_torchattacks"] = got["torchattacks PGD"][0] / best_s
+            conditions["pgd20_vs_torchattacks"] = size | {"meaning": f"torchattacks PGD seconds / {best} seconds"}
+        figures["pgd20_robust_acc_diff_vs_fp32_points"] = 100 * abs(best_acc - ours["ours fp32"][1])
+        conditions["pgd20_robust_acc_diff_vs_fp32_points"] = size | {"variant": best}
+        if "pyautoattack APGD-CE" in got:
+            figures["apgd_ce_vs_pyautoattack"] = got["pyautoattack APGD-CE"][0] / best_s
+            conditions["apgd_ce_vs_pyautoattack"] = size | {
+                "meaning": f"pyautoattack APGD-CE ({steps} iterations) seconds / {best} PGD-{steps} seconds",
+                "robust_acc_points_apgd_minus_ours": 100 * (got["pyautoattack APGD-CE"][1] - best_acc)}
+    if trained:
+        figures["at_epoch_seconds"] = trained["epoch_seconds"] * 50_000 / trained["images"]
+        conditions["at_epoch_seconds"] = {"images": trained["images"], "scaled_to": 50_000, "batch": 256,
+                                          "what": "PGD-5 AT ResNet-18 (bf16 + channels_last on CUDA), "
+                                                  "median epoch after the first"}
+    return figures, conditions
 
 
 def verdicts(rows: list[tuple], *, n: int, steps: int, device: torch.device) -> None:

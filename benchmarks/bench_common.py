@@ -54,6 +54,35 @@ def verdict(ok: bool, judged: bool) -> str:
     return ("yes" if ok else "**no**") if judged else "n/a"
 
 
+def add_json_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="also write this run's figures to PATH (merged into the file if it exists; "
+                         "benchmarks/gpu_figures.py collects them)")
+
+
+def write_figures(path: str | None, figures: dict, conditions: dict, rows: list[dict] | None = None) -> None:
+    """Merge ``figures`` (name -> number), how each was measured (``conditions``: name -> dict) and
+    the script's table rows into the JSON file ``path`` (written whole, atomically)."""
+    if not path:
+        return
+    from benchmark.io import atomic_write_text
+
+    target = Path(path)
+    old = json.loads(target.read_text()) if target.is_file() else {}
+    old.setdefault("figures", {}).update(figures)
+    old.setdefault("conditions", {}).update(conditions)
+    if rows:
+        old.setdefault("rows", []).extend(rows)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(old, indent=1, sort_keys=True) + "\n")
+
+
+def median_epoch_seconds(history: list[dict]) -> float:
+    """Median seconds per epoch, the first (warm-up: cuDNN autotuning, compilation) dropped when more ran."""
+    seconds = [h["seconds"] for h in history]
+    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
+
+
 def add_data_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dataset", default="cifar10-jpeg",
                     help="a registered dataset (default: the offline CIFAR-10 JPEG copy)")
@@ -105,8 +134,10 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     help="--model at: training images (default all on CUDA, 256 on a CPU)")
 
 
-def target_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """The classifier a benchmark attacks, and one line that says what it is.
+def target_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, str, dict]:
+    """The classifier a benchmark attacks, one line that says what it is, and, when this call
+    trained it, its training figures (``epoch_seconds``: median after the first epoch; ``images``
+    per epoch; empty when it came from the cache or a file).
 
     The default is adversarially trained so that robust accuracy is far from 0 and the comparison
     of robust accuracies between attack implementations means something (a natural model is at 0%
@@ -123,15 +154,16 @@ def target_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.
     from benchmark.training import TrainConfig, train_classifier
 
     if args.model == "autoattack":
-        return load_pretrained("autoattack-resnet18-natural", device)[0].eval(), "pyautoattack's natural ResNet-18"
+        return load_pretrained("autoattack-resnet18-natural", device)[0].eval(), "pyautoattack's natural ResNet-18", {}
     if args.model != "at":
-        return load_checkpoint(args.model, device)[0].eval(), f"checkpoint {args.model}"
+        return load_checkpoint(args.model, device)[0].eval(), f"checkpoint {args.model}", {}
     cuda = device.type == "cuda"
     epochs = args.train_epochs or (4 if cuda else 1)
     n = args.train_n or (None if cuda else 256)
     where = str(Path(args.root).resolve()) if args.root else "default"
     key = hashlib.sha256(json.dumps([args.dataset, where, epochs, n]).encode()).hexdigest()[:12]
     stem = cache_dir() / "bench" / f"at-resnet18-{args.dataset}-{key}"
+    trained: dict = {}
     if checkpoint_paths(stem)[1].is_file():
         model, card = load_checkpoint(stem, device)
         seconds = card["training"]["seconds"]
@@ -144,4 +176,5 @@ def target_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.
         result = train_classifier(model, train, tcfg, device)
         save_checkpoint(model, stem, classifier_card("resnet18", train, tcfg, result, device))
         seconds = result.seconds
-    return model.eval(), f"PGD-AT ResNet-18 trained by this script ({epochs} epochs, {seconds:.0f} s; {stem})"
+        trained = {"epoch_seconds": median_epoch_seconds(result.history), "images": len(train)}
+    return model.eval(), f"PGD-AT ResNet-18 trained by this script ({epochs} epochs, {seconds:.0f} s; {stem})", trained

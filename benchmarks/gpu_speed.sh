@@ -1,50 +1,96 @@
 #!/usr/bin/env bash
-# Every speed figure of issue 8 except the matrix run, in one command on a CUDA machine:
-#   bash benchmarks/gpu_speed.sh            # about 7-10 minutes on one H100 (a PGD-AT ResNet-18 is
-#                                           # trained first, about a minute, then cached)
-# Near the device tool's 10-minute call limit, start it in the background and poll its log:
-#   OUT=/tmp/speed setsid nohup bash benchmarks/gpu_speed.sh > /tmp/speed.log 2>&1 < /dev/null &
-#   tail -n 5 /tmp/speed.log        # later calls; then copy /tmp/speed/*.log to $OUT
-#   bash benchmarks/gpu_speed.sh --toy DIR  # the same steps at toy sizes on CIFAR-10 python batches in DIR
-#                                           # (how the tests run it on a CPU)
-# Logs go to $OUT (default results/bench); the last thing printed is the targets of every script.
-# The quick Table 1 profile (target <= 25 min, training included) runs longer than one device call:
-#   bash benchmarks/gpu_parallel.sh configs/quick/cifar10_table1.yaml    # returns at once; poll
-#   python benchmarks/matrix_time.py /tmp/cifar10_table1                  # when it has finished
+# Every speed figure of the suite, in one short job on a CUDA machine, written as data:
+#   bash benchmarks/gpu_speed.sh [--smoke] [OUTDIR]
+# It stops itself after DEADLINE seconds (default 360): a step that would start with less time
+# left than it needs is skipped, one that runs out of time is stopped, and both are said so in the
+# log and in the JSON. Figures go to benchmarks/gpu/<YYYY-MM-DD>-<gpu-model>.json (a copy in
+# OUTDIR, default results/bench): device, commit, torch, and `figures` (benchmarks/gpu_figures.py
+# renders them into RESULTS.md). Logs of every step are kept in OUTDIR.
+#   --smoke      first run the CUDA smoke matrix (configs/smoke/cuda.yaml, about 3 min, not counted in
+#                DEADLINE; stopped after SMOKE_LIMIT seconds, default 240, its finished cells kept):
+#                records `cuda_smoke_seconds`, and tars its records, tables and logs into
+#                OUTDIR/smoke-cuda.tar.gz
+#   --toy DIR    the same steps at toy sizes on CIFAR-10 python batches in DIR (how the tests run it
+#                on a CPU)
 # The GPU machine has neither pyautoattack nor torchattacks: prepare with
 #   ../shared/tools/gpu-prepare torchattacks      # then carry [".gpu"], PYTHONPATH=$PWD/.gpu/site:$PWD
-set -euo pipefail
+# The machine has no .git: pass the commit as PURIFYBENCH_COMMIT=$(git rev-parse HEAD).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
-out=${OUT:-results/bench}
 py=${PYTHON:-python}
+smoke=0 toy=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) smoke=1; shift ;;
+    --toy) toy=${2:?--toy needs a folder with cifar-10-batches-py}; shift 2 ;;
+    -*) echo "gpu_speed.sh: unknown option $1 (allowed: --smoke, --toy DIR, OUTDIR)" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+out=${1:-${OUT:-results/bench}}
+deadline=${DEADLINE:-360}
 mkdir -p "$out"
+rm -f "$out/failed.txt" "$out/skipped.txt" "$out"/*.json
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/device.txt" || true
-git rev-parse HEAD 2>/dev/null | tee -a "$out/device.txt" || echo "no git: name the commit by hand" | tee -a "$out/device.txt"
 for module in torchattacks pyautoattack; do
   "$py" -c "import $module" 2>/dev/null || echo "** $module cannot be imported: its rows (and the ratio to it) will be missing" | tee -a "$out/missing.txt"
 done
-step() {  # step NAME COMMAND...: run it, keep its log, go on if it fails (the summary says so)
-  local name=$1; shift
-  echo "== $name: $*"
-  if ! "$@" 2>&1 | tee "$out/$name.log"; then echo "** $name failed (see $out/$name.log)" | tee -a "$out/failed.txt"; fi
+
+if [ "$smoke" = 1 ]; then
+  echo "== cuda-smoke: run configs/smoke/cuda.yaml"
+  t0=$SECONDS
+  if timeout --signal=INT --kill-after=20 "${SMOKE_LIMIT:-240}" \
+      "$py" run_benchmark.py run configs/smoke/cuda.yaml --out "$out/smoke-cuda" --no-progress 2>&1 | tee "$out/cuda-smoke.log"; then
+    echo "{\"figures\": {\"cuda_smoke_seconds\": $((SECONDS - t0))}, \"conditions\": {\"cuda_smoke_seconds\": {\"config\": \"configs/smoke/cuda.yaml\", \"what\": \"whole run, data decode and training included\"}}}" > "$out/cuda-smoke.json"
+  else
+    echo "** cuda-smoke failed or stopped after ${SMOKE_LIMIT:-240} s (see $out/cuda-smoke.log)" | tee -a "$out/failed.txt"
+  fi
+  (cd "$out" && tar czf smoke-cuda.tar.gz --exclude='*.safetensors' --exclude='*.pt' --exclude=checkpoints smoke-cuda) || true
+fi
+
+start=$SECONDS
+step() {  # step NAME NEEDS_SECONDS COMMAND...: run it if NEEDS_SECONDS are left, stop it at the deadline
+  local name=$1 needs=$2; shift 2
+  local left=$((deadline - (SECONDS - start)))
+  if [ "$left" -lt "$needs" ]; then
+    echo "** $name skipped: $left s left of the $deadline s deadline, it needs about $needs s" | tee -a "$out/skipped.txt"
+    return
+  fi
+  echo "== $name ($left s left): $*"
+  timeout --signal=INT --kill-after=20 "$left" "$@" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ]; then
+    echo "** $name stopped at the deadline (see $out/$name.log)" | tee -a "$out/skipped.txt"
+  elif [ "$rc" != 0 ]; then
+    echo "** $name failed (see $out/$name.log)" | tee -a "$out/failed.txt"
+  fi
 }
-if [ "${1:-}" = "--toy" ]; then
-  data=(--dataset cifar10 --root "${2:?--toy needs a folder with cifar-10-batches-py}")
-  n_none=8 n_dir=4 steps=1 repeats=1 n_train=16 epochs=1 n_prof=4
+if [ -n "$toy" ]; then
+  data=(--dataset cifar10 --root "$toy")
+  n_none=8 n_dir=4 steps=1 repeats=1 n_dir_train=16 epochs=2 n_prof=4
+  need_none=1 need_dir_train=1 need_dir=1 need_prof=1
 else
   data=()
-  n_none=10000 n_dir=2000 steps=20 repeats=2 n_train=50000 epochs=2 n_prof=512
+  # DIR's epochs are timed on 16,384 images and scaled to 50,000 (epoch time is linear in the images)
+  n_none=10000 n_dir=2000 steps=20 repeats=2 n_dir_train=16384 epochs=2 n_prof=512
+  need_none=150 need_dir_train=90 need_dir=60 need_prof=40
 fi
-step throughput-none "$py" benchmarks/attack_throughput.py --n $n_none --steps $steps --repeats $repeats \
-  --through none --compile "${data[@]}"
-step throughput-dir "$py" benchmarks/attack_throughput.py --n $n_dir --steps $steps --repeats $repeats \
-  --through dir "${data[@]}"
-step training "$py" benchmarks/training_speed.py --n $n_train --epochs $epochs "${data[@]}"
-step profile "$py" benchmarks/profile_step.py --n $n_prof --steps 5 "${data[@]}"
+# The throughput step trains its PGD-AT ResNet-18 on all training images first: its epochs give at_epoch_seconds.
+step throughput-none $need_none "$py" benchmarks/attack_throughput.py --n $n_none --steps $steps --repeats $repeats \
+  --through none --compile --json "$out/throughput-none.json" "${data[@]}"
+step training-dir $need_dir_train "$py" benchmarks/training_speed.py --skip-at --n $n_dir_train --epochs $epochs \
+  --json "$out/training-dir.json" "${data[@]}"
+step throughput-dir $need_dir "$py" benchmarks/attack_throughput.py --n $n_dir --steps $steps --repeats $repeats \
+  --through dir --json "$out/throughput-dir.json" "${data[@]}"
+step profile $need_prof "$py" benchmarks/profile_step.py --n $n_prof --steps 5 "${data[@]}"
 echo
+echo "== figures"
+"$py" benchmarks/gpu_figures.py collect "$out" ${toy:+--into "$out"} || echo "** collecting the figures failed" | tee -a "$out/failed.txt"
 echo "== targets"
-for name in throughput-none training; do
+for name in throughput-none training-dir; do
   sed -n '/^Targets/,$p' "$out/$name.log" 2>/dev/null || true
 done
-[ -f "$out/failed.txt" ] && cat "$out/failed.txt" && exit 1 || true
+[ -f "$out/skipped.txt" ] && cat "$out/skipped.txt"
+[ -f "$out/failed.txt" ] && cat "$out/failed.txt" && exit 1
+exit 0

@@ -13,11 +13,19 @@ than 527 s. Each phase is timed over ``--epochs`` epochs, median reported, the f
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
-from bench_common import add_data_args, describe, load_images, pick_device, verdict
+from bench_common import (
+    add_data_args,
+    add_json_arg,
+    describe,
+    load_images,
+    median_epoch_seconds,
+    pick_device,
+    verdict,
+    write_figures,
+)
 
 from benchmark.config import from_dict
 from benchmark.models import create_model
@@ -30,9 +38,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--skip-dir", action="store_true")
+    ap.add_argument("--skip-at", action="store_true",
+                    help="time DIR only (its frozen target is then an untrained ResNet-18: the cost is the same)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the target in AT and DIR's ViT in its training")
     ap.add_argument("--pretrain-epochs", type=int, default=1, help="DIR pre-training epochs before the main ones")
     add_data_args(ap)
+    add_json_arg(ap)
     args = ap.parse_args()
     device = pick_device()
     n = args.n or (50_000 if device.type == "cuda" else 1024)
@@ -40,20 +51,21 @@ def main() -> None:
     print(f"{describe(device)}; {len(train)} training images ({train.copy})")
     rows = []
 
-    def per_epoch(history_seconds: list[float]) -> float:
-        kept = history_seconds[1:] if len(history_seconds) > 1 else history_seconds
-        return statistics.median(kept)
-
     clf = create_model("resnet18", num_classes=train.num_classes, in_channels=train.channels, mean=train.mean,
                        std=train.std).to(device)
-    cfg = from_dict(TrainConfig, dict(method="at", epochs=args.epochs, batch_size=256, lr=0.2, attack_steps=5,
-                                      progress=False, compile=args.compile), "train")
-    t0 = time.perf_counter()
-    result = train_classifier(clf, train, cfg, device)
-    s = per_epoch([h["seconds"] for h in result.history])
-    rows.append(("PGD-5 AT, ResNet-18, batch 256" + (" (compiled)" if args.compile else ""), s,
-                 s * 50_000 / len(train), "<= 6 s (H100 target)"))
-    print(f"AT: {time.perf_counter() - t0:.1f} s in all", flush=True)
+    figures, conditions = {}, {}
+    if not args.skip_at:
+        cfg = from_dict(TrainConfig, dict(method="at", epochs=args.epochs, batch_size=256, lr=0.2, attack_steps=5,
+                                          progress=False, compile=args.compile), "train")
+        t0 = time.perf_counter()
+        result = train_classifier(clf, train, cfg, device)
+        s = median_epoch_seconds(result.history)
+        rows.append(("PGD-5 AT, ResNet-18, batch 256" + (" (compiled)" if args.compile else ""), s,
+                     s * 50_000 / len(train), "<= 6 s (H100 target)"))
+        figures["at_epoch_seconds"] = s * 50_000 / len(train)
+        conditions["at_epoch_seconds"] = {"images": len(train), "scaled_to": 50_000, "batch": 256,
+                                          "epochs": args.epochs, "compile": args.compile}
+        print(f"AT: {time.perf_counter() - t0:.1f} s in all", flush=True)
 
     if not args.skip_dir:
         from defenses.dir import DIR, DIRTrain
@@ -67,10 +79,13 @@ def main() -> None:
                                         compile=args.compile), "train")
         with compiled(dir_.compile_modules(training=True), args.compile):
             fit = dir_.to(device).fit(clf, train, device, dcfg, seed=0)
-        main_s = [h["seconds"] for h in fit.history if h.get("phase") == "main"]
+        main_h = [h for h in fit.history if h.get("phase") == "main"]
         pre_s = [h["seconds"] for h in fit.history if h.get("phase") == "pretrain"]
-        s = per_epoch(main_s)
+        s = median_epoch_seconds(main_h)
         s50 = s * 50_000 / len(train)
+        figures["dir_main_epoch_seconds"] = s50
+        conditions["dir_main_epoch_seconds"] = {"images": len(train), "scaled_to": 50_000, "batch": 128,
+                                                "epochs": args.epochs, "compile": args.compile}
         rows.append(("DIR main training (Algorithm 1), batch 128" + (" (compiled)" if args.compile else ""), s, s50,
                      f"paper 527 s; speed-up {527 / s50:.3g}x"))
         if pre_s:
@@ -88,6 +103,9 @@ def main() -> None:
             print(f"| PGD-5 AT epoch <= 6 s | {s50:.1f} | {verdict(s50 <= 6, judged)} |")
         elif name.startswith("DIR main"):
             print(f"| DIR main epoch >= 10x faster than 527 s | {527 / s50:.3g}x | {verdict(527 / s50 >= 10, judged)} |")
+    write_figures(args.json, figures, conditions,
+                  [{"phase": name, "seconds_per_epoch": s, "seconds_per_epoch_50k": s50, "reference": ref}
+                   for name, s, s50, ref in rows])
 
 
 if __name__ == "__main__":

@@ -65,19 +65,21 @@ def test_attack_throughput_refuses_images_of_another_size(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
-    """The one-command GPU run, on a CPU at toy size: every step runs and its figures are printed."""
+    """The one-command GPU run, on a CPU at toy size: every step runs, its figures are printed and
+    collected into one JSON file, which renders into a RESULTS.md section."""
+    import json
+
     root = _tiny_cifar(tmp_path / "data")
     out_dir = tmp_path / "out"
-    r = subprocess.run(["bash", "benchmarks/gpu_speed.sh", "--toy", str(root)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=900, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                                                    "PYTHON": sys.executable, "OUT": str(out_dir)})
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, "PURIFYBENCH_COMMIT": "abc1234"}
+    r = subprocess.run(["bash", "benchmarks/gpu_speed.sh", "--toy", str(root), str(out_dir)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert not (out_dir / "failed.txt").exists()
+    assert not (out_dir / "failed.txt").exists() and not (out_dir / "skipped.txt").exists()
     logs = {p.stem: p.read_text() for p in out_dir.glob("*.log")}
-    assert sorted(logs) == ["profile", "throughput-dir", "throughput-none", "training"]
+    assert sorted(logs) == ["profile", "throughput-dir", "throughput-none", "training-dir"]
     assert "| dir | ours fp32 |" in logs["throughput-dir"]
-    assert "| PGD-5 AT, ResNet-18, batch 256 |" in logs["training"]
-    assert "| DIR main training (Algorithm 1), batch 128 |" in logs["training"]
+    assert "| DIR main training (Algorithm 1), batch 128 |" in logs["training-dir"]
     for section in logs["profile"].split("### ")[1:]:
         kinds = section.split("| kind of work |")[1].split("\n\n")[0].splitlines()[2:]
         shares = [float(line.split("|")[3].strip(" %")) for line in kinds]
@@ -85,7 +87,42 @@ def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
         assert "| convolution |" in section and "TFLOP/s" in section
     assert {"pgd-none", "pgd-dir", "at"} == {sec.split(":")[0] for sec in logs["profile"].split("### ")[1:]}
     tail = r.stdout.split("== targets")[1]
-    assert "PGD-5 AT epoch <= 6 s" in tail and "robust accuracy within 0.3 points of fp32" in tail
+    assert "DIR main epoch >= 10x faster" in tail and "robust accuracy within 0.3 points of fp32" in tail
+    # The figures as data (the toy run writes them into its own folder, not benchmarks/gpu).
+    (figures_file,) = [p for p in out_dir.glob("*-cpu.json")]
+    doc = json.loads(figures_file.read_text())
+    assert doc["device"] == "cpu" and doc["commit"] == "abc1234" and doc["torch"]
+    assert json.loads((out_dir / "gpu-figures.json").read_text()) == doc
+    expected = {"pgd20_resnet18_10k_seconds", "pgd20_robust_acc_diff_vs_fp32_points", "apgd_ce_vs_pyautoattack",
+                "at_epoch_seconds", "dir_main_epoch_seconds", "pgd20_dir_seconds"}
+    assert expected <= set(doc["figures"]) and all(v > 0 or "diff" in k for k, v in doc["figures"].items())
+    assert doc["conditions"]["pgd20_resnet18_10k_seconds"]["n"] == 8  # the size it ran at, not the name's
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Measured results\n\nkept\n")
+    subprocess.run([sys.executable, "benchmarks/gpu_figures.py", "render", "--results", str(results),
+                    "--gpu-dir", str(out_dir)], cwd=ROOT, check=True, env=env, capture_output=True)
+    text = results.read_text()
+    assert "kept" in text and "PGD-20, 10k images (s)" in text
+    row = [line for line in text.splitlines() if line.startswith("| 20")][0]
+    assert "cpu" in row and "abc1234" in row and "(not at target size)" in row
+    # Rendering again replaces the section instead of adding a second one.
+    subprocess.run([sys.executable, "benchmarks/gpu_figures.py", "render", "--results", str(results),
+                    "--gpu-dir", str(out_dir)], cwd=ROOT, check=True, env=env, capture_output=True)
+    assert results.read_text() == text and text.count("gpu-figures:begin") == 1
+
+
+def test_gpu_speed_script_skips_a_step_past_its_deadline(tmp_path):
+    """A step that would start with less time left than it needs is skipped and said so, and the
+    figures are still collected."""
+    root = _tiny_cifar(tmp_path / "data")
+    out_dir = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, "DEADLINE": "0"}
+    r = subprocess.run(["bash", "benchmarks/gpu_speed.sh", "--toy", str(root), str(out_dir)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    skipped = (out_dir / "skipped.txt").read_text()
+    assert "throughput-none skipped: 0 s left of the 0 s deadline" in skipped and skipped.count("skipped") == 4
+    assert (out_dir / "gpu-figures.json").is_file()
 
 
 def test_matrix_time_splits_training_and_evaluation(tmp_path):

@@ -36,3 +36,14 @@ def test_table2_transfers_denoisers_from_the_at_target():
     cfg = load_config(CONFIGS / "paper" / "cifar10_table2.yaml")
     assert [t.train.method for t in cfg.targets] == ["at", "trades", "mart"]
     assert all(d.trained_against == "at-resnet18" for d in cfg.defenses if d.registered != "none")
+
+
+def test_cuda_smoke_holds_every_defense_and_attack_through_the_cuda_paths():
+    from benchmark.registry import ATTACKS, DEFENSES
+
+    cfg = load_config(CONFIGS / "smoke" / "cuda.yaml")
+    assert {d.registered for d in cfg.defenses} == set(DEFENSES)
+    assert {a.registered for a in cfg.attacks} == set(ATTACKS)
+    assert [d.name for d in cfg.datasets] == ["cifar10-jpeg"] and cfg.datasets[0].n_train <= 8192
+    assert 64 <= cfg.eval.n <= 128 and cfg.eval.batch_size == "auto" and cfg.eval.draws > 1
+    assert cfg.eval.precision == "bf16" and cfg.eval.channels_last and cfg.eval.eot_batch > 1
