@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else REPO_ROOT / "results" / cfg.name
     runner = Runner(cfg, out, device=args.device, force=args.force, progress=not args.no_progress,
-                    config_path=str(args.config))
+                    config_path=str(args.config), keep_going=args.keep_going)
     from benchmark import distributed
 
     cluster = _cluster_options(args)
@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n-eval", type=int, help="number of test examples (overrides eval.n)")
     r.add_argument("--force", action="store_true", help="recompute cells that already have a record")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--keep-going", action="store_true",
+                   help="an unexpected error in a training, a row's checks or a cell is logged with its traceback "
+                        "and the run goes on; it still fails at the end, naming every failure")
     c = r.add_argument_group("cluster (submitit): job arrays for targets, then defenses, then cells")
     c.add_argument("--executor", choices=["slurm", "local"],
                    help="submit the matrix as job arrays on Slurm, or run the same path on this machine")

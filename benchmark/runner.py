@@ -136,6 +136,13 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
     return cells
 
 
+def _describe(exc: BaseException) -> str:
+    """One line for an error: the message of ours, the type and first line of anything else."""
+    if isinstance(exc, BenchError):
+        return str(exc)
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 class _Builder:
     """Targets and defenses of one dataset, built (trained, or loaded from the artifact folder) once."""
 
@@ -177,10 +184,15 @@ class _Builder:
 
 class Runner:
     def __init__(self, cfg: ExperimentConfig, out: Path, *, device: str | None = None, force: bool = False,
-                 progress: bool = True, config_path: str | None = None) -> None:
+                 progress: bool = True, config_path: str | None = None, keep_going: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(out)
         self.force = force
+        # An unexpected error in a defense's training, a row's checks or a cell is logged with its
+        # traceback and the run goes on; the run still fails at the end, naming every failure (a
+        # smoke run on a new machine finds all its bugs in one go). One process only: under
+        # torchrun a rank that goes on alone would wait forever on the others.
+        self.keep_going = keep_going and not distributed.active()
         self.progress = progress
         self.config_path = config_path
         self.device = distributed.init_from_env(resolve_device(device or cfg.device))
@@ -266,10 +278,12 @@ class Runner:
                     try:
                         classifier, target_card = builder.target(target.name)
                         defense, defense_card = builder.defense(dspec, target.name)
-                    except BenchError as exc:  # one defense that cannot be trained does not stop the others
-                        log.error("defense %s/%s: %s; its %d cells are skipped", ds.name, dspec.name, exc,
-                                  len(cells_here))
-                        failures.append(f"{ds.name}/{target.name}/{dspec.name}: {exc}")
+                    except Exception as exc:  # one defense that cannot be trained does not stop the others
+                        if not isinstance(exc, BenchError) and not self.keep_going:
+                            raise
+                        log.error("defense %s/%s: %s; its %d cells are skipped", ds.name, dspec.name,
+                                  _describe(exc), len(cells_here), exc_info=not isinstance(exc, BenchError))
+                        failures.append(f"{ds.name}/{target.name}/{dspec.name}: {_describe(exc)}")
                         bar.update(len(cells_here))
                         continue
                     defended = DefendedModel.for_defense(defense, classifier)
@@ -279,13 +293,15 @@ class Runner:
                         with self._claimed(f"checks__{name}", busy, lambda ds=ds, t=target, d=dspec:
                                            not self.needs_checks(ds, t, d)) as take:
                             if take and main:  # the other ranks wait in the row's first cell
-                                self.run_row_checks(ds, target, dspec, defended, data)
+                                with self._going_on(f"checks of {name}", failures):
+                                    self.run_row_checks(ds, target, dspec, defended, data)
                     for cell in cells_here:
                         with self._claimed(cell.cell_id, busy, lambda cell=cell: valid_record(
                                 self.record_path(cell), cell.cell_hash) is not None) as take:
                             if take:
-                                self.run_cell(cell, defended, data, manifest, target_card, defense_card)
-                                computed += 1
+                                with self._going_on(cell.cell_id, failures):
+                                    self.run_cell(cell, defended, data, manifest, target_card, defense_card)
+                                    computed += 1
                         bar.update(1)
         bar.close()
         from benchmark.tables import write_tables
@@ -293,9 +309,21 @@ class Runner:
         written = write_tables(self.out) if main and tables else []
         distributed.barrier()
         if failures:
-            raise BenchError(f"{len(failures)} defense(s) failed, their cells are missing from the tables "
+            raise BenchError(f"{len(failures)} failure(s), their cells are missing from the tables "
                              f"(rerun to retry them): " + "; ".join(failures))
         return {"planned": len(self.cells), "computed": computed, "busy": busy, "tables": written}
+
+    @contextmanager
+    def _going_on(self, what: str, failures: list[str]):
+        """With ``keep_going``: an error in the block is logged with its traceback and listed in
+        ``failures``; the run goes on. Without: it propagates."""
+        try:
+            yield
+        except Exception as exc:
+            if not self.keep_going:
+                raise
+            log.error("%s failed: %s", what, _describe(exc), exc_info=True)
+            failures.append(f"{what}: {_describe(exc)}")
 
     @contextmanager
     def _claimed(self, name: str, busy: list[str], done):

@@ -41,7 +41,7 @@ if [ "$smoke" = 1 ]; then
   echo "== cuda-smoke: run configs/smoke/cuda.yaml"
   t0=$SECONDS
   if timeout --signal=INT --kill-after=20 "${SMOKE_LIMIT:-240}" \
-      "$py" run_benchmark.py run configs/smoke/cuda.yaml --out "$out/smoke-cuda" --no-progress 2>&1 | tee "$out/cuda-smoke.log"; then
+      "$py" run_benchmark.py run configs/smoke/cuda.yaml --out "$out/smoke-cuda" --no-progress --keep-going 2>&1 | tee "$out/cuda-smoke.log"; then
     echo "{\"figures\": {\"cuda_smoke_seconds\": $((SECONDS - t0))}, \"conditions\": {\"cuda_smoke_seconds\": {\"config\": \"configs/smoke/cuda.yaml\", \"what\": \"whole run, data decode and training included\"}}}" > "$out/cuda-smoke.json"
   else
     echo "** cuda-smoke failed or stopped after ${SMOKE_LIMIT:-240} s (see $out/cuda-smoke.log)" | tee -a "$out/failed.txt"

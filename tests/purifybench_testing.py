@@ -95,10 +95,19 @@ class DivergingDenoiser(TinyDenoiser):
         raise BenchError("test-diverging training diverged in epoch 1 (loss nan)")
 
 
+class Exploding(Defense):
+    """Its purification raises an unexpected error, as a device-only bug would (only for tests)."""
+
+    def purify(self, x, masks=None):
+        raise RuntimeError("boom: an unexpected error in purify\nsecond line of the message")
+
+
 if "test-denoiser" not in DEFENSES:
     DEFENSES.add("test-denoiser", TinyDenoiser, description="test-only trainable denoiser")
 if "test-diverging" not in DEFENSES:
     DEFENSES.add("test-diverging", DivergingDenoiser, description="test-only: training always diverges")
+if "test-exploding" not in DEFENSES:
+    DEFENSES.add("test-exploding", Exploding, description="test-only: purification always raises")
 
 
 class LeavesTheBall(Attack):

@@ -42,8 +42,9 @@ def test_cuda_smoke_holds_every_defense_and_attack_through_the_cuda_paths():
     from benchmark.registry import ATTACKS, DEFENSES
 
     cfg = load_config(CONFIGS / "smoke" / "cuda.yaml")
-    assert {d.registered for d in cfg.defenses} == set(DEFENSES)
-    assert {a.registered for a in cfg.attacks} == set(ATTACKS)
+    shipped = lambda registry: {name for name in registry if not name.startswith("test-")}  # noqa: E731
+    assert {d.registered for d in cfg.defenses} == shipped(DEFENSES)
+    assert {a.registered for a in cfg.attacks} == shipped(ATTACKS)
     assert [d.name for d in cfg.datasets] == ["cifar10-jpeg"] and cfg.datasets[0].n_train <= 8192
     assert 64 <= cfg.eval.n <= 128 and cfg.eval.batch_size == "auto" and cfg.eval.draws > 1
     assert cfg.eval.precision == "bf16" and cfg.eval.channels_last and cfg.eval.eot_batch > 1

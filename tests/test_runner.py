@@ -246,11 +246,26 @@ def test_a_defense_that_fails_to_train_does_not_stop_the_others(tmp_path):
     cfg["defenses"] = [{"name": "none"}, {"name": "bad", "defense": "test-diverging", "options": {"width": 4}},
                        {"name": "den-a", "defense": "test-denoiser", "options": {"width": 4}, "train": {"epochs": 1}}]
     out = tmp_path / "run"
-    with pytest.raises(BenchError, match=r"1 defense\(s\) failed.*digits/at/bad: test-diverging training diverged"):
+    with pytest.raises(BenchError, match=r"1 failure\(s\).*digits/at/bad: test-diverging training diverged"):
         _run(_write(tmp_path, cfg), out)
     assert sorted({r.cell.defense for r in load_records(out)}) == ["den-a", "none"]
     assert "den-a" in (out / "tables" / "results.md").read_text()
     assert not list((out / "artifacts" / "defenses").glob("digits-bad-*"))  # nothing saved for it
+
+
+def test_keep_going_logs_an_unexpected_error_and_finishes_the_other_cells(tmp_path):
+    cfg = json.loads(json.dumps(BASE))
+    cfg["defenses"] = [{"name": "none"}, {"name": "bomb", "defense": "test-exploding"},
+                       {"name": "den-a", "defense": "test-denoiser", "options": {"width": 4}, "train": {"epochs": 1}}]
+    path = _write(tmp_path, cfg)
+    with pytest.raises(RuntimeError, match="boom"):  # by default the first one stops the run
+        _run(path, tmp_path / "strict")
+    out = tmp_path / "run"
+    with pytest.raises(BenchError, match=r"3 failure\(s\).*checks of digits__at__bomb: RuntimeError: boom: an "
+                                         r"unexpected error in purify;.*digits__at__bomb__pgd: RuntimeError: boom"):
+        _run(path, out, keep_going=True)
+    assert sorted({r.cell.defense for r in load_records(out)}) == ["den-a", "none"]
+    assert "bomb" not in (out / "tables" / "results.md").read_text()  # its row is missing, not faked
 
 
 @pytest.mark.parametrize("name", ["../evil", ".hidden", "a/b", "with space", ""])
