@@ -117,6 +117,8 @@ def auto_batch_size(model: nn.Module, sample: torch.Tensor, y: torch.Tensor, n: 
     free, _ = torch.cuda.mem_get_info(device)
     size = int(fraction * free / per_image)
     chosen = max(1, min(n, cap, size))
-    log.info("auto batch size: %d (probe %.1f MiB per image with %d EOT copies, %.1f GiB free)",
-             chosen, per_image / 2**20, replicas, free / 2**30)
+    # Said once it limits the batch (every cell probes: at info level it filled the CUDA smoke's log)
+    (log.info if chosen < n else log.debug)(
+        "auto batch size: %d (probe %.1f MiB per image with %d EOT copies, %.1f GiB free)",
+        chosen, per_image / 2**20, replicas, free / 2**30)
     return chosen

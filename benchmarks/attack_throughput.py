@@ -179,13 +179,13 @@ def speed_figures(rows: list[tuple], trained: dict, *, n: int, steps: int, batch
         if "torchattacks PGD" in got:
             figures["pgd20_vs_torchattacks"] = got["torchattacks PGD"][0] / best_s
             conditions["pgd20_vs_torchattacks"] = size | {"meaning": f"torchattacks PGD seconds / {best} seconds"}
-        figures["pgd20_robust_acc_diff_vs_fp32_points"] = 100 * abs(best_acc - ours["ours fp32"][1])
+        figures["pgd20_robust_acc_diff_vs_fp32_points"] = abs(best_acc - ours["ours fp32"][1])  # rows hold %
         conditions["pgd20_robust_acc_diff_vs_fp32_points"] = size | {"variant": best}
         if "pyautoattack APGD-CE" in got:
             figures["apgd_ce_vs_pyautoattack"] = got["pyautoattack APGD-CE"][0] / best_s
             conditions["apgd_ce_vs_pyautoattack"] = size | {
                 "meaning": f"pyautoattack APGD-CE ({steps} iterations) seconds / {best} PGD-{steps} seconds",
-                "robust_acc_points_apgd_minus_ours": 100 * (got["pyautoattack APGD-CE"][1] - best_acc)}
+                "robust_acc_points_apgd_minus_ours": got["pyautoattack APGD-CE"][1] - best_acc}
     if trained:
         figures["at_epoch_seconds"] = trained["epoch_seconds"] * 50_000 / trained["images"]
         conditions["at_epoch_seconds"] = {"images": trained["images"], "scaled_to": 50_000, "batch": 256,
@@ -216,7 +216,7 @@ def verdicts(rows: list[tuple], *, n: int, steps: int, device: torch.device) -> 
         ratio = none["torchattacks PGD"][0] / best_s
         print(f"| >= 5x torchattacks' PGD | {ratio:.2f}x | {met(ratio >= 5.0)} |")
     if "ours fp32" in ours:
-        diff = 100 * abs(best_acc - ours["ours fp32"][1])
+        diff = abs(best_acc - ours["ours fp32"][1])  # the rows hold percentages
         print(f"| robust accuracy within 0.3 points of fp32 | {diff:.2f} points | {met(diff <= 0.3, judged=True)} |")
 
 

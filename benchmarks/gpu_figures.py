@@ -126,13 +126,13 @@ def render_table(files: list[Path]) -> str:
                 text += " (not at target size)"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
-    skipped = [f"{p.name}: " + "; ".join(json.loads(p.read_text()).get("skipped", [])) for p in files
-               if json.loads(p.read_text()).get("skipped")]
-    notes = "\n".join(f"- {s}" for s in skipped)
+    docs = {p.name: json.loads(p.read_text()) for p in files}
+    notes = "\n".join(f"- {name}: {line.strip('* ')}" for name, doc in docs.items()
+                      for line in doc.get("skipped", []) + doc.get("failed", []) + doc.get("notes", []))
     return ("Rendered from `benchmarks/gpu/*.json` (written by `bash benchmarks/gpu_speed.sh --smoke OUTDIR`; each "
             "file also holds how each figure was measured and every table row). A missed target is marked; a "
             "figure measured at another size than its target's is not judged.\n\n" + "\n".join(lines)
-            + ("\n\nSteps skipped or stopped at the deadline:\n" + notes if notes else "") + "\n")
+            + ("\n\nSteps skipped, stopped or failed, and notes:\n" + notes if notes else "") + "\n")
 
 
 def render(results: Path, gpu_dir: Path) -> None:
