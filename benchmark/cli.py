@@ -48,6 +48,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else REPO_ROOT / "results" / cfg.name
     runner = Runner(cfg, out, device=args.device, force=args.force, progress=not args.no_progress,
                     config_path=str(args.config), keep_going=args.keep_going)
+    if args.plan:
+        from benchmark.plan import Planner, format_plan
+
+        print(format_plan(runner, Planner(runner), str(args.config)))
+        return 0
     from benchmark import distributed
 
     cluster = _cluster_options(args)
@@ -216,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n-eval", type=int, help="number of test examples (overrides eval.n)")
     r.add_argument("--force", action="store_true", help="recompute cells that already have a record")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--plan", action="store_true",
+                   help="validate, then print the cells to compute (and those already recorded in --out), the "
+                        "artifacts to train and an estimated cost per stage on one H100; loads and writes nothing")
     r.add_argument("--keep-going", action="store_true",
                    help="an unexpected error in a training, a row's checks or a cell is logged with its traceback "
                         "and the run goes on; it still fails at the end, naming every failure")

@@ -294,10 +294,19 @@ def train_split(ds: DatasetSpec, cfg: ExperimentConfig):
                         **ds.options)
 
 
+def target_identity(target: TargetSpec) -> dict:
+    """``asdict(target)`` as the artifact and cell hashes see it: ``train.deterministic`` only when
+    on (the keys of targets trained before the option existed stay what they were)."""
+    out = asdict(target)
+    if out.get("train") is not None and not out["train"].get("deterministic"):
+        out["train"].pop("deterministic", None)
+    return out
+
+
 def target_key(ds: DatasetSpec, target: TargetSpec, seed: int) -> str:
     return artifact_key({
         "v": ARTIFACT_VERSION, "dataset": asdict(ds) | {"root": None}, "arch": target.arch,
-        "arch_options": target.arch_options, "train": asdict(target.train) | {"progress": None,
+        "arch_options": target.arch_options, "train": target_identity(target)["train"] | {"progress": None,
         "eval_n": None, "eval_pgd_steps": None, "eval_batch_size": None}, "seed": seed,
     })
 

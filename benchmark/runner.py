@@ -11,6 +11,7 @@ and matches the cell's hash (``force=True`` recomputes).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from benchmark.experiment import (
     build_attack,
     prepare_defense,
     prepare_target,
+    target_identity,
     train_split,
 )
 from benchmark.harness import run_attack
@@ -91,11 +93,11 @@ def row_description(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, 
     """What a row's results depend on (a cell adds its attack): the cell and checks hashes."""
     return {
         "v": ARTIFACT_VERSION, "dataset": asdict(ds) | {"root": None},
-        "target": asdict(target),
+        "target": target_identity(target),
         "defense": {k: v for k, v in asdict(defense).items() if k != "targets" and not (k == "eval_n" and v is None)},
         "threat": asdict(cfg.threat), "n": cfg.eval.n, "seed": cfg.seed,
         **({"engine": engine} if (engine := cfg.eval.engine.changes_results()) else {}),
-        **({"trained_against": asdict(next(t for t in cfg.targets if t.name == defense.trained_against))}
+        **({"trained_against": target_identity(next(t for t in cfg.targets if t.name == defense.trained_against))}
            if defense.trained_against else {}),
     }
 
@@ -193,6 +195,8 @@ class Runner:
         # smoke run on a new machine finds all its bugs in one go). One process only: under
         # torchrun a rank that goes on alone would wait forever on the others.
         self.keep_going = keep_going and not distributed.active()
+        if any(t.train is not None and t.train.deterministic for t in cfg.targets):
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
         self.progress = progress
         self.config_path = config_path
         self.device = distributed.init_from_env(resolve_device(device or cfg.device))

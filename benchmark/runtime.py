@@ -6,6 +6,7 @@ import os
 import platform
 import random
 import subprocess
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -33,6 +34,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool = True, seed: int = 0):
+    """Run the block with every source of run-to-run variation that torch controls switched off, so
+    that the same training on the same GPU model and software gives bit-identical weights: Python,
+    NumPy and torch seeded, ``torch.use_deterministic_algorithms`` (an op without a deterministic
+    implementation warns, naming itself), cuDNN's deterministic kernels without autotuning, and
+    cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, set unless the environment sets it; it
+    must be set before the process's first cuBLAS call, which the CLI's training is). Everything is
+    restored on leaving. ``enabled=False``: does nothing."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              cudnn.benchmark, cudnn.deterministic)
+    seed_everything(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.benchmark, cudnn.deterministic = before[2], before[3]
 
 
 def git_commit() -> str | None:

@@ -28,6 +28,7 @@ from benchmark.config import require, subkey
 from benchmark.data import ImageData, augment
 from benchmark.harness import run_attack
 from benchmark.resume import EpochCheckpoint, pack, unpack
+from benchmark.runtime import deterministic_algorithms
 
 log = logging.getLogger("purifybench")
 Method = Literal["natural", "at", "trades", "mart"]
@@ -60,6 +61,9 @@ class TrainConfig:
     bf16: Literal["auto", True, False] = "auto"
     channels_last: Literal["auto", True, False] = "auto"
     compile: bool = False  # torch.compile the model for the training steps (CUDA; first epoch pays the compile)
+    # Bit-identical weights when the same training runs again on the same GPU model and software
+    # (another job retraining the same target): benchmark.runtime.deterministic_algorithms
+    deterministic: bool = False
     seed: int = 0
     eval_n: int | None = 1000
     eval_pgd_steps: int = 20
@@ -155,7 +159,15 @@ def train_step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tra
     return mart_loss(logits_adv, logits_nat, y, cfg.beta), logits_adv
 
 
-def train_classifier(
+def train_classifier(model: nn.Module, train: ImageData, cfg: TrainConfig, device: torch.device,
+                     *args, **kwargs) -> TrainResult:
+    """Train ``model`` (see :func:`_train_classifier`), under deterministic algorithms when
+    ``cfg.deterministic``."""
+    with deterministic_algorithms(cfg.deterministic, cfg.seed):
+        return _train_classifier(model, train, cfg, device, *args, **kwargs)
+
+
+def _train_classifier(
     model: nn.Module,
     train: ImageData,
     cfg: TrainConfig,

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmark.io import atomic_write_text  # noqa: E402
+from benchmark.runtime import git_commit  # noqa: E402
 
 GPU_DIR = ROOT / "benchmarks" / "gpu"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -62,16 +61,6 @@ def _device() -> tuple[str, str]:
     return name, torch.__version__
 
 
-def _commit() -> str | None:
-    if os.environ.get("PURIFYBENCH_COMMIT"):
-        return os.environ["PURIFYBENCH_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
@@ -94,7 +83,7 @@ def collect(outdir: Path, into: Path) -> Path:
     notes = {name: (outdir / f"{name}.txt").read_text().strip().splitlines()
              for name in ("skipped", "failed", "missing") if (outdir / f"{name}.txt").is_file()}
     today = datetime.date.today().isoformat()
-    doc = {"date": today, "device": device, "commit": _commit(), "torch": torch_version, **merged, **notes}
+    doc = {"date": today, "device": device, "commit": git_commit(), "torch": torch_version, **merged, **notes}
     text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
     path = into / f"{today}-{slug(device)}.json"
     into.mkdir(parents=True, exist_ok=True)

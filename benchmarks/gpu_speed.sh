@@ -14,7 +14,7 @@
 #                on a CPU)
 # The GPU machine has neither pyautoattack nor torchattacks: prepare with
 #   ../shared/tools/gpu-prepare torchattacks      # then carry [".gpu"], PYTHONPATH=$PWD/.gpu/site:$PWD
-# The machine has no .git: pass the commit as PURIFYBENCH_COMMIT=$(git rev-parse HEAD).
+# The machine has no .git: pass the commit as PURIFYBENCH_GIT_COMMIT=$(git rev-parse HEAD).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1

@@ -71,7 +71,7 @@ def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
 
     root = _tiny_cifar(tmp_path / "data")
     out_dir = tmp_path / "out"
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, "PURIFYBENCH_COMMIT": "abc1234"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, "PURIFYBENCH_GIT_COMMIT": "abc1234"}
     r = subprocess.run(["bash", "benchmarks/gpu_speed.sh", "--toy", str(root), str(out_dir)], cwd=ROOT,
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -67,6 +67,43 @@ def test_config_errors_name_the_problem_and_write_nothing(tmp_path, capsys, text
     assert not out.exists()
 
 
+def test_plan_lists_cells_artifacts_and_costs_and_writes_nothing(tmp_path, capsys):
+    from benchmark.experiment import load_config
+
+    out = tmp_path / "run"
+    assert main(["run", "configs/smoke/cuda.yaml", "--plan", "--device", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()  # nothing written, not even the folder
+    cfg = load_config(ROOT / "configs" / "smoke" / "cuda.yaml")
+    assert "cells: 117 planned, 117 to compute, 0 already recorded" in text
+    train = text.split("to train: ")[1].splitlines()[0]
+    assert "target cifar10-jpeg/at-resnet18 (at, 8 epochs, 4,096 images)" in train
+    for d in cfg.defenses:
+        assert f"| cifar10-jpeg/at-resnet18/{d.name} |" in text
+        if d.registered not in ("none", "nrp") or d.name == "NRP":  # NRP-dynamic shares NRP's training
+            assert (f"defense cifar10-jpeg/{d.name} (" in train) == (d.registered != "none"), d.name
+    assert "NRP-dynamic" not in train
+    for attack in ("pgd", "autoattack", "mi-fgsm", "vni-fgsm", "bpda-eot", "mask-adaptive", "representation"):
+        assert f" {attack}," in text or f" {attack} |" in text
+    total = text.split("total: about ")[1]
+    assert float(total.split(" min")[0]) > 0 and "guessed figure" in total
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\neval: {n: 5000}\n",
+     "eval.n=5000 is larger than the digits test split (359 examples)"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nattacks: [{name: pgdd}]\n",
+     "unknown attack 'pgdd'"),
+])
+def test_plan_of_a_bad_config_is_one_line_exit_2(tmp_path, capsys, text, expected):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    assert main(["run", str(cfg), "--plan", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_device_cuda_without_cuda_is_a_clear_error(capsys):
     import torch
 

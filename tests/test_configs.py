@@ -48,3 +48,10 @@ def test_cuda_smoke_holds_every_defense_and_attack_through_the_cuda_paths():
     assert [d.name for d in cfg.datasets] == ["cifar10-jpeg"] and cfg.datasets[0].n_train <= 8192
     assert 64 <= cfg.eval.n <= 128 and cfg.eval.batch_size == "auto" and cfg.eval.draws > 1
     assert cfg.eval.precision == "bf16" and cfg.eval.channels_last and cfg.eval.eot_batch > 1
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "quick").glob("*.yaml")), ids=lambda p: p.name)
+def test_quick_targets_train_deterministically(path):
+    """A quick part that retrains its target in another job gets the same target (same hash)."""
+    cfg = load_config(path)
+    assert all(t.train is not None and t.train.deterministic for t in cfg.targets)

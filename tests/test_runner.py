@@ -55,6 +55,13 @@ def _run(cfg_path, out, **kw):
     return runner.run()
 
 
+def _plan(cfg_path, out):
+    from benchmark.plan import Planner, format_plan
+
+    runner = Runner(load_config(cfg_path), out, progress=False, config_path=str(cfg_path))
+    return format_plan(runner, Planner(runner), str(cfg_path))
+
+
 def _artifacts(out):
     return {p.name: p.stat().st_mtime_ns for p in (out / "artifacts").rglob("*.safetensors")}
 
@@ -83,9 +90,13 @@ def test_matrix_records_tables_and_artifact_reuse(tmp_path):
     stamps = _artifacts(out)
     assert _run(_write(tmp_path, BASE), out)["computed"] == 0
     assert _artifacts(out) == stamps
+    assert "cells: 6 planned, 0 to compute, 6 already recorded\nto train: nothing" in _plan(_write(tmp_path, BASE), out)
     # change one defense's config: only that defense is retrained and only its cells recomputed
     changed = json.loads(json.dumps(BASE))
     changed["defenses"][2]["train"] = {"epochs": 2}
+    plan = _plan(_write(tmp_path, changed, "cfg2.yaml"), out)  # says so before running
+    assert "cells: 6 planned, 2 to compute, 4 already recorded\nto train: defense digits/den-b (2 epochs)" in plan
+    assert "| cells | digits/at/den-b |" in plan and "| cells | digits/at/none |" not in plan
     summary = _run(_write(tmp_path, changed, "cfg2.yaml"), out)
     assert summary["computed"] == 2
     after = _artifacts(out)

@@ -100,3 +100,35 @@ def test_train_config_validation_names_the_key():
     with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
         from_dict(TrainConfig, {"epochs": "ten"}, "train")
     assert from_dict(TrainConfig, {"lr": 1}, "train").lr == 1.0
+
+
+def test_deterministic_training_gives_the_same_checkpoint_hash_twice(tmp_path, digits_train):
+    """``train: {deterministic: true}``: a target retrained by another job is bit-identical (the
+    artifact's hash, which every record carries, is equal); the switches are restored afterwards,
+    and the option enters the artifact key only when on (older keys are unchanged)."""
+    from unittest import mock
+
+    from benchmark.experiment import DatasetSpec, ExperimentConfig, TargetSpec, prepare_target, target_key
+
+    data = digits_train.subset(256, seed=0)
+    ds = DatasetSpec(name="digits", options={"size": 16})
+    train = from_dict(TrainConfig, dict(method="at", epochs=1, batch_size=64, lr=0.05, eps=0.1, step_size=0.025,
+                                        attack_steps=2, augment=True, progress=False, deterministic=True,
+                                        eval_n=None), "train")
+    target = TargetSpec(name="t", arch="small-cnn", train=train)
+    cfg = ExperimentConfig(name="det", datasets=[ds], targets=[target])
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    cards = []
+    for job in ("job-a", "job-b"):
+        torch.manual_seed(1234 if job == "job-a" else 99)  # whatever ran before in that job
+        with mock.patch("benchmark.experiment.train_split", return_value=data):
+            _, card, reused = prepare_target(ds, target, cfg, torch.device("cpu"), tmp_path / job, progress=False)
+        assert not reused
+        cards.append(card)
+    assert cards[0]["sha256"] == cards[1]["sha256"]
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+    off = TargetSpec(name="t", arch="small-cnn", train=from_dict(TrainConfig, {}, "train"))
+    assert target_key(ds, off, 0) != target_key(ds, target, 0)
+    from benchmark.experiment import target_identity
+
+    assert "deterministic" not in target_identity(off)["train"] and target_identity(target)["train"]["deterministic"]

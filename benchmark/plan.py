@@ -1,0 +1,300 @@
+"""``run CONFIG --plan``: what a run would compute and train, and what it would cost on one H100,
+without loading data, training, attacking or writing anything.
+
+The estimate multiplies counts the config fixes (epochs, training images, evaluation images, attack
+steps, EOT samples, scoring draws) by the per-unit figures of ``benchmark/costs.yaml``, each of which
+says whether it was measured (and where) or is a guess; a stage whose estimate uses a guess is marked.
+It is for sizing a job (does this part fit a 10-minute slot?), not a promise: small batches, compile
+and a different GPU move the real figure.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import yaml
+
+from benchmark.config import from_dict
+from benchmark.errors import BenchError
+from benchmark.experiment import (
+    AttackSpec,
+    DatasetSpec,
+    DefenseSpec,
+    TargetSpec,
+    build_attack,
+    defense_key,
+    target_key,
+)
+from benchmark.registry import DEFENSES
+
+COSTS = Path(__file__).with_name("costs.yaml")
+
+
+@dataclass(frozen=True)
+class Figure:
+    value: float
+    guess: bool
+
+
+class Costs:
+    """The figures of ``costs.yaml``: ``get(section, key, field)`` falls back to the section's
+    ``default`` entry (a guess when the key has no entry of its own)."""
+
+    def __init__(self, path: Path = COSTS) -> None:
+        try:
+            self.table = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise BenchError(f"{path}: cannot read the cost table ({exc})") from None
+
+    def get(self, section: str, key: str | None = None, field: str = "s") -> Figure:
+        entries = self.table[section]
+        if key is None:
+            entry, fallback = entries, False
+        elif key in entries:
+            entry, fallback = entries[key], False
+        else:
+            entry, fallback = entries["default"], True
+        return Figure(float(entry[field]), bool(entry.get("guess")) or fallback)
+
+
+@dataclass
+class Stage:
+    kind: str  # data, pairs, target, defense, checks, cells
+    what: str
+    seconds: float
+    guess: bool
+    detail: str = ""
+
+
+class Estimate:
+    """Sums figures, remembering whether any of them was a guess."""
+
+    def __init__(self) -> None:
+        self.seconds, self.guess = 0.0, False
+
+    def add(self, figure: Figure, times: float = 1.0) -> Estimate:
+        self.seconds += figure.value * times
+        self.guess = self.guess or figure.guess
+        return self
+
+    def scale(self, figure: Figure) -> Estimate:
+        self.seconds *= figure.value
+        self.guess = self.guess or figure.guess
+        return self
+
+
+def _sqrt(x: float) -> float:
+    return x ** 0.5
+
+
+def _train_options(spec: DefenseSpec):
+    cls = DEFENSES.get(spec.registered)
+    return from_dict(cls.TrainConfig, spec.train, f"defense {spec.name!r}.train") if cls.TrainConfig else None
+
+
+class Planner:
+    def __init__(self, runner, costs: Costs | None = None) -> None:
+        self.runner, self.cfg, self.costs = runner, runner.cfg, costs or Costs()
+        self.pretrainings: set[str] = set()  # DIR rows with one architecture and pre-training share it
+
+    # -- counts ---------------------------------------------------------------------------
+    def train_images(self, ds: DatasetSpec) -> tuple[int, bool]:
+        full = self.costs.get("train_images", ds.name, "n")
+        return (min(ds.n_train, int(full.value)) if ds.n_train else int(full.value)), full.guess
+
+    def eval_images(self, ds: DatasetSpec, spec: DefenseSpec) -> int:
+        n = self.cfg.eval.n or int(self.costs.get("test_images", ds.name, "n").value)
+        return min(n, spec.eval_n) if spec.eval_n else n
+
+    def pass_us(self, spec: DefenseSpec) -> Figure:
+        figure = self.costs.get("pass_us", spec.registered, "us")
+        if spec.registered == "ebm":  # per Langevin step and chain
+            steps, chains = spec.options.get("steps", 1500), spec.options.get("chains", 150)
+            return Figure(figure.value * steps * chains, figure.guess)
+        return figure
+
+    def attack_passes(self, spec: AttackSpec, stochastic: bool) -> tuple[float, bool]:
+        """Forward + input-gradient passes per image (a forward alone counts a third)."""
+        if spec.registered == "worst-of":
+            members = [AttackSpec(**m) for m in build_attack(spec).params.attacks]
+            parts = [self.attack_passes(m, stochastic) for m in members]
+            return sum(p for p, _ in parts), any(g for _, g in parts)
+        p = build_attack(spec).params
+        steps = getattr(p, "steps", None)
+        name = spec.registered
+        if name == "clean":
+            return 0.0, False
+        if name == "square":
+            return p.n_queries / 3, False
+        if steps is None:
+            return 10.0, True
+        if name in ("pgd", "eot-pgd"):
+            return steps * getattr(p, "restarts", 1) * getattr(p, "eot", 1), False
+        if name == "vni-fgsm":
+            return steps * (p.neighbors + 1), False
+        if name in ("bpda-eot", "adaptive"):
+            return steps * (p.eot_samples if stochastic else 1), False
+        if name == "representation":
+            return steps + (p.source_steps if p.source == "pgd" else 0), False
+        if name in ("mi-fgsm", "mask-adaptive", "noise-discard", "ssp"):
+            return float(steps), False
+        return float(steps), True  # a plugin attack: its steps, one pass each (a guess)
+
+    # -- artifacts ------------------------------------------------------------------------
+    @cached_property
+    def artifacts(self) -> Path:
+        return self.runner.out / "artifacts"
+
+    def target_card(self, ds: DatasetSpec, target: TargetSpec) -> dict | None:
+        """The card of the target's trained artifact in the run folder, if there is one."""
+        if target.train is None:
+            return None
+        card = self.artifacts / "targets" / f"{ds.name}-{target.name}-{target_key(ds, target, self.cfg.seed)}.json"
+        try:
+            return json.loads(card.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def defense_artifact(self, ds: DatasetSpec, spec: DefenseSpec, target: TargetSpec) -> tuple[str, bool]:
+        """(the defense's artifact key, whether the run folder holds it). Before its target is
+        trained the key stands on a placeholder for the target's hash: rows that share one training
+        (NRP and NRP-dynamic) still get the same key."""
+        against = next(t for t in self.cfg.targets if t.name == (spec.trained_against or target.name))
+        card = self.target_card(ds, against) or {}
+        key = defense_key(ds, spec, card.get("sha256", f"to be trained: {against.name}"), self.cfg.seed)
+        return key, "sha256" in card and any((self.artifacts / "defenses").glob(f"{ds.name}-*-{key}.json"))
+
+    # -- stages ---------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        cfg, costs = self.cfg, self.costs
+        pending = {c.cell_id for c in self.runner.pending()}
+        out: list[Stage] = []
+        for ds in cfg.datasets:
+            cells_here = [c for c in self.runner.cells if c.dataset is ds]
+            if not any(c.cell_id in pending for c in cells_here):
+                continue
+            split = costs.get("test_images", ds.name, "n")
+            if not split.guess and (cfg.eval.n or 0) > split.value:  # what preflight says after loading the data
+                raise BenchError(f"eval.n={cfg.eval.n} is larger than the {ds.name} test split ({int(split.value)} "
+                                 "examples)")
+            data = costs.get("data", ds.name)
+            out.append(Stage("data", ds.name, data.value, data.guess))
+            images, images_guess = self.train_images(ds)
+            frac = images / 50_000
+            pairs_needed, keys = set(), set()
+            for target in cfg.targets:
+                if target.train is not None and self.target_card(ds, target) is None:
+                    est = Estimate().add(costs.get("target_epoch_50k", target.train.method), target.train.epochs * frac)
+                    est.scale(costs.get("arch_factor", target.arch, "x"))
+                    out.append(Stage("target", f"{ds.name}/{target.name}", est.seconds, est.guess or images_guess,
+                                     f"{target.train.method}, {target.train.epochs} epochs, {images:,} images"))
+                for spec in cfg.defenses:
+                    row = [c for c in cells_here if c.target is target and c.defense is spec]
+                    if not row:
+                        continue
+                    cls = DEFENSES.get(spec.registered)
+                    trains_here = (cls.trainable and spec.checkpoint is None
+                                   and (spec.trained_against or target.name) == target.name)
+                    if trains_here:
+                        key, done = self.defense_artifact(ds, spec, target)
+                        if not done and key not in keys:
+                            keys.add(key)
+                            if getattr(_train_options(spec), "pairs", None) == "static":
+                                pairs_needed.add(target.name)
+                            out.append(self.defense_stage(ds, spec, frac, images_guess))
+                    out += self.row_stages(ds, target, spec, [c for c in row if c.cell_id in pending])
+            for name in sorted(pairs_needed):
+                pairs = costs.get("static_pairs_50k")
+                out.append(Stage("pairs", f"{ds.name}/{name}", pairs.value * frac, pairs.guess,
+                                 "PGD-5 pairs the denoisers share"))
+        return out
+
+    def defense_stage(self, ds: DatasetSpec, spec: DefenseSpec, frac: float, images_guess: bool) -> Stage:
+        costs, name = self.costs, spec.registered
+        opts = _train_options(spec)
+        epoch = costs.get("defense_epoch_50k", name)
+        est = Estimate()
+        if name == "ebm":
+            iterations = opts.iterations
+            est.add(epoch, iterations * opts.mcmc_steps / 20)
+            detail = f"{iterations} iterations of {opts.mcmc_steps} Langevin steps"
+        else:
+            epochs = getattr(opts, "epochs", 1)
+            factor = opts.attack_steps / 7 if name == "menet-a" else 1.0
+            est.add(epoch, epochs * frac * factor)
+            detail = f"{epochs} epochs"
+            if name == "dir":
+                from defenses.dir import DIR
+
+                shared = json.dumps([ds.name, spec.options, [getattr(opts, k) for k in DIR.PRETRAIN_FIELDS]],
+                                    sort_keys=True, default=str)
+                if shared in self.pretrainings:
+                    detail = f"{epochs} main epochs (pre-training shared with an earlier row)"
+                else:
+                    self.pretrainings.add(shared)
+                    est.add(costs.get("dir_pretrain_epoch_50k"), opts.pretrain_epochs * frac)
+                    detail = f"{opts.pretrain_epochs} pre-training + {epochs} main epochs"
+        return Stage("defense", f"{ds.name}/{spec.name}", est.seconds, est.guess or images_guess, detail)
+
+    def autoattack(self, n: int, pass_s: Figure, stochastic: bool) -> tuple[Figure, float]:
+        """(seconds figure, times) of one AutoAttack cell on ``n`` images (see costs.yaml)."""
+        aa = self.costs.get
+        if stochastic:
+            passes = aa("autoattack", "rand_passes", "x")
+            return Figure(pass_s.value * 1e-6 * passes.value, pass_s.guess or passes.guess), n
+        ratio = pass_s.value / aa("pass_us", "none", "us").value
+        est = Estimate().add(aa("autoattack", "fixed_s")).add(aa("autoattack", "per_image_s"), n)
+        return Figure(est.seconds * max(1.0, _sqrt(ratio)), est.guess or pass_s.guess), 1.0
+
+    def row_stages(self, ds, target, spec: DefenseSpec, cells: list) -> list[Stage]:
+        stages = []
+        stochastic = DEFENSES.get(spec.registered).stochastic_with(spec.options)
+        pass_s = self.pass_us(spec)
+        overhead = self.costs.get("cell_overhead")
+        row = f"{ds.name}/{target.name}/{spec.name}"
+        if self.runner.needs_checks(ds, target, spec):
+            c = self.cfg.eval.checks
+            passes = c.steps + c.more_steps + c.steps * len(c.eps_multipliers) + c.square_queries / 3
+            passes += c.steps if c.transfer else 0
+            if stochastic:
+                passes += c.steps * 3 * c.eot + c.repeats * c.steps + (c.steps if c.fixed_randomness else 0)
+            est = Estimate().add(pass_s, min(c.n, self.eval_images(ds, spec)) * passes * 1e-6)
+            est.add(self.costs.get("checks_overhead", "stochastic" if stochastic else "deterministic"))
+            stages.append(Stage("checks", row, est.seconds, est.guess))
+        if cells:
+            n = self.eval_images(ds, spec)
+            draws = self.cfg.draws if stochastic else 1
+            est, names = Estimate(), []
+            for cell in cells:
+                est.add(overhead)
+                names.append(cell.attack.name)
+                if cell.attack.registered == "autoattack":
+                    est.add(*self.autoattack(n, pass_s, stochastic))
+                    continue
+                passes, guess = self.attack_passes(cell.attack, stochastic)
+                est.add(Figure(pass_s.value * 1e-6, pass_s.guess or guess), n * (passes + draws / 3))
+            stages.append(Stage("cells", row, est.seconds, est.guess, f"{len(cells)}: {', '.join(names)}"))
+        return stages
+
+
+def format_plan(runner, planner: Planner, config_path: str) -> str:
+    stages = planner.stages()
+    cells, pending = runner.cells, runner.pending()
+    lines = [f"plan: {config_path} -> {runner.out} (profile {runner.cfg.profile}; nothing is loaded, trained or "
+             f"written)",
+             f"cells: {len(cells)} planned, {len(pending)} to compute, {len(cells) - len(pending)} already recorded"]
+    trains = [s for s in stages if s.kind in ("target", "defense", "pairs")]
+    lines.append("to train: " + ("; ".join(f"{s.kind} {s.what} ({s.detail})" if s.detail else f"{s.kind} {s.what}"
+                                           for s in trains) or "nothing (every artifact is in the run folder)"))
+    lines += ["", "| stage | what | estimate (s, one H100) | counts |", "|---|---|---:|---|"]
+    for s in stages:
+        lines.append(f"| {s.kind} | {s.what} | {s.seconds:,.0f}{' *' if s.guess else ''} | {s.detail} |")
+    total = sum(s.seconds for s in stages)
+    guessed = sum(s.seconds for s in stages if s.guess)
+    lines += ["", f"total: about {total / 60:.1f} min ({total:,.0f} s) on one H100"
+              + (f"; * = uses a guessed figure ({guessed:,.0f} s of it)" if guessed else "")
+              + f". Figures: {COSTS.relative_to(COSTS.parents[1])} (measured or guess, each says where from)."]
+    return "\n".join(lines)
