@@ -106,7 +106,15 @@ def _cluster_options(args: argparse.Namespace):
 def cmd_report(args: argparse.Namespace) -> int:
     from benchmark.reports import write_report
 
-    run_dir = Path(args.run_dir)
+    if len(args.run_dir) > 1 or args.out:
+        from benchmark.merge import merge_runs
+
+        if not args.out:
+            raise BenchError("report: several runs are merged into one folder: give --out DIR")
+        merge_runs([Path(r) for r in args.run_dir], Path(args.out))
+        run_dir = Path(args.out)
+    else:
+        run_dir = Path(args.run_dir[0])
     if not (run_dir / "records").is_dir():
         raise BenchError(f"{run_dir} is not a run folder (no records/ inside)")
     paths = write_report(run_dir, preset=args.preset)
@@ -244,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="(re)build the tables and the report (adaptive table, paper comparison, "
                                       "timing, figures, index) of a run folder from its records")
-    rp.add_argument("run_dir")
+    rp.add_argument("run_dir", nargs="+", help="a run folder; several with --out: merged into one set of tables "
+                                               "(refused when a target they share differs)")
+    rp.add_argument("--out", help="the folder a merge of runs is written to (records, checks, report)")
     rp.add_argument("--preset", default="all",
                     help="all (default: everything), paper (the seed paper's tables, comparison and figures "
                          "only) or a comma list of table1..table5")

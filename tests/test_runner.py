@@ -338,3 +338,42 @@ def test_a_costly_row_can_be_evaluated_on_a_prefix_of_the_subset(tmp_path):
     cfg["defenses"][1]["eval_n"] = 0
     with pytest.raises(ConfigError, match=r"defenses\[1\]\.eval_n: must be >= 1"):
         load_config(_write(tmp_path, cfg, "zero.yaml"))
+
+
+def test_report_merges_parts_that_share_their_target_and_refuses_others(tmp_path, capsys):
+    """Parts of one matrix run as separate jobs, each retraining the same deterministic target;
+    ``report A B --out M`` builds one set of tables. A part whose target differs is refused."""
+    from benchmark.cli import main
+
+    base = json.loads(json.dumps(BASE))
+    base["targets"][0]["train"]["deterministic"] = True
+    part_a = base | {"name": "part-a", "defenses": [{"name": "none"}]}
+    part_b = base | {"name": "part-b", "defenses": [BASE["defenses"][1]]}
+    _run(_write(tmp_path, part_a, "a.yaml"), tmp_path / "a")
+    _run(_write(tmp_path, part_b, "b.yaml"), tmp_path / "b")
+    sha = {r.target["checkpoint_sha256"] for run in ("a", "b") for r in load_records(tmp_path / run)}
+    assert len(sha) == 1  # retrained in another "job", bit-identical
+    merged = tmp_path / "merged"
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(merged)]) == 0
+    capsys.readouterr()
+    md = (merged / "tables" / "results.md").read_text()
+    assert "| none |" in md and "| den-a |" in md
+    assert sorted(r.cell.defense for r in load_records(merged)) == ["den-a", "den-a", "none", "none"]
+    assert (merged / "report" / "index.md").is_file() and len(list((merged / "checks").glob("*.json"))) == 2
+    assert json.loads((merged / "manifest.json").read_text())["merged_from"][1]["run"] == str(tmp_path / "b")
+    # merging again into the same folder is fine (it is a merge), into a run is not
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(merged)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "a")]) == 2
+    assert "is one of the runs being merged" in capsys.readouterr().err
+    # a part whose target was trained differently: its rows cannot join the table
+    other = base | {"name": "part-c", "defenses": [{"name": "none"}]}
+    other["targets"] = [json.loads(json.dumps(base["targets"][0]))]
+    other["targets"][0]["train"]["epochs"] = 1
+    _run(_write(tmp_path, other, "c.yaml"), tmp_path / "c")
+    assert main(["report", str(tmp_path / "b"), str(tmp_path / "c"), "--out", str(tmp_path / "m2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "target digits/at differs between" in err and "deterministic: true" in err
+    assert not (tmp_path / "m2" / "records").exists()
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "give --out DIR" in capsys.readouterr().err

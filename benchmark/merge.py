@@ -1,0 +1,88 @@
+"""``report RUN1 RUN2 ... --out DIR``: one set of tables from runs made in separate jobs.
+
+A long matrix runs as parts that each fit a short GPU job (each part retrains the same
+deterministic target); this puts their records (and gradient-masking checks) into one folder and
+builds the report there. Rows of different runs may sit in one table only if they stand in front of
+the same target: every (dataset, target) that two runs share must have the same checkpoint hash in
+their records, else the merge is refused. A cell recorded by two runs must be the same cell (same
+cell hash; the later run's record is kept when both verify); different ones are refused too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmark.errors import BenchError
+from benchmark.io import atomic_write_json, atomic_write_text
+from benchmark.records import load_records
+
+MARK = "merged.json"  # what makes a folder a merge (and so safe to refill)
+
+
+def _target_hash(record) -> str | None:
+    return (record.target or {}).get("checkpoint_sha256")
+
+
+def merge_runs(runs: list[Path], out: Path) -> list[Path]:
+    """Check that ``runs`` can share tables, then write their records, checks, a plan and a
+    manifest into ``out``. Returns the record files written."""
+    out = Path(out)
+    resolved = [Path(r).resolve() for r in runs]
+    if out.resolve() in resolved:
+        raise BenchError(f"report --out {out} is one of the runs being merged: give a new folder")
+    if (out / "records").is_dir() and not (out / MARK).is_file():
+        raise BenchError(f"report --out {out} holds a run's records (no {MARK}): give a new folder, a merge "
+                         "never overwrites a run")
+    hashes: dict[tuple[str, str], tuple[str, Path]] = {}
+    cells: dict[str, tuple[object, Path]] = {}
+    for run in runs:
+        run = Path(run)
+        if not (run / "records").is_dir():
+            raise BenchError(f"{run} is not a run folder (no records/ inside)")
+        records = load_records(run)
+        if not records:
+            raise BenchError(f"{run}/records holds no valid record")
+        for rec in records:
+            key = (rec.cell.dataset, rec.cell.target)
+            sha = _target_hash(rec)
+            if key in hashes and sha != hashes[key][0]:
+                other_sha, other = hashes[key]
+                raise BenchError(
+                    f"target {key[0]}/{key[1]} differs between {other} ({str(other_sha)[:12]}) and {run} "
+                    f"({str(sha)[:12]}): their rows cannot share a table (train the target with "
+                    "deterministic: true on the same GPU model and software, or report the runs apart)")
+            hashes.setdefault(key, (sha, run))
+            if rec.cell_id in cells and cells[rec.cell_id][0].cell_hash != rec.cell_hash:
+                raise BenchError(f"cell {rec.cell_id} was computed differently in {cells[rec.cell_id][1]} and {run} "
+                                 "(different configs for one cell): drop it from one run or report the runs apart")
+            cells[rec.cell_id] = (rec, run)
+    for sub in ("records", "checks"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    written = []
+    for cell_id, (rec, run) in cells.items():
+        written.append(atomic_write_text(out / "records" / f"{cell_id}.json",
+                                         (run / "records" / f"{cell_id}.json").read_text(encoding="utf-8")))
+    for run in runs:  # a row's checks: the last run that has them
+        for p in sorted((Path(run) / "checks").glob("*.json")):
+            atomic_write_text(out / "checks" / p.name, p.read_text(encoding="utf-8"))
+    plan = {"cells": [{"cell_id": cid, "cell_hash": rec.cell_hash, **asdict(rec.cell)}
+                      for cid, (rec, _) in cells.items()]}
+    atomic_write_json(out / "plan.json", plan)
+    manifests = []
+    for run in runs:
+        path = Path(run) / "manifest.json"
+        manifests.append(json.loads(path.read_text()) if path.is_file() else {})
+    profiles = sorted({m.get("profile") for m in manifests if m.get("profile")})
+    devices = sorted({m.get("device") for m in manifests if m.get("device")})
+    atomic_write_json(out / "manifest.json", {
+        "config": {"name": out.name}, "profile": ", ".join(profiles) or None, "device": ", ".join(devices) or None,
+        "versions": manifests[0].get("versions", {}), "config_hash": None,
+        "merged_from": [{"run": str(run), "config_hash": m.get("config_hash"), "profile": m.get("profile"),
+                         "git_commit": m.get("versions", {}).get("git_commit")} for run, m in zip(runs, manifests)],
+    })
+    atomic_write_json(out / MARK, {"runs": [str(r) for r in runs],
+                                   "targets": {f"{d}/{t}": sha for (d, t), (sha, _) in hashes.items()}})
+    return written
