@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmark.errors import BenchError
 from benchmark.io import atomic_write_json, atomic_write_text
-from benchmark.records import load_records
+from benchmark.records import valid_record
 
 MARK = "merged.json"  # what makes a folder a merge (and so safe to refill)
 
@@ -42,10 +42,11 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
         run = Path(run)
         if not (run / "records").is_dir():
             raise BenchError(f"{run} is not a run folder (no records/ inside)")
-        records = load_records(run)
+        records = {path.stem: rec for path in sorted((run / "records").glob("*.json"))
+                   if (rec := valid_record(path)) is not None}
         if not records:
             raise BenchError(f"{run}/records holds no valid record")
-        for rec in records:
+        for cell_id, rec in records.items():
             key = (rec.cell.dataset, rec.cell.target)
             sha = _target_hash(rec)
             if key in hashes and sha != hashes[key][0]:
@@ -55,14 +56,14 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
                     f"({str(sha)[:12]}): their rows cannot share a table (train the target with "
                     "deterministic: true on the same GPU model and software, or report the runs apart)")
             hashes.setdefault(key, (sha, run))
-            if rec.cell_id in cells and cells[rec.cell_id][0].cell_hash != rec.cell_hash:
-                raise BenchError(f"cell {rec.cell_id} was computed differently in {cells[rec.cell_id][1]} and {run} "
+            if cell_id in cells and cells[cell_id][0].cell_hash != rec.cell_hash:
+                raise BenchError(f"cell {cell_id} was computed differently in {cells[cell_id][1]} and {run} "
                                  "(different configs for one cell): drop it from one run or report the runs apart")
-            cells[rec.cell_id] = (rec, run)
+            cells[cell_id] = (rec, run)
     for sub in ("records", "checks"):
         shutil.rmtree(out / sub, ignore_errors=True)
     written = []
-    for cell_id, (rec, run) in cells.items():
+    for cell_id, (_, run) in cells.items():
         written.append(atomic_write_text(out / "records" / f"{cell_id}.json",
                                          (run / "records" / f"{cell_id}.json").read_text(encoding="utf-8")))
     for run in runs:  # a row's checks: the last run that has them

@@ -108,7 +108,13 @@ def test_deterministic_training_gives_the_same_checkpoint_hash_twice(tmp_path, d
     and the option enters the artifact key only when on (older keys are unchanged)."""
     from unittest import mock
 
-    from benchmark.experiment import DatasetSpec, ExperimentConfig, TargetSpec, prepare_target, target_key
+    from benchmark.experiment import (
+        DatasetSpec,
+        ExperimentConfig,
+        TargetSpec,
+        prepare_target,
+        target_key,
+    )
 
     data = digits_train.subset(256, seed=0)
     ds = DatasetSpec(name="digits", options={"size": 16})
