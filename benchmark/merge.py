@@ -18,12 +18,31 @@ from pathlib import Path
 from benchmark.errors import BenchError
 from benchmark.io import atomic_write_json, atomic_write_text
 from benchmark.records import valid_record
+from benchmark.runner import _slug
 
 MARK = "merged.json"  # what makes a folder a merge (and so safe to refill)
 
 
 def _target_hash(record) -> str | None:
     return (record.target or {}).get("checkpoint_sha256")
+
+
+def _run_records(run: Path) -> dict:
+    """A run's valid records, by cell id: those of its plan when it has one (as a single-run report
+    reads them: cells dropped from the config stay out); else every record in the folder."""
+    plan = run / "plan.json"
+    if plan.is_file():
+        entries = [c["cell_id"] for c in json.loads(plan.read_text())["cells"]]
+    else:
+        entries = [p.stem for p in sorted((run / "records").glob("*.json"))]
+    return {cid: rec for cid in entries if (rec := valid_record(run / "records" / f"{cid}.json")) is not None}
+
+
+def _agree(seen: dict, key: tuple, sha: str | None, run: Path, what: str, hint: str) -> None:
+    if key in seen and seen[key][0] != sha:
+        raise BenchError(f"{what} differs between {seen[key][1]} ({str(seen[key][0])[:12]}) and {run} "
+                         f"({str(sha)[:12]}): their rows cannot share a table ({hint}, or report the runs apart)")
+    seen.setdefault(key, (sha, run))
 
 
 def merge_runs(runs: list[Path], out: Path) -> list[Path]:
@@ -36,39 +55,49 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
     if (out / "records").is_dir() and not (out / MARK).is_file():
         raise BenchError(f"report --out {out} holds a run's records (no {MARK}): give a new folder, a merge "
                          "never overwrites a run")
-    hashes: dict[tuple[str, str], tuple[str, Path]] = {}
+    hashes: dict[tuple, tuple[str, Path]] = {}  # (dataset, target[, defense]) -> checkpoint hash, run
+    settings: dict[str, tuple[dict, Path]] = {}  # dataset -> threat, n, seed, data copy
     cells: dict[str, tuple[object, Path]] = {}
     for run in runs:
         run = Path(run)
         if not (run / "records").is_dir():
             raise BenchError(f"{run} is not a run folder (no records/ inside)")
-        records = {path.stem: rec for path in sorted((run / "records").glob("*.json"))
-                   if (rec := valid_record(path)) is not None}
+        records = _run_records(run)
         if not records:
             raise BenchError(f"{run}/records holds no valid record")
         for cell_id, rec in records.items():
-            key = (rec.cell.dataset, rec.cell.target)
-            sha = _target_hash(rec)
-            if key in hashes and sha != hashes[key][0]:
-                other_sha, other = hashes[key]
-                raise BenchError(
-                    f"target {key[0]}/{key[1]} differs between {other} ({str(other_sha)[:12]}) and {run} "
-                    f"({str(sha)[:12]}): their rows cannot share a table (train the target with "
-                    "deterministic: true on the same GPU model and software, or report the runs apart)")
-            hashes.setdefault(key, (sha, run))
+            what = f"{rec.cell.dataset}/{rec.cell.target}"
+            _agree(hashes, (rec.cell.dataset, rec.cell.target), _target_hash(rec), run, f"target {what}",
+                   "train the target with deterministic: true on the same GPU model and software")
+            if rec.defense_checkpoint_sha256:  # a trained defense: the same weights in every part
+                _agree(hashes, (rec.cell.dataset, rec.cell.target, rec.cell.defense), rec.defense_checkpoint_sha256,
+                       run, f"defense {what}/{rec.cell.defense}", "keep each trained row's attacks in one part")
+            # (rows may differ in n: eval_n evaluates a row on a prefix; the tables print each row's n)
+            setting = {"threat": rec.threat, "seed": (rec.manifest or {}).get("seed"), "data": rec.dataset_copy}
+            setting = {k: v for k, v in setting.items() if v is not None}
+            if rec.cell.dataset in settings and any(
+                    settings[rec.cell.dataset][0].get(k, v) != v for k, v in setting.items()):
+                raise BenchError(f"{rec.cell.dataset}: {settings[rec.cell.dataset][1]} and {run} differ in threat, "
+                                 f"seed or data copy ({settings[rec.cell.dataset][0]} vs "
+                                 f"{setting}): their numbers cannot share a table")
+            settings.setdefault(rec.cell.dataset, (setting, run))
             if cell_id in cells and cells[cell_id][0].cell_hash != rec.cell_hash:
                 raise BenchError(f"cell {cell_id} was computed differently in {cells[cell_id][1]} and {run} "
                                  "(different configs for one cell): drop it from one run or report the runs apart")
             cells[cell_id] = (rec, run)
+    atomic_write_json(out / MARK, {"runs": [str(r) for r in runs],  # first: a crash below leaves a merge
+                                   "targets": {"/".join(k): sha for k, (sha, _) in hashes.items() if len(k) == 2}})
     for sub in ("records", "checks"):
         shutil.rmtree(out / sub, ignore_errors=True)
     written = []
     for cell_id, (_, run) in cells.items():
         written.append(atomic_write_text(out / "records" / f"{cell_id}.json",
                                          (run / "records" / f"{cell_id}.json").read_text(encoding="utf-8")))
-    for run in runs:  # a row's checks: the last run that has them
+    rows = {(rec.cell.dataset, rec.cell.target, rec.cell.defense): run for rec, run in cells.values()}
+    for run in runs:  # a row's checks: from a run whose cells are in the merge (same target and defense)
         for p in sorted((Path(run) / "checks").glob("*.json")):
-            atomic_write_text(out / "checks" / p.name, p.read_text(encoding="utf-8"))
+            if any(r == Path(run) and p.stem == "__".join(_slug(n) for n in row) for row, r in rows.items()):
+                atomic_write_text(out / "checks" / p.name, p.read_text(encoding="utf-8"))
     plan = {"cells": [{"cell_id": cid, "cell_hash": rec.cell_hash, **asdict(rec.cell)}
                       for cid, (rec, _) in cells.items()]}
     atomic_write_json(out / "plan.json", plan)
@@ -84,6 +113,4 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
         "merged_from": [{"run": str(run), "config_hash": m.get("config_hash"), "profile": m.get("profile"),
                          "git_commit": m.get("versions", {}).get("git_commit")} for run, m in zip(runs, manifests)],
     })
-    atomic_write_json(out / MARK, {"runs": [str(r) for r in runs],
-                                   "targets": {f"{d}/{t}": sha for (d, t), (sha, _) in hashes.items()}})
     return written

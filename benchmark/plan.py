@@ -149,9 +149,14 @@ class Planner:
         return self.runner.out / "artifacts"
 
     def target_card(self, ds: DatasetSpec, target: TargetSpec) -> dict | None:
-        """The card of the target's trained artifact in the run folder, if there is one."""
+        """The card of the target's trained artifact in the run folder (or of its checkpoint), if
+        there is one; its weights are not read."""
+        if target.checkpoint is not None:
+            from benchmark.checkpoint import read_card
+
+            return read_card(target.checkpoint)
         if target.train is None:
-            return None
+            return None  # a pretrained model: its hash is known only once it is loaded
         card = self.artifacts / "targets" / f"{ds.name}-{target.name}-{target_key(ds, target, self.cfg.seed)}.json"
         try:
             return json.loads(card.read_text())
@@ -174,7 +179,8 @@ class Planner:
         out: list[Stage] = []
         for ds in cfg.datasets:
             cells_here = [c for c in self.runner.cells if c.dataset is ds]
-            if not any(c.cell_id in pending for c in cells_here):
+            if not any(c.cell_id in pending for c in cells_here) and not any(
+                    self.runner.needs_checks(ds, t, d) for t in cfg.targets for d in cfg.defenses):
                 continue
             split = costs.get("test_images", ds.name, "n")
             if not split.guess and (cfg.eval.n or 0) > split.value:  # what preflight says after loading the data

@@ -156,6 +156,7 @@ class _Builder:
         self.artifacts = runner.out / "artifacts"
         self._train_split: ImageData | None = None
         self._targets: dict[str, tuple] = {}
+        self._failed: dict[str, str] = {}
 
     def train_data(self) -> ImageData:
         if self._train_split is None:
@@ -163,11 +164,17 @@ class _Builder:
         return self._train_split
 
     def target(self, name: str) -> tuple:
+        if name in self._failed:  # once per run, not again for every row in front of it
+            raise BenchError(f"target {self.ds.name}/{name} failed earlier in this run: {self._failed[name]}")
         if name not in self._targets:
             r = self.runner
             spec = next(t for t in r.cfg.targets if t.name == name)
-            self._targets[name] = prepare_target(self.ds, spec, r.cfg, r.device, self.artifacts,
-                                                 progress=r.progress, train=self.train_targets)[:2]
+            try:
+                self._targets[name] = prepare_target(self.ds, spec, r.cfg, r.device, self.artifacts,
+                                                     progress=r.progress, train=self.train_targets)[:2]
+            except Exception as exc:
+                self._failed[name] = _describe(exc)
+                raise
         return self._targets[name]
 
     def defense(self, dspec: DefenseSpec, target: str) -> tuple:
@@ -190,16 +197,16 @@ class Runner:
         self.cfg = cfg
         self.out = Path(out)
         self.force = force
-        # An unexpected error in a defense's training, a row's checks or a cell is logged with its
-        # traceback and the run goes on; the run still fails at the end, naming every failure (a
-        # smoke run on a new machine finds all its bugs in one go). One process only: under
-        # torchrun a rank that goes on alone would wait forever on the others.
-        self.keep_going = keep_going and not distributed.active()
         if any(t.train is not None and t.train.deterministic for t in cfg.targets):
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
         self.progress = progress
         self.config_path = config_path
         self.device = distributed.init_from_env(resolve_device(device or cfg.device))
+        # An unexpected error in a defense's training, a row's checks or a cell is logged with its
+        # traceback and the run goes on; the run still fails at the end, naming every failure (a
+        # smoke run on a new machine finds all its bugs in one go). One process only (checked after
+        # torchrun's setup): a rank that went on alone would wait forever on the others.
+        self.keep_going = keep_going and not distributed.active()
         self.cells = plan_cells(cfg)
         self.eval_sets: dict[str, ImageData] = {}
         self.threat = Threat(cfg.threat.norm, cfg.threat.eps)

@@ -43,8 +43,10 @@ def deterministic_algorithms(enabled: bool = True, seed: int = 0):
     NumPy and torch seeded, ``torch.use_deterministic_algorithms`` (an op without a deterministic
     implementation warns, naming itself), cuDNN's deterministic kernels without autotuning, and
     cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, set unless the environment sets it; it
-    must be set before the process's first cuBLAS call, which the CLI's training is). Everything is
-    restored on leaving. ``enabled=False``: does nothing."""
+    must be set before the process's first cuBLAS call; the runner sets it when a config asks for
+    a deterministic target). The algorithm and cuDNN switches are restored on leaving, also after an
+    error; the random generators stay seeded and the environment variable stays set.
+    ``enabled=False``: does nothing."""
     if not enabled:
         yield
         return

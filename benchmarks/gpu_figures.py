@@ -5,8 +5,9 @@
 
 ``collect`` merges the figures each step of ``gpu_speed.sh`` wrote under OUTDIR (``--json`` of the
 benchmark scripts, the CUDA smoke's time) with what says where they come from (device, commit,
-torch, date, steps skipped at the deadline or failed) into ``<into>/<YYYY-MM-DD>-<gpu-model>.json``,
-and a copy ``OUTDIR/gpu-figures.json``. ``render`` rewrites the section of RESULTS.md between its
+torch, date, steps skipped at the deadline or failed) into ``<into>/<YYYY-MM-DD>-<gpu-model>.json``
+(a second run that day on that GPU model: ``-2``, ...), and a copy ``OUTDIR/gpu-figures.json``.
+``render`` rewrites the section of RESULTS.md between its
 markers from every file in benchmarks/gpu: one row per file, each target judged only when the
 figure was measured at the size the target is set for.
 """
@@ -85,7 +86,10 @@ def collect(outdir: Path, into: Path) -> Path:
     today = datetime.date.today().isoformat()
     doc = {"date": today, "device": device, "commit": git_commit(), "torch": torch_version, **merged, **notes}
     text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
-    path = into / f"{today}-{slug(device)}.json"
+    path, k = into / f"{today}-{slug(device)}.json", 1
+    while path.exists():  # another run that day on that GPU model: a file of its own
+        k += 1
+        path = into / f"{today}-{slug(device)}-{k}.json"
     into.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
     atomic_write_text(outdir / COPY, text)
@@ -117,7 +121,8 @@ def render_table(files: list[Path]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     docs = {p.name: json.loads(p.read_text()) for p in files}
     notes = "\n".join(f"- {name}: {line.strip('* ')}" for name, doc in docs.items()
-                      for line in doc.get("skipped", []) + doc.get("failed", []) + doc.get("notes", []))
+                      for line in (doc.get("skipped", []) + doc.get("failed", []) + doc.get("missing", [])
+                                   + doc.get("notes", [])))
     return ("Rendered from `benchmarks/gpu/*.json` (written by `bash benchmarks/gpu_speed.sh --smoke OUTDIR`; each "
             "file also holds how each figure was measured and every table row). A missed target is marked; a "
             "figure measured at another size than its target's is not judged.\n\n" + "\n".join(lines)

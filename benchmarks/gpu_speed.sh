@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Every speed figure of the suite, in one short job on a CUDA machine, written as data:
 #   bash benchmarks/gpu_speed.sh [--smoke] [OUTDIR]
-# It stops itself after DEADLINE seconds (default 360): a step that would start with less time
-# left than it needs is skipped, one that runs out of time is stopped, and both are said so in the
-# log and in the JSON. Figures go to benchmarks/gpu/<YYYY-MM-DD>-<gpu-model>.json (a copy in
+# It stops itself within DEADLINE seconds (default 360; 25 of them kept back for stopping a step and
+# collecting the figures): a step that would start with less time left than it needs is skipped,
+# one that runs out of time is stopped, and both are said so in the log and in the JSON. Figures go to benchmarks/gpu/<YYYY-MM-DD>-<gpu-model>.json (a copy in
 # OUTDIR, default results/bench): device, commit, torch, and `figures` (benchmarks/gpu_figures.py
 # renders them into RESULTS.md). Logs of every step are kept in OUTDIR.
-#   --smoke      first run the CUDA smoke matrix (configs/smoke/cuda.yaml, about 3 min, not counted in
-#                DEADLINE; stopped after SMOKE_LIMIT seconds, default 240, its finished cells kept):
+#   --smoke      first run the CUDA smoke matrix (configs/smoke/cuda.yaml, about 4 min, not counted in
+#                DEADLINE; stopped after SMOKE_LIMIT seconds, default 300, its finished cells kept):
 #                records `cuda_smoke_seconds`, and tars its records, tables and logs into
 #                OUTDIR/smoke-cuda.tar.gz
 #   --toy DIR    the same steps at toy sizes on CIFAR-10 python batches in DIR (how the tests run it
@@ -28,10 +28,12 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
+[ $# -le 1 ] || { echo "gpu_speed.sh: options go before OUTDIR (got: $*)" >&2; exit 2; }
 out=${1:-${OUT:-results/bench}}
 deadline=${DEADLINE:-360}
+margin=25  # seconds kept back in the budget: a stopped step's 10 s grace, then collecting the figures
 mkdir -p "$out"
-rm -f "$out/failed.txt" "$out/skipped.txt" "$out"/*.json
+rm -f "$out/failed.txt" "$out/skipped.txt" "$out/missing.txt" "$out"/*.json "$out"/*.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/device.txt" || true
 for module in torchattacks pyautoattack; do
   "$py" -c "import $module" 2>/dev/null || echo "** $module cannot be imported: its rows (and the ratio to it) will be missing" | tee -a "$out/missing.txt"
@@ -39,12 +41,17 @@ done
 
 if [ "$smoke" = 1 ]; then
   echo "== cuda-smoke: run configs/smoke/cuda.yaml"
+  rm -rf "$out/smoke-cuda"  # from scratch: its time is the whole run's
   t0=$SECONDS
-  if timeout --signal=INT --kill-after=20 "${SMOKE_LIMIT:-240}" \
-      "$py" run_benchmark.py run configs/smoke/cuda.yaml --out "$out/smoke-cuda" --no-progress --keep-going 2>&1 | tee "$out/cuda-smoke.log"; then
+  timeout --signal=INT --kill-after=10 "${SMOKE_LIMIT:-300}" \
+    "$py" run_benchmark.py run configs/smoke/cuda.yaml --out "$out/smoke-cuda" --no-progress --keep-going 2>&1 | tee "$out/cuda-smoke.log"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" = 0 ]; then
     echo "{\"figures\": {\"cuda_smoke_seconds\": $((SECONDS - t0))}, \"conditions\": {\"cuda_smoke_seconds\": {\"config\": \"configs/smoke/cuda.yaml\", \"what\": \"whole run, data decode and training included\"}}}" > "$out/cuda-smoke.json"
+  elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "** cuda-smoke stopped after ${SMOKE_LIMIT:-300} s, its finished cells kept (see $out/cuda-smoke.log)" | tee -a "$out/skipped.txt"
   else
-    echo "** cuda-smoke failed or stopped after ${SMOKE_LIMIT:-240} s (see $out/cuda-smoke.log)" | tee -a "$out/failed.txt"
+    echo "** cuda-smoke failed (see $out/cuda-smoke.log: ERROR lines name each failure)" | tee -a "$out/failed.txt"
   fi
   (cd "$out" && tar czf smoke-cuda.tar.gz --exclude='*.safetensors' --exclude='*.pt' --exclude=checkpoints smoke-cuda) || true
 fi
@@ -52,15 +59,15 @@ fi
 start=$SECONDS
 step() {  # step NAME NEEDS_SECONDS COMMAND...: run it if NEEDS_SECONDS are left, stop it at the deadline
   local name=$1 needs=$2; shift 2
-  local left=$((deadline - (SECONDS - start)))
-  if [ "$left" -lt "$needs" ]; then
-    echo "** $name skipped: $left s left of the $deadline s deadline, it needs about $needs s" | tee -a "$out/skipped.txt"
+  local left=$((deadline - margin - (SECONDS - start)))
+  if [ "$left" -lt "$needs" ] || [ "$left" -le 0 ]; then
+    echo "** $name skipped: $(( left > 0 ? left : 0 )) s left of the $deadline s deadline, it needs about $needs s" | tee -a "$out/skipped.txt"
     return
   fi
   echo "== $name ($left s left): $*"
-  timeout --signal=INT --kill-after=20 "$left" "$@" 2>&1 | tee "$out/$name.log"
+  timeout --signal=INT --kill-after=10 "$left" "$@" 2>&1 | tee "$out/$name.log"
   local rc=${PIPESTATUS[0]}
-  if [ "$rc" = 124 ]; then
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     echo "** $name stopped at the deadline (see $out/$name.log)" | tee -a "$out/skipped.txt"
   elif [ "$rc" != 0 ]; then
     echo "** $name failed (see $out/$name.log)" | tee -a "$out/failed.txt"

@@ -63,18 +63,24 @@ def test_attack_throughput_refuses_images_of_another_size(tmp_path):
     assert r.returncode != 0 and "needs (3, 32, 32)" in r.stderr and "Traceback" not in r.stderr
 
 
+def _gpu_speed_toy(tmp_path, **env_extra):
+    """``gpu_speed.sh --toy`` on tiny CIFAR batches into ``tmp_path/out``: (result, out folder, env)."""
+    root = _tiny_cifar(tmp_path / "data")
+    out_dir = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, **env_extra}
+    r = subprocess.run(["bash", "benchmarks/gpu_speed.sh", "--toy", str(root), str(out_dir)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r, out_dir, env
+
+
 @pytest.mark.slow
 def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
     """The one-command GPU run, on a CPU at toy size: every step runs, its figures are printed and
     collected into one JSON file, which renders into a RESULTS.md section."""
     import json
 
-    root = _tiny_cifar(tmp_path / "data")
-    out_dir = tmp_path / "out"
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, "PURIFYBENCH_GIT_COMMIT": "abc1234"}
-    r = subprocess.run(["bash", "benchmarks/gpu_speed.sh", "--toy", str(root), str(out_dir)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r, out_dir, env = _gpu_speed_toy(tmp_path, PURIFYBENCH_GIT_COMMIT="abc1234")
     assert not (out_dir / "failed.txt").exists() and not (out_dir / "skipped.txt").exists()
     logs = {p.stem: p.read_text() for p in out_dir.glob("*.log")}
     assert sorted(logs) == ["profile", "throughput-dir", "throughput-none", "training-dir"]
@@ -114,12 +120,7 @@ def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
 def test_gpu_speed_script_skips_a_step_past_its_deadline(tmp_path):
     """A step that would start with less time left than it needs is skipped and said so, and the
     figures are still collected."""
-    root = _tiny_cifar(tmp_path / "data")
-    out_dir = tmp_path / "out"
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, "DEADLINE": "0"}
-    r = subprocess.run(["bash", "benchmarks/gpu_speed.sh", "--toy", str(root), str(out_dir)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    _, out_dir, _ = _gpu_speed_toy(tmp_path, DEADLINE="0")
     skipped = (out_dir / "skipped.txt").read_text()
     assert "throughput-none skipped: 0 s left of the 0 s deadline" in skipped and skipped.count("skipped") == 4
     assert (out_dir / "gpu-figures.json").is_file()

@@ -340,10 +340,14 @@ def test_a_costly_row_can_be_evaluated_on_a_prefix_of_the_subset(tmp_path):
         load_config(_write(tmp_path, cfg, "zero.yaml"))
 
 
-def test_report_merges_parts_that_share_their_target_and_refuses_others(tmp_path, capsys):
+def test_report_merges_parts_that_share_their_target_and_refuses_others(tmp_path):
     """Parts of one matrix run as separate jobs, each retraining the same deterministic target;
-    ``report A B --out M`` builds one set of tables. A part whose target differs is refused."""
-    from benchmark.cli import main
+    ``report A B --out M`` builds one set of tables. Parts whose target differs, or that computed
+    one cell differently, are refused in one line, and a merge never writes into a run."""
+
+    def report(*args):
+        return subprocess.run([sys.executable, "run_benchmark.py", "report", *map(str, args)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
 
     base = json.loads(json.dumps(BASE))
     base["targets"][0]["train"]["deterministic"] = True
@@ -354,26 +358,32 @@ def test_report_merges_parts_that_share_their_target_and_refuses_others(tmp_path
     sha = {r.target["checkpoint_sha256"] for run in ("a", "b") for r in load_records(tmp_path / run)}
     assert len(sha) == 1  # retrained in another "job", bit-identical
     merged = tmp_path / "merged"
-    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(merged)]) == 0
-    capsys.readouterr()
+    r = report(tmp_path / "a", tmp_path / "b", "--out", merged)
+    assert r.returncode == 0, r.stderr
     md = (merged / "tables" / "results.md").read_text()
     assert "| none |" in md and "| den-a |" in md
     assert sorted(r.cell.defense for r in load_records(merged)) == ["den-a", "den-a", "none", "none"]
     assert (merged / "report" / "index.md").is_file() and len(list((merged / "checks").glob("*.json"))) == 2
     assert json.loads((merged / "manifest.json").read_text())["merged_from"][1]["run"] == str(tmp_path / "b")
     # merging again into the same folder is fine (it is a merge), into a run is not
-    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(merged)]) == 0
-    capsys.readouterr()
-    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "a")]) == 2
-    assert "is one of the runs being merged" in capsys.readouterr().err
+    assert report(tmp_path / "a", tmp_path / "b", "--out", merged).returncode == 0
+
+    def refused(*args, expected):
+        r = report(*args)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and len(err.splitlines()) == 1 and expected in err, err
+
+    refused(tmp_path / "a", tmp_path / "b", "--out", tmp_path / "a", expected="is one of the runs being merged")
+    refused(tmp_path / "a", tmp_path / "b", expected="give --out DIR")
+    # one cell computed with other settings in another part
+    other_cell = json.loads(json.dumps(part_a)) | {"name": "part-a2"}
+    other_cell["attacks"] = [{"name": "pgd", "params": {"steps": 3, "step_size": 0.025}}]
+    _run(_write(tmp_path, other_cell, "a2.yaml"), tmp_path / "a2")
+    refused(tmp_path / "a", tmp_path / "a2", "--out", tmp_path / "m1",
+            expected="cell digits__at__none__pgd was computed differently")
     # a part whose target was trained differently: its rows cannot join the table
-    other = base | {"name": "part-c", "defenses": [{"name": "none"}]}
-    other["targets"] = [json.loads(json.dumps(base["targets"][0]))]
+    other = json.loads(json.dumps(part_b)) | {"name": "part-c"}
     other["targets"][0]["train"]["epochs"] = 1
     _run(_write(tmp_path, other, "c.yaml"), tmp_path / "c")
-    assert main(["report", str(tmp_path / "b"), str(tmp_path / "c"), "--out", str(tmp_path / "m2")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "target digits/at differs between" in err and "deterministic: true" in err
+    refused(tmp_path / "a", tmp_path / "c", "--out", tmp_path / "m2", expected="target digits/at differs between")
     assert not (tmp_path / "m2" / "records").exists()
-    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
-    assert "give --out DIR" in capsys.readouterr().err

@@ -138,3 +138,27 @@ def test_deterministic_training_gives_the_same_checkpoint_hash_twice(tmp_path, d
     from benchmark.experiment import target_identity
 
     assert "deterministic" not in target_identity(off)["train"] and target_identity(target)["train"]["deterministic"]
+
+
+def test_deterministic_switches_are_restored_after_an_error():
+    from benchmark.runtime import deterministic_algorithms
+
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.benchmark, cudnn.deterministic)
+    try:
+        torch.use_deterministic_algorithms(False)
+        cudnn.benchmark, cudnn.deterministic = True, False
+        with pytest.raises(RuntimeError, match="inside"):
+            with deterministic_algorithms(True, seed=3):
+                assert torch.are_deterministic_algorithms_enabled() and cudnn.deterministic and not cudnn.benchmark
+                first = torch.rand(3)
+                raise RuntimeError("inside")
+        assert not torch.are_deterministic_algorithms_enabled() and cudnn.benchmark and not cudnn.deterministic
+        with deterministic_algorithms(True, seed=3):
+            assert torch.equal(torch.rand(3), first)  # seeded on entry
+        with deterministic_algorithms(False):
+            assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.benchmark, cudnn.deterministic = saved[2], saved[3]
