@@ -129,3 +129,19 @@ def test_gpu_speed_script_skips_a_step_past_its_deadline(tmp_path):
 def test_matrix_time_splits_training_and_evaluation(tmp_path):
     out = _script("benchmarks/matrix_time.py", "reports/quick-cifar10-dir", home=tmp_path)
     assert "| **training** | **888.3** |" in out and "| train target" in out and "evaluate EOT-PGD" in out
+
+
+def test_gpu_speed_script_stops_a_step_at_its_deadline(tmp_path):
+    """A step still running at the deadline is stopped and said so (not counted as failed); the
+    later steps are skipped and the figures are still collected."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/bash\ncase \"$1\" in *gpu_figures.py|-c) exec {sys.executable} \"$@\";; esac\nsleep 120\n")
+    fake.chmod(0o755)
+    out_dir = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(fake), "DEADLINE": "35"}
+    r = subprocess.run(["bash", "benchmarks/gpu_speed.sh", "--toy", str(tmp_path), str(out_dir)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    skipped = (out_dir / "skipped.txt").read_text()
+    assert "throughput-none stopped at the deadline" in skipped and skipped.count(" skipped: 0 s left") == 3
+    assert not (out_dir / "failed.txt").exists() and (out_dir / "gpu-figures.json").is_file()
