@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmark.errors import BenchError
 from benchmark.io import atomic_write_json, atomic_write_text
 from benchmark.records import valid_record
-from benchmark.runner import _slug
+from benchmark.runner import row_name
 
 MARK = "merged.json"  # what makes a folder a merge (and so safe to refill)
 
@@ -56,7 +56,7 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
         raise BenchError(f"report --out {out} holds a run's records (no {MARK}): give a new folder, a merge "
                          "never overwrites a run")
     hashes: dict[tuple, tuple[str, Path]] = {}  # (dataset, target[, defense]) -> checkpoint hash, run
-    settings: dict[str, tuple[dict, Path]] = {}  # dataset -> threat, n, seed, data copy
+    settings: dict[str, tuple[dict, Path]] = {}  # dataset -> threat, seed, data copy
     cells: dict[str, tuple[object, Path]] = {}
     for run in runs:
         run = Path(run)
@@ -93,11 +93,12 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
     for cell_id, (_, run) in cells.items():
         written.append(atomic_write_text(out / "records" / f"{cell_id}.json",
                                          (run / "records" / f"{cell_id}.json").read_text(encoding="utf-8")))
-    rows = {(rec.cell.dataset, rec.cell.target, rec.cell.defense): run for rec, run in cells.values()}
-    for run in runs:  # a row's checks: from a run whose cells are in the merge (same target and defense)
-        for p in sorted((Path(run) / "checks").glob("*.json")):
-            if any(r == Path(run) and p.stem == "__".join(_slug(n) for n in row) for row, r in rows.items()):
-                atomic_write_text(out / "checks" / p.name, p.read_text(encoding="utf-8"))
+    # a row's checks: from a run whose cells of that row are in the merge (same target and defense)
+    rows = {row_name(r.cell.dataset, r.cell.target, r.cell.defense): run for r, run in cells.values()}
+    for row, run in rows.items():
+        path = run / "checks" / f"{row}.json"
+        if path.is_file():
+            atomic_write_text(out / "checks" / path.name, path.read_text(encoding="utf-8"))
     plan = {"cells": [{"cell_id": cid, "cell_hash": rec.cell_hash, **asdict(rec.cell)}
                       for cid, (rec, _) in cells.items()]}
     atomic_write_json(out / "plan.json", plan)

@@ -11,6 +11,7 @@ and a different GPU move the real figure.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -86,10 +87,6 @@ class Estimate:
         return self
 
 
-def _sqrt(x: float) -> float:
-    return x ** 0.5
-
-
 def _train_options(spec: DefenseSpec):
     cls = DEFENSES.get(spec.registered)
     return from_dict(cls.TrainConfig, spec.train, f"defense {spec.name!r}.train") if cls.TrainConfig else None
@@ -99,6 +96,7 @@ class Planner:
     def __init__(self, runner, costs: Costs | None = None) -> None:
         self.runner, self.cfg, self.costs = runner, runner.cfg, costs or Costs()
         self.pretrainings: set[str] = set()  # DIR rows with one architecture and pre-training share it
+        self._cards: dict[tuple[str, str], dict | None] = {}
 
     # -- counts ---------------------------------------------------------------------------
     def train_images(self, ds: DatasetSpec) -> tuple[int, bool]:
@@ -150,7 +148,12 @@ class Planner:
 
     def target_card(self, ds: DatasetSpec, target: TargetSpec) -> dict | None:
         """The card of the target's trained artifact in the run folder (or of its checkpoint), if
-        there is one; its weights are not read."""
+        there is one; its weights are not read. Read once per target."""
+        if (ds.name, target.name) not in self._cards:
+            self._cards[ds.name, target.name] = self._read_target_card(ds, target)
+        return self._cards[ds.name, target.name]
+
+    def _read_target_card(self, ds: DatasetSpec, target: TargetSpec) -> dict | None:
         if target.checkpoint is not None:
             from benchmark.checkpoint import read_card
 
@@ -253,7 +256,7 @@ class Planner:
             return Figure(pass_s.value * 1e-6 * passes.value, pass_s.guess or passes.guess), n
         ratio = pass_s.value / aa("pass_us", "none", "us").value
         est = Estimate().add(aa("autoattack", "fixed_s")).add(aa("autoattack", "per_image_s"), n)
-        return Figure(est.seconds * max(1.0, _sqrt(ratio)), est.guess or pass_s.guess), 1.0
+        return Figure(est.seconds * max(1.0, math.sqrt(ratio)), est.guess or pass_s.guess), 1.0
 
     def row_stages(self, ds, target, spec: DefenseSpec, cells: list) -> list[Stage]:
         stages = []

@@ -11,7 +11,6 @@ and matches the cell's hash (``force=True`` recomputes).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from contextlib import contextmanager
@@ -44,7 +43,7 @@ from benchmark.locks import OwnerLock, owner_info, sweep_stale_locks
 from benchmark.masking import run_checks, valid_checks, write_checks
 from benchmark.records import CellRecord, bit_string, count_string, valid_record, write_record
 from benchmark.registry import ATTACKS, DEFENSES
-from benchmark.runtime import resolve_device, versions
+from benchmark.runtime import fix_cublas_workspace, resolve_device, versions
 from benchmark.stats import draw_scores, wilson_interval
 from defenses.base import DefendedModel
 
@@ -107,8 +106,13 @@ def row_draws(cfg: ExperimentConfig, defense: DefenseSpec) -> int:
     return cfg.draws if DEFENSES.get(defense.registered).stochastic_with(defense.options) else 1
 
 
+def row_name(dataset: str, target: str, defense: str) -> str:
+    """A row's file-name stem (its checks file, its lock)."""
+    return "__".join(_slug(n) for n in (dataset, target, defense))
+
+
 def row_id(ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
-    return "__".join(_slug(n) for n in (ds.name, target.name, defense.name))
+    return row_name(ds.name, target.name, defense.name)
 
 
 def checks_hash(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
@@ -198,7 +202,7 @@ class Runner:
         self.out = Path(out)
         self.force = force
         if any(t.train is not None and t.train.deterministic for t in cfg.targets):
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+            fix_cublas_workspace()  # before the process's first cuBLAS call
         self.progress = progress
         self.config_path = config_path
         self.device = distributed.init_from_env(resolve_device(device or cfg.device))

@@ -36,21 +36,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def fix_cublas_workspace() -> None:
+    """cuBLAS's fixed workspace, which deterministic matrix products need; it takes effect only if
+    set before the process's first cuBLAS call. An environment that sets it wins."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 @contextmanager
 def deterministic_algorithms(enabled: bool = True, seed: int = 0):
     """Run the block with every source of run-to-run variation that torch controls switched off, so
     that the same training on the same GPU model and software gives bit-identical weights: Python,
     NumPy and torch seeded, ``torch.use_deterministic_algorithms`` (an op without a deterministic
     implementation warns, naming itself), cuDNN's deterministic kernels without autotuning, and
-    cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, set unless the environment sets it; it
-    must be set before the process's first cuBLAS call; the runner sets it when a config asks for
-    a deterministic target). The algorithm and cuDNN switches are restored on leaving, also after an
+    cuBLAS's fixed workspace (:func:`fix_cublas_workspace`; the runner calls it early when a config
+    asks for a deterministic target). The algorithm and cuDNN switches are restored on leaving, also after an
     error; the random generators stay seeded and the environment variable stays set.
     ``enabled=False``: does nothing."""
     if not enabled:
         yield
         return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    fix_cublas_workspace()
     cudnn = torch.backends.cudnn
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               cudnn.benchmark, cudnn.deterministic)

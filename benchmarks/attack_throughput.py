@@ -152,8 +152,8 @@ def main() -> None:
         print(f"| {through} | {name} | {seconds:.3f} | {rate:,.0f} | {r} | {acc:.2f} | {tflops:.3f} |")
     print("\nTFLOP/s: FLOPs of one step (forward + input gradient, counted by torch.utils.flop_counter) x steps x n"
           " / seconds; APGD also runs a few extra forwards, so its figure is a lower bound.")
-    verdicts(rows, n=len(x), steps=args.steps, device=device)
     figures, conditions = speed_figures(rows, trained, n=len(x), steps=args.steps, batch=bs)
+    verdicts(figures, conditions, n=len(x), steps=args.steps, device=device)
     write_figures(args.json, figures, conditions,
                   [dict(zip(("through", "attack", "seconds", "images_steps_per_s", "speedup_vs_torchattacks",
                              "robust_acc_percent", "tflops"), row)) | {"n": len(x), "steps": args.steps}
@@ -194,30 +194,26 @@ def speed_figures(rows: list[tuple], trained: dict, *, n: int, steps: int, batch
     return figures, conditions
 
 
-def verdicts(rows: list[tuple], *, n: int, steps: int, device: torch.device) -> None:
-    """The issue's targets for the ``none`` rows: PGD-20 on 10,000 images <= 3 s and >= 5x
-    torchattacks on one H100, robust accuracy within 0.3 points of our fp32 run."""
-    none = {name: (seconds, acc) for through, name, seconds, _, _, acc, _ in rows if through == "none"}
-    ours = {k: v for k, v in none.items() if k.startswith("ours")}
-    if not ours:
+def verdicts(figures: dict, conditions: dict, *, n: int, steps: int, device: torch.device) -> None:
+    """The issue's targets for the ``none`` rows (from :func:`speed_figures`): PGD-20 on 10,000
+    images <= 3 s and >= 5x torchattacks on one H100, robust accuracy within 0.3 points of our fp32 run."""
+    if "pgd20_resnet18_10k_seconds" not in figures:
         return
-    best = min(ours, key=lambda k: ours[k][0])
-    best_s, best_acc = ours[best]
+    best_s = figures["pgd20_resnet18_10k_seconds"]
     at_size = device.type == "cuda" and n == 10_000 and steps == 20
     size_note = "" if at_size else " (target set for PGD-20, n = 10,000 on one H100: not judged here)"
 
     def met(ok: bool, judged: bool = at_size) -> str:
         return verdict(ok, judged)
 
-    print(f"\nTargets (none, fastest of ours: {best}){size_note}\n")
+    print(f"\nTargets (none, fastest of ours: {conditions['pgd20_resnet18_10k_seconds']['variant']}){size_note}\n")
     print("| target | this run | met |\n|---|---:|---|")
     print(f"| PGD-{steps} on {n:,} images <= 3 s | {best_s:.3f} s | {met(best_s <= 3.0)} |")
-    if "torchattacks PGD" in none:
-        ratio = none["torchattacks PGD"][0] / best_s
+    if "pgd20_vs_torchattacks" in figures:
+        ratio = figures["pgd20_vs_torchattacks"]
         print(f"| >= 5x torchattacks' PGD | {ratio:.2f}x | {met(ratio >= 5.0)} |")
-    if "ours fp32" in ours:
-        diff = abs(best_acc - ours["ours fp32"][1])  # the rows hold percentages
-        print(f"| robust accuracy within 0.3 points of fp32 | {diff:.2f} points | {met(diff <= 0.3, judged=True)} |")
+    diff = figures["pgd20_robust_acc_diff_vs_fp32_points"]
+    print(f"| robust accuracy within 0.3 points of fp32 | {diff:.2f} points | {met(diff <= 0.3, judged=True)} |")
 
 
 if __name__ == "__main__":
