@@ -19,6 +19,9 @@ command again submits only what is still missing (a cell held by a live worker i
 ``--executor local`` runs the same path through submitit's local executor (each array element a
 process on this machine); that is how it is tested. Submitit stores its jobs as pickles in
 ``<out>/submitit``: a folder written by this process for itself, never one received from others.
+What a job gets (a :class:`Share`: its tasks and the config) and what it returns (a
+:class:`ShareResult`) are plain JSON data with a schema inside those pickles, so a worker of
+another version of the suite refuses them in one line instead of misreading them.
 """
 
 from __future__ import annotations
@@ -31,15 +34,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmark.config import ConfigError, from_dict
 from benchmark.errors import BenchError
 from benchmark.experiment import ExperimentConfig
 from benchmark.io import atomic_write_json
+from benchmark.records import RecordError, Typed
 from benchmark.registry import DEFENSES
 
 log = logging.getLogger("purifybench")
 
 EXECUTORS = ("local", "slurm")
 STAGES = ("targets", "defenses", "cells")
+TASK_KINDS = ("target", "defense", "checks", "cell")
+SHARE_SCHEMA = "purifybench-share/1"
 _SLURM_KEY = re.compile(r"[a-z][a-z0-9_-]*")
 
 
@@ -92,7 +99,32 @@ def parse_slurm_args(items: list[str] | None) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- planning
-def plan_stages(runner) -> dict[str, list[tuple]]:
+@dataclass(frozen=True)
+class Task(Typed):
+    """One unit of a stage: train a target (dataset, target), train a defense row, run a row's
+    checks, or compute a cell (its row and ``cell_id``)."""
+
+    kind: str
+    dataset: str
+    target: str
+    defense: str | None = None
+    cell_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise RecordError(f"task kind {self.kind!r} is not known; allowed: {', '.join(TASK_KINDS)}")
+        if (self.kind != "target") != (self.defense is not None) or (self.kind == "cell") != (self.cell_id is not None):
+            raise RecordError(f"a {self.kind} task needs "
+                              + {"target": "no defense and no cell", "cell": "a defense and a cell_id"}.get(
+                                  self.kind, "a defense and no cell_id") + f", got {self}")
+
+    @property
+    def row(self) -> tuple:
+        """(dataset, target) for a target task, (dataset, target, defense) otherwise."""
+        return (self.dataset, self.target) if self.kind == "target" else (self.dataset, self.target, self.defense)
+
+
+def plan_stages(runner) -> dict[str, list[Task]]:
     """The tasks of each stage for what is still missing in the run folder."""
     cfg: ExperimentConfig = runner.cfg
     pending = runner.pending()
@@ -104,25 +136,25 @@ def plan_stages(runner) -> dict[str, list[tuple]]:
     rows_sorted = [(ds.name, t.name, d.name) for ds in cfg.datasets for t in cfg.targets for d in cfg.defenses
                    if (ds.name, t.name, d.name) in rows]  # in plan order
     needed = {(ds, name) for ds, t, d in rows_sorted for name in (t, by_name[d].trained_against) if name}
-    stage_targets = [("target", ds.name, t.name) for ds in cfg.datasets for t in cfg.targets
+    stage_targets = [Task("target", ds.name, t.name) for ds in cfg.datasets for t in cfg.targets
                      if (ds.name, t.name) in needed and t.pretrained is None and t.checkpoint is None]
-    stage_defenses = [("defense", ds, t, d) for ds, t, d in rows_sorted
-                      if by_name[d].checkpoint is None and DEFENSES.get(by_name[d].registered).trainable]
-    stage_cells: list[tuple] = []
+    stage_defenses = [Task("defense", *row) for row in rows_sorted
+                      if by_name[row[2]].checkpoint is None and DEFENSES.get(by_name[row[2]].registered).trainable]
+    stage_cells: list[Task] = []
     for row in rows_sorted:
         if row in checks:
-            stage_cells.append(("checks", *row))
-        stage_cells += [("cell", *row, c.cell_id) for c in pending
+            stage_cells.append(Task("checks", *row))
+        stage_cells += [Task("cell", *row, cell_id=c.cell_id) for c in pending
                         if (c.dataset.name, c.target.name, c.defense.name) == row]
     return {"targets": stage_targets, "defenses": stage_defenses, "cells": stage_cells}
 
 
-def split(stage: str, tasks: list[tuple], jobs: int | None) -> list[list[tuple]]:
+def split(stage: str, tasks: list[Task], jobs: int | None) -> list[list[Task]]:
     """Array elements of a stage: one task each (artifacts) or one row each (cells: the row's
     checks and cells share the loaded defense), then merged into at most ``jobs`` contiguous shares."""
-    units: list[list[tuple]] = []
+    units: list[list[Task]] = []
     for task in tasks:
-        if stage == "cells" and units and units[-1][-1][1:4] == task[1:4]:
+        if stage == "cells" and units and units[-1][-1].row == task.row:
             units[-1].append(task)
         else:
             units.append([task])
@@ -133,21 +165,54 @@ def split(stage: str, tasks: list[tuple], jobs: int | None) -> list[list[tuple]]
 
 # ----------------------------------------------------------------------------- the worker
 @dataclass
-class Share:
-    """What one array element does (pickled by submitit)."""
+class Share(Typed):
+    """What one array element does. Submitit pickles its JSON form (:meth:`to_json`)."""
 
     stage: str
-    tasks: list[tuple]
+    tasks: list[Task]
     cfg: ExperimentConfig
     out: str
     device: str | None
     force: bool
     threads: int | None
     config_path: str | None
+    schema: str = SHARE_SCHEMA
+
+    @classmethod
+    def from_json(cls, data, where: str = "cluster share"):
+        if isinstance(data, cls):
+            return data
+        found = data.get("schema") if isinstance(data, dict) else None
+        if found != SHARE_SCHEMA:
+            raise RecordError(f"{where}: schema {found!r} is not {SHARE_SCHEMA} (submitted by another version of "
+                              "purifybench; submit again with this one)")
+        if data.get("stage") not in STAGES:
+            raise RecordError(f"{where}: stage {data.get('stage')!r} is not one of {', '.join(STAGES)}")
+        try:
+            tasks = [Task.from_json(t, f"{where}: tasks[{i}]") for i, t in enumerate(data.get("tasks") or [])]
+            cfg = from_dict(ExperimentConfig, data.get("cfg"), f"{where}: cfg")
+        except ConfigError as exc:
+            raise RecordError(str(exc)) from None
+        return super().from_json(dict(data, tasks=tasks, cfg=cfg), where)
 
 
-def work(share: Share) -> dict:
-    """The body of one array element: build the artifacts of its tasks, or compute its cells."""
+@dataclass
+class ShareResult(Typed):
+    """What one array element reports back (as JSON) to the submitter."""
+
+    stage: str
+    tasks: int
+    worker: dict
+    computed: int = 0
+    busy: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    built: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def work(payload: dict) -> dict:
+    """The body of one array element (``payload``: a :class:`Share` as JSON): build the artifacts of
+    its tasks, or compute its cells. Returns a :class:`ShareResult` as JSON."""
     import torch
 
     from benchmark.cli import setup_logging
@@ -155,30 +220,35 @@ def work(share: Share) -> dict:
     from benchmark.runner import Runner
 
     setup_logging(None)  # to stderr, which submitit keeps in the job's log
+    t0 = time.perf_counter()
+    try:
+        share = Share.from_json(payload)
+    except RecordError as exc:
+        known = payload if isinstance(payload, dict) else {}
+        return ShareResult(stage=str(known.get("stage")), tasks=len(known.get("tasks") or []),
+                           worker=owner_info(), failed=[str(exc)]).to_json()
     if share.threads:
         torch.set_num_threads(share.threads)
-    t0 = time.perf_counter()
-    result = {"stage": share.stage, "tasks": len(share.tasks), "worker": owner_info(), "computed": 0,
-              "busy": [], "failed": [], "built": []}
+    result = ShareResult(stage=share.stage, tasks=len(share.tasks), worker=owner_info())
     try:
         runner = Runner(share.cfg, Path(share.out), device=share.device, force=share.force, progress=False,
                         config_path=share.config_path)
         runner.preflight()
         if share.stage == "targets":
-            out = runner.build_artifacts(targets=[t[1:] for t in share.tasks])
-            result.update(built=out["built"], failed=out["failed"])
+            out = runner.build_artifacts(targets=[t.row for t in share.tasks])
+            result.built, result.failed = out["built"], out["failed"]
         elif share.stage == "defenses":
-            out = runner.build_artifacts(rows=[t[1:] for t in share.tasks], train_targets=False)
-            result.update(built=out["built"], failed=out["failed"])
+            out = runner.build_artifacts(rows=[t.row for t in share.tasks], train_targets=False)
+            result.built, result.failed = out["built"], out["failed"]
         else:
-            cells = {t[4] for t in share.tasks if t[0] == "cell"}
-            rows = {t[1:] for t in share.tasks if t[0] == "checks"}
+            cells = {t.cell_id for t in share.tasks if t.kind == "cell"}
+            rows = {t.row for t in share.tasks if t.kind == "checks"}
             out = runner.run(cells=cells, rows=rows, train=False, tables=False)
-            result.update(computed=out["computed"], busy=out["busy"])
+            result.computed, result.busy = out["computed"], out["busy"]
     except BenchError as exc:  # reported by the submitter in one line
-        result["failed"].append(str(exc))
-    result["seconds"] = time.perf_counter() - t0
-    return result
+        result.failed.append(str(exc))
+    result.seconds = time.perf_counter() - t0
+    return result.to_json()
 
 
 # ----------------------------------------------------------------------------- submitting
@@ -228,7 +298,7 @@ def submit(runner, opts: ClusterOptions, *, device: str | None = None) -> dict:
         threads = opts.cpus_per_job
         if threads is None and opts.executor == "local":
             threads = max(1, (os.cpu_count() or 1) // len(shares))
-        payload = [Share(stage, s, runner.cfg, str(out), device, runner.force, threads, runner.config_path)
+        payload = [Share(stage, s, runner.cfg, str(out), device, runner.force, threads, runner.config_path).to_json()
                    for s in shares]
         executor.update_parameters(name=f"purifybench-{runner.cfg.name}-{stage}")
         try:
@@ -243,15 +313,15 @@ def submit(runner, opts: ClusterOptions, *, device: str | None = None) -> dict:
             while not job.done():
                 time.sleep(opts.poll_s)
             try:
-                res = job.result()
+                res = ShareResult.from_json(job.result(), f"{stage} job {job.job_id}'s result")
             except Exception as exc:  # the job died (killed, timed out, a bug): its log has the traceback
                 logs = getattr(job.paths, "stderr", folder)
                 summary["failed"].append(f"{stage} job {job.job_id} failed ({type(exc).__name__}); see {logs}")
                 continue
-            summary["jobs"].append({"job": job.job_id, **res})
-            summary["computed"] += res.get("computed", 0)
-            summary["busy"] += res.get("busy", [])
-            summary["failed"] += [f"{stage} job {job.job_id}: {f}" for f in res.get("failed", [])]
+            summary["jobs"].append({"job": job.job_id, **res.to_json()})
+            summary["computed"] += res.computed
+            summary["busy"] += res.busy
+            summary["failed"] += [f"{stage} job {job.job_id}: {f}" for f in res.failed]
         for f in summary["failed"]:
             log.error("%s", f)
     from benchmark.tables import write_tables

@@ -25,6 +25,7 @@ from attacks.core import AttackResult
 from attacks.engine import AttackView, EngineOptions, auto_batch_size, prepare_model
 from benchmark import distributed
 from benchmark.errors import BenchError
+from benchmark.records import GradientCheck
 
 BALL_TOLERANCE = 1e-6
 GRADIENT_CHECK_N = 256  # images of the first batch whose input gradient is checked for masking
@@ -136,7 +137,7 @@ def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, threat: Threat, atta
         raise ThreatModelViolation(f"attack {attack!r} returned pixels outside [0,1]: [{lo:.6f}, {hi:.6f}]")
 
 
-def gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+def gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> GradientCheck:
     """One of the gradient-masking checks (Carlini et al. 2019): the input gradient of the loss
     that the attacks follow, at the clean images of the first batch. A defense whose gradient is
     zero for most images, or not finite, makes every gradient attack look weak: ``masked`` flags it
@@ -148,8 +149,7 @@ def gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     per_image = grad.detach().flatten(1).abs().amax(1)
     finite = bool(torch.isfinite(grad).all())
     zero = float((per_image == 0).float().mean()) if finite else float("nan")
-    return {"n": int(len(x)), "zero_gradient_fraction": zero, "finite": finite,
-            "masked": (not finite) or zero >= 0.5}
+    return GradientCheck(n=int(len(x)), zero_gradient_fraction=zero, finite=finite, masked=(not finite) or zero >= 0.5)
 
 
 MAX_DRAWS = 35  # per-sample draw counts are stored as one base-36 digit

@@ -31,6 +31,7 @@ per row, ``checks/<row>.json``; the results tables show its flags as a column.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -42,10 +43,13 @@ from attacks.base import Attack, Threat
 from attacks.pgd import pgd_linf
 from benchmark.config import require, subkey
 from benchmark.harness import gradient_check, run_attack
-from benchmark.records import checksum, write_record
+from benchmark.records import GradientCheck, RecordError, Typed, checksum, write_record
 from benchmark.registry import ATTACKS
 
-SCHEMA = "purifybench-checks/1"
+log = logging.getLogger("purifybench")
+
+SCHEMA = "purifybench-checks/2"  # 2: typed; the flags are derived from the checks
+OLD_SCHEMAS = ("purifybench-checks/1",)  # the same fields: read, and said so
 FLAGS = ("zero-grad", "steps", "eps", "square", "eot", "transfer")
 LEGEND = ("Checks: gradient-masking checks on the first examples of the subset (Carlini et al. 2019; "
           "checks.md has the figures): ok = none failed; zero-grad = zero or non-finite input gradients; "
@@ -56,7 +60,7 @@ LEGEND = ("Checks: gradient-masking checks on the first examples of the subset (
 
 
 @dataclass
-class ChecksSpec:
+class ChecksSpec(Typed):
     enabled: bool = True
     n: int = 100  # examples: the first n of each row's evaluation subset
     steps: int = 10  # PGD steps of the base run (step size 2.5 eps / steps)
@@ -88,6 +92,133 @@ def tolerance(p1: float, p2: float, m: int, stochastic: bool) -> float:
     if stochastic:
         tol += 1.96 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / m)
     return tol
+
+
+# -- what a row's checks found (typed: these cross files) -------------------------------------
+@dataclass
+class StepsCheck(Typed):
+    clean: float  # clean accuracy of the checked examples
+    steps: list[int]  # [few, more]
+    accuracy: list[float]  # PGD with few and with more steps
+    tolerance: float
+    failed: bool
+
+
+@dataclass
+class EpsCheck(Typed):
+    eps: list[float]  # the threat's eps, then each multiple (capped at 1)
+    accuracy: list[float]
+    chance: float
+    tolerance: float
+    failed: bool
+
+
+@dataclass
+class SquareCheck(Typed):
+    queries: int
+    accuracy: float
+    whitebox_accuracy: float  # per-sample worst case of the two PGD runs
+    beaten_only_by_square: int
+    tolerance: float
+    failed: bool
+
+
+@dataclass
+class TransferCheck(Typed):
+    accuracy: dict[str, float]  # per source: "classifier", and "surrogate" for a BPDA row
+    whitebox_accuracy: float
+    tolerance: float
+    failed: bool
+
+
+@dataclass
+class FixedRandomness(Typed):
+    """Recorded, not flagged: PGD against the stochastic defense, and with its randomness frozen."""
+
+    pgd: float
+    fixed_pgd: float
+    from_randomness: float
+
+
+@dataclass
+class EotCheck(Typed):
+    repeats: list[float]  # PGD evaluations with different seeds
+    spread: float
+    std: float
+    samples: list[int]  # [E, 2E]
+    accuracy: list[float]  # EOT-PGD with E and with 2E samples
+    tolerance: float
+    failed: bool
+
+
+@dataclass
+class CheckResults(Typed):
+    """Every check of one row. ``transfer``, ``fixed`` and ``eot`` are ``None`` when not run."""
+
+    n: int
+    stochastic: bool
+    gradient: GradientCheck
+    steps: StepsCheck
+    eps: EpsCheck
+    square: SquareCheck
+    transfer: TransferCheck | None = None
+    fixed: FixedRandomness | None = None
+    eot: EotCheck | None = None
+    seconds: float = 0.0
+    forwards: int = 0
+    backwards: int = 0
+
+    NESTED = {"gradient": GradientCheck, "steps": StepsCheck, "eps": EpsCheck, "square": SquareCheck,
+              "transfer": TransferCheck, "fixed": FixedRandomness, "eot": EotCheck}
+
+    @property
+    def flags(self) -> list[str]:
+        """The failed checks, in the order of :data:`FLAGS`."""
+        failed = {"zero-grad": self.gradient.masked, "steps": self.steps.failed, "eps": self.eps.failed,
+                  "square": self.square.failed, "eot": self.eot is not None and self.eot.failed,
+                  "transfer": self.transfer is not None and self.transfer.failed}
+        return [f for f in FLAGS if failed[f]]
+
+
+@dataclass(frozen=True)
+class RowKey(Typed):
+    dataset: str
+    target: str
+    defense: str
+
+
+@dataclass
+class ChecksRecord(Typed):
+    """One row's ``checks/<row>.json``. ``flags`` and ``passed`` are written for readers of the file
+    and derived from ``results`` when read."""
+
+    row: RowKey
+    row_hash: str
+    results: CheckResults
+    spec: ChecksSpec = field(default_factory=ChecksSpec)
+    threat: dict = field(default_factory=dict)
+    dataset_copy: str | None = None
+    profile: str | None = None
+    bpda: bool = False
+    sample_indices: list[int] | None = None
+    created: str | None = None
+    schema: str = SCHEMA
+    checksum: str | None = None
+
+    NESTED = {"row": RowKey, "results": CheckResults, "spec": ChecksSpec}
+
+    @property
+    def flags(self) -> list[str]:
+        return self.results.flags
+
+    @classmethod
+    def from_json(cls, data, where: str = "checks"):
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in ("flags", "passed")}
+        return super().from_json(data, where)
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "flags": self.flags, "passed": not self.flags}
 
 
 class Transfer(Attack):
@@ -125,8 +256,8 @@ def _pgd(steps: int, eps: float, eot: int = 1):
 
 
 def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: ChecksSpec, *,
-               seed: int = 0, batch_size: int | str = 500, engine=None) -> dict:
-    """Every check on images ``x`` (float in [0,1], on the model's device): figures and flags."""
+               seed: int = 0, batch_size: int | str = 500, engine=None) -> CheckResults:
+    """Every check on images ``x`` (float in [0,1], on the model's device); ``.flags`` names the failed."""
     m = len(x)
     stochastic = bool(getattr(model, "stochastic", False))
     t0 = time.perf_counter()
@@ -138,22 +269,13 @@ def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: Ch
         passes["backwards"] += out.backwards
         return out
 
-    results: dict = {"n": m, "stochastic": stochastic}
-    flags: list[str] = []
-
     grad = gradient_check(model, x, y)
-    results["gradient"] = grad
-    if grad["masked"]:
-        flags.append("zero-grad")
 
     clean = attack(ATTACKS.get("clean")())
     few, more = attack(_pgd(spec.steps, threat.eps)), attack(_pgd(spec.more_steps, threat.eps))
     tol = tolerance(few.accuracy, more.accuracy, m, stochastic)
-    results["steps"] = {"clean": clean.accuracy, "steps": [spec.steps, spec.more_steps],
-                        "accuracy": [few.accuracy, more.accuracy], "tolerance": tol,
-                        "failed": more.accuracy > few.accuracy + tol}
-    if results["steps"]["failed"]:
-        flags.append("steps")
+    steps = StepsCheck(clean=clean.accuracy, steps=[spec.steps, spec.more_steps],
+                       accuracy=[few.accuracy, more.accuracy], tolerance=tol, failed=more.accuracy > few.accuracy + tol)
 
     whitebox = few.correct & more.correct
     wb_acc = float(whitebox.float().mean())
@@ -167,85 +289,96 @@ def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: Ch
     chance = 1.0 / classes
     rises = [b - a for a, b in zip(sweep_acc, sweep_acc[1:])]
     eps_tol = tolerance(sweep_acc[0], sweep_acc[-1], m, stochastic)
-    eps_failed = sweep_acc[-1] > chance + 0.1 or any(r > eps_tol for r in rises)
-    results["eps"] = {"eps": sweep_eps, "accuracy": sweep_acc, "chance": chance, "tolerance": eps_tol,
-                      "failed": eps_failed}
-    if eps_failed:
-        flags.append("eps")
+    eps = EpsCheck(eps=sweep_eps, accuracy=sweep_acc, chance=chance, tolerance=eps_tol,
+                   failed=sweep_acc[-1] > chance + 0.1 or any(r > eps_tol for r in rises))
 
-    square = attack(ATTACKS.get("square")(where="checks", n_queries=spec.square_queries, seed=seed))
-    sq_tol = tolerance(square.accuracy, wb_acc, m, stochastic)
-    results["square"] = {"queries": spec.square_queries, "accuracy": square.accuracy, "whitebox_accuracy": wb_acc,
-                         "beaten_only_by_square": int((whitebox & ~square.correct).sum()), "tolerance": sq_tol,
-                         "failed": square.accuracy < wb_acc - sq_tol}
-    if results["square"]["failed"]:
-        flags.append("square")
+    sq = attack(ATTACKS.get("square")(where="checks", n_queries=spec.square_queries, seed=seed))
+    sq_tol = tolerance(sq.accuracy, wb_acc, m, stochastic)
+    square = SquareCheck(queries=spec.square_queries, accuracy=sq.accuracy, whitebox_accuracy=wb_acc,
+                         beaten_only_by_square=int((whitebox & ~sq.correct).sum()), tolerance=sq_tol,
+                         failed=sq.accuracy < wb_acc - sq_tol)
 
+    transfer = None
     sources = transfer_sources(model) if spec.transfer else {}
     if sources:
         step_size = min(1.0, 2.5 * threat.eps / spec.steps)
         accs = {name: attack(Transfer(src, spec.steps, step_size)).accuracy for name, src in sources.items()}
         lowest = min(accs.values())
         tr_tol = tolerance(lowest, wb_acc, m, stochastic)
-        results["transfer"] = {"accuracy": accs, "whitebox_accuracy": wb_acc, "tolerance": tr_tol,
-                               "failed": lowest < wb_acc - tr_tol}
-        if results["transfer"]["failed"]:
-            flags.append("transfer")
+        transfer = TransferCheck(accuracy=accs, whitebox_accuracy=wb_acc, tolerance=tr_tol,
+                                 failed=lowest < wb_acc - tr_tol)
 
+    fixed = None
     if stochastic and spec.fixed_randomness and hasattr(model, "fixed_randomness"):
         with model.fixed_randomness(seed):
-            fixed = attack(_pgd(spec.steps, threat.eps)).accuracy
-        results["fixed"] = {"pgd": few.accuracy, "fixed_pgd": fixed, "from_randomness": few.accuracy - fixed}
+            fixed_acc = attack(_pgd(spec.steps, threat.eps)).accuracy
+        fixed = FixedRandomness(pgd=few.accuracy, fixed_pgd=fixed_acc, from_randomness=few.accuracy - fixed_acc)
 
+    eot = None
     if stochastic:
         repeats = [few.accuracy] + [attack(_pgd(spec.steps, threat.eps), s=seed + r).accuracy
                                     for r in range(1, spec.repeats)]
         e1 = attack(_pgd(spec.steps, threat.eps, eot=spec.eot)).accuracy
         e2 = attack(_pgd(spec.steps, threat.eps, eot=2 * spec.eot)).accuracy
         eot_tol = tolerance(e1, e2, m, stochastic)
-        results["eot"] = {"repeats": repeats, "spread": max(repeats) - min(repeats),
-                          "std": float(torch.tensor(repeats).std()) if len(repeats) > 1 else 0.0,
-                          "samples": [spec.eot, 2 * spec.eot], "accuracy": [e1, e2], "tolerance": eot_tol,
-                          "failed": e2 < e1 - eot_tol}
-        if results["eot"]["failed"]:
-            flags.append("eot")
-    results["seconds"] = time.perf_counter() - t0
-    results.update(passes)
-    return {"results": results, "flags": flags, "passed": not flags}
+        eot = EotCheck(repeats=repeats, spread=max(repeats) - min(repeats),
+                       std=float(torch.tensor(repeats).std()) if len(repeats) > 1 else 0.0,
+                       samples=[spec.eot, 2 * spec.eot], accuracy=[e1, e2], tolerance=eot_tol, failed=e2 < e1 - eot_tol)
+    return CheckResults(n=m, stochastic=stochastic, gradient=grad, steps=steps, eps=eps, square=square,
+                        transfer=transfer, fixed=fixed, eot=eot, seconds=time.perf_counter() - t0, **passes)
 
 
 # -- the per-row file --------------------------------------------------------------------------
-def write_checks(path: Path, record: dict) -> Path:
+def write_checks(path: Path, record: ChecksRecord) -> Path:
     return write_record(path, record, schema=SCHEMA)
 
 
-def valid_checks(path: Path, row_hash: str | None = None) -> dict | None:
-    """The checks file at ``path`` if it parses, verifies its checksum and (optionally) matches the row."""
+def read_checks(path: Path) -> ChecksRecord:
+    """Parse and verify a checks file; :class:`RecordError` (one line) if it cannot be trusted. A
+    schema-1 file (the same fields, untyped) is read, and the log says so."""
     try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"checks file {path} is unreadable ({exc})") from None
+    found = data.get("schema") if isinstance(data, dict) else None
+    if found not in (SCHEMA, *OLD_SCHEMAS):
+        raise RecordError(f"checks file {path} is not a {SCHEMA} file (schema {found!r}; readable: "
+                          f"{', '.join((SCHEMA, *OLD_SCHEMAS))})")
+    if data.get("checksum") != checksum(data):
+        raise RecordError(f"checks file {path} fails its checksum")
+    if found in OLD_SCHEMAS:
+        log.warning("checks file %s is %s (written before typed checks); read as %s", path, found, SCHEMA)
+        data = dict(data, schema=SCHEMA)
+    return ChecksRecord.from_json(data, where=f"checks file {path}")
+
+
+def valid_checks(path: Path, row_hash: str | None = None) -> ChecksRecord | None:
+    """The checks file at ``path`` if it parses, verifies its checksum and (optionally) matches the row."""
+    if not Path(path).is_file():
         return None
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA or record.get("checksum") != checksum(record):
+    try:
+        record = read_checks(path)
+    except RecordError as exc:
+        log.debug("%s", exc)
         return None
-    if row_hash is not None and record.get("row_hash") != row_hash:
+    if row_hash is not None and record.row_hash != row_hash:
         return None
     return record
 
 
-def load_checks(run_dir: Path) -> dict[tuple[str, str, str], dict]:
-    """Every valid checks file of a run, keyed by (dataset, target, defense)."""
+def load_checks(run_dir: Path) -> dict[RowKey, ChecksRecord]:
+    """Every valid checks file of a run, keyed by its row (dataset, target, defense)."""
     out = {}
     for p in sorted((Path(run_dir) / "checks").glob("*.json")):
         rec = valid_checks(p)
         if rec is not None:
-            row = rec["row"]
-            out[(row["dataset"], row["target"], row["defense"])] = rec
+            out[rec.row] = rec
     return out
 
 
-def flag_text(check: dict | None, cell_masked: bool = False) -> str:
+def flag_text(check: ChecksRecord | None, cell_masked: bool = False) -> str:
     """The table's Checks cell: failed checks by name, ``ok``, or ``n/a`` when not run."""
-    flags = list(check["flags"]) if check else []
+    flags = list(check.flags) if check else []
     if cell_masked and "zero-grad" not in flags:  # a cell's own gradient check (every gradient attack runs one)
         flags.insert(0, "zero-grad")
     if flags:
@@ -253,7 +386,7 @@ def flag_text(check: dict | None, cell_masked: bool = False) -> str:
     return "ok" if check else "n/a"
 
 
-def checks_markdown(checks: dict[tuple[str, str, str], dict]) -> str:
+def checks_markdown(checks: dict[RowKey, ChecksRecord]) -> str:
     """The figures behind the flags, one line per row."""
     out = ["# Gradient-masking checks\n", LEGEND, "",
            "| Dataset | Target | Defense | n | Flags | Zero grad | PGD few / more | eps sweep | Square / white-box "
@@ -263,19 +396,19 @@ def checks_markdown(checks: dict[tuple[str, str, str], dict]) -> str:
     def pct(v):
         return f"{100 * v:.1f}"
 
-    for (ds, target, defense), rec in checks.items():
-        r = rec["results"]
-        eot = r.get("eot")
+    for row, rec in checks.items():
+        r = rec.results
+        eot, transfer, fixed = r.eot, r.transfer, r.fixed
         out.append(" | ".join([
-            f"| {ds}", target, defense, str(r["n"]), flag_text(rec),
-            pct(r["gradient"]["zero_gradient_fraction"]) if r["gradient"]["finite"] else "non-finite",
-            " / ".join(pct(a) for a in r["steps"]["accuracy"]),
-            " > ".join(f"{pct(a)}" for a in r["eps"]["accuracy"]) + f" (eps x1..x{r['eps']['eps'][-1] / r['eps']['eps'][0]:g})",
-            f"{pct(r['square']['accuracy'])} / {pct(r['square']['whitebox_accuracy'])}",
-            (" / ".join(f"{pct(a)} ({k})" for k, a in r["transfer"]["accuracy"].items())
-             + f" / {pct(r['transfer']['whitebox_accuracy'])}") if r.get("transfer") else "-",
-            " / ".join(pct(a) for a in eot["accuracy"]) if eot else "-",
-            pct(eot["spread"]) if eot else "-",
-            f"{pct(r['fixed']['pgd'])} / {pct(r['fixed']['fixed_pgd'])}" if r.get("fixed") else "-",
+            f"| {row.dataset}", row.target, row.defense, str(r.n), flag_text(rec),
+            pct(r.gradient.zero_gradient_fraction) if r.gradient.finite else "non-finite",
+            " / ".join(pct(a) for a in r.steps.accuracy),
+            " > ".join(f"{pct(a)}" for a in r.eps.accuracy) + f" (eps x1..x{r.eps.eps[-1] / r.eps.eps[0]:g})",
+            f"{pct(r.square.accuracy)} / {pct(r.square.whitebox_accuracy)}",
+            (" / ".join(f"{pct(a)} ({k})" for k, a in transfer.accuracy.items())
+             + f" / {pct(transfer.whitebox_accuracy)}") if transfer else "-",
+            " / ".join(pct(a) for a in eot.accuracy) if eot else "-",
+            pct(eot.spread) if eot else "-",
+            f"{pct(fixed.pgd)} / {pct(fixed.fixed_pgd)}" if fixed else "-",
         ]) + " |")
     return "\n".join(out) + "\n"

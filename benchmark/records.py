@@ -23,7 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from benchmark.io import atomic_write_text
 
@@ -45,10 +45,40 @@ def checksum(record: dict) -> str:
     return hashlib.sha256(_canonical(body).encode()).hexdigest()
 
 
-def write_record(path: Path, record: dict[str, Any] | CellRecord, schema: str = SCHEMA) -> Path:
-    """Write ``record`` (a :class:`CellRecord`, or a dict for the other files, e.g. checks) with its
-    schema and checksum, atomically."""
-    if isinstance(record, CellRecord):
+class Typed:
+    """A dataclass that crosses files as JSON: ``to_json`` gives plain data, ``from_json`` builds it
+    back, checking it (:class:`RecordError` names ``where`` and what is wrong). Fields holding other
+    :class:`Typed` classes are listed in ``NESTED`` (field -> class); a ``None`` there stays ``None``."""
+
+    NESTED: ClassVar[dict[str, type]] = {}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "file"):
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise RecordError(f"{where}: expected an object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise RecordError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}")
+        kw = {k: (cls.NESTED[k].from_json(v, f"{where}.{k}") if k in cls.NESTED and v is not None else v)
+              for k, v in data.items()}
+        try:
+            return cls(**kw)
+        except TypeError as exc:
+            raise RecordError(f"{where}: malformed ({exc})") from None
+        except RecordError as exc:  # the class's own consistency check
+            raise RecordError(f"{where}: {exc}") from None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def write_record(path: Path, record: dict[str, Any] | Typed | CellRecord, schema: str = SCHEMA) -> Path:
+    """Write ``record`` (a :class:`CellRecord` or another :class:`Typed` file, e.g. a row's checks)
+    with its schema and checksum, atomically."""
+    if isinstance(record, (CellRecord, Typed)):
         record = record.to_json()
     record = dict(record, schema=schema)
     record["checksum"] = checksum(record)
@@ -82,6 +112,17 @@ def count_string(counts) -> str:
 
 def parse_counts(text: str) -> list[int]:
     return [DIGITS.index(c) for c in text]
+
+
+@dataclass
+class GradientCheck(Typed):
+    """The input gradient of the attacks' loss at the clean images: how many images got a zero
+    gradient, whether it was finite, and whether that flags masking."""
+
+    n: int
+    zero_gradient_fraction: float  # NaN when not finite
+    finite: bool
+    masked: bool
 
 
 @dataclass(frozen=True)
@@ -143,7 +184,7 @@ class CellRecord:
     backwards: int | None = None
     score_forwards: int | None = None
     peak_gpu_memory_mb: float | None = None
-    gradient_check: dict | None = None
+    gradient_check: GradientCheck | None = None
     batch_size: int | str | None = None
     engine: dict | None = None
     ranks: int | None = None
@@ -171,6 +212,8 @@ class CellRecord:
         try:
             kw["cell"] = CellKey(**data["cell"])
             kw["scores"] = {k: Score(**v) for k, v in (data.get("scores") or {}).items()}
+            if kw.get("gradient_check") is not None:
+                kw["gradient_check"] = GradientCheck.from_json(kw["gradient_check"], f"{where}: gradient_check")
             rec = cls(**kw, extra={k: v for k, v in data.items() if k not in names})
         except TypeError as exc:
             raise RecordError(f"{where}: malformed ({exc})") from None
@@ -198,6 +241,8 @@ class CellRecord:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out["cell"] = dataclasses.asdict(self.cell)
         out["scores"] = {k: dataclasses.asdict(v) for k, v in self.scores.items()}
+        if self.gradient_check is not None:
+            out["gradient_check"] = self.gradient_check.to_json()
         return {**self.extra, **out}
 
     # -- what readers ask of a record ------------------------------------------------------

@@ -47,7 +47,7 @@ def _frame(records: list[CellRecord | dict]) -> pd.DataFrame:
     df["defense_options"] = [r.defense_options or {} for r in records]
     df["defense_seconds_per_epoch"] = [(r.defense_training or {}).get("seconds_per_epoch") for r in records]
     df["defense_train_seconds"] = [(r.defense_training or {}).get("seconds") for r in records]
-    df["gradient_masked"] = [bool((r.gradient_check or {}).get("masked")) for r in records]
+    df["gradient_masked"] = [r.gradient_check is not None and r.gradient_check.masked for r in records]
     df["gradient"] = [gradient_mode(r) for r in records]
     return df
 

@@ -40,7 +40,7 @@ from benchmark.experiment import (
 from benchmark.harness import run_attack
 from benchmark.io import atomic_write_json
 from benchmark.locks import OwnerLock, owner_info, sweep_stale_locks
-from benchmark.masking import run_checks, valid_checks, write_checks
+from benchmark.masking import ChecksRecord, RowKey, run_checks, valid_checks, write_checks
 from benchmark.records import CellRecord, bit_string, count_string, valid_record, write_record
 from benchmark.registry import ATTACKS, DEFENSES
 from benchmark.runtime import fix_cublas_workspace, resolve_device, versions
@@ -405,22 +405,20 @@ class Runner:
         return valid_checks(self.checks_path(ds, target, defense), checks_hash(self.cfg, ds, target, defense)) is None
 
     def run_row_checks(self, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec, defended: DefendedModel,
-                       data: ImageData) -> dict:
+                       data: ImageData) -> ChecksRecord:
         spec = self.cfg.eval.checks
         rows = data.head(min(spec.n, len(data)))
-        out = run_checks(defended, rows.as_float(), rows.labels, self.threat, spec, seed=self.cfg.seed,
-                         batch_size=self.cfg.eval.batch_size, engine=self.cfg.eval.engine)
-        record = {
-            "row": {"dataset": ds.name, "target": target.name, "defense": defense.name},
-            "row_hash": checks_hash(self.cfg, ds, target, defense), "spec": asdict(spec),
-            "threat": {"norm": self.threat.norm, "eps": self.threat.eps}, "dataset_copy": rows.copy,
-            "profile": self.cfg.profile, "bpda": defended.bpda,
-            "sample_indices": rows.indices.tolist() if rows.indices is not None else None,
-            **out, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        results = run_checks(defended, rows.as_float(), rows.labels, self.threat, spec, seed=self.cfg.seed,
+                             batch_size=self.cfg.eval.batch_size, engine=self.cfg.eval.engine)
+        record = ChecksRecord(
+            row=RowKey(ds.name, target.name, defense.name), row_hash=checks_hash(self.cfg, ds, target, defense),
+            results=results, spec=spec, threat={"norm": self.threat.norm, "eps": self.threat.eps},
+            dataset_copy=rows.copy, profile=self.cfg.profile, bpda=defended.bpda,
+            sample_indices=rows.indices.tolist() if rows.indices is not None else None,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_checks(self.checks_path(ds, target, defense), record)
         log.info("checks %s/%s/%s: %s (%.1f s)", ds.name, target.name, defense.name,
-                 ", ".join(out["flags"]) or "ok", out["results"]["seconds"])
+                 ", ".join(record.flags) or "ok", results.seconds)
         return record
 
     def run_cell(self, cell: Cell, defended: DefendedModel, data: ImageData, manifest: dict,

@@ -23,7 +23,7 @@ import pandas as pd
 
 from attacks.base import INPUT_SPACE
 from benchmark.io import atomic_write_text
-from benchmark.masking import LEGEND, checks_markdown, flag_text, load_checks
+from benchmark.masking import LEGEND, RowKey, checks_markdown, flag_text, load_checks
 from benchmark.records import OLD_SCHEMAS, CellRecord, as_record, load_records
 from benchmark.stats import mcnemar, wilson_interval
 
@@ -82,7 +82,7 @@ def records_frame(records: list[CellRecord | dict]) -> pd.DataFrame:
             "images_per_second": r.images_per_second, "forwards": r.forwards,
             "backwards": r.backwards, "peak_gpu_memory_mb": r.peak_gpu_memory_mb,
             "target_arch": r.target.get("arch"), "target_method": r.target.get("method"),
-            "grad_masked": bool((r.gradient_check or {}).get("masked", False)),
+            "grad_masked": r.gradient_check is not None and r.gradient_check.masked,
         })
     return pd.DataFrame(rows)
 
@@ -152,7 +152,7 @@ def build_blocks(df: pd.DataFrame, checks: dict | None = None, value: str = "hea
                 row = {"defense": defense, "cells": cells}
                 if checks is not None and kind == "results":
                     masked = bool(gd["grad_masked"].any()) if "grad_masked" in gd else False
-                    row["checks"] = flag_text(checks.get((dataset, target, defense)), masked)
+                    row["checks"] = flag_text(checks.get(RowKey(dataset, target, defense)), masked)
                 rows.append(row)
             columns = _ordered_columns(part)
             if any(WORST in r["cells"] for r in rows):

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from purifybench_testing import menet_matrix
 
-from benchmark.cluster import plan_stages, split
+from benchmark.cluster import Share, ShareResult, Task, plan_stages, split, work
 from benchmark.experiment import load_config
 from benchmark.locks import OwnerLock
-from benchmark.records import valid_record
+from benchmark.records import RecordError, valid_record
 from benchmark.runner import Runner
 
 pytest.importorskip("submitit")
@@ -50,14 +50,39 @@ def _records(out):
 def test_stages_and_shares_follow_the_plan(tmp_path):
     runner = Runner(load_config(_cfg(tmp_path)), tmp_path / "out", progress=False)
     stages = plan_stages(runner)
-    assert stages["targets"] == [("target", "digits", "at")]
-    assert stages["defenses"] == [("defense", "digits", "at", "ME-Net")]  # "none" has nothing to train
+    assert stages["targets"] == [Task("target", "digits", "at")]
+    assert stages["defenses"] == [Task("defense", "digits", "at", "ME-Net")]  # "none" has nothing to train
     cells = stages["cells"]
-    assert [t[0] for t in cells] == ["checks", "cell", "cell", "cell"] * 2
+    assert [t.kind for t in cells] == ["checks", "cell", "cell", "cell"] * 2
     shares = split("cells", cells, None)
-    assert [len(s) for s in shares] == [4, 4] and {t[3] for t in shares[1]} == {"ME-Net"}  # one per row
+    assert [len(s) for s in shares] == [4, 4] and {t.defense for t in shares[1]} == {"ME-Net"}  # one per row
     assert split("cells", cells, 1) == [cells]
-    assert len(split("targets", [("target", "d", str(i)) for i in range(5)], 2)) == 2
+    assert len(split("targets", [Task("target", "d", str(i)) for i in range(5)], 2)) == 2
+
+
+def test_a_share_crosses_as_json_and_a_foreign_one_is_refused_in_one_line(tmp_path):
+    runner = Runner(load_config(_cfg(tmp_path)), tmp_path / "out", progress=False)
+    tasks = plan_stages(runner)["cells"]
+    share = Share("cells", tasks, runner.cfg, str(tmp_path / "out"), "cpu", False, 1, None)
+    data = json.loads(json.dumps(share.to_json()))  # plain data: what submitit pickles
+    assert data["schema"] == "purifybench-share/1" and data["tasks"][1]["kind"] == "cell"
+    back = Share.from_json(data)
+    assert back == share and back.tasks[1].cell_id == tasks[1].cell_id
+    for change, message in ((lambda d: d.update(schema="purifybench-share/0"), "another version"),
+                            (lambda d: d["tasks"][0].update(kind="train"), r"tasks\[0\]: task kind 'train'"),
+                            (lambda d: d["tasks"][1].pop("cell_id"), "cell_id"),
+                            (lambda d: d["cfg"]["eval"].update(draws=0), "cfg.eval.draws"),
+                            (lambda d: d.update(stage="train"), "stage 'train'")):
+        bad = json.loads(json.dumps(data))
+        change(bad)
+        with pytest.raises(RecordError, match=message) as info:
+            Share.from_json(bad)
+        assert "\n" not in str(info.value)
+    # a worker handed a foreign share reports it as a failure instead of running anything
+    result = ShareResult.from_json(work(dict(data, schema="purifybench-share/0")))
+    assert result.computed == 0 and "another version" in result.failed[0]
+    with pytest.raises(RecordError, match="Task|kind"):
+        Task("cell", "digits", "at", "none")  # a cell task without its cell
 
 
 def test_local_executor_runs_the_matrix_and_matches_a_plain_run(tmp_path):

@@ -127,10 +127,10 @@ def test_gradient_check_flags_a_masked_defense_and_not_an_at_target(trained_pair
     x, y = batch
     pgd = ATTACKS.get("pgd")(steps=2, step_size=0.025)
     masked = _run(DefendedModel(Quantize(), trained_pair["at"][0], bpda=False), pgd, x, y)
-    assert masked.extra["gradient_check"]["masked"] and masked.extra["gradient_check"]["zero_gradient_fraction"] == 1
+    assert masked.extra["gradient_check"].masked and masked.extra["gradient_check"].zero_gradient_fraction == 1
     honest = _run(DefendedModel(Quantize(), trained_pair["at"][0], bpda=True), pgd, x, y)  # BPDA: gradient flows
     plain = _run(_defended(trained_pair), pgd, x, y)
-    assert not honest.extra["gradient_check"]["masked"] and not plain.extra["gradient_check"]["masked"]
+    assert not honest.extra["gradient_check"].masked and not plain.extra["gradient_check"].masked
     assert plain.forwards == 48 * 2 * 2 + 96  # steps and the re-score; the check's pass is not counted
     clean = _run(_defended(trained_pair), ATTACKS.get("clean")(), x, y)
     assert "gradient_check" not in clean.extra

@@ -9,7 +9,22 @@ import pytest
 from attacks.base import Threat
 from benchmark.config import ConfigError
 from benchmark.harness import run_attack
-from benchmark.masking import ChecksSpec, flag_text, run_checks, tolerance, valid_checks
+from benchmark.masking import (
+    CheckResults,
+    ChecksRecord,
+    ChecksSpec,
+    EpsCheck,
+    RowKey,
+    SquareCheck,
+    StepsCheck,
+    flag_text,
+    read_checks,
+    run_checks,
+    tolerance,
+    valid_checks,
+    write_checks,
+)
+from benchmark.records import GradientCheck, RecordError, checksum
 from benchmark.registry import ATTACKS, DEFENSES
 from defenses.base import DefendedModel, NoDefense
 
@@ -29,14 +44,13 @@ def _checks(model, rows):
 
 
 def test_the_at_target_alone_passes_every_check(trained_pair, rows):
-    out = _checks(DefendedModel(NoDefense(), copy.deepcopy(trained_pair["at"][0])), rows)
-    r = out["results"]
-    assert out["flags"] == [] and out["passed"], r
-    assert r["steps"]["accuracy"][1] <= r["steps"]["accuracy"][0] + r["steps"]["tolerance"]
-    assert r["eps"]["accuracy"][-1] <= 0.2  # falls towards chance as eps grows
-    assert r["square"]["accuracy"] >= r["square"]["whitebox_accuracy"] - r["square"]["tolerance"]
-    assert "eot" not in r  # deterministic: no EOT check
-    assert r["backwards"] > 0 and r["forwards"] > r["backwards"]
+    r = _checks(DefendedModel(NoDefense(), copy.deepcopy(trained_pair["at"][0])), rows)
+    assert r.flags == [], r
+    assert r.steps.accuracy[1] <= r.steps.accuracy[0] + r.steps.tolerance
+    assert r.eps.accuracy[-1] <= 0.2  # falls towards chance as eps grows
+    assert r.square.accuracy >= r.square.whitebox_accuracy - r.square.tolerance
+    assert r.eot is None and r.fixed is None  # deterministic: no EOT check, no randomness to fix
+    assert r.backwards > 0 and r.forwards > r.backwards
 
 
 def test_a_quantizing_defense_without_bpda_is_flagged_and_with_bpda_is_not(trained_pair, rows):
@@ -44,22 +58,22 @@ def test_a_quantizing_defense_without_bpda_is_flagged_and_with_bpda_is_not(train
 
     target = trained_pair["at"][0]
     masked = _checks(DefendedModel(Quantize(), copy.deepcopy(target), bpda=False), rows)
-    assert "zero-grad" in masked["flags"]
+    assert "zero-grad" in masked.flags
     # the gradient is zero, so PGD never moves: Square and large eps expose it
-    assert "square" in masked["flags"] or "eps" in masked["flags"], masked["results"]
+    assert "square" in masked.flags or "eps" in masked.flags, masked
     honest = _checks(DefendedModel(Quantize(), copy.deepcopy(target), bpda=True), rows)
-    assert "zero-grad" not in honest["flags"] and "square" not in honest["flags"], honest["results"]
+    assert "zero-grad" not in honest.flags and "square" not in honest.flags, honest
 
 
 def test_menet_without_bpda_is_flagged(trained_pair, rows):
     menet = DEFENSES.get("menet")()
     target = copy.deepcopy(trained_pair["at"][0])
     naive = _checks(DefendedModel(menet, target, bpda=False), rows)
-    assert naive["results"]["stochastic"] and "eot" in naive["results"]
-    assert "zero-grad" in naive["flags"], naive["results"]
+    assert naive.stochastic and naive.eot is not None
+    assert "zero-grad" in naive.flags, naive
     bpda = _checks(DefendedModel.for_defense(menet, target), rows)
-    assert "zero-grad" not in bpda["flags"], bpda["results"]
-    assert len(bpda["results"]["eot"]["repeats"]) == SPEC.repeats
+    assert "zero-grad" not in bpda.flags, bpda
+    assert len(bpda.eot.repeats) == SPEC.repeats and bpda.fixed is not None
 
 
 def test_tolerance_grows_with_randomness_and_shrinks_with_n():
@@ -68,10 +82,56 @@ def test_tolerance_grows_with_randomness_and_shrinks_with_n():
     assert tolerance(0.5, 0.5, 100, True) > tolerance(0.5, 0.5, 1000, True) > 0.02
 
 
+def _results(**failed) -> CheckResults:
+    """Check results of 10 images whose checks failed as named (zero_grad=, steps=, square=, ...)."""
+    grad = GradientCheck(n=10, zero_gradient_fraction=0.0, finite=True, masked=failed.get("zero_grad", False))
+    return CheckResults(
+        n=10, stochastic=False, gradient=grad,
+        steps=StepsCheck(clean=0.9, steps=[5, 20], accuracy=[0.5, 0.5], tolerance=0.2, failed=failed.get("steps", False)),
+        eps=EpsCheck(eps=[0.1, 0.3], accuracy=[0.5, 0.1], chance=0.1, tolerance=0.2, failed=False),
+        square=SquareCheck(queries=30, accuracy=0.6, whitebox_accuracy=0.5, beaten_only_by_square=0, tolerance=0.2,
+                           failed=failed.get("square", False)))
+
+
+def _record(results: CheckResults) -> ChecksRecord:
+    return ChecksRecord(row=RowKey("digits", "at", "none"), row_hash="abc", results=results,
+                        threat={"norm": "linf", "eps": 0.1})
+
+
 def test_flag_text():
     assert flag_text(None) == "n/a" and flag_text(None, cell_masked=True) == "zero-grad"
-    assert flag_text({"flags": []}) == "ok"
-    assert flag_text({"flags": ["square", "zero-grad"]}) == "zero-grad, square"
+    assert flag_text(_record(_results())) == "ok"
+    assert flag_text(_record(_results(square=True, zero_grad=True))) == "zero-grad, square"
+
+
+def test_checks_file_round_trips_and_older_or_bad_files_say_so(tmp_path, caplog):
+    path = tmp_path / "row.json"
+    rec = _record(_results(steps=True))
+    write_checks(path, rec)
+    data = json.loads(path.read_text())
+    assert data["schema"] == "purifybench-checks/2" and data["flags"] == ["steps"] and data["passed"] is False
+    back = read_checks(path)
+    assert back.results == rec.results and back.row == rec.row and back.flags == ["steps"]
+    assert valid_checks(path, row_hash="abc") is not None and valid_checks(path, row_hash="other") is None
+    # a schema-1 file (the same fields) is read, and the log says so in one line
+    old = dict(data, schema="purifybench-checks/1")
+    old["checksum"] = checksum(old)
+    path.write_text(json.dumps(old))
+    with caplog.at_level("WARNING", logger="purifybench"):
+        assert read_checks(path).results == rec.results
+    assert "purifybench-checks/1" in caplog.text and "typed" in caplog.text
+    # a field this version does not know, or a missing one: one line naming the file and the field
+    for change, message in ((lambda d: d["results"]["square"].update(queries_typo=3), "queries_typo"),
+                            (lambda d: d["results"].pop("steps"), "steps"),
+                            (lambda d: d.update(schema="purifybench-checks/9"), "checks/9")):
+        bad = json.loads(json.dumps(data))
+        change(bad)
+        bad["checksum"] = checksum(bad)
+        path.write_text(json.dumps(bad))
+        with pytest.raises(RecordError, match=message) as info:
+            read_checks(path)
+        assert "\n" not in str(info.value) and str(path) in str(info.value)
+        assert valid_checks(path) is None
 
 
 def test_square_attack_stays_in_the_ball_and_is_counted_without_backwards(trained_pair, rows):
@@ -105,7 +165,7 @@ def test_runner_writes_checks_and_the_tables_show_the_flags(tmp_path):
     files = sorted((out / "checks").glob("*.json"))
     assert len(files) == 1
     rec = valid_checks(files[0])
-    assert rec is not None and rec["results"]["n"] == 32 and rec["row"]["defense"] == "none"
+    assert rec is not None and rec.results.n == 32 and rec.row.defense == "none"
     md = (out / "tables" / "results.md").read_text()
     assert "| Checks |" in md and "Carlini" in md
     assert (out / "tables" / "checks.md").is_file()

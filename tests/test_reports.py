@@ -157,7 +157,7 @@ def test_markdown_to_html_renders_tables_images_and_links():
 
 
 def test_adaptive_table_shows_the_zero_gradient_flag():
-    masked = dict(rec("ME-Net", "pgd", "1111", reg_def="menet"), gradient_check={"masked": True})
+    masked = dict(rec("ME-Net", "pgd", "1111", reg_def="menet"), gradient_check={"n": 4, "zero_gradient_fraction": 1.0, "finite": True, "masked": True})
     records = [rec("none", "pgd", "1100"), masked, rec("ME-Net", "bpda-eot", "1000", reg_def="menet")]
     t = adaptive_table(_frame(records)).set_index("defense")
     assert t.loc["ME-Net", "masking_flags"] == "pgd" and pd.isna(t.loc["none", "masking_flags"])
