@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmark.config import ConfigError, from_dict
+from benchmark.config import ConfigError, from_dict, subkey
 from benchmark.errors import BenchError
 from benchmark.experiment import ExperimentConfig
 from benchmark.io import atomic_write_json
@@ -179,18 +179,17 @@ class Share(Typed):
     schema: str = SHARE_SCHEMA
 
     @classmethod
-    def from_json(cls, data, where: str = "cluster share"):
-        if isinstance(data, cls):
-            return data
-        found = data.get("schema") if isinstance(data, dict) else None
+    def from_json(cls, data, where: str = "cluster share:"):
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         if found != SHARE_SCHEMA:
-            raise RecordError(f"{where}: schema {found!r} is not {SHARE_SCHEMA} (submitted by another version of "
+            raise RecordError(f"{where} schema {found!r} is not {SHARE_SCHEMA} (submitted by another version of "
                               "purifybench; submit again with this one)")
         if data.get("stage") not in STAGES:
-            raise RecordError(f"{where}: stage {data.get('stage')!r} is not one of {', '.join(STAGES)}")
+            raise RecordError(f"{where} stage {data.get('stage')!r} is not one of {', '.join(STAGES)}")
         try:
-            tasks = [Task.from_json(t, f"{where}: tasks[{i}]") for i, t in enumerate(data.get("tasks") or [])]
-            cfg = from_dict(ExperimentConfig, data.get("cfg"), f"{where}: cfg")
+            tasks = [Task.from_json(t, subkey(where, f"tasks[{i}]")) for i, t in enumerate(data.get("tasks") or [])]
+            # validated again in the worker: a checkpoint file that changed since the submission is caught
+            cfg = from_dict(ExperimentConfig, data.get("cfg"), subkey(where, "cfg"))
         except ConfigError as exc:
             raise RecordError(str(exc)) from None
         return super().from_json(dict(data, tasks=tasks, cfg=cfg), where)
@@ -313,10 +312,15 @@ def submit(runner, opts: ClusterOptions, *, device: str | None = None) -> dict:
             while not job.done():
                 time.sleep(opts.poll_s)
             try:
-                res = ShareResult.from_json(job.result(), f"{stage} job {job.job_id}'s result")
+                payload = job.result()
             except Exception as exc:  # the job died (killed, timed out, a bug): its log has the traceback
                 logs = getattr(job.paths, "stderr", folder)
                 summary["failed"].append(f"{stage} job {job.job_id} failed ({type(exc).__name__}); see {logs}")
+                continue
+            try:
+                res = ShareResult.from_json(payload, f"{stage} job {job.job_id}'s result:")
+            except RecordError as exc:  # a worker of another version
+                summary["failed"].append(str(exc))
                 continue
             summary["jobs"].append({"job": job.job_id, **res.to_json()})
             summary["computed"] += res.computed

@@ -189,14 +189,14 @@ class RowKey(Typed):
 
 @dataclass
 class ChecksRecord(Typed):
-    """One row's ``checks/<row>.json``. ``flags`` and ``passed`` are written for readers of the file
-    and derived from ``results`` when read."""
+    """One row's ``checks/<row>.json``. ``flags`` and ``passed`` are written for readers of the file;
+    reading checks that they agree with ``results``."""
 
     row: RowKey
     row_hash: str
     results: CheckResults
-    spec: ChecksSpec = field(default_factory=ChecksSpec)
-    threat: dict = field(default_factory=dict)
+    spec: ChecksSpec
+    threat: dict
     dataset_copy: str | None = None
     profile: str | None = None
     bpda: bool = False
@@ -211,15 +211,23 @@ class ChecksRecord(Typed):
     def flags(self) -> list[str]:
         return self.results.flags
 
+    @property
+    def old_schema(self) -> bool:
+        return self.schema in OLD_SCHEMAS
+
     @classmethod
-    def from_json(cls, data, where: str = "checks"):
+    def from_json(cls, data, where: str = "checks:"):
+        stated = None
         if isinstance(data, dict):
+            stated = (data.get("flags"), data.get("passed"))
             data = {k: v for k, v in data.items() if k not in ("flags", "passed")}
-        return super().from_json(data, where)
+        rec = super().from_json(data, where)
+        if stated != (None, None) and stated != (rec.flags, not rec.flags):
+            raise RecordError(f"{where} flags {stated[0]!r} disagree with the results (which give {rec.flags!r})")
+        return rec
 
     def to_json(self) -> dict:
         return {**super().to_json(), "flags": self.flags, "passed": not self.flags}
-
 
 class Transfer(Attack):
     """PGD crafted on ``source`` (the classifier alone, or classifier(surrogate(x))), evaluated by the
@@ -333,9 +341,12 @@ def write_checks(path: Path, record: ChecksRecord) -> Path:
     return write_record(path, record, schema=SCHEMA)
 
 
+_WARNED: set[str] = set()  # old checks files already said so in this process
+
+
 def read_checks(path: Path) -> ChecksRecord:
     """Parse and verify a checks file; :class:`RecordError` (one line) if it cannot be trusted. A
-    schema-1 file (the same fields, untyped) is read, and the log says so."""
+    schema-1 file (the same fields, untyped) is read, and the log says so once per file."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -346,10 +357,11 @@ def read_checks(path: Path) -> ChecksRecord:
                           f"{', '.join((SCHEMA, *OLD_SCHEMAS))})")
     if data.get("checksum") != checksum(data):
         raise RecordError(f"checks file {path} fails its checksum")
-    if found in OLD_SCHEMAS:
-        log.warning("checks file %s is %s (written before typed checks); read as %s", path, found, SCHEMA)
-        data = dict(data, schema=SCHEMA)
-    return ChecksRecord.from_json(data, where=f"checks file {path}")
+    rec = ChecksRecord.from_json(data, where=f"checks file {path}:")
+    if rec.old_schema and str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        log.warning("checks file %s is %s (written before typed checks files); read as %s", path, found, SCHEMA)
+    return rec
 
 
 def valid_checks(path: Path, row_hash: str | None = None) -> ChecksRecord | None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from benchmark.config import subkey
 from benchmark.io import atomic_write_text
 
 SCHEMA = "purifybench-record/2"
@@ -48,28 +49,33 @@ def checksum(record: dict) -> str:
 class Typed:
     """A dataclass that crosses files as JSON: ``to_json`` gives plain data, ``from_json`` builds it
     back, checking it (:class:`RecordError` names ``where`` and what is wrong). Fields holding other
-    :class:`Typed` classes are listed in ``NESTED`` (field -> class); a ``None`` there stays ``None``."""
+    :class:`Typed` classes are listed in ``NESTED`` (field -> class); ``None`` is allowed there only
+    where the field's default is ``None``. ``where`` names the file, ending in ':' (``file.json:``)."""
 
     NESTED: ClassVar[dict[str, type]] = {}
 
     @classmethod
-    def from_json(cls, data: Any, where: str = "file"):
+    def from_json(cls, data: Any, where: str = "file:"):
         if isinstance(data, cls):
             return data
+        at = where if where.endswith(":") else where + ":"  # "file.json: a.b:" before the message
         if not isinstance(data, dict):
-            raise RecordError(f"{where}: expected an object, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+            raise RecordError(f"{at} expected an object, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise RecordError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}")
-        kw = {k: (cls.NESTED[k].from_json(v, f"{where}.{k}") if k in cls.NESTED and v is not None else v)
-              for k, v in data.items()}
+            raise RecordError(f"{at} unknown field(s) {', '.join(map(str, unknown))}")
+        kw = {}
+        for k, v in data.items():
+            if v is None and k in cls.NESTED and fields[k].default is not None:
+                raise RecordError(f"{subkey(where, k)}: must not be null")
+            kw[k] = cls.NESTED[k].from_json(v, subkey(where, k)) if k in cls.NESTED and v is not None else v
         try:
             return cls(**kw)
         except TypeError as exc:
-            raise RecordError(f"{where}: malformed ({exc})") from None
+            raise RecordError(f"{at} malformed ({exc})") from None
         except RecordError as exc:  # the class's own consistency check
-            raise RecordError(f"{where}: {exc}") from None
+            raise RecordError(f"{at} {exc}") from None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

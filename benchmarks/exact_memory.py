@@ -8,7 +8,8 @@ to a batch of images, once through BPDA and once exactly. Each measurement runs 
 so that one does not inherit the other's peak:
 
 * on CUDA, the peak of ``torch.cuda.max_memory_allocated`` above what was allocated before;
-* on the CPU, the peak resident set size of the process (``VmHWM``) above its size before.
+* on the CPU, the peak resident set size of the process (``VmHWM``, reset just before) above
+  its size then.
 
 Weights are untrained and images uniform noise: memory and time of a gradient do not depend on
 their values (ME-Net's SVD and AID's loop run the same shapes). The figures are memory of the
@@ -42,12 +43,17 @@ from benchmark.registry import DEFENSES  # noqa: E402
 from defenses.base import DefendedModel  # noqa: E402
 
 DEFAULT_CONFIGS = ("configs/smoke/default.yaml", "configs/quick/cifar10_table3.yaml")
-SHAPES = {"digits": (1, 8), "fashion-mnist": (1, 28)}  # (channels, size); anything else: 3 x 32 x 32
+# (channels, size) of a dataset as its loader gives it by default; anything else is 3 x 32 x 32.
+# A dataset's ``size`` / ``channels`` options (digits: size 16 in the smoke config) take precedence.
+SHAPES = {"digits": (1, 16), "fashion-mnist": (1, 28)}
 MODES = ("bpda", "exact")
 
 
-def _shape(dataset: str) -> tuple[int, int]:
-    return SHAPES.get(dataset, (3, 32))
+def _shape(ds) -> tuple[int, int]:
+    channels, size = SHAPES.get(ds.name, (3, 32))
+    channels = ds.options.get("channels") or channels
+    size = ds.options.get("size", size) or (8 if ds.name == "digits" else size)  # size null: digits' native 8x8
+    return int(channels), int(size)
 
 
 def _rss_kib(field: str) -> int:
@@ -61,7 +67,7 @@ def measure(config: str, row: str, mode: str, batch: int | None) -> dict:
     """One gradient (in this process): its peak memory in MiB above the start, and its seconds."""
     cfg = load_config(ROOT / config)
     spec = next(d for d in cfg.defenses if d.name == row)
-    channels, size = _shape(cfg.datasets[0].name)
+    channels, size = _shape(cfg.datasets[0])
     target_spec = next((t for t in cfg.targets if spec.targets is None or t.name in spec.targets), cfg.targets[0])
     device = pick_device()
     torch.manual_seed(0)
@@ -90,6 +96,7 @@ def measure(config: str, row: str, mode: str, batch: int | None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current size
         before = _rss_kib("VmRSS") * 1024
     t0 = time.perf_counter()
     grad = step()

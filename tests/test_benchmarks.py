@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at CPU size (their figures are not checked: noisy)."""
 
+import json
 import pickle
 import subprocess
 import sys
@@ -145,3 +146,17 @@ def test_gpu_speed_script_stops_a_step_at_its_deadline(tmp_path):
     skipped = (out_dir / "skipped.txt").read_text()
     assert "throughput-none stopped at the deadline" in skipped and skipped.count(" skipped: 0 s left") == 3
     assert not (out_dir / "failed.txt").exists() and (out_dir / "gpu-figures.json").is_file()
+
+
+def test_exact_memory_measures_bpda_and_exact_gradients_of_the_smoke_rows(tmp_path):
+    figures = tmp_path / "em.json"
+    out = _script("benchmarks/exact_memory.py", "configs/smoke/default.yaml", "--rows", "ME-Net", "EBM",
+                  "--batch", "4", "--json", str(figures), home=tmp_path)
+    lines = [line for line in out.splitlines() if line.startswith("| configs/")]
+    assert len(lines) == 4 and not any("failed" in line or "timed out" in line for line in lines), out
+    data = json.loads(figures.read_text())
+    rows = {(row["row"], row["mode"]): row for row in data["rows"]}
+    assert set(rows) == {(d, m) for d in ("ME-Net", "EBM") for m in ("bpda", "exact")}
+    assert all(row["finite"] and row["nonzero"] > 0 and row["batch"] == 4 and row["peak_mib"] >= 0
+               for row in rows.values())
+    assert data["figures"]["gradient_peak_mib.default.EBM.exact"] == rows[("EBM", "exact")]["peak_mib"]

@@ -94,7 +94,7 @@ def _results(**failed) -> CheckResults:
 
 
 def _record(results: CheckResults) -> ChecksRecord:
-    return ChecksRecord(row=RowKey("digits", "at", "none"), row_hash="abc", results=results,
+    return ChecksRecord(row=RowKey("digits", "at", "none"), row_hash="abc", results=results, spec=SPEC,
                         threat={"norm": "linf", "eps": 0.1})
 
 
@@ -111,18 +111,22 @@ def test_checks_file_round_trips_and_older_or_bad_files_say_so(tmp_path, caplog)
     data = json.loads(path.read_text())
     assert data["schema"] == "purifybench-checks/2" and data["flags"] == ["steps"] and data["passed"] is False
     back = read_checks(path)
-    assert back.results == rec.results and back.row == rec.row and back.flags == ["steps"]
+    assert back.results == rec.results and back.row == rec.row and back.flags == ["steps"] and not back.old_schema
     assert valid_checks(path, row_hash="abc") is not None and valid_checks(path, row_hash="other") is None
     # a schema-1 file (the same fields) is read, and the log says so in one line
     old = dict(data, schema="purifybench-checks/1")
     old["checksum"] = checksum(old)
     path.write_text(json.dumps(old))
     with caplog.at_level("WARNING", logger="purifybench"):
-        assert read_checks(path).results == rec.results
+        assert read_checks(path).results == rec.results and read_checks(path).old_schema
     assert "purifybench-checks/1" in caplog.text and "typed" in caplog.text
+    assert caplog.text.count("purifybench-checks/1") == 1  # once per file, not on every read
     # a field this version does not know, or a missing one: one line naming the file and the field
     for change, message in ((lambda d: d["results"]["square"].update(queries_typo=3), "queries_typo"),
                             (lambda d: d["results"].pop("steps"), "steps"),
+                            (lambda d: d["results"].update(gradient=None), "results.gradient: must not be null"),
+                            (lambda d: d.update(flags=[]), "flags \\[\\] disagree"),
+                            (lambda d: d.pop("spec"), "spec"),
                             (lambda d: d.update(schema="purifybench-checks/9"), "checks/9")):
         bad = json.loads(json.dumps(data))
         change(bad)
