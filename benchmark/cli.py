@@ -13,30 +13,11 @@ import time
 from pathlib import Path
 
 from benchmark.errors import BenchError
+from benchmark.logs import setup_logging
 from benchmark.paths import REPO_ROOT
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "smoke" / "default.yaml"
 log = logging.getLogger("purifybench")
-
-
-def setup_logging(out: Path | None, quiet: bool = False) -> None:
-    from benchmark import distributed
-
-    if not distributed.is_main():  # under torchrun only rank 0 reports and writes run.log
-        quiet, out = True, None
-    log.setLevel(logging.INFO)
-    log.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
-    console.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.addHandler(console)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(out / "run.log", encoding="utf-8")
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
-    log.propagate = False
 
 
 def cmd_run(args: argparse.Namespace) -> int:

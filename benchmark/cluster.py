@@ -214,8 +214,8 @@ def work(payload: dict) -> dict:
     its tasks, or compute its cells. Returns a :class:`ShareResult` as JSON."""
     import torch
 
-    from benchmark.cli import setup_logging
     from benchmark.locks import owner_info
+    from benchmark.logs import setup_logging
     from benchmark.runner import Runner
 
     setup_logging(None)  # to stderr, which submitit keeps in the job's log

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -20,19 +19,18 @@ from typing import Any, Literal
 import torch
 
 from benchmark import distributed
-from benchmark.checkpoint import load_checkpoint, load_pretrained, read_card, save_checkpoint
+from benchmark.artifacts import StageStore, get_or_build, save
+from benchmark.checkpoint import load_checkpoint, load_pretrained, read_card
 from benchmark.config import ConfigError, from_dict, load_yaml, require, subkey
 from benchmark.data import load_dataset
-from benchmark.errors import BenchError, CheckpointError
 from benchmark.harness import MAX_DRAWS
 from benchmark.io import artifact_key
-from benchmark.locks import OwnerLock
 from benchmark.masking import ChecksSpec
 from benchmark.models import create_model
 from benchmark.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from benchmark.resume import EpochCheckpoint
 from benchmark.training import TrainConfig, train_classifier
-from defenses.base import compiled
+from defenses.base import TrainContext, compiled
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+-]{0,63}")
 log = logging.getLogger("purifybench")
@@ -323,57 +321,15 @@ def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, d
         return model, card, True
     key = target_key(ds, target, cfg.seed)
     stem = artifacts / "targets" / f"{ds.name}-{target.name}-{key}"
-
-    def cached():
-        if stem.with_name(stem.name + ".json").is_file():
-            try:
-                model, card = load_checkpoint(stem, device)
-                log.info("target %s/%s: reusing %s", ds.name, target.name, stem.name)
-                return model, card, True
-            except CheckpointError as exc:
-                log.warning("target %s/%s: cached artifact rejected (%s); retraining", ds.name, target.name, exc)
-        return None
-
     together = distributed.active()  # under torchrun every rank trains the target (DDP)
-    if (found := _agreed(cached(), together)) is not None:
-        return found
-    if not train:
-        raise BenchError(f"target {ds.name}/{target.name}: no trained artifact {stem}.json in the run")
-    with _artifact_lock(stem.with_name(stem.name + ".lock"), f"target {ds.name}/{target.name}", together):
-        if (found := _agreed(cached(), together)) is not None:  # another worker trained it while we waited
-            return found
-        return _train_target(ds, target, cfg, device, key, stem, progress)
-
-
-def _agreed(found, together: bool):
-    """``found`` if every rank that trains together found the artifact, else None on every rank (so
-    that they all train, or all load)."""
-    if together and not all(distributed.gather(found is not None)):
-        return None
-    return found
-
-
-def _artifact_lock(path: Path, what: str, together: bool = False):
-    """One worker trains an artifact; another that needs it waits for it, then loads it. Ranks that
-    train ``together`` (torchrun) share rank 0's lock; otherwise the caller holds it alone."""
-    lock = OwnerLock(path)
-
-    @contextmanager
-    def held():
-        if distributed.is_main() or not together:
-            lock.wait(on_wait=lambda owner: log.info("%s: another worker (%s) is training it; waiting", what, owner))
-        if together:
-            distributed.barrier()
-        try:
-            yield
-        finally:
-            lock.release()
-
-    return held()
+    (model, card), reused = get_or_build(
+        stem, f"target {ds.name}/{target.name}", lambda path: load_checkpoint(path, device),
+        lambda: _train_target(ds, target, cfg, device, key, stem, progress), train=train, together=together)
+    return model, card, reused
 
 
 def _train_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, device: torch.device, key: str,
-                  stem: Path, progress: bool) -> tuple[torch.nn.Module, dict, bool]:
+                  stem: Path, progress: bool) -> tuple[torch.nn.Module, dict]:
     train = train_split(ds, cfg)
     # Initial weights from a seed of their own: whatever ran before (other cells, other targets)
     # must not change what this artifact is.
@@ -390,11 +346,10 @@ def _train_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, de
     card = classifier_card(target.arch, train, tcfg, result, device, arch_options=target.arch_options,
                            artifact_key=key)
     card["dataset"]["spec"] = asdict(ds)
-    if distributed.is_main():  # under torchrun every rank trained the same weights (DDP); rank 0 writes
-        save_checkpoint(model, stem, card)
+    save(model, stem, card, together=distributed.active())  # DDP: every rank trained the same weights
+    if distributed.is_main():
         partial.clear()
-    distributed.barrier()
-    return model.eval(), read_card(stem), False
+    return model.eval(), read_card(stem)
 
 
 # ----------------------------------------------------------------------------- defenses
@@ -436,32 +391,19 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
         return defense.to(device).eval(), None
     stem = artifacts / "defenses" / f"{ds.name}-{spec.name}-{key}"
 
-    def cached():
-        path = stem
-        if not path.with_name(path.name + ".json").is_file():  # another row with the same training (NRP-dynamic)
-            same = sorted(stem.parent.glob(f"{ds.name}-*-{key}.json"))
-            if same:
-                path = same[0].with_suffix("")
-        if path.with_name(path.name + ".json").is_file():
-            try:
-                state, card = load_verified_state(path, "defense")
-                load_into(defense, state, f"defense artifact {path}")
-                log.info("defense %s/%s: reusing %s", ds.name, spec.name, path.name)
-                return defense.to(device).eval(), card
-            except CheckpointError as exc:
-                log.warning("defense %s/%s: cached artifact rejected (%s); retraining", ds.name, spec.name, exc)
-        return None
+    def load(path: Path):
+        state, card = load_verified_state(path, "defense")
+        load_into(defense, state, f"defense artifact {path}")
+        return defense.to(device).eval(), card
 
-    if (found := _agreed(cached(), together)) is not None:
-        return found
-    if not train:
-        raise BenchError(f"defense {ds.name}/{spec.name}: no trained artifact {stem}.json in the run")
-    # locked by key: rows that share one training (NRP and NRP-dynamic) wait for each other
-    with _artifact_lock(stem.parent / f"{ds.name}-{key}.lock", f"defense {ds.name}/{spec.name}", together):
-        if (found := _agreed(cached(), together)) is not None:
-            return found
-        return _train_defense(ds, spec, defense, classifier, target_card, cfg, device, artifacts, train_data,
-                              key, stem, progress, together)
+    # rows trained identically under another name (NRP and NRP-dynamic) share one artifact and one lock
+    (defense, card), _ = get_or_build(
+        stem, f"defense {ds.name}/{spec.name}", load,
+        lambda: _train_defense(ds, spec, defense, classifier, target_card, cfg, device, artifacts, train_data,
+                               key, stem, progress, together),
+        train=train, together=together, lock=stem.parent / f"{ds.name}-{key}.lock",
+        also=lambda: [p.with_suffix("") for p in sorted(stem.parent.glob(f"{ds.name}-*-{key}.json"))])
+    return defense, card
 
 
 def _train_defense(ds: DatasetSpec, spec: DefenseSpec, defense, classifier: torch.nn.Module, target_card: dict,
@@ -475,23 +417,23 @@ def _train_defense(ds: DatasetSpec, spec: DefenseSpec, defense, classifier: torc
     for p in classifier.parameters():
         p.requires_grad_(False)
     defense.to(device)
-    # Stages a defense may share between configs that differ only later (DIR's pre-training).
-    defense.stage_dir = artifacts / "stages" / f"{ds.name}-{target_card['sha256'][:16]}"
     log.info("defense %s/%s: training on %s%s", ds.name, spec.name, device,
              f" (data-parallel over {distributed.size()} ranks)" if distributed.active() else "")
-    # Per-epoch state for defenses whose training resumes after a kill (DIR's main training).
-    defense.epoch_checkpoint = EpochCheckpoint(stem.with_name(stem.name + ".partial"), key)
+    context = TrainContext(
+        device, cfg.seed,
+        # stages rows may share when they differ only later (DIR's pre-training, the static pairs)
+        stages=StageStore(artifacts / "stages" / f"{ds.name}-{target_card['sha256'][:16]}", together),
+        checkpoint=EpochCheckpoint(stem.with_name(stem.name + ".partial"), key))  # a killed training resumes
     with compiled(defense.compile_modules(training=True), bool(getattr(train_cfg, "compile", False))):
-        result = defense.fit(classifier, train_data(), device, config=train_cfg, seed=cfg.seed)
+        result = defense.fit(classifier, train_data(), context, config=train_cfg)
     card = {
         "kind": "defense", "defense": spec.registered, "name": spec.name, "options": spec.options,
         "train": spec.train, "target_sha256": target_card["sha256"], "artifact_key": key,
         "declarations": defense.declarations(), "fit": asdict(result),
     }
-    if distributed.is_main():  # alone, or rank 0 of ranks that trained together
-        save_checkpoint(defense, stem, card)
-        defense.epoch_checkpoint.clear()
     if together:  # every rank goes on with rank 0's weights and statistics, as saved
         distributed.broadcast_module(defense)
-        distributed.barrier()
+    save(defense, stem, card, together)  # alone, or rank 0 of ranks that trained together
+    if distributed.is_main():
+        context.checkpoint.clear()
     return defense.eval(), read_card(stem)

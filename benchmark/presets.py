@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.io import atomic_write_text
+from benchmark.paper import paper_value
 from benchmark.tables import (
     TableCell,
     bold_cells,
@@ -75,7 +76,6 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dict]:
     """Blocks (as ``benchmark.tables.build_blocks``) restricted to the preset, each cell carrying
     the paper's number (or None) as a fifth element."""
-    from benchmark.reports import _paper_value
 
     sel = df[preset.select(df) & df["attack_registered"].isin(preset.attacks)]
     if preset.need is not None:
@@ -93,7 +93,7 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
             row["cells"].pop("Worst", None)
             gd = g[g["defense"] == row["defense"]]
             for _, r in gd.iterrows():
-                hit = _paper_value(reference, r)
+                hit = paper_value(reference, r)
                 row["cells"][r["column"]] = row["cells"][r["column"]]._replace(paper=hit[1] if hit else None)
             if preset.training_time:
                 spe = gd["defense_seconds_per_epoch"].dropna()

@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
 from benchmark.io import atomic_write_text
 from benchmark.masking import load_checks
+from benchmark.paper import paper_value, reference_numbers
 from benchmark.records import CellRecord, as_record, load_records
 from benchmark.stats import mcnemar
 from benchmark.tables import (
@@ -34,11 +34,6 @@ from benchmark.tables import (
 
 ADAPTIVE_ATTACKS = ("eot-pgd", "bpda-eot", "adaptive", "mask-adaptive", "autoattack")
 PLAIN = "pgd"
-
-
-def reference_numbers() -> dict:
-    with resources.files("benchmark").joinpath("reference/dir_paper.json").open() as f:
-        return json.load(f)
 
 
 def _frame(records: list[CellRecord | dict]) -> pd.DataFrame:
@@ -137,43 +132,13 @@ def adaptive_markdown(table: pd.DataFrame) -> str:
 
 
 # ----------------------------------------------------------------------------- paper comparison
-def _paper_value(ref: dict, row) -> tuple[str, float] | None:
-    """The seed paper's number for this cell, and where it comes from (None if it has none)."""
-    ds, d, a = str(row["dataset"]), row["defense_registered"], row["attack_registered"]
-    family = "svhn" if ds.startswith("svhn") else "cifar10" if "cifar10" in ds else None
-    if family is None:
-        return None
-    method = row.get("target_method")
-    options = row.get("defense_options") or {}
-    if d == "dir" and (options.get("depth", 8), options.get("decoder_depth", 2)) != (8, 2):
-        key = f"{options.get('depth', 8)}-{options.get('decoder_depth', 2)}"
-        v = ref["table5"].get(key, {}).get(a) if family == "cifar10" else None
-        return ("Table 5", v) if v is not None else None
-    if a == "bpda-eot" and family == "cifar10":
-        v = ref["table3"].get(d, {}).get(a)
-        return ("Table 3", v) if v is not None else None
-    if method in ("trades", "mart") and family == "cifar10":
-        v = ref["table2"][method].get(d, {}).get(a)
-        return ("Table 2", v) if v is not None else None
-    if method == "natural" and family == "cifar10" and a == "pgd":
-        v = ref["table4"].get(d, {}).get(a)
-        return ("Table 4", v) if v is not None else None
-    if method == "at":
-        v = ref["table1"][family].get(d, {}).get(a)
-        if v is None and family == "cifar10":
-            v = ref["text"].get(d, {}).get(a)
-            return ("§4.2-4.3", v) if v is not None else None
-        return ("Table 1", v) if v is not None else None
-    return None
-
-
 def paper_comparison(df: pd.DataFrame, reference: dict | None = None) -> pd.DataFrame:
     """Our accuracies next to the seed paper's (Tables 1-5 and the text, matched by dataset family,
     target training method, registered defense and options, registered attack), in points."""
     ref = reference or reference_numbers()
     rows = []
     for _, r in df.iterrows():
-        hit = _paper_value(ref, r)
+        hit = paper_value(ref, r)
         if hit is None:
             continue
         where, paper = hit

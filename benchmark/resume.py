@@ -128,19 +128,19 @@ class EpochCheckpoint:
 
 
 class LoopState:
-    """A defense's training loop wired to the per-epoch state the runner gives it
-    (``defense.epoch_checkpoint``, ``defense.on_epoch``; both absent outside a run).
+    """A defense's training loop wired to the per-epoch state of its training context
+    (``context.checkpoint``, ``context.on_epoch``; both None outside a run).
 
     ``first, history = state.resume()`` restores the last complete epoch, if any;
     ``state.epoch_done(epoch, epochs, history)`` saves after each epoch but the last. Everything
     the loop draws from must be in ``optimizers``, ``gens`` and ``schedulers``; the defense's
     own weights (all its submodules) always are."""
 
-    def __init__(self, defense: nn.Module, name: str, *, optimizers: dict[str, torch.optim.Optimizer],
+    def __init__(self, defense: nn.Module, name: str, context, *, optimizers: dict[str, torch.optim.Optimizer],
                  gens: dict[str, torch.Generator], schedulers: dict | None = None,
                  modules: dict[str, nn.Module] | None = None) -> None:
-        self.ckpt: EpochCheckpoint | None = getattr(defense, "epoch_checkpoint", None)
-        self.hook = getattr(defense, "on_epoch", None)
+        self.ckpt: EpochCheckpoint | None = context.checkpoint
+        self.hook = context.on_epoch
         self.name = name
         self.state = {"modules": {"defense": defense, **(modules or {})}, "optimizers": optimizers,
                       "gens": {k: g for k, g in gens.items() if g is not None}}

@@ -58,13 +58,23 @@ def restored_features(run_dir: Path, defenses: list[str] | None, n: int, steps: 
     if unknown:
         raise BenchError(f"{run_dir}: defenses {unknown} are not in the run; it has {sorted(specs)}")
     artifacts = Path(run_dir) / "artifacts"
-    classifier, card, _ = prepare_target(ds, tspec, cfg, dev, artifacts, progress=False, train=False)
+    loaded: dict[str, tuple] = {}
+
+    def target_named(name: str) -> tuple:
+        if name not in loaded:
+            spec = next(t for t in cfg.targets if t.name == name)
+            loaded[name] = prepare_target(ds, spec, cfg, dev, artifacts, progress=False, train=False)[:2]
+        return loaded[name]
+
+    classifier, _ = target_named(tspec.name)
     test = load_dataset(ds.name, "test", root=ds.root, **ds.options).subset(n, seed=cfg.seed).to(dev)
     x, y = test.as_float(), test.labels
     eps, step = cfg.threat.eps, cfg.threat.step_size
     out = {}
     for name in names:
-        defense, _ = prepare_defense(ds, specs[name], classifier, card, cfg, dev, artifacts, train_data=None,
+        # a row trained against another target (Table 2) is looked up under that target's artifact
+        trained_on, trained_card = target_named(specs[name].trained_against or tspec.name)
+        defense, _ = prepare_defense(ds, specs[name], trained_on, trained_card, cfg, dev, artifacts, train_data=None,
                                      data_shape=(test.channels, test.image_size[0]), progress=False, train=False)
         defense.seed(cfg.seed, dev)
         model = DefendedModel.for_defense(defense, classifier)

@@ -14,15 +14,18 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from attacks.pgd import pgd_linf
+from benchmark.artifacts import StageStore
 from benchmark.config import from_dict
 from benchmark.data import load_dataset
 from benchmark.models import create_model
 from benchmark.registry import DEFENSES
 from benchmark.training import TrainConfig, train_classifier
+from defenses.base import TrainContext
 from defenses.pairs import PairTrain, static_pairs
 
 
@@ -53,7 +56,7 @@ def main() -> None:
             return clean, (model(adv).argmax(1) == y).float().mean().item()
 
     print(f"none: clean / PGD-20 = {accuracy(clf)}", flush=True)
-    stage = tempfile.mkdtemp()
+    stage = StageStore(Path(tempfile.mkdtemp()))
     t0 = time.perf_counter()
     static_pairs(clf, train, PairTrain(), device, 0, stage)
     torch.cuda.synchronize() if device.type == "cuda" else None
@@ -62,9 +65,8 @@ def main() -> None:
     for name in names:
         cls = DEFENSES.get(name)
         d = cls().to(device)
-        d.stage_dir = stage
         cfg = from_dict(cls.TrainConfig, {"epochs": 1, "progress": False}, name)
-        res = d.fit(clf, train, device, cfg, seed=0)
+        res = d.fit(clf, train, TrainContext(device, 0, stages=stage), cfg)
         d.eval()
         clean, rob = accuracy(lambda z, d=d: clf(d.purify(z)))
         n_params = sum(p.numel() for p in d.parameters())

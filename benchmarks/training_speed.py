@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 from bench_common import (
     add_data_args,
@@ -27,10 +28,11 @@ from bench_common import (
     write_figures,
 )
 
+from benchmark.artifacts import StageStore
 from benchmark.config import from_dict
 from benchmark.models import create_model
 from benchmark.training import TrainConfig, train_classifier
-from defenses.base import compiled
+from defenses.base import TrainContext, compiled
 
 
 def main() -> None:
@@ -74,11 +76,11 @@ def main() -> None:
         for p in clf.parameters():
             p.requires_grad_(False)
         dir_ = DIR(image_size=train.image_size[0], in_channels=train.channels)
-        dir_.stage_dir = tempfile.mkdtemp()
         dcfg = from_dict(DIRTrain, dict(pretrain_epochs=args.pretrain_epochs, epochs=args.epochs, progress=False,
                                         compile=args.compile), "train")
         with compiled(dir_.compile_modules(training=True), args.compile):
-            fit = dir_.to(device).fit(clf, train, device, dcfg, seed=0)
+            fit = dir_.to(device).fit(clf, train, TrainContext(device, 0, stages=StageStore(Path(tempfile.mkdtemp()))),
+                                      dcfg)
         main_h = [h for h in fit.history if h.get("phase") == "main"]
         pre_s = [h["seconds"] for h in fit.history if h.get("phase") == "pretrain"]
         s = median_epoch_seconds(main_h)

@@ -37,7 +37,7 @@ from attacks.pgd import pgd_linf, project_linf
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.resume import LoopState
-from defenses.base import Defense, FitResult
+from defenses.base import Defense, FitResult, TrainContext
 from defenses.unroll import unroll
 
 
@@ -155,7 +155,8 @@ class AIDPurifier(Defense):
             raise RuntimeError("AID-Purifier needs attach_classifier(target) before use")
         return unroll(self._step, x, x, self.steps)
 
-    def fit(self, classifier, train, device, config: AIDTrain | None = None, seed: int = 0) -> FitResult:
+    def fit(self, classifier, train, context: TrainContext, config: AIDTrain | None = None) -> FitResult:
+        device, seed = context.device, context.seed
         cfg = config or AIDTrain()
         torch.manual_seed(seed)
         self.attach_classifier(classifier)
@@ -165,7 +166,7 @@ class AIDPurifier(Defense):
         agen = torch.Generator(device=device).manual_seed(seed + 1)
         data = train.to(device)
         t_start = time.perf_counter()
-        loop = LoopState(self, "AID-Purifier", optimizers={"sgd": opt}, gens={"shuffle": gen, "attack": agen})
+        loop = LoopState(self, "AID-Purifier", context, optimizers={"sgd": opt}, gens={"shuffle": gen, "attack": agen})
         first, history = loop.resume()
         for epoch in range(first + 1, cfg.epochs + 1):
             t0, total, count = time.perf_counter(), torch.zeros((), device=device), 0

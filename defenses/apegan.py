@@ -30,7 +30,7 @@ from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.resume import LoopState
-from defenses.base import Defense, FitResult
+from defenses.base import Defense, FitResult, TrainContext
 from defenses.pairs import EpochLog, PairSource, PairTrain, use_bf16
 
 
@@ -117,11 +117,12 @@ class APEGAN(Defense):
             return out.clamp(0, 1)
         return self.generator_net(x).clamp(0, 1)
 
-    def fit(self, classifier, train, device, config: APEGANTrain | None = None, seed: int = 0) -> FitResult:
+    def fit(self, classifier, train, context: TrainContext, config: APEGANTrain | None = None) -> FitResult:
+        device, seed = context.device, context.seed
         cfg = config or APEGANTrain()
         torch.manual_seed(seed)
         t_start = time.perf_counter()
-        source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self)
+        source = PairSource(classifier, train, cfg, device, seed, context.stages, defense=self)
         g, d = self.generator_net, self.critic
         distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
         opt_g = distributed.synchronized(torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999)))
@@ -129,7 +130,7 @@ class APEGAN(Defense):
         w_rec, w_adv = (0.7, 0.3) if cfg.loss == "pytorch" else (0.9, 0.02)
         bf16 = use_bf16(cfg, device)
         log = EpochLog("APE-GAN", self, device)
-        loop = LoopState(self, "APE-GAN", optimizers={"g": opt_g, "d": opt_d}, gens=source.generators())
+        loop = LoopState(self, "APE-GAN", context, optimizers={"g": opt_g, "d": opt_d}, gens=source.generators())
         first, log.rows = loop.resume()
         bar = tqdm(total=cfg.epochs, initial=first, desc="apegan", disable=not cfg.progress, leave=False)
         for epoch in range(first + 1, cfg.epochs + 1):

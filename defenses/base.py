@@ -25,14 +25,37 @@ what training produces, so cached artifacts are not reused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from benchmark.registry import DEFENSES
+
+if TYPE_CHECKING:
+    from benchmark.artifacts import StageStore
+    from benchmark.resume import EpochCheckpoint
+
+
+@dataclass
+class TrainContext:
+    """What a run hands a defense's training besides the classifier, the data and the defense's own
+    training options: the device, the seed, where training stages shared between rows are cached
+    (``stages``: DIR's pre-training, the static adversarial pairs), where per-epoch state goes so that
+    a killed training resumes (``checkpoint``) and a callback after each epoch (``on_epoch(row)``).
+    Outside a run (a script, a test) give the device and the seed: nothing is cached or resumed."""
+
+    device: torch.device
+    seed: int = 0
+    stages: StageStore | None = None
+    checkpoint: EpochCheckpoint | None = None
+    on_epoch: Callable[[dict], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
 
 
 @dataclass
@@ -121,9 +144,9 @@ class Defense(nn.Module):
         return self.generator
 
     # -- training -----------------------------------------------------------------------
-    def fit(self, classifier: nn.Module, train, device: torch.device, config: Any = None,
-            seed: int = 0) -> FitResult:
-        """Train the defense against the frozen ``classifier`` on ``train`` (an ImageData)."""
+    def fit(self, classifier: nn.Module, train, context: TrainContext, config: Any = None) -> FitResult:
+        """Train the defense against the frozen ``classifier`` on ``train`` (an ImageData), on
+        ``context.device`` from ``context.seed``, with its training options ``config``."""
         return FitResult()
 
     def config(self) -> dict:

@@ -48,9 +48,7 @@ import copy
 import math
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -60,14 +58,13 @@ from tqdm.auto import tqdm
 
 from attacks.pgd import pgd_linf, project_linf
 from benchmark import distributed
-from benchmark.checkpoint import load_into, load_verified_state, save_checkpoint
+from benchmark.artifacts import stage
 from benchmark.config import require, subkey
 from benchmark.data import augment
-from benchmark.errors import BenchError, CheckpointError
-from benchmark.io import artifact_key
+from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
 from benchmark.resume import pack, unpack
-from defenses.base import Defense, FitResult
+from defenses.base import Defense, FitResult, TrainContext
 
 
 # ----------------------------------------------------------------------------- the ViT
@@ -327,9 +324,9 @@ class DIR(Defense):
         return self.restore(x, masks)
 
     # -- training ------------------------------------------------------------------------------
-    def fit(self, classifier: nn.Module, train, device: torch.device, config: DIRTrain | None = None,
-            seed: int = 0) -> FitResult:
+    def fit(self, classifier: nn.Module, train, context: TrainContext, config: DIRTrain | None = None) -> FitResult:
         cfg = config or DIRTrain()
+        device, seed = context.device, context.seed
         self.attach_classifier(classifier)
         distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
         target = classifier  # pre-training attacks the shared target alone (Eq. 2)
@@ -343,12 +340,12 @@ class DIR(Defense):
         history: list[dict] = []
         t_start = time.perf_counter()
         if cfg.pretrain_epochs > 0:
-            history += self._pretrain_cached(target, data, cfg, device, use_bf16, seed)
+            history += self._pretrain_cached(target, data, cfg, context, use_bf16)
         torch.manual_seed(seed + 1)  # main training draws the same randomness whether or not pre-training ran
         self.seed(seed + 1, device)
         joint = self.own_classifier is not None
         history += self.main_train(self.own_classifier if joint else target, data, cfg, device, use_bf16, seed,
-                                   joint=joint)
+                                   joint=joint, context=context)
         self.eval()
         main = [h["seconds"] for h in history if h["phase"] == "main"]
         pre = [h["seconds"] for h in history if h["phase"] == "pretrain"]
@@ -360,29 +357,20 @@ class DIR(Defense):
     PRETRAIN_FIELDS = ("pretrain_epochs", "pretrain_batch_size", "pretrain_lr", "pretrain_weight_decay",
                        "pretrain_warmup_fraction", "pretrain_attack_steps", "eps", "step_size", "augment")
 
-    def _pretrain_cached(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int) -> list[dict]:
+    def _pretrain_cached(self, classifier, data, cfg: DIRTrain, context: TrainContext, use_bf16: bool) -> list[dict]:
         """Pre-train, or reuse the pre-trained weights of an earlier run with the same architecture,
-        pre-training options, target, data and seed (``stage_dir``, set by the runner: the ablations
+        pre-training options, target, data and seed (a stage of ``context.stages``: the ablations
         over alpha, L_rep or the main-training schedule then share one pre-training)."""
-        stage_dir = getattr(self, "stage_dir", None)
-        if stage_dir is None:
-            return self.pretrain(classifier, data, cfg, device, use_bf16, seed)
         model = {k: v for k, v in self.config().items() if k != "joint_classifier"}  # the ViT alone
-        key = artifact_key({"code": self.version, "model": model, "n": len(data), "seed": seed,
-                            "bf16": use_bf16, "pretrain": {k: getattr(cfg, k) for k in self.PRETRAIN_FIELDS}})
-        stem = Path(stage_dir) / f"dir-pretrain-{key}"
-        if stem.with_name(stem.name + ".json").is_file():
-            try:
-                state, card = load_verified_state(stem, "defense")
-                load_into(self.net, state, f"DIR pre-training stage {stem}")
-                return [dict(h, reused=True) for h in card["history"]]
-            except CheckpointError as exc:  # a corrupt stage is redone, never trusted
-                warnings.warn(f"DIR pre-training stage {stem} rejected ({exc}); pre-training again", stacklevel=2)
-        history = self.pretrain(classifier, data, cfg, device, use_bf16, seed)
-        if distributed.is_main():
-            save_checkpoint(self.net, stem, {"kind": "defense", "defense": "dir", "options": self.config(),
-                                             "stage": "pretrain", "history": history})
-        return history
+        key = {"code": self.version, "model": model, "n": len(data), "seed": context.seed, "bf16": use_bf16,
+               "pretrain": {k: getattr(cfg, k) for k in self.PRETRAIN_FIELDS}}
+
+        def build() -> dict:
+            history = self.pretrain(classifier, data, cfg, context.device, use_bf16, context.seed)
+            return {"defense": "dir", "options": self.config(), "history": history}
+
+        card, reused = stage(context.stages, "dir-pretrain", key, self.net, build, "DIR pre-training stage")
+        return [dict(h, reused=True) for h in card["history"]] if reused else card["history"]
 
     def _batches(self, data, batch_size: int, cfg: DIRTrain, gen: torch.Generator, aug_gen: torch.Generator):
         for x, y in data.batches(batch_size, shuffle=True, generator=gen):
@@ -446,7 +434,7 @@ class DIR(Defense):
         return delta.detach()
 
     def main_train(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int,
-                   joint: bool = False) -> list[dict]:
+                   joint: bool = False, context: TrainContext | None = None) -> list[dict]:
         """Algorithm 1: L_den = CE(h(x~), y) + alpha * KL(h(x~) || h(x~ + delta)); the denoiser only,
         or (``joint``) the denoiser and the defense's own copy of the classifier, as the official code."""
         groups = [{"params": list(self.net.parameters())}]
@@ -464,8 +452,9 @@ class DIR(Defense):
         aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
         history = []
         first = 0
-        # Per-epoch state (set by the runner): a killed main training resumes after its last epoch.
-        ckpt = getattr(self, "epoch_checkpoint", None)
+        # Per-epoch state (a run's context): a killed main training resumes after its last epoch.
+        ckpt = context.checkpoint if context is not None else None
+        hook = context.on_epoch if context is not None else None
         state = {"modules": {"net": self.net, **({"classifier": classifier} if joint else {})},
                  "optimizers": {"sgd": opt},
                  "gens": {"shuffle": gen, "augment": aug_gen, "masks": self._gen(device)}}
@@ -525,7 +514,7 @@ class DIR(Defense):
             if ckpt is not None and epoch + 1 < cfg.epochs and distributed.is_main():
                 tensors, meta = pack(**state)
                 ckpt.save(epoch + 1, tensors, meta | {"scheduler": sched.state_dict(), "history": history})
-            if (hook := getattr(self, "on_epoch", None)) is not None:
+            if hook is not None:
                 hook(history[-1])
         bar.close()
         if joint:

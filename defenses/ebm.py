@@ -36,7 +36,7 @@ from benchmark.config import require, subkey
 from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
 from benchmark.resume import LoopState
-from defenses.base import Defense, FitResult
+from defenses.base import Defense, FitResult, TrainContext
 from defenses.unroll import unroll
 
 
@@ -147,7 +147,8 @@ class EBM(Defense):
         z = unroll(self._step, x * 2 - 1, x, self.steps, self._gen(x.device))
         return ((z + 1) / 2).clamp(0, 1).to(x.dtype)
 
-    def fit(self, classifier, train, device, config: EBMTrain | None = None, seed: int = 0) -> FitResult:
+    def fit(self, classifier, train, context: TrainContext, config: EBMTrain | None = None) -> FitResult:
+        device, seed = context.device, context.seed
         cfg = config or EBMTrain()
         torch.manual_seed(seed)
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -159,7 +160,7 @@ class EBM(Defense):
         sgd = torch.optim.SGD(self.energy.parameters(), lr=cfg.lr_sgd * scale)
         switch = int(cfg.switch_fraction * cfg.iterations)
         chains = _Chains(bank)
-        loop = LoopState(self, "EBM", optimizers={"adam": adam, "sgd": sgd}, gens={"ebm": gen},
+        loop = LoopState(self, "EBM", context, optimizers={"adam": adam, "sgd": sgd}, gens={"ebm": gen},
                          modules={"chains": chains})
         chunks = -(-cfg.iterations // cfg.checkpoint_every)
         first, history = loop.resume()

@@ -32,7 +32,7 @@ from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.resume import LoopState
-from defenses.base import Defense, FitResult
+from defenses.base import Defense, FitResult, TrainContext
 from defenses.pairs import EpochLog, PairSource, PairTrain, step_schedule, use_bf16
 
 
@@ -129,11 +129,12 @@ class ResidualDUNetDefense(Defense):
 class HGD(ResidualDUNetDefense):
     TrainConfig = HGDTrain
 
-    def fit(self, classifier, train, device, config: HGDTrain | None = None, seed: int = 0) -> FitResult:
+    def fit(self, classifier, train, context: TrainContext, config: HGDTrain | None = None) -> FitResult:
+        device, seed = context.device, context.seed
         cfg = config or HGDTrain()
         torch.manual_seed(seed)
         t_start = time.perf_counter()
-        source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self)
+        source = PairSource(classifier, train, cfg, device, seed, context.stages, defense=self)
         distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
         opt = distributed.synchronized(torch.optim.Adam(self.net.parameters(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay))
@@ -142,7 +143,7 @@ class HGD(ResidualDUNetDefense):
         bf16 = use_bf16(cfg, device)
         mix = torch.Generator(device=device).manual_seed(seed + 3)
         log = EpochLog("HGD", self, device)
-        loop = LoopState(self, "HGD", optimizers={"adam": opt}, gens={**source.generators(), "mix": mix},
+        loop = LoopState(self, "HGD", context, optimizers={"adam": opt}, gens={**source.generators(), "mix": mix},
                          schedulers={"lr": sched})
         first, log.rows = loop.resume()
         bar = tqdm(total=cfg.epochs, initial=first, desc="hgd", disable=not cfg.progress, leave=False)

@@ -31,7 +31,7 @@ from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.resume import LoopState
-from defenses.base import FitResult
+from defenses.base import FitResult, TrainContext
 from defenses.hgd import ResidualDUNetDefense
 from defenses.pairs import (  # noqa: I001
     EpochLog,
@@ -73,7 +73,8 @@ class JATP(ResidualDUNetDefense):
     TrainConfig = JATPTrain
     note = RECONSTRUCTION_NOTE
 
-    def fit(self, classifier, train, device, config: JATPTrain | None = None, seed: int = 0) -> FitResult:
+    def fit(self, classifier, train, context: TrainContext, config: JATPTrain | None = None) -> FitResult:
+        device, seed = context.device, context.seed
         cfg = config or JATPTrain()
         torch.manual_seed(seed)
         t_start = time.perf_counter()
@@ -84,7 +85,7 @@ class JATP(ResidualDUNetDefense):
         crafting = {} if cfg.attack == "ce" else dict(  # CE through g and h, or the feature distance
             attack_forward=lambda z: phi(self.purify(z)), attack_reference=lambda x, y: phi(x).float(),
             attack_loss=lambda f, ref: feature_distance(f, ref, "cosine").sum())
-        source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self,
+        source = PairSource(classifier, train, cfg, device, seed, context.stages, defense=self,
                             **crafting)
         distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
         opt = distributed.synchronized(torch.optim.Adam(self.net.parameters(), lr=cfg.lr,
@@ -93,7 +94,7 @@ class JATP(ResidualDUNetDefense):
         sched = step_schedule(opt, steps, cfg.milestones)
         bf16 = use_bf16(cfg, device)
         log = EpochLog("JATP", self, device)
-        loop = LoopState(self, "JATP", optimizers={"adam": opt}, gens=source.generators(), schedulers={"lr": sched})
+        loop = LoopState(self, "JATP", context, optimizers={"adam": opt}, gens=source.generators(), schedulers={"lr": sched})
         first, log.rows = loop.resume()
         bar = tqdm(total=cfg.epochs, initial=first, desc="jatp", disable=not cfg.progress, leave=False)
         for epoch in range(first + 1, cfg.epochs + 1):

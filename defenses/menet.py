@@ -38,7 +38,7 @@ from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.training import TrainConfig, train_classifier
-from defenses.base import Defense, FitResult
+from defenses.base import Defense, FitResult, TrainContext
 
 
 def usvt(x: torch.Tensor, keep: torch.Tensor, rank: int, exact: bool = False) -> torch.Tensor:
@@ -162,7 +162,8 @@ class MENet(Defense):
     def purify_exact(self, x: torch.Tensor, masks=None) -> torch.Tensor:
         return self.reconstruct(x, self.p, exact=True)
 
-    def fit(self, classifier, train, device, config: MENetTrain | None = None, seed: int = 0) -> FitResult:
+    def fit(self, classifier, train, context: TrainContext, config: MENetTrain | None = None) -> FitResult:
+        device, seed = context.device, context.seed
         cfg = config or MENetTrain(method=self.default_method)
         if self.own_classifier is None:
             self.attach_classifier(classifier)
@@ -179,8 +180,8 @@ class MENet(Defense):
         t0 = time.perf_counter()
         # bf16 autocast and channels_last off: the SVD runs in fp32 and the wrapper is not a plain CNN
         result = train_classifier(wrapped, train, replace(cfg, bf16=False, channels_last=False), device,
-                                  desc=f"ME-Net ({cfg.method})", checkpoint=getattr(self, "epoch_checkpoint", None),
-                                  on_epoch=getattr(self, "on_epoch", None), gens={"menet": self.generator},
+                                  desc=f"ME-Net ({cfg.method})", checkpoint=context.checkpoint,
+                                  on_epoch=context.on_epoch, gens={"menet": self.generator},
                                   ddp=distributed.active())
         for q in clf.parameters():
             q.requires_grad_(False)

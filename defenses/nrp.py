@@ -36,7 +36,7 @@ from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.resume import LoopState
-from defenses.base import Defense, FitResult
+from defenses.base import Defense, FitResult, TrainContext
 from defenses.pairs import EpochLog, PairSource, PairTrain, use_bf16
 
 
@@ -164,12 +164,13 @@ class NRP(Defense):
             x = torch.min(torch.max(x + self.noise_std * noise, x - self.noise_eps), x + self.noise_eps).clamp(0, 1)
         return self.net(x).clamp(0, 1)
 
-    def fit(self, classifier, train, device, config: NRPTrain | None = None, seed: int = 0) -> FitResult:
+    def fit(self, classifier, train, context: TrainContext, config: NRPTrain | None = None) -> FitResult:
+        device, seed = context.device, context.seed
         cfg = config or NRPTrain()
         torch.manual_seed(seed)
         t_start = time.perf_counter()
         mode = "per-epoch" if cfg.source == "ssp" else None  # SSP batches are crafted in _ssp_batches
-        source = PairSource(classifier, train, cfg, device, seed, getattr(self, "stage_dir", None), defense=self,
+        source = PairSource(classifier, train, cfg, device, seed, context.stages, defense=self,
                             mode=mode)
         g, d = self.net, self.critic
         distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
@@ -178,7 +179,7 @@ class NRP(Defense):
         bf16 = use_bf16(cfg, device)
         gen = torch.Generator(device=device).manual_seed(seed + 5)
         log = EpochLog("NRP", self, device)
-        loop = LoopState(self, "NRP", optimizers={"g": opt_g, "d": opt_d}, gens={**source.generators(), "ssp": gen})
+        loop = LoopState(self, "NRP", context, optimizers={"g": opt_g, "d": opt_d}, gens={**source.generators(), "ssp": gen})
         first, log.rows = loop.resume()
         bar = tqdm(total=cfg.epochs, initial=first, desc="nrp", disable=not cfg.progress, leave=False)
         batches = source.epoch if cfg.source == "pgd" else self._ssp_batches(source, classifier, cfg, gen)

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -32,11 +30,10 @@ from torch import nn
 
 from attacks.pgd import LossFn, ce_sum, pgd_linf
 from benchmark import distributed
-from benchmark.checkpoint import load_into, load_verified_state, save_checkpoint
+from benchmark.artifacts import StageStore, stage
 from benchmark.config import require, subkey
 from benchmark.data import ImageData, augment
-from benchmark.errors import BenchError, CheckpointError
-from benchmark.io import artifact_key
+from benchmark.errors import BenchError
 
 PAIRS_VERSION = 1
 
@@ -114,27 +111,20 @@ class _Stored(nn.Module):
 
 
 def static_pairs(classifier: nn.Module, data: ImageData, cfg: PairTrain, device: torch.device, seed: int,
-                 stage_dir: str | Path | None) -> torch.Tensor:
-    """The static PGD pairs, made once and cached in ``stage_dir`` (shared by every baseline)."""
-    if stage_dir is None:
-        return craft_against_target(classifier, data, cfg, device, seed)
-    key = artifact_key({"v": PAIRS_VERSION, "n": len(data), "seed": seed, "eps": cfg.eps, "step": cfg.step_size,
-                        "steps": cfg.attack_steps, "bf16": use_bf16(cfg, device),
-                        "labels": int(data.labels.sum()), "first": data.images[:8].sum().item()})
-    stem = Path(stage_dir) / f"pairs-pgd{cfg.attack_steps}-{key}"
-    if stem.with_name(stem.name + ".json").is_file():
-        try:
-            state, _ = load_verified_state(stem, "defense")
-            holder = _Stored(torch.empty_like(data.images, device="cpu"))
-            load_into(holder, state, f"adversarial pairs {stem}")
-            return holder.adv
-        except CheckpointError as exc:
-            warnings.warn(f"adversarial pairs {stem} rejected ({exc}); crafting them again", stacklevel=2)
-    adv = craft_against_target(classifier, data, cfg, device, seed)
-    save_checkpoint(_Stored(adv), stem, {"kind": "defense", "defense": "static-pairs",
-                                         "options": {"eps": cfg.eps, "step_size": cfg.step_size,
-                                                     "steps": cfg.attack_steps, "n": len(data), "seed": seed}})
-    return adv
+                 stages: StageStore | None) -> torch.Tensor:
+    """The static PGD pairs, made once per run and cached as a stage (shared by every baseline)."""
+    key = {"v": PAIRS_VERSION, "n": len(data), "seed": seed, "eps": cfg.eps, "step": cfg.step_size,
+           "steps": cfg.attack_steps, "bf16": use_bf16(cfg, device),
+           "labels": int(data.labels.sum()), "first": data.images[:8].sum().item()}
+    holder = _Stored(torch.empty_like(data.images, device="cpu"))
+
+    def build() -> dict:
+        holder.adv.copy_(craft_against_target(classifier, data, cfg, device, seed))
+        return {"defense": "static-pairs", "options": {"eps": cfg.eps, "step_size": cfg.step_size,
+                                                       "steps": cfg.attack_steps, "n": len(data), "seed": seed}}
+
+    stage(stages, f"pairs-pgd{cfg.attack_steps}", key, holder, build, "adversarial pairs")
+    return holder.adv
 
 
 def joint_augment(x: torch.Tensor, x_adv: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +144,7 @@ class PairSource:
     """
 
     def __init__(self, classifier: nn.Module, data: ImageData, cfg: PairTrain, device: torch.device, seed: int,
-                 stage_dir: str | Path | None = None, defense: nn.Module | None = None,
+                 stages: StageStore | None = None, defense: nn.Module | None = None,
                  attack_forward: Callable | None = None, attack_reference: Callable | None = None,
                  attack_loss: LossFn = ce_sum, mode: str | None = None) -> None:
         self.classifier, self.cfg, self.device, self.seed = classifier, cfg, device, seed
@@ -169,7 +159,7 @@ class PairSource:
         self.attack_gen = torch.Generator(device=device).manual_seed(seed + 11)
         self.adv: torch.Tensor | None = None
         if self.mode == "static":
-            self.adv = static_pairs(classifier, data, cfg, device, seed, stage_dir).to(device)
+            self.adv = static_pairs(classifier, data, cfg, device, seed, stages).to(device)
         elif self.mode == "full" and defense is None:
             raise BenchError("pairs 'full' needs the defense being trained")
 

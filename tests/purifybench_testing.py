@@ -60,13 +60,13 @@ class TinyDenoiser(Defense):
     def purify(self, x, masks=None):
         return (x + self.body(x)).clamp(0, 1)
 
-    def fit(self, classifier, train, device, config=None, seed=0):
+    def fit(self, classifier, train, context, config=None):
         cfg = config or TinyTrain()
-        torch.manual_seed(seed)
+        torch.manual_seed(context.seed)
         opt = torch.optim.Adam(self.parameters(), lr=cfg.lr)
         self.train()
         for _ in range(cfg.epochs):
-            for x, y in train.to(device).batches(128, shuffle=True):
+            for x, y in train.to(context.device).batches(128, shuffle=True):
                 x_adv = pgd_linf(classifier, x, y, eps=cfg.eps, step_size=cfg.eps / 4, steps=2)
                 loss = F.mse_loss(self.purify(x_adv), x)
                 opt.zero_grad()
@@ -91,7 +91,7 @@ class Quantize(Defense):
 class DivergingDenoiser(TinyDenoiser):
     """Its training always fails the way a diverged training does (only for tests)."""
 
-    def fit(self, classifier, train, device, config=None, seed=0):
+    def fit(self, classifier, train, context, config=None):
         raise BenchError("test-diverging training diverged in epoch 1 (loss nan)")
 
 

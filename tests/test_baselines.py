@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from attacks.base import Threat
+from benchmark.artifacts import StageStore
 from benchmark.harness import run_attack
 from benchmark.registry import ATTACKS, DEFENSES
 from defenses import pairs as pairs_mod
-from defenses.base import DefendedModel
+from defenses.base import DefendedModel, TrainContext
 from defenses.pairs import PairTrain, static_pairs
 
 TINY = {
@@ -65,7 +66,7 @@ def test_training_lowers_its_own_loss_and_keeps_the_target_frozen(name, trained_
     d = build(name)
     cfg = DEFENSES.get(name).TrainConfig(epochs=3, batch_size=64, eps=0.1, step_size=0.025, augment=False,
                                          progress=False)
-    result = d.fit(clf, digits_train.subset(512, seed=0), torch.device("cpu"), cfg, seed=0)
+    result = d.fit(clf, digits_train.subset(512, seed=0), TrainContext("cpu", 0), cfg)
     losses = [h[LOSS_KEY[name]] for h in result.history]
     assert losses[-1] < losses[0], losses
     assert all(torch.equal(before[k], v) for k, v in clf.state_dict().items())
@@ -93,8 +94,8 @@ def test_static_pairs_are_crafted_once_inside_the_ball_and_reused(tmp_path, trai
     calls = []
     real = pairs_mod.craft_against_target
     monkeypatch.setattr(pairs_mod, "craft_against_target", lambda *a, **k: calls.append(1) or real(*a, **k))
-    first = static_pairs(clf, data, cfg, torch.device("cpu"), 0, tmp_path)
-    again = static_pairs(clf, data, cfg, torch.device("cpu"), 0, tmp_path)
+    first = static_pairs(clf, data, cfg, torch.device("cpu"), 0, StageStore(tmp_path))
+    again = static_pairs(clf, data, cfg, torch.device("cpu"), 0, StageStore(tmp_path))
     assert len(calls) == 1 and torch.equal(first, again)  # the second use is a cache hit
     assert first.dtype == torch.uint8 and first.shape == data.images.shape
     diff = (first.to(torch.int16) - data.images.to(torch.int16)).abs()
@@ -103,7 +104,8 @@ def test_static_pairs_are_crafted_once_inside_the_ball_and_reused(tmp_path, trai
         acc_adv = (clf(first.float() / 255).argmax(1) == data.labels).float().mean()
         acc = (clf(data.as_float()).argmax(1) == data.labels).float().mean()
     assert acc_adv < acc
-    static_pairs(clf, data, PairTrain(eps=0.1, step_size=0.025, attack_steps=3), torch.device("cpu"), 0, tmp_path)
+    static_pairs(clf, data, PairTrain(eps=0.1, step_size=0.025, attack_steps=3), torch.device("cpu"), 0,
+                 StageStore(tmp_path))
     assert len(calls) == 2  # other attack settings: other pairs
 
 
@@ -192,9 +194,10 @@ def test_compiled_denoiser_training_follows_the_eager_one(trained_pair, digits_t
         cfg = cls.TrainConfig(epochs=2, batch_size=64, eps=0.1, step_size=0.025, attack_steps=1, progress=False,
                               compile=flag)
         seen = []
-        hgd.on_epoch = lambda row, net=hgd.net, seen=seen: seen.append(net._compiled_call_impl is not None)
+        context = TrainContext("cpu", 0, on_epoch=lambda row, net=hgd.net, seen=seen:
+                               seen.append(net._compiled_call_impl is not None))
         with compiled(hgd.compile_modules(training=True), cfg.compile):
-            result = hgd.fit(clf, data, torch.device("cpu"), cfg, seed=0)
+            result = hgd.fit(clf, data, context, cfg)
         assert seen == [flag, flag] and hgd.net._compiled_call_impl is None
         losses[flag] = [h["loss"] for h in result.history if "loss" in h]
     # Adam turns float reassociation into visibly different steps early on (its first updates are

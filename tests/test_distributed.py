@@ -81,6 +81,7 @@ from benchmark import distributed
 from benchmark.data import load_dataset
 from benchmark.models import create_model
 from benchmark.registry import DEFENSES
+from defenses.base import TrainContext
 
 distributed.init_from_env(torch.device("cpu"))
 torch.manual_seed(distributed.rank())  # different starts on purpose: fit() must broadcast rank 0's
@@ -98,7 +99,7 @@ for name, opts, train in [
     d = cls(**opts)
     if hasattr(d, "attach_classifier"):
         d.attach_classifier(clf)
-    d.fit(clf, data, torch.device("cpu"), cls.TrainConfig(**train), seed=0)
+    d.fit(clf, data, TrainContext("cpu", 0), cls.TrainConfig(**train))
     # parameters: kept in step by the averaged gradients (BatchNorm statistics are each rank's own, as
     # under DDP; the runner hands every rank rank 0's after training)
     digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in d.parameters())).hexdigest()

@@ -7,6 +7,7 @@ import pytest
 
 from benchmark.cli import main as cli_main
 from benchmark.errors import BenchError
+from benchmark.paper import reference_numbers
 from benchmark.presets import (
     PRESETS,
     preset_blocks,
@@ -16,7 +17,7 @@ from benchmark.presets import (
     resolve_presets,
 )
 from benchmark.records import write_record
-from benchmark.reports import _frame, reference_numbers, write_report
+from benchmark.reports import _frame, write_report
 
 
 def rec(defense, attack, bits, reg_def=None, method="at", target="t", options=None, spe=None, label=None):

@@ -8,7 +8,7 @@ from attacks.bpda_eot import BPDAEOTParams, resolve
 from attacks.pgd import pgd_linf
 from benchmark.harness import run_attack
 from benchmark.registry import ATTACKS, DEFENSES
-from defenses.base import DefendedModel
+from defenses.base import DefendedModel, TrainContext
 from defenses.menet import usvt
 
 THREAT = Threat("linf", 0.1)
@@ -46,7 +46,7 @@ def menet(trained_pair, digits_train):
     d.attach_classifier(trained_pair["at"][0])
     cfg = d.TrainConfig(epochs=2, batch_size=64, lr=0.05, init="target", augment=False, progress=False,
                         eps=0.1, step_size=0.025)
-    d.fit(trained_pair["at"][0], digits_train, torch.device("cpu"), cfg, seed=0)
+    d.fit(trained_pair["at"][0], digits_train, TrainContext("cpu", 0), cfg)
     d.seed(0)
     return d.eval()
 
@@ -99,7 +99,7 @@ def test_ebm_training_separates_data_from_noise_and_purification_is_finite(train
     d = DEFENSES.get("ebm")(in_channels=1, width=8, steps=10, chains=3)
     x = digits_test.as_float()[:64]
     cfg = d.TrainConfig(iterations=60, batch_size=64, mcmc_steps=10, log_every=20, progress=False)
-    d.fit(trained_pair["natural"][0], digits_train, torch.device("cpu"), cfg, seed=0)
+    d.fit(trained_pair["natural"][0], digits_train, TrainContext("cpu", 0), cfg)
     with torch.no_grad():
         e_data = d.energy(x * 2 - 1).mean()
         e_noise = d.energy(torch.rand_like(x) * 2 - 1).mean()
@@ -119,7 +119,7 @@ def test_aid_discriminator_prefers_clean_digits_and_purification_stays_in_the_ba
     clf = trained_pair["natural"][0]
     d = DEFENSES.get("aid")(width=64, eps=0.1)
     cfg = d.TrainConfig(epochs=3, batch_size=64, lr=0.05, eps=0.1, step_size=0.025, progress=False)
-    d.fit(clf, digits_train, torch.device("cpu"), cfg, seed=0)
+    d.fit(clf, digits_train, TrainContext("cpu", 0), cfg)
     x, y = digits_test.as_float()[:128], digits_test.labels[:128]
     x_adv = pgd_linf(clf, x, y, eps=0.1, step_size=0.025, steps=10)
     with torch.no_grad():

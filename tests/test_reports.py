@@ -5,11 +5,11 @@ import json
 import pandas as pd
 
 from benchmark.cli import main as cli_main
+from benchmark.paper import reference_numbers
 from benchmark.reports import (
     _frame,
     adaptive_table,
     paper_comparison,
-    reference_numbers,
     timing_table,
     write_report,
 )

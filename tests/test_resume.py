@@ -7,6 +7,7 @@ import torch
 from benchmark.models import create_model
 from benchmark.resume import EpochCheckpoint
 from benchmark.training import TrainConfig, train_classifier
+from defenses.base import TrainContext
 
 CFG = TrainConfig(method="at", epochs=3, batch_size=64, lr=0.05, eps=0.1, step_size=0.025, attack_steps=2,
                   augment=True, progress=False)
@@ -94,17 +95,15 @@ def test_dir_main_training_resumes_after_a_kill_with_identical_weights(tmp_path,
         return d
 
     ref = fresh()
-    ref.fit(clf, data, torch.device("cpu"), cfg, seed=0)
+    ref.fit(clf, data, TrainContext("cpu", 0), cfg)
     killed = fresh()
-    killed.epoch_checkpoint = EpochCheckpoint(tmp_path / "dir.partial", "dir-k")
-    killed.on_epoch = _stop_after(2)
     with pytest.raises(Interrupted):
-        killed.fit(clf, data, torch.device("cpu"), cfg, seed=0)
+        killed.fit(clf, data, TrainContext("cpu", 0, checkpoint=EpochCheckpoint(tmp_path / "dir.partial", "dir-k"),
+                                           on_epoch=_stop_after(2)), cfg)
     resumed = fresh()
-    resumed.epoch_checkpoint = EpochCheckpoint(tmp_path / "dir.partial", "dir-k")
     seen = []
-    resumed.on_epoch = lambda row: seen.append(row["epoch"])
-    result = resumed.fit(clf, data, torch.device("cpu"), cfg, seed=0)
+    result = resumed.fit(clf, data, TrainContext("cpu", 0, checkpoint=EpochCheckpoint(tmp_path / "dir.partial", "dir-k"),
+                                                 on_epoch=lambda row: seen.append(row["epoch"])), cfg)
     assert seen == [3] and len([h for h in result.history if h.get("phase") == "main"]) == 3
     for (k, v), w in zip(resumed.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(v, w), k
@@ -156,25 +155,23 @@ def _resume_check(tmp_path, trained_pair, digits_train, name):
         return d, cfg
 
     ref, cfg = fresh()
-    ref.fit(clf, data, dev, cfg, seed=0)
+    ref.fit(clf, data, TrainContext(dev, 0), cfg)
 
     killed, _ = fresh()
-    killed.epoch_checkpoint = EpochCheckpoint(tmp_path / "partial", f"{name}-k")
 
     def stop(row):
         raise Interrupted
 
-    killed.on_epoch = stop
     with pytest.raises(Interrupted):
-        killed.fit(clf, data, dev, cfg, seed=0)
+        killed.fit(clf, data, TrainContext(dev, 0, checkpoint=EpochCheckpoint(tmp_path / "partial", f"{name}-k"),
+                                           on_epoch=stop), cfg)
     assert EpochCheckpoint(tmp_path / "partial", f"{name}-k").load()[0] == 1
 
     resumed, _ = fresh()
-    resumed.epoch_checkpoint = EpochCheckpoint(tmp_path / "partial", f"{name}-k")
     seen = []
-    resumed.on_epoch = seen.append
     torch.manual_seed(123)  # whatever ran in between must not matter
-    resumed.fit(clf, data, dev, cfg, seed=0)
+    resumed.fit(clf, data, TrainContext(dev, 0, checkpoint=EpochCheckpoint(tmp_path / "partial", f"{name}-k"),
+                                        on_epoch=seen.append), cfg)
     assert len(seen) == 1  # only the second epoch ran
     ref_state = ref.state_dict()
     assert resumed.state_dict().keys() == ref_state.keys()

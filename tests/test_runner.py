@@ -303,6 +303,11 @@ def test_a_defense_trained_against_one_target_is_evaluated_in_front_of_another(t
     assert recs["at", "den"].defense_checkpoint_sha256 == recs["nat", "den"].defense_checkpoint_sha256
     assert len(list((out / "artifacts" / "defenses").glob("digits-den-*.json"))) == 1
     assert recs["at", "none"].target["checkpoint_sha256"] != recs["nat", "none"].target["checkpoint_sha256"]
+    # the UMAP of the denoiser in front of the natural target finds the artifact trained against AT
+    from benchmark.umap_report import restored_features
+
+    feats, labels = restored_features(out, ["den"], n=16, steps=1, device="cpu", target="nat")["den"]
+    assert feats.shape[0] == 16 == len(labels)
     cfg["defenses"][1]["trained_against"] = "trades"
     with pytest.raises(ConfigError, match=r"defenses\[1\]\.trained_against: 'trades' is not a target"):
         load_config(_write(tmp_path, cfg, "bad.yaml"))
