@@ -131,6 +131,8 @@ class StageStore:
             return card
 
         def build_and_save() -> dict:
+            if self.together:  # ranks that disagreed (one had loaded the stage): all start from rank 0's weights
+                distributed.broadcast_module(module)
             card = {"kind": "defense", "stage": name, **build()}
             save(module, stem, card, self.together)
             return card

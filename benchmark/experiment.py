@@ -10,6 +10,7 @@ rerun reuses them and a changed spec retrains only what it changes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -156,6 +157,12 @@ def build_defense(spec: DefenseSpec, where: str = "defense", data_shape: tuple[i
         defense = cls(**options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{subkey(where, 'options')}: {exc}") from None
+    if cls.trainable:
+        old = [name for name in ("device", "seed") if name in inspect.signature(cls.fit).parameters]
+        require(not old, where, f"defense {spec.registered!r} ({cls.__module__}.{cls.__qualname__}) defines "
+                f"fit(..., {', '.join(old)}, ...), the signature before the training context: write "
+                "fit(self, classifier, train, context, config=None) and read context.device and context.seed "
+                "(README: Writing a defense)")
     train_cls = getattr(cls, "TrainConfig", None)
     if train_cls is not None:
         from_dict(train_cls, spec.train, subkey(where, "train"))

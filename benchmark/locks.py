@@ -193,11 +193,11 @@ def sweep_stale_locks(run_dir: str | Path, stale_after: float = STALE_AFTER) -> 
     returns how many."""
     run_dir = Path(run_dir)
     removed = 0
-    for folder in (run_dir / "locks", run_dir / "artifacts" / "targets", run_dir / "artifacts" / "defenses"):
-        for path in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
-            owner, mtime = _read(path)
-            if owner is not None and is_stale(owner, mtime, stale_after):
-                lock = OwnerLock(path, stale_after=stale_after)
-                if lock._break(owner):
-                    removed += 1
+    paths = sorted((run_dir / "locks").glob("*.lock")) + sorted((run_dir / "artifacts").rglob("*.lock"))
+    for path in paths:  # artifacts: targets/, defenses/ and the shared stages (stages/<dataset>-<target>/)
+        owner, mtime = _read(path)
+        if owner is not None and is_stale(owner, mtime, stale_after):
+            lock = OwnerLock(path, stale_after=stale_after)
+            if lock._break(owner):
+                removed += 1
     return removed

@@ -6,6 +6,19 @@ from __future__ import annotations
 import json
 from importlib import resources
 
+DIR_DEPTHS = (8, 2)  # the paper's DIR: encoder depth 8, decoder depth 2 (other depths are Table 5 variants)
+DIR_ALPHA = 2.0  # the paper's weight of L_rep (Eq. 7)
+
+
+def dir_depths(options: dict) -> tuple[int, int]:
+    """(encoder depth, decoder depth) of a DIR row's options, the paper's where not set."""
+    return int(options.get("depth", DIR_DEPTHS[0])), int(options.get("decoder_depth", DIR_DEPTHS[1]))
+
+
+def is_depth_variant(defense: str, options: dict) -> bool:
+    """A DIR row at depths other than the paper's: it belongs in Table 5, not Tables 1-4."""
+    return defense == "dir" and dir_depths(options) != DIR_DEPTHS
+
 
 def reference_numbers() -> dict:
     with resources.files("benchmark").joinpath("reference/dir_paper.json").open() as f:
@@ -20,8 +33,8 @@ def paper_value(ref: dict, row) -> tuple[str, float] | None:
         return None
     method = row.get("target_method")
     options = row.get("defense_options") or {}
-    if d == "dir" and (options.get("depth", 8), options.get("decoder_depth", 2)) != (8, 2):
-        key = f"{options.get('depth', 8)}-{options.get('decoder_depth', 2)}"
+    if is_depth_variant(d, options):
+        key = "-".join(map(str, dir_depths(options)))
         v = ref["table5"].get(key, {}).get(a) if family == "cifar10" else None
         return ("Table 5", v) if v is not None else None
     if a == "bpda-eot" and family == "cifar10":

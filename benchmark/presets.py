@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.io import atomic_write_text
-from benchmark.paper import paper_value
+from benchmark.paper import is_depth_variant, paper_value
 from benchmark.tables import (
     TableCell,
     bold_cells,
@@ -35,10 +35,6 @@ from benchmark.tables import (
 )
 
 SECONDS = "s/epoch"
-
-
-def _depth(options: dict) -> tuple[int, int]:
-    return int(options.get("depth", 8)), int(options.get("decoder_depth", 2))
 
 
 @dataclass(frozen=True)
@@ -52,8 +48,8 @@ class Preset:
 
 
 def _not_depth_variant(df: pd.DataFrame) -> pd.Series:
-    return pd.Series([not (d == "dir" and _depth(o) != (8, 2))
-                      for d, o in zip(df["defense_registered"], df["defense_options"])], index=df.index)
+    return pd.Series([not is_depth_variant(d, o) for d, o in zip(df["defense_registered"], df["defense_options"])],
+                     index=df.index)
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (

@@ -21,7 +21,7 @@ import pandas as pd
 
 from benchmark.io import atomic_write_text
 from benchmark.masking import load_checks
-from benchmark.paper import paper_value, reference_numbers
+from benchmark.paper import DIR_ALPHA, paper_value, reference_numbers
 from benchmark.records import CellRecord, as_record, load_records
 from benchmark.stats import mcnemar
 from benchmark.tables import (
@@ -294,7 +294,7 @@ def alpha_figure(records: list[CellRecord], stem: Path) -> list[Path]:
     for r in map(as_record, records):
         if r.defense != "dir" or r.attack not in ("clean", "pgd"):
             continue
-        alpha = (r.defense_train or {}).get("alpha", 2.0)
+        alpha = (r.defense_train or {}).get("alpha", DIR_ALPHA)
         rows.append((float(alpha), r.attack, r.accuracy))
     df = pd.DataFrame(rows, columns=["alpha", "attack", "accuracy"])
     if df.empty or df["alpha"].nunique() < 2:

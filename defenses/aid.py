@@ -31,12 +31,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from attacks.pgd import pgd_linf, project_linf
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
-from benchmark.resume import LoopState
+from benchmark.trainer import Trainer
 from defenses.base import Defense, FitResult, TrainContext
 from defenses.unroll import unroll
 
@@ -166,33 +165,24 @@ class AIDPurifier(Defense):
         agen = torch.Generator(device=device).manual_seed(seed + 1)
         data = train.to(device)
         t_start = time.perf_counter()
-        loop = LoopState(self, "AID-Purifier", context, optimizers={"sgd": opt}, gens={"shuffle": gen, "attack": agen})
-        first, history = loop.resume()
-        for epoch in range(first + 1, cfg.epochs + 1):
-            t0, total, count = time.perf_counter(), torch.zeros((), device=device), 0
-            bar = tqdm(total=-(-len(data) // cfg.batch_size), desc="aid", disable=not cfg.progress, leave=False)
-            for x, y in data.batches(cfg.batch_size, shuffle=True, generator=gen):
-                classifier.eval()
-                x_adv = pgd_linf(classifier, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
-                                 generator=agen)
-                vertex = (x + cfg.gamma * (x_adv - x)).clamp(0, 1)  # AVmixup
-                lam = torch.rand(len(x), device=device, generator=agen)
-                mixed = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * vertex
-                disc.train()
-                with torch.no_grad():
-                    feats = classifier.feature_maps(mixed, self.taps)
-                loss = F.binary_cross_entropy_with_logits(disc(feats), lam)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach() * len(x)
-                count += len(x)
-                bar.update(1)
-            bar.close()
-            history.append({"phase": "train", "epoch": epoch, "loss": float(total) / count,
-                            "seconds": time.perf_counter() - t0})
-            loop.epoch_done(epoch, cfg.epochs, history)
-        disc.eval()
-        self.eval()
-        return FitResult(seconds=time.perf_counter() - t_start, seconds_per_epoch=history[-1]["seconds"],
-                         epochs=cfg.epochs, history=history)
+
+        def step(batch) -> dict:
+            x, y = batch
+            classifier.eval()
+            x_adv = pgd_linf(classifier, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
+                             generator=agen)
+            vertex = (x + cfg.gamma * (x_adv - x)).clamp(0, 1)  # AVmixup
+            lam = torch.rand(len(x), device=device, generator=agen)
+            mixed = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * vertex
+            disc.train()
+            with torch.no_grad():
+                feats = classifier.feature_maps(mixed, self.taps)
+            loss = F.binary_cross_entropy_with_logits(disc(feats), lam)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return {"loss": loss}
+
+        trainer = Trainer(self, "AID-Purifier", context, cfg.epochs, optimizers={"sgd": opt},
+                          gens={"shuffle": gen, "attack": agen}, progress=cfg.progress, started=t_start)
+        return trainer.fit(lambda epoch: data.batches(cfg.batch_size, shuffle=True, generator=gen), step)

@@ -24,14 +24,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
-from benchmark.resume import LoopState
+from benchmark.trainer import Trainer
 from defenses.base import Defense, FitResult, TrainContext
-from defenses.pairs import EpochLog, PairSource, PairTrain, use_bf16
+from defenses.pairs import PairTrain, pair_source, use_bf16
 
 
 class APEGenerator(nn.Module):
@@ -118,50 +117,39 @@ class APEGAN(Defense):
         return self.generator_net(x).clamp(0, 1)
 
     def fit(self, classifier, train, context: TrainContext, config: APEGANTrain | None = None) -> FitResult:
-        device, seed = context.device, context.seed
         cfg = config or APEGANTrain()
-        torch.manual_seed(seed)
         t_start = time.perf_counter()
-        source = PairSource(classifier, train, cfg, device, seed, context.stages, defense=self)
+        source = pair_source(self, classifier, train, context, cfg)
         g, d = self.generator_net, self.critic
-        distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
         opt_g = distributed.synchronized(torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999)))
         opt_d = distributed.synchronized(torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999)))
         w_rec, w_adv = (0.7, 0.3) if cfg.loss == "pytorch" else (0.9, 0.02)
-        bf16 = use_bf16(cfg, device)
-        log = EpochLog("APE-GAN", self, device)
-        loop = LoopState(self, "APE-GAN", context, optimizers={"g": opt_g, "d": opt_d}, gens=source.generators())
-        first, log.rows = loop.resume()
-        bar = tqdm(total=cfg.epochs, initial=first, desc="apegan", disable=not cfg.progress, leave=False)
-        for epoch in range(first + 1, cfg.epochs + 1):
-            log.start()
-            for x, x_adv, _ in source.epoch(epoch):
-                self.train()
+        bf16, device = use_bf16(cfg, context.device), context.device
+
+        def step(batch) -> dict:
+            x, x_adv, _ = batch
+            self.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                # discriminator: real clean images vs restorations
+                fake = g(x_adv).detach()
+                real_logit, fake_logit = d(x).float(), d(fake).float()
+            loss_d = (F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
+                      + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit)))
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            for _ in range(cfg.generator_steps):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    # discriminator: real clean images vs restorations
-                    fake = g(x_adv).detach()
-                    real_logit, fake_logit = d(x).float(), d(fake).float()
-                loss_d = (F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
-                          + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit)))
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-                for _ in range(cfg.generator_steps):
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        restored = g(x_adv)
-                        logit = d(restored).float()
-                    mse = F.mse_loss(restored.float(), x)
-                    rec = mse if cfg.loss == "pytorch" else mse.clamp_min(1e-12).sqrt()
-                    gan = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
-                    loss_g = w_rec * rec + w_adv * gan
-                    opt_g.zero_grad(set_to_none=True)
-                    loss_g.backward()
-                    opt_g.step()
-                log.add(len(x), loss_g=loss_g, mse=mse, loss_d=loss_d)
-            log.end(epoch)
-            loop.epoch_done(epoch, cfg.epochs, log.rows)
-            bar.update(1)
-        bar.close()
-        self.eval()
-        return FitResult(seconds=time.perf_counter() - t_start, seconds_per_epoch=log.seconds_per_epoch(),
-                         epochs=cfg.epochs, history=log.rows)
+                    restored = g(x_adv)
+                    logit = d(restored).float()
+                mse = F.mse_loss(restored.float(), x)
+                rec = mse if cfg.loss == "pytorch" else mse.clamp_min(1e-12).sqrt()
+                gan = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+                loss_g = w_rec * rec + w_adv * gan
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+            return {"loss_g": loss_g, "mse": mse, "loss_d": loss_d}
+
+        return Trainer(self, "APE-GAN", context, cfg.epochs, optimizers={"g": opt_g, "d": opt_d},
+                       gens=source.generators(), progress=cfg.progress, started=t_start).fit(source.epoch, step)

@@ -26,14 +26,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
-from benchmark.resume import LoopState
+from benchmark.trainer import Trainer
 from defenses.base import Defense, FitResult, TrainContext
-from defenses.pairs import EpochLog, PairSource, PairTrain, step_schedule, use_bf16
+from defenses.pairs import PairTrain, pair_source, step_schedule, use_bf16
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -130,42 +129,31 @@ class HGD(ResidualDUNetDefense):
     TrainConfig = HGDTrain
 
     def fit(self, classifier, train, context: TrainContext, config: HGDTrain | None = None) -> FitResult:
-        device, seed = context.device, context.seed
         cfg = config or HGDTrain()
-        torch.manual_seed(seed)
         t_start = time.perf_counter()
-        source = PairSource(classifier, train, cfg, device, seed, context.stages, defense=self)
-        distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
+        source = pair_source(self, classifier, train, context, cfg)
         opt = distributed.synchronized(torch.optim.Adam(self.net.parameters(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay))
-        steps = cfg.epochs * -(-len(train) // cfg.batch_size)
-        sched = step_schedule(opt, steps, cfg.milestones)
-        bf16 = use_bf16(cfg, device)
-        mix = torch.Generator(device=device).manual_seed(seed + 3)
-        log = EpochLog("HGD", self, device)
-        loop = LoopState(self, "HGD", context, optimizers={"adam": opt}, gens={**source.generators(), "mix": mix},
-                         schedulers={"lr": sched})
-        first, log.rows = loop.resume()
-        bar = tqdm(total=cfg.epochs, initial=first, desc="hgd", disable=not cfg.progress, leave=False)
-        for epoch in range(first + 1, cfg.epochs + 1):
-            log.start()
-            for x, x_adv, y in source.epoch(epoch):
-                if cfg.clean_fraction > 0:
-                    keep = torch.rand(len(x), device=device, generator=mix) < cfg.clean_fraction
-                    x_adv = torch.where(keep[:, None, None, None], x, x_adv)
-                self.train()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    restored = x_adv + self.net(x_adv)  # unclamped in training, as the original
-                    loss = guided_loss(classifier, restored, x, y, cfg)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                log.add(len(x), loss=loss)
-            log.end(epoch, lr=opt.param_groups[0]["lr"])
-            loop.epoch_done(epoch, cfg.epochs, log.rows)
-            bar.update(1)
-        bar.close()
-        self.eval()
-        return FitResult(seconds=time.perf_counter() - t_start, seconds_per_epoch=log.seconds_per_epoch(),
-                         epochs=cfg.epochs, history=log.rows)
+        sched = step_schedule(opt, cfg.epochs * -(-len(train) // cfg.batch_size), cfg.milestones)
+        bf16, device = use_bf16(cfg, context.device), context.device
+        mix = torch.Generator(device=device).manual_seed(context.seed + 3)
+
+        def step(batch) -> dict:
+            x, x_adv, y = batch
+            if cfg.clean_fraction > 0:
+                keep = torch.rand(len(x), device=device, generator=mix) < cfg.clean_fraction
+                x_adv = torch.where(keep[:, None, None, None], x, x_adv)
+            self.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                restored = x_adv + self.net(x_adv)  # unclamped in training, as the original
+                loss = guided_loss(classifier, restored, x, y, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            return {"loss": loss}
+
+        trainer = Trainer(self, "HGD", context, cfg.epochs, optimizers={"adam": opt},
+                          gens={**source.generators(), "mix": mix}, schedulers={"lr": sched}, progress=cfg.progress,
+                          started=t_start)
+        return trainer.fit(source.epoch, step, epoch_info=lambda: {"lr": opt.param_groups[0]["lr"]})

@@ -25,22 +25,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
-from benchmark.resume import LoopState
+from benchmark.trainer import Trainer
 from defenses.base import FitResult, TrainContext
 from defenses.hgd import ResidualDUNetDefense
-from defenses.pairs import (  # noqa: I001
-    EpochLog,
-    PairSource,
-    PairTrain,
-    feature_distance,
-    step_schedule,
-    use_bf16,
-)
+from defenses.pairs import PairTrain, feature_distance, pair_source, step_schedule, use_bf16
 
 RECONSTRUCTION_NOTE = "JATP is a benchmark reconstruction (no public code; see defenses/jatp.py)"
 
@@ -74,9 +66,7 @@ class JATP(ResidualDUNetDefense):
     note = RECONSTRUCTION_NOTE
 
     def fit(self, classifier, train, context: TrainContext, config: JATPTrain | None = None) -> FitResult:
-        device, seed = context.device, context.seed
         cfg = config or JATPTrain()
-        torch.manual_seed(seed)
         t_start = time.perf_counter()
 
         def phi(z: torch.Tensor) -> torch.Tensor:
@@ -85,41 +75,31 @@ class JATP(ResidualDUNetDefense):
         crafting = {} if cfg.attack == "ce" else dict(  # CE through g and h, or the feature distance
             attack_forward=lambda z: phi(self.purify(z)), attack_reference=lambda x, y: phi(x).float(),
             attack_loss=lambda f, ref: feature_distance(f, ref, "cosine").sum())
-        source = PairSource(classifier, train, cfg, device, seed, context.stages, defense=self,
-                            **crafting)
-        distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
+        source = pair_source(self, classifier, train, context, cfg, **crafting)
         opt = distributed.synchronized(torch.optim.Adam(self.net.parameters(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay))
-        steps = cfg.epochs * -(-len(train) // cfg.batch_size)
-        sched = step_schedule(opt, steps, cfg.milestones)
-        bf16 = use_bf16(cfg, device)
-        log = EpochLog("JATP", self, device)
-        loop = LoopState(self, "JATP", context, optimizers={"adam": opt}, gens=source.generators(), schedulers={"lr": sched})
-        first, log.rows = loop.resume()
-        bar = tqdm(total=cfg.epochs, initial=first, desc="jatp", disable=not cfg.progress, leave=False)
-        for epoch in range(first + 1, cfg.epochs + 1):
-            log.start()
-            for x, x_adv, y in source.epoch(epoch):
-                self.train()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    restored = x_adv + self.net(x_adv)
-                    with torch.no_grad():
-                        ref = phi(x).float()
-                    dist = feature_distance(phi(restored), ref, "cosine")
-                    with torch.no_grad():
-                        p_true = F.softmax(classifier(restored).float(), 1).gather(1, y[:, None]).squeeze(1)
-                pixel = (restored.float() - x).abs().mean()
-                weight = 1 - p_true
-                loss = pixel + cfg.feature_weight * dist.mean() + cfg.misclassification_weight * (weight * dist).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                log.add(len(x), loss=loss, pixel=pixel, feature=dist.mean())
-            log.end(epoch, lr=opt.param_groups[0]["lr"])
-            loop.epoch_done(epoch, cfg.epochs, log.rows)
-            bar.update(1)
-        bar.close()
-        self.eval()
-        return FitResult(seconds=time.perf_counter() - t_start, seconds_per_epoch=log.seconds_per_epoch(),
-                         epochs=cfg.epochs, history=log.rows)
+        sched = step_schedule(opt, cfg.epochs * -(-len(train) // cfg.batch_size), cfg.milestones)
+        bf16, device = use_bf16(cfg, context.device), context.device
+
+        def step(batch) -> dict:
+            x, x_adv, y = batch
+            self.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                restored = x_adv + self.net(x_adv)
+                with torch.no_grad():
+                    ref = phi(x).float()
+                dist = feature_distance(phi(restored), ref, "cosine")
+                with torch.no_grad():
+                    p_true = F.softmax(classifier(restored).float(), 1).gather(1, y[:, None]).squeeze(1)
+            pixel = (restored.float() - x).abs().mean()
+            weight = 1 - p_true
+            loss = pixel + cfg.feature_weight * dist.mean() + cfg.misclassification_weight * (weight * dist).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            return {"loss": loss, "pixel": pixel, "feature": dist.mean()}
+
+        trainer = Trainer(self, "JATP", context, cfg.epochs, optimizers={"adam": opt}, gens=source.generators(),
+                          schedulers={"lr": sched}, progress=cfg.progress, started=t_start)
+        return trainer.fit(source.epoch, step, epoch_info=lambda: {"lr": opt.param_groups[0]["lr"]})

@@ -29,15 +29,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from attacks.ssp import ssp_linf
 from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
-from benchmark.resume import LoopState
+from benchmark.trainer import Trainer
 from defenses.base import Defense, FitResult, TrainContext
-from defenses.pairs import EpochLog, PairSource, PairTrain, use_bf16
+from defenses.pairs import PairSource, PairTrain, pair_source, use_bf16
 
 
 class DenseBlock(nn.Module):
@@ -165,57 +164,46 @@ class NRP(Defense):
         return self.net(x).clamp(0, 1)
 
     def fit(self, classifier, train, context: TrainContext, config: NRPTrain | None = None) -> FitResult:
-        device, seed = context.device, context.seed
         cfg = config or NRPTrain()
-        torch.manual_seed(seed)
         t_start = time.perf_counter()
         mode = "per-epoch" if cfg.source == "ssp" else None  # SSP batches are crafted in _ssp_batches
-        source = PairSource(classifier, train, cfg, device, seed, context.stages, defense=self,
-                            mode=mode)
+        source = pair_source(self, classifier, train, context, cfg, mode=mode)
         g, d = self.net, self.critic
-        distributed.broadcast_module(self)  # torchrun: every rank starts from rank 0's weights
         opt_g = distributed.synchronized(torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(0.9, 0.999)))
         opt_d = distributed.synchronized(torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(0.9, 0.999)))
-        bf16 = use_bf16(cfg, device)
-        gen = torch.Generator(device=device).manual_seed(seed + 5)
-        log = EpochLog("NRP", self, device)
-        loop = LoopState(self, "NRP", context, optimizers={"g": opt_g, "d": opt_d}, gens={**source.generators(), "ssp": gen})
-        first, log.rows = loop.resume()
-        bar = tqdm(total=cfg.epochs, initial=first, desc="nrp", disable=not cfg.progress, leave=False)
-        batches = source.epoch if cfg.source == "pgd" else self._ssp_batches(source, classifier, cfg, gen)
-        for epoch in range(first + 1, cfg.epochs + 1):
-            log.start()
-            for x, x_adv, _ in batches(epoch):
-                self.train()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    restored = g(x_adv)
-                    with torch.no_grad():
-                        ref = classifier.feature_map(x, cfg.layer).float()
-                    feat = (classifier.feature_map(restored, cfg.layer).float() - ref).abs().mean()
-                    pix = (restored.float() - x).abs().mean()
-                    if cfg.gan_weight > 0:
-                        gan_g, _ = relativistic_losses(d(x).float(), d(restored).float())
-                    else:
-                        gan_g = torch.zeros((), device=device)
-                loss_g = cfg.feature_weight * feat + cfg.pixel_weight * pix + cfg.gan_weight * gan_g
-                opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_g.step()
-                loss_d = torch.zeros((), device=device)
+        bf16, device = use_bf16(cfg, context.device), context.device
+        gen = torch.Generator(device=device).manual_seed(context.seed + 5)
+
+        def step(batch) -> dict:
+            x, x_adv, _ = batch
+            self.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                restored = g(x_adv)
+                with torch.no_grad():
+                    ref = classifier.feature_map(x, cfg.layer).float()
+                feat = (classifier.feature_map(restored, cfg.layer).float() - ref).abs().mean()
+                pix = (restored.float() - x).abs().mean()
                 if cfg.gan_weight > 0:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        _, loss_d = relativistic_losses(d(x).float(), d(restored.detach()).float())
-                    opt_d.zero_grad(set_to_none=True)
-                    loss_d.backward()
-                    opt_d.step()
-                log.add(len(x), loss_g=loss_g, feature=feat, pixel=pix, loss_d=loss_d)
-            log.end(epoch)
-            loop.epoch_done(epoch, cfg.epochs, log.rows)
-            bar.update(1)
-        bar.close()
-        self.eval()
-        return FitResult(seconds=time.perf_counter() - t_start, seconds_per_epoch=log.seconds_per_epoch(),
-                         epochs=cfg.epochs, history=log.rows)
+                    gan_g, _ = relativistic_losses(d(x).float(), d(restored).float())
+                else:
+                    gan_g = torch.zeros((), device=device)
+            loss_g = cfg.feature_weight * feat + cfg.pixel_weight * pix + cfg.gan_weight * gan_g
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            loss_d = torch.zeros((), device=device)
+            if cfg.gan_weight > 0:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    _, loss_d = relativistic_losses(d(x).float(), d(restored.detach()).float())
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+            return {"loss_g": loss_g, "feature": feat, "pixel": pix, "loss_d": loss_d}
+
+        batches = source.epoch if cfg.source == "pgd" else self._ssp_batches(source, classifier, cfg, gen)
+        trainer = Trainer(self, "NRP", context, cfg.epochs, optimizers={"g": opt_g, "d": opt_d},
+                          gens={**source.generators(), "ssp": gen}, progress=cfg.progress, started=t_start)
+        return trainer.fit(batches, step)
 
     def _ssp_batches(self, source: PairSource, classifier, cfg: NRPTrain, gen: torch.Generator):
         """NRP's own data: SSP examples (label-free feature distortion) crafted per batch."""

@@ -19,7 +19,6 @@ keeps every pixel inside the ball; for eps = 8/255 nothing is clipped.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -205,39 +204,15 @@ class PairSource:
 
 
 # ----------------------------------------------------------------------------- bookkeeping
-class EpochLog:
-    """Per-epoch history rows with loss averages, times and a divergence check."""
-
-    def __init__(self, name: str, module: nn.Module, device: torch.device) -> None:
-        self.name, self.module, self.device = name, module, device
-        self.rows: list[dict] = []
-
-    def start(self) -> None:
-        self.t0 = time.perf_counter()
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, n: int, **losses: torch.Tensor) -> None:
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().float() * n
-        self.count += n
-
-    def end(self, epoch: int, **extra) -> dict:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        row = {"phase": "train", "epoch": epoch,
-               **{k: float(v) / max(1, self.count) for k, v in self.sums.items()},
-               "seconds": time.perf_counter() - self.t0, **extra}
-        self.rows.append(row)
-        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
-        if bad or not all(torch.isfinite(p).all() for p in self.module.parameters()):
-            raise BenchError(f"{self.name} training diverged in epoch {epoch} ({', '.join(bad) or 'weights'} "
-                             "not finite); lower its lr in the defense's train options")
-        return row
-
-    def seconds_per_epoch(self) -> float:
-        secs = sorted(r["seconds"] for r in self.rows)
-        return secs[len(secs) // 2] if secs else 0.0
+def pair_source(defense: nn.Module, classifier: nn.Module, train: ImageData, context, cfg: PairTrain,
+                **crafting) -> PairSource:
+    """How every pair-based training starts: the global seed, the pairs (``crafting``: as
+    :class:`PairSource`), and under torchrun every rank from rank 0's initial weights."""
+    torch.manual_seed(context.seed)
+    source = PairSource(classifier, train, cfg, context.device, context.seed, context.stages, defense=defense,
+                        **crafting)
+    distributed.broadcast_module(defense)
+    return source
 
 
 def feature_distance(a: torch.Tensor, b: torch.Tensor, kind: Literal["l1", "mse", "cosine"]) -> torch.Tensor:

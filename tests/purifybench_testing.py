@@ -95,6 +95,13 @@ class DivergingDenoiser(TinyDenoiser):
         raise BenchError("test-diverging training diverged in epoch 1 (loss nan)")
 
 
+class OldSignature(TinyDenoiser):
+    """A plugin written before the training context: ``fit(classifier, train, device, config, seed)``."""
+
+    def fit(self, classifier, train, device, config=None, seed=0):
+        raise AssertionError("never called: the config is refused first")
+
+
 class Exploding(Defense):
     """Its purification raises an unexpected error, as a device-only bug would (only for tests)."""
 
@@ -106,6 +113,8 @@ if "test-denoiser" not in DEFENSES:
     DEFENSES.add("test-denoiser", TinyDenoiser, description="test-only trainable denoiser")
 if "test-diverging" not in DEFENSES:
     DEFENSES.add("test-diverging", DivergingDenoiser, description="test-only: training always diverges")
+if "test-old-fit" not in DEFENSES:
+    DEFENSES.add("test-old-fit", OldSignature, description="test-only: the fit signature before TrainContext")
 if "test-exploding" not in DEFENSES:
     DEFENSES.add("test-exploding", Exploding, description="test-only: purification always raises")
 

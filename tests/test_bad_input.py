@@ -8,6 +8,7 @@ import tarfile
 import pytest
 import torch
 import yaml
+from purifybench_testing import OldSignature  # noqa: F401  (registers the test-only defenses)
 
 from benchmark.checkpoint import save_checkpoint
 from benchmark.cli import main
@@ -82,6 +83,8 @@ CASES = {
     "unknown defense option": (lambda t: _run(t, defenses=[{"name": "dir", "options": {"depthh": 3}}]), "depthh"),
     "unknown defense training key": (lambda t: _run(t, defenses=[{"name": "hgd", "train": {"epochz": 1}}]),
                                      "epochz"),
+    "a plugin with the old fit signature": (lambda t: _run(t, defenses=[{"name": "old", "defense": "test-old-fit"}]),
+                                            "fit(..., device, seed, ...), the signature before the training context"),
     "trained_against an unknown target": (lambda t: _run(t, defenses=[{"name": "none", "trained_against": "x"}]),
                                           "trained_against: 'x' is not a target"),
     "worst-of with an unknown member": (lambda t: _run(t, attacks=[{"name": "worst-of", "params": {
