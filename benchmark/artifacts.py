@@ -122,22 +122,34 @@ class StageStore:
                      what: str) -> tuple[dict, bool]:
         """The stage ``name`` for content ``key``: its weights loaded (verified) into ``module`` and
         its card, or ``build()`` run (it trains ``module`` and returns the card) and saved.
-        Returns (card, reused)."""
+        Returns (card, reused). ``module`` is changed only once the ranks agree to load."""
         stem = Path(self.folder) / f"{name}-{artifact_key(key)}"
 
-        def load(path: Path) -> dict:
+        def load(path: Path) -> tuple[dict, dict]:
             state, card = load_verified_state(path, "defense")
-            load_into(module, state, f"{what} {path}")
-            return card
+            check_fits(module, state, f"{what} {path}")
+            return state, card
 
-        def build_and_save() -> dict:
-            if self.together:  # ranks that disagreed (one had loaded the stage): all start from rank 0's weights
-                distributed.broadcast_module(module)
+        def build_and_save() -> tuple[None, dict]:
             card = {"kind": "defense", "stage": name, **build()}
             save(module, stem, card, self.together)
-            return card
+            return None, card
 
-        return get_or_build(stem, what, load, build_and_save, together=self.together)
+        (state, card), reused = get_or_build(stem, what, load, build_and_save, together=self.together)
+        if reused:
+            load_into(module, state, f"{what} {stem}")
+        return card, reused
+
+
+def check_fits(module: nn.Module, state: dict, where: str) -> None:
+    """:class:`CheckpointError` unless ``state`` has exactly ``module``'s entries, in its shapes."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{where}: weights do not fit the architecture (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, other shapes {shapes[:3]})")
 
 
 def stage(store: StageStore | None, name: str, key: dict[str, Any], module: nn.Module, build: Callable[[], dict],

@@ -153,16 +153,16 @@ def build_defense(spec: DefenseSpec, where: str = "defense", data_shape: tuple[i
         for key, value in zip(("in_channels", "image_size"), data_shape):
             if key in getattr(cls, "data_shape_options", ()):
                 options.setdefault(key, value)
+    if cls.trainable:  # the runner calls fit(classifier, train, context, config=...)
+        slots = list(inspect.signature(cls.fit).parameters)
+        require(len(slots) < 4 or slots[3] not in ("device", "dev"), where,
+                f"defense {spec.registered!r} ({cls.__module__}.{cls.__qualname__}) defines fit({', '.join(slots)}), "
+                "the signature before the training context: write fit(self, classifier, train, context, "
+                "config=None) and read context.device and context.seed (README: Writing a defense)")
     try:
         defense = cls(**options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{subkey(where, 'options')}: {exc}") from None
-    if cls.trainable:
-        old = [name for name in ("device", "seed") if name in inspect.signature(cls.fit).parameters]
-        require(not old, where, f"defense {spec.registered!r} ({cls.__module__}.{cls.__qualname__}) defines "
-                f"fit(..., {', '.join(old)}, ...), the signature before the training context: write "
-                "fit(self, classifier, train, context, config=None) and read context.device and context.seed "
-                "(README: Writing a defense)")
     train_cls = getattr(cls, "TrainConfig", None)
     if train_cls is not None:
         from_dict(train_cls, spec.train, subkey(where, "train"))

@@ -67,8 +67,9 @@ class Trainer:
     def __init__(self, defense: nn.Module, name: str, context, epochs: int, *,
                  optimizers: dict[str, torch.optim.Optimizer], gens: dict[str, torch.Generator],
                  schedulers: dict | None = None, modules: dict[str, nn.Module] | None = None,
-                 progress: bool = True, started: float | None = None) -> None:
+                 progress: bool = True, started: float | None = None, steps_per_epoch: int | None = None) -> None:
         self.defense, self.name, self.epochs, self.progress = defense, name, epochs, progress
+        self.steps = steps_per_epoch  # the progress bar counts batches when given, else epochs
         self.started = time.perf_counter() if started is None else started
         self.log = EpochLog(name, defense, context.device)
         self.loop = LoopState(defense, name, context, optimizers=optimizers, gens=gens, schedulers=schedulers,
@@ -83,15 +84,19 @@ class Trainer:
         from defenses.base import FitResult
 
         first, self.log.rows = self.loop.resume()
-        bar = tqdm(total=self.epochs, initial=first, desc=self.name.lower(), disable=not self.progress, leave=False)
-        for epoch in range(first + 1, self.epochs + 1):
-            self.log.start()
-            for batch in batches(epoch):
-                self.log.add(len(batch[0]), **step(batch))
-            self.log.end(epoch, **(epoch_info() if epoch_info is not None else {}))
-            self.loop.epoch_done(epoch, self.epochs, self.log.rows)
-            bar.update(1)
-        bar.close()
+        per = self.steps or 1
+        with tqdm(total=self.epochs * per, initial=first * per, desc=self.name.lower(), disable=not self.progress,
+                  leave=False) as bar:
+            for epoch in range(first + 1, self.epochs + 1):
+                self.log.start()
+                for batch in batches(epoch):
+                    self.log.add(len(batch[0]), **step(batch))
+                    if self.steps:
+                        bar.update(1)
+                self.log.end(epoch, **(epoch_info() if epoch_info is not None else {}))
+                self.loop.epoch_done(epoch, self.epochs, self.log.rows)
+                if not self.steps:
+                    bar.update(1)
         self.defense.eval()
         return FitResult(seconds=time.perf_counter() - self.started, seconds_per_epoch=self.log.seconds_per_epoch(),
                          epochs=self.epochs, history=self.log.rows)

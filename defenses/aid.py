@@ -184,5 +184,6 @@ class AIDPurifier(Defense):
             return {"loss": loss}
 
         trainer = Trainer(self, "AID-Purifier", context, cfg.epochs, optimizers={"sgd": opt},
-                          gens={"shuffle": gen, "attack": agen}, progress=cfg.progress, started=t_start)
+                          gens={"shuffle": gen, "attack": agen}, progress=cfg.progress, started=t_start,
+                          steps_per_epoch=-(-len(data) // cfg.batch_size))
         return trainer.fit(lambda epoch: data.batches(cfg.batch_size, shuffle=True, generator=gen), step)

@@ -151,5 +151,7 @@ class APEGAN(Defense):
                 opt_g.step()
             return {"loss_g": loss_g, "mse": mse, "loss_d": loss_d}
 
-        return Trainer(self, "APE-GAN", context, cfg.epochs, optimizers={"g": opt_g, "d": opt_d},
-                       gens=source.generators(), progress=cfg.progress, started=t_start).fit(source.epoch, step)
+        trainer = Trainer(self, "APE-GAN", context, cfg.epochs, optimizers={"g": opt_g, "d": opt_d},
+                          gens=source.generators(), progress=cfg.progress, started=t_start,
+                          steps_per_epoch=-(-len(train) // cfg.batch_size))
+        return trainer.fit(source.epoch, step)

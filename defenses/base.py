@@ -17,8 +17,10 @@ must know; the runner reads the declarations and builds the adaptive attack:
   ``gradient: exact`` use it instead of the BPDA surrogate.
 
 Training: :meth:`fit` receives the frozen target, the training data (an
-``ImageData``), the device, the validated training options (an instance of the
-defense's ``TrainConfig`` dataclass) and a seed. A defense with nothing to learn
+``ImageData``), a :class:`TrainContext` (device, seed, the stage store, per-epoch
+state and callback) and the validated training options (an instance of the
+defense's ``TrainConfig`` dataclass); ``benchmark.trainer.Trainer`` runs an epoch
+loop for it. A defense with nothing to learn
 sets ``trainable = False``. Bump ``version`` when a change to the code changes
 what training produces, so cached artifacts are not reused.
 """

@@ -155,5 +155,5 @@ class HGD(ResidualDUNetDefense):
 
         trainer = Trainer(self, "HGD", context, cfg.epochs, optimizers={"adam": opt},
                           gens={**source.generators(), "mix": mix}, schedulers={"lr": sched}, progress=cfg.progress,
-                          started=t_start)
+                          started=t_start, steps_per_epoch=-(-len(train) // cfg.batch_size))
         return trainer.fit(source.epoch, step, epoch_info=lambda: {"lr": opt.param_groups[0]["lr"]})

@@ -101,5 +101,6 @@ class JATP(ResidualDUNetDefense):
             return {"loss": loss, "pixel": pixel, "feature": dist.mean()}
 
         trainer = Trainer(self, "JATP", context, cfg.epochs, optimizers={"adam": opt}, gens=source.generators(),
-                          schedulers={"lr": sched}, progress=cfg.progress, started=t_start)
+                          schedulers={"lr": sched}, progress=cfg.progress, started=t_start,
+                          steps_per_epoch=-(-len(train) // cfg.batch_size))
         return trainer.fit(source.epoch, step, epoch_info=lambda: {"lr": opt.param_groups[0]["lr"]})

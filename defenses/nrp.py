@@ -202,7 +202,8 @@ class NRP(Defense):
 
         batches = source.epoch if cfg.source == "pgd" else self._ssp_batches(source, classifier, cfg, gen)
         trainer = Trainer(self, "NRP", context, cfg.epochs, optimizers={"g": opt_g, "d": opt_d},
-                          gens={**source.generators(), "ssp": gen}, progress=cfg.progress, started=t_start)
+                          gens={**source.generators(), "ssp": gen}, progress=cfg.progress, started=t_start,
+                          steps_per_epoch=-(-len(train) // cfg.batch_size))
         return trainer.fit(batches, step)
 
     def _ssp_batches(self, source: PairSource, classifier, cfg: NRPTrain, gen: torch.Generator):

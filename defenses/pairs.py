@@ -1,4 +1,4 @@
-"""Training data and loop helpers shared by the denoising baselines (APE-GAN, HGD, NRP, JATP).
+"""Training data shared by the denoising baselines (APE-GAN, HGD, NRP, JATP): their adversarial pairs.
 
 The seed paper trains the baselines on adversarial examples crafted against the
 adversarially trained target *alone* with PGD-5 (eps 8/255, step 2/255). These
@@ -203,7 +203,7 @@ class PairSource:
         return adv.detach()
 
 
-# ----------------------------------------------------------------------------- bookkeeping
+# ----------------------------------------------------------------------------- the start of a training, losses
 def pair_source(defense: nn.Module, classifier: nn.Module, train: ImageData, context, cfg: PairTrain,
                 **crafting) -> PairSource:
     """How every pair-based training starts: the global seed, the pairs (``crafting``: as

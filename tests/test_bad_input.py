@@ -84,7 +84,7 @@ CASES = {
     "unknown defense training key": (lambda t: _run(t, defenses=[{"name": "hgd", "train": {"epochz": 1}}]),
                                      "epochz"),
     "a plugin with the old fit signature": (lambda t: _run(t, defenses=[{"name": "old", "defense": "test-old-fit"}]),
-                                            "fit(..., device, seed, ...), the signature before the training context"),
+                                            "fit(self, classifier, train, device, config, seed), the signature before the training context"),
     "trained_against an unknown target": (lambda t: _run(t, defenses=[{"name": "none", "trained_against": "x"}]),
                                           "trained_against: 'x' is not a target"),
     "worst-of with an unknown member": (lambda t: _run(t, attacks=[{"name": "worst-of", "params": {
