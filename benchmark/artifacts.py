@@ -28,7 +28,13 @@ from typing import Any, TypeVar
 from torch import nn
 
 from benchmark import distributed
-from benchmark.checkpoint import checkpoint_paths, load_into, load_verified_state, save_checkpoint
+from benchmark.checkpoint import (
+    check_fits,
+    checkpoint_paths,
+    load_into,
+    load_verified_state,
+    save_checkpoint,
+)
 from benchmark.errors import BenchError, CheckpointError
 from benchmark.io import artifact_key
 from benchmark.locks import OwnerLock
@@ -139,17 +145,6 @@ class StageStore:
         if reused:
             load_into(module, state, f"{what} {stem}")
         return card, reused
-
-
-def check_fits(module: nn.Module, state: dict, where: str) -> None:
-    """:class:`CheckpointError` unless ``state`` has exactly ``module``'s entries, in its shapes."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"{where}: weights do not fit the architecture (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}, other shapes {shapes[:3]})")
 
 
 def stage(store: StageStore | None, name: str, key: dict[str, Any], module: nn.Module, build: Callable[[], dict],

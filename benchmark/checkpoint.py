@@ -140,17 +140,20 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def check_fits(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """:class:`CheckpointError` unless ``state`` has exactly ``module``'s entries, in its shapes."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{where}: weights do not fit the architecture (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, other shapes {shapes[:3]})")
+
+
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        first = str(exc).strip().splitlines()
-        raise CheckpointError(f"{where}: weights do not fit the architecture ({first[-1].strip() if first else exc})") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{where}: weights do not fit the architecture (missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]})"
-        )
+    check_fits(module, state, where)
+    module.load_state_dict(state)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:

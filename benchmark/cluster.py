@@ -312,13 +312,13 @@ def submit(runner, opts: ClusterOptions, *, device: str | None = None) -> dict:
             while not job.done():
                 time.sleep(opts.poll_s)
             try:
-                payload = job.result()
+                answer = job.result()
             except Exception as exc:  # the job died (killed, timed out, a bug): its log has the traceback
                 logs = getattr(job.paths, "stderr", folder)
                 summary["failed"].append(f"{stage} job {job.job_id} failed ({type(exc).__name__}); see {logs}")
                 continue
             try:
-                res = ShareResult.from_json(payload, f"{stage} job {job.job_id}'s result:")
+                res = ShareResult.from_json(answer, f"{stage} job {job.job_id}'s result:")
             except RecordError as exc:  # a worker of another version
                 summary["failed"].append(str(exc))
                 continue

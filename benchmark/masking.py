@@ -30,7 +30,6 @@ per row, ``checks/<row>.json``; the results tables show its flags as a column.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -43,7 +42,7 @@ from attacks.base import Attack, Threat
 from attacks.pgd import pgd_linf
 from benchmark.config import require, subkey
 from benchmark.harness import gradient_check, run_attack
-from benchmark.records import GradientCheck, RecordError, Typed, checksum, write_record
+from benchmark.records import GradientCheck, RecordError, Typed, read_verified, write_record
 from benchmark.registry import ATTACKS
 
 log = logging.getLogger("purifybench")
@@ -347,20 +346,11 @@ _WARNED: set[str] = set()  # old checks files already said so in this process
 def read_checks(path: Path) -> ChecksRecord:
     """Parse and verify a checks file; :class:`RecordError` (one line) if it cannot be trusted. A
     schema-1 file (the same fields, untyped) is read, and the log says so once per file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecordError(f"checks file {path} is unreadable ({exc})") from None
-    found = data.get("schema") if isinstance(data, dict) else None
-    if found not in (SCHEMA, *OLD_SCHEMAS):
-        raise RecordError(f"checks file {path} is not a {SCHEMA} file (schema {found!r}; readable: "
-                          f"{', '.join((SCHEMA, *OLD_SCHEMAS))})")
-    if data.get("checksum") != checksum(data):
-        raise RecordError(f"checks file {path} fails its checksum")
+    data = read_verified(path, "checks file", (SCHEMA, *OLD_SCHEMAS))
     rec = ChecksRecord.from_json(data, where=f"checks file {path}:")
     if rec.old_schema and str(path) not in _WARNED:
         _WARNED.add(str(path))
-        log.warning("checks file %s is %s (written before typed checks files); read as %s", path, found, SCHEMA)
+        log.warning("checks file %s is %s (written before typed checks files); read as %s", path, rec.schema, SCHEMA)
     return rec
 
 

@@ -91,19 +91,26 @@ def write_record(path: Path, record: dict[str, Any] | Typed | CellRecord, schema
     return atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
 
 
+def read_verified(path: Path, what: str, schemas: tuple[str, ...], noun: str = "file") -> dict:
+    """The JSON file at ``path`` (``what``: "record", "checks file") parsed, its schema one of
+    ``schemas`` (the current one first) and its checksum right; :class:`RecordError` (one line) if not."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{what} {path} is unreadable ({exc})") from None
+    found = data.get("schema") if isinstance(data, dict) else None
+    if found not in schemas:
+        raise RecordError(f"{what} {path} is not a {schemas[0]} {noun} (schema {found!r}; readable: "
+                          f"{', '.join(schemas)})")
+    if data.get("checksum") != checksum(data):
+        raise RecordError(f"{what} {path} fails its checksum")
+    return data
+
+
 def read_record(path: Path) -> CellRecord:
     """Parse and verify a record; raise :class:`RecordError` (one line) if it cannot be trusted."""
-    try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecordError(f"record {path} is unreadable ({exc})") from None
-    if not isinstance(record, dict) or record.get("schema") not in (SCHEMA, *OLD_SCHEMAS):
-        found = record.get("schema") if isinstance(record, dict) else None
-        raise RecordError(f"record {path} is not a {SCHEMA} record (schema {found!r}; readable: "
-                          f"{', '.join((SCHEMA, *OLD_SCHEMAS))})")
-    if record.get("checksum") != checksum(record):
-        raise RecordError(f"record {path} fails its checksum")
-    return CellRecord.from_json(record, where=f"record {path}")
+    data = read_verified(path, "record", (SCHEMA, *OLD_SCHEMAS), noun="record")
+    return CellRecord.from_json(data, where=f"record {path}")
 
 
 def bit_string(flags) -> str:

@@ -81,7 +81,7 @@ class Trainer:
         item holds the examples), ``step(batch)`` trains on one and returns its metrics,
         ``epoch_info()`` adds to the epoch's history row (e.g. the learning rate). Returns the
         defense's :class:`defenses.base.FitResult`, the defense in eval mode."""
-        from defenses.base import FitResult
+        from defenses.base import FitResult  # defenses import this module
 
         first, self.log.rows = self.loop.resume()
         per = self.steps or 1
