@@ -153,14 +153,13 @@ def main(argv=None) -> int:
                 results.append(r)
                 print(f"| {config} | {row} | {r['batch']} | {mode} | {r['peak_mib']:.1f} | {r['seconds']:.2f} "
                       f"| {r['finite']} | {100 * r['nonzero']:.0f}% |", flush=True)
+                # Written after each measurement: a job stopped at its deadline keeps what it measured.
+                name = f"gradient_peak_mib.{Path(r['config']).stem}.{r['row']}.{r['mode']}"
+                write_figures(args.json, {name: r["peak_mib"]},
+                              {name: {k: r[k] for k in ("config", "batch", "options", "seconds", "device", "memory")}},
+                              [r])
     if results:
         print(f"\n{results[0]['device']}; memory: {results[0]['memory']}")
-    figures, conditions = {}, {}
-    for r in results:
-        name = f"gradient_peak_mib.{Path(r['config']).stem}.{r['row']}.{r['mode']}"
-        figures[name] = r["peak_mib"]
-        conditions[name] = {k: r[k] for k in ("config", "batch", "options", "seconds", "device", "memory")}
-    write_figures(args.json, figures, conditions, results)
     return 0
 
 

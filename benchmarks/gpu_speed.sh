@@ -12,6 +12,8 @@
 #                OUTDIR/smoke-cuda.tar.gz
 #   --toy DIR    the same steps at toy sizes on CIFAR-10 python batches in DIR (how the tests run it
 #                on a CPU)
+# STEPS="name ..." runs only those steps (throughput-none training-dir throughput-dir profile
+# determinism exact-memory), for a job that measures what an earlier one did not.
 # The GPU machine has neither pyautoattack nor torchattacks: prepare with
 #   ../shared/tools/gpu-prepare torchattacks      # then carry [".gpu"], PYTHONPATH=$PWD/.gpu/site:$PWD
 # The machine has no .git: pass the commit as PURIFYBENCH_GIT_COMMIT=$(git rev-parse HEAD).
@@ -59,6 +61,10 @@ fi
 start=$SECONDS
 step() {  # step NAME NEEDS_SECONDS COMMAND...: run it if NEEDS_SECONDS are left, stop it at the deadline
   local name=$1 needs=$2; shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+    echo "-- $name not run (STEPS=$STEPS)"
+    return
+  fi
   local left=$((deadline - margin - (SECONDS - start)))
   if [ "$left" -lt "$needs" ] || [ "$left" -le 0 ]; then
     echo "** $name skipped: $(( left > 0 ? left : 0 )) s left of the $deadline s deadline, it needs about $needs s" | tee -a "$out/skipped.txt"
@@ -75,14 +81,16 @@ step() {  # step NAME NEEDS_SECONDS COMMAND...: run it if NEEDS_SECONDS are left
 }
 if [ -n "$toy" ]; then
   data=(--dataset cifar10 --root "$toy")
-  n_none=8 n_dir=4 steps=1 repeats=1 n_dir_train=16 epochs=2 n_prof=4
-  need_none=1 need_dir_train=1 need_dir=1 need_prof=1
+  n_none=8 n_dir=4 steps=1 repeats=1 n_dir_train=16 epochs=2 n_prof=4 n_det=16
+  need_none=1 need_dir_train=1 need_dir=1 need_prof=1 need_det=1 need_mem=1
+  memory=(configs/smoke/default.yaml --rows ME-Net --batch 4)
 else
   data=()
   # DIR's epochs are timed on 16,384 images and scaled to 50,000 (epoch time is linear in the images).
   # Measured on one H200 (2026-11-27): throughput-none 152 s (its model's training included), training-dir 71 s
-  n_none=10000 n_dir=2000 steps=20 repeats=2 n_dir_train=16384 epochs=2 n_prof=512
-  need_none=150 need_dir_train=75 need_dir=90 need_prof=40
+  n_none=10000 n_dir=2000 steps=20 repeats=2 n_dir_train=16384 epochs=2 n_prof=512 n_det=16384
+  need_none=150 need_dir_train=75 need_dir=90 need_prof=40 need_det=60 need_mem=120
+  memory=(configs/smoke/cuda.yaml configs/quick/cifar10_table3.yaml --timeout 120)
 fi
 # The throughput step trains its PGD-AT ResNet-18 on all training images first: its epochs give at_epoch_seconds.
 step throughput-none $need_none "$py" benchmarks/attack_throughput.py --n $n_none --steps $steps --repeats $repeats \
@@ -92,6 +100,11 @@ step training-dir $need_dir_train "$py" benchmarks/training_speed.py --skip-at -
 step throughput-dir $need_dir "$py" benchmarks/attack_throughput.py --n $n_dir --steps $steps --repeats $repeats \
   --through dir --json "$out/throughput-dir.json" "${data[@]}"
 step profile $need_prof "$py" benchmarks/profile_step.py --n $n_prof --steps 5 "${data[@]}"
+# Deterministic target training: two deterministic trainings bit-identical, and its cost per epoch.
+step determinism $need_det "$py" benchmarks/determinism.py --n $n_det --epochs 3 --json "$out/determinism.json" \
+  "${data[@]}"
+# Peak memory of one input gradient through each exact-gradient row, BPDA and exact.
+step exact-memory $need_mem "$py" benchmarks/exact_memory.py "${memory[@]}" --json "$out/exact-memory.json"
 echo
 echo "== figures"
 "$py" benchmarks/gpu_figures.py collect "$out" ${toy:+--into "$out"} || echo "** collecting the figures failed" | tee -a "$out/failed.txt"
