@@ -21,7 +21,15 @@ import argparse
 import hashlib
 
 import torch
-from bench_common import add_data_args, add_json_arg, describe, load_images, median_epoch_seconds, pick_device, write_figures
+from bench_common import (
+    add_data_args,
+    add_json_arg,
+    describe,
+    load_images,
+    median_epoch_seconds,
+    pick_device,
+    write_figures,
+)
 
 from benchmark.config import from_dict
 from benchmark.models import create_model
