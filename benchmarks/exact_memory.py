@@ -92,7 +92,11 @@ def measure(config: str, row: str, mode: str, batch: int | None) -> dict:
         return grad
 
     if device.type == "cuda":
+        # One gradient first: cuDNN's autotuning (benchmark mode) allocates workspaces of several GiB on
+        # its first call of each shape, which would otherwise count as the gradient's peak.
+        step()
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
