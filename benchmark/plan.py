@@ -107,12 +107,19 @@ class Planner:
         n = self.cfg.eval.n or int(self.costs.get("test_images", ds.name, "n").value)
         return min(n, spec.eval_n) if spec.eval_n else n
 
-    def pass_us(self, spec: DefenseSpec) -> Figure:
-        figure = self.costs.get("pass_us", spec.registered, "us")
+    def pass_us(self, spec: DefenseSpec, section: str = "pass_us", field: str = "us") -> Figure:
+        figure = self.costs.get(section, spec.registered, field)
         if spec.registered == "ebm":  # per Langevin step and chain
             steps, chains = spec.options.get("steps", 1500), spec.options.get("chains", 150)
             return Figure(figure.value * steps * chains, figure.guess)
         return figure
+
+    def pass_seconds(self, spec: DefenseSpec, n: int) -> Figure:
+        """Seconds of one forward + input-gradient pass of ``n`` images through the defended model:
+        ``n`` times the per-image cost, but never less than the defense's latency per pass
+        (``pass_ms``: a small batch does not fill the GPU, and the purifiers' loops run in sequence)."""
+        per_image, floor = self.pass_us(spec), self.pass_us(spec, "pass_ms", "ms")
+        return Figure(max(n * per_image.value * 1e-6, floor.value * 1e-3), per_image.guess or floor.guess)
 
     def attack_passes(self, spec: AttackSpec, stochastic: bool) -> tuple[float, bool]:
         """Forward + input-gradient passes per image (a forward alone counts a third)."""
@@ -196,8 +203,7 @@ class Planner:
             pairs_needed, keys = set(), set()
             for target in cfg.targets:
                 if target.train is not None and self.target_card(ds, target) is None:
-                    est = Estimate().add(costs.get("target_epoch_50k", target.train.method), target.train.epochs * frac)
-                    est.scale(costs.get("arch_factor", target.arch, "x"))
+                    est = self.target_estimate(target, images)
                     out.append(Stage("target", f"{ds.name}/{target.name}", est.seconds, est.guess or images_guess,
                                      f"{target.train.method}, {target.train.epochs} epochs, {images:,} images"))
                 for spec in cfg.defenses:
@@ -220,6 +226,20 @@ class Planner:
                 out.append(Stage("pairs", f"{ds.name}/{name}", pairs.value * frac, pairs.guess,
                                  "PGD-5 pairs the denoisers share"))
         return out
+
+    def target_estimate(self, target: TargetSpec, images: int) -> Estimate:
+        """A target's training: per epoch, the 50k-image figure scaled to ``images`` but never less
+        than its steps at the per-step floor; times the architecture factor and, for a deterministic
+        training, determinism's cost."""
+        t, costs = target.train, self.costs
+        epoch = costs.get("target_epoch_50k", t.method)
+        floor = costs.get("target_step_ms", t.method, "ms")
+        per_epoch = max(epoch.value * images / 50_000, math.ceil(images / t.batch_size) * floor.value * 1e-3)
+        est = Estimate().add(Figure(per_epoch, epoch.guess or floor.guess), t.epochs)
+        est.scale(costs.get("arch_factor", target.arch, "x"))
+        if t.deterministic:
+            est.scale(costs.get("deterministic_factor", field="x"))
+        return est
 
     def defense_stage(self, ds: DatasetSpec, spec: DefenseSpec, frac: float, images_guess: bool) -> Stage:
         costs, name = self.costs, spec.registered
@@ -248,12 +268,13 @@ class Planner:
                     detail = f"{opts.pretrain_epochs} pre-training + {epochs} main epochs"
         return Stage("defense", f"{ds.name}/{spec.name}", est.seconds, est.guess or images_guess, detail)
 
-    def autoattack(self, n: int, pass_s: Figure, stochastic: bool) -> tuple[Figure, float]:
+    def autoattack(self, n: int, spec: DefenseSpec, stochastic: bool) -> tuple[Figure, float]:
         """(seconds figure, times) of one AutoAttack cell on ``n`` images (see costs.yaml)."""
         aa = self.costs.get
         if stochastic:
             passes = aa("autoattack", "rand_passes", "x")
-            return Figure(pass_s.value * 1e-6 * passes.value, pass_s.guess or passes.guess), n
+            return self.pass_seconds(spec, n), passes.value
+        pass_s = self.pass_us(spec)
         ratio = pass_s.value / aa("pass_us", "none", "us").value
         est = Estimate().add(aa("autoattack", "fixed_s")).add(aa("autoattack", "per_image_s"), n)
         return Figure(est.seconds * max(1.0, math.sqrt(ratio)), est.guess or pass_s.guess), 1.0
@@ -261,7 +282,6 @@ class Planner:
     def row_stages(self, ds, target, spec: DefenseSpec, cells: list) -> list[Stage]:
         stages = []
         stochastic = DEFENSES.get(spec.registered).stochastic_with(spec.options)
-        pass_s = self.pass_us(spec)
         overhead = self.costs.get("cell_overhead")
         row = f"{ds.name}/{target.name}/{spec.name}"
         if self.runner.needs_checks(ds, target, spec):
@@ -270,7 +290,7 @@ class Planner:
             passes += c.steps if c.transfer else 0
             if stochastic:
                 passes += c.steps * 3 * c.eot + c.repeats * c.steps + (c.steps if c.fixed_randomness else 0)
-            est = Estimate().add(pass_s, min(c.n, self.eval_images(ds, spec)) * passes * 1e-6)
+            est = Estimate().add(self.pass_seconds(spec, min(c.n, self.eval_images(ds, spec))), passes)
             est.add(self.costs.get("checks_overhead", "stochastic" if stochastic else "deterministic"))
             stages.append(Stage("checks", row, est.seconds, est.guess))
         if cells:
@@ -281,10 +301,11 @@ class Planner:
                 est.add(overhead)
                 names.append(cell.attack.name)
                 if cell.attack.registered == "autoattack":
-                    est.add(*self.autoattack(n, pass_s, stochastic))
+                    est.add(*self.autoattack(n, spec, stochastic))
                     continue
                 passes, guess = self.attack_passes(cell.attack, stochastic)
-                est.add(Figure(pass_s.value * 1e-6, pass_s.guess or guess), n * (passes + draws / 3))
+                one = self.pass_seconds(spec, n)
+                est.add(Figure(one.value, one.guess or guess), passes + draws / 3)
             stages.append(Stage("cells", row, est.seconds, est.guess, f"{len(cells)}: {', '.join(names)}"))
         return stages
 

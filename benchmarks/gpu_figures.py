@@ -52,7 +52,15 @@ TARGETS = [
     ("dir_main_epoch_seconds", "DIR main epoch @50k (s)", "{:.1f}", lambda v: 527 / v >= 10,
      lambda c: c.get("scaled_to") == 50_000 and c.get("images", 0) >= 10_000, ">= 10x faster than 527 s"),
     ("cuda_smoke_seconds", "CUDA smoke (s)", "{:.0f}", lambda v: v <= 180, lambda c: True, "<= 180 s"),
+    ("deterministic_same_hash", "deterministic target: same weights twice", "yes/no", lambda v: v == 1,
+     lambda c: True, "yes"),
+    ("determinism_cost_ratio", "determinism: time per epoch", "{:.2f}x", None, None, "-"),
 ]
+MEMORY = "gradient_peak_mib."  # benchmarks/exact_memory.py: gradient_peak_mib.<config>.<row>.<bpda|exact>
+
+
+def _format(fmt: str, value: float) -> str:
+    return ("yes" if value == 1 else "no") if fmt == "yes/no" else fmt.format(value)
 
 
 def _device() -> tuple[str, str]:
@@ -111,7 +119,7 @@ def render_table(files: list[Path]) -> str:
             if value is None:
                 cells.append("-")
                 continue
-            text = fmt.format(value)
+            text = _format(fmt, value)
             cond = doc.get("conditions", {}).get(name, {})
             if target is not None and judged(cond):
                 text += "" if target(value) else " **(missed)**"
@@ -126,7 +134,30 @@ def render_table(files: list[Path]) -> str:
     return ("Rendered from `benchmarks/gpu/*.json` (written by `bash benchmarks/gpu_speed.sh --smoke OUTDIR`; each "
             "file also holds how each figure was measured and every table row). A missed target is marked; a "
             "figure measured at another size than its target's is not judged.\n\n" + "\n".join(lines)
+            + memory_table(docs)
             + ("\n\nSteps skipped, stopped or failed, and notes:\n" + notes if notes else "") + "\n")
+
+
+def memory_table(docs: dict[str, dict]) -> str:
+    """Peak memory of one input gradient through each exact-gradient row, BPDA against exact
+    (``gradient_peak_mib.*`` figures), one line per file and row."""
+    lines = []
+    for doc in docs.values():
+        figures = doc.get("figures", {})
+        rows = sorted({name[len(MEMORY):].rsplit(".", 1)[0] for name in figures if name.startswith(MEMORY)})
+        for row in rows:
+            bpda, exact = (figures.get(f"{MEMORY}{row}.{mode}") for mode in ("bpda", "exact"))
+            cond = doc.get("conditions", {}).get(f"{MEMORY}{row}.exact", {})
+            config, name = row.split(".", 1)
+            cells = [doc.get("date", "?"), doc.get("device", "?"), config, name, str(cond.get("batch", "?")),
+                     "-" if bpda is None else f"{bpda:.0f}", "-" if exact is None else f"{exact:.0f}",
+                     f"{exact / bpda:.1f}x" if bpda and exact is not None else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return ("\n\nPeak memory of one input gradient (MiB above the allocation before it; "
+            "`benchmarks/exact_memory.py`):\n\n| date | device | config | row | batch | BPDA | exact | exact / BPDA |\n"
+            "|---|---|---|---|---:|---:|---:|---:|\n" + "\n".join(lines))
 
 
 def render(results: Path, gpu_dir: Path) -> None:

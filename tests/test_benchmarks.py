@@ -84,7 +84,9 @@ def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
     r, out_dir, env = _gpu_speed_toy(tmp_path, PURIFYBENCH_GIT_COMMIT="abc1234")
     assert not (out_dir / "failed.txt").exists() and not (out_dir / "skipped.txt").exists()
     logs = {p.stem: p.read_text() for p in out_dir.glob("*.log")}
-    assert sorted(logs) == ["profile", "throughput-dir", "throughput-none", "training-dir"]
+    assert sorted(logs) == ["determinism", "exact-memory", "profile", "throughput-dir", "throughput-none",
+                            "training-dir"]
+    assert "deterministic runs bit-identical: yes" in logs["determinism"]
     assert "| dir | ours fp32 |" in logs["throughput-dir"]
     assert "| DIR main training (Algorithm 1), batch 128 |" in logs["training-dir"]
     for section in logs["profile"].split("### ")[1:]:
@@ -101,7 +103,8 @@ def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
     assert doc["device"] == "cpu" and doc["commit"] == "abc1234" and doc["torch"]
     assert json.loads((out_dir / "gpu-figures.json").read_text()) == doc
     expected = {"pgd20_resnet18_10k_seconds", "pgd20_robust_acc_diff_vs_fp32_points", "apgd_ce_vs_pyautoattack",
-                "at_epoch_seconds", "dir_main_epoch_seconds", "pgd20_dir_seconds"}
+                "at_epoch_seconds", "dir_main_epoch_seconds", "pgd20_dir_seconds", "deterministic_same_hash",
+                "determinism_cost_ratio", "gradient_peak_mib.default.ME-Net.exact"}
     assert expected <= set(doc["figures"]) and all(v > 0 or "diff" in k for k, v in doc["figures"].items())
     assert doc["conditions"]["pgd20_resnet18_10k_seconds"]["n"] == 8  # the size it ran at, not the name's
     results = tmp_path / "RESULTS.md"
@@ -110,6 +113,7 @@ def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
                     "--gpu-dir", str(out_dir)], cwd=ROOT, check=True, env=env, capture_output=True)
     text = results.read_text()
     assert "kept" in text and "PGD-20, 10k images (s)" in text
+    assert "| default | ME-Net | 4 |" in text  # the exact-gradient memory table
     row = [line for line in text.splitlines() if line.startswith("| 20")][0]
     assert "cpu" in row and "abc1234" in row and "(not at target size)" in row
     # Rendering again replaces the section instead of adding a second one.
@@ -123,7 +127,7 @@ def test_gpu_speed_script_skips_a_step_past_its_deadline(tmp_path):
     figures are still collected."""
     _, out_dir, _ = _gpu_speed_toy(tmp_path, DEADLINE="0")
     skipped = (out_dir / "skipped.txt").read_text()
-    assert "throughput-none skipped: 0 s left of the 0 s deadline" in skipped and skipped.count("skipped") == 4
+    assert "throughput-none skipped: 0 s left of the 0 s deadline" in skipped and skipped.count("skipped") == 6
     assert (out_dir / "gpu-figures.json").is_file()
 
 
@@ -144,7 +148,7 @@ def test_gpu_speed_script_stops_a_step_at_its_deadline(tmp_path):
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     skipped = (out_dir / "skipped.txt").read_text()
-    assert "throughput-none stopped at the deadline" in skipped and skipped.count(" skipped: 0 s left") == 3
+    assert "throughput-none stopped at the deadline" in skipped and skipped.count(" skipped: 0 s left") == 5
     assert not (out_dir / "failed.txt").exists() and (out_dir / "gpu-figures.json").is_file()
 
 

@@ -3,21 +3,21 @@
 Archives (``.tar``, ``.tar.gz``, ``.tar.xz``, ``.tgz``, ``.zip``) are extracted
 safely: every member name is checked first, and one that is absolute, climbs
 out with ``..``, or is a link, device or other special file refuses the whole
-archive. Images are decoded once and the decoded tensors are cached (beside the
-data when that folder is writable, otherwise in the suite's cache folder).
+archive. An archive is read in one pass in memory (nothing extracted to disk); images
+are decoded once and the decoded tensors are cached (beside the data when that folder
+is writable, otherwise in the suite's cache folder).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
-import shutil
 import tarfile
-import tempfile
 import warnings
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -83,39 +83,97 @@ def safe_extract(archive: str | Path, dest: str | Path) -> Path:
 
 
 def _decode_folder(root: Path, where: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from PIL import Image, UnidentifiedImageError
-
     if not root.is_dir():
         raise DataError(f"{where}: folder {root} not found (expected {root}/<class>/<image>)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files: list[tuple[Path, int]] = []
+    files: list[tuple[str, int, object]] = []
     for label, cls in enumerate(classes):
         for f in sorted((root / cls).rglob("*")):
             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                files.append((f, label))
+                files.append((str(f.relative_to(root)), label, f))
     if not files:
         raise DataError(f"{where}: no images found in {root} (expected {root}/<class>/<image>)")
+    return _decode_images(files, where) + (classes,)
+
+
+def _archive_members(archive: Path):
+    """Yield ``(name, is_dir, read)`` for every member of ``archive`` in one sequential pass (a
+    compressed tar is read once, never sought back), refusing names that would escape an
+    extraction folder and links or special files, as :func:`safe_extract` does."""
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                _check_member_name(archive, info.filename)
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise DataError(f"archive {archive}: member {info.filename!r} is a symbolic link; refused")
+                yield info.filename, info.is_dir(), lambda info=info: zf.read(info)
+        return
+    with tarfile.open(archive) as tf:
+        for m in tf:
+            _check_member_name(archive, m.name)
+            if not (m.isfile() or m.isdir()):
+                raise DataError(f"archive {archive}: member {m.name!r} is a link or special file; refused")
+            yield m.name, m.isdir(), lambda m=m: tf.extractfile(m).read()
+
+
+def _decode_archive(archive: Path, subdir: str | None, where: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Like :func:`_decode_folder` on the archive's extracted tree (same classes, order and
+    errors), read from the archive in memory: nothing is written to disk."""
+    prefix = PurePosixPath(subdir) if subdir else PurePosixPath()
+    class_dirs: set[str] = set()
+    found: dict[PurePosixPath, bytes] = {}
+    try:
+        for name, is_dir, read in _archive_members(archive):
+            path = PurePosixPath(posixpath.normpath(name.replace("\\", "/")))
+            if prefix.parts and path.parts[:len(prefix.parts)] != prefix.parts:
+                continue
+            rel = path.parts[len(prefix.parts):]
+            if not rel or rel[0].startswith("."):
+                continue
+            if is_dir or len(rel) > 1:
+                class_dirs.add(rel[0])
+            if not is_dir and len(rel) > 1 and path.suffix.lower() in IMAGE_SUFFIXES:
+                found[PurePosixPath(*rel)] = read()
+    except DataError:
+        raise
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise DataError(f"archive {archive} is corrupt or truncated: {type(exc).__name__}: {exc}") from None
+    classes = sorted(class_dirs)
+    label = {cls: i for i, cls in enumerate(classes)}
+    files = [(str(rel), label[rel.parts[0]], data) for rel, data in
+             sorted(found.items(), key=lambda kv: (label[kv[0].parts[0]], kv[0]))]
+    if not files:
+        root = archive.name + (f"/{subdir}" if subdir else "")
+        raise DataError(f"{where}: no images found in {root} (expected {root}/<class>/<image>)")
+    return _decode_images(files, where) + (classes,)
+
+
+def _decode_images(files: list[tuple[str, int, object]], where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``(name, label, path or bytes)`` entries, all of one size, into uint8 ``(N,C,H,W)`` and labels."""
+    from PIL import Image, UnidentifiedImageError
+
     arrays, labels = [], []
     size = mode = None
-    for f, label in files:
+    for name, label, source in files:
         try:
-            with Image.open(f) as img:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 img.load()
                 if mode is None:
                     mode = "L" if img.mode in ("L", "1", "I;16", "I", "F") else "RGB"
                     size = img.size
                 if img.size != size:
                     raise DataError(
-                        f"{where}: image {f.relative_to(root)} is {img.size[0]}x{img.size[1]}, "
+                        f"{where}: image {name} is {img.size[0]}x{img.size[1]}, "
                         f"but the first image is {size[0]}x{size[1]}; all images must have one size"
                     )
                 arr = np.asarray(img.convert(mode), dtype=np.uint8)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{where}: {f.relative_to(root)} is not a readable image ({exc})") from None
+            raise DataError(f"{where}: {name} is not a readable image ({exc})") from None
         arrays.append(arr if arr.ndim == 3 else arr[:, :, None])
         labels.append(label)
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return images, torch.tensor(labels, dtype=torch.int64), classes
+    return images, torch.tensor(labels, dtype=torch.int64)
 
 
 def _cache_path(source: Path, subdir: str | None) -> Path:
@@ -169,13 +227,7 @@ def read_image_folder(
         root = source / subdir if subdir else source
         images, labels, classes = _decode_folder(root, f"image folder {source}")
     elif is_archive(source):
-        scratch_parent = cache_dir() / "extract"
-        scratch_parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=scratch_parent) as tmp:
-            safe_extract(source, tmp)
-            root = Path(tmp) / subdir if subdir else Path(tmp)
-            images, labels, classes = _decode_folder(root, f"archive {source}")
-            shutil.rmtree(tmp, ignore_errors=True)
+        images, labels, classes = _decode_archive(source, subdir, f"archive {source}")
     else:
         raise DataError(
             f"image folder {source} is neither a folder nor an archive ({', '.join(ARCHIVE_SUFFIXES)})"
