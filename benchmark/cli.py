@@ -187,11 +187,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     names = reg.names(args.pattern)
     for name in names:
         meta = reg.metadata(name)
-        desc = meta.get("description", "")
-        print(f"{name:24s} {desc}".rstrip())
+        desc, paper = meta.get("description", ""), meta.get("paper")
+        print(f"{name:24s} {desc}{f' [{paper}]' if paper else ''}".rstrip())
     if not names:
         print(f"(no {args.kind} match {args.pattern!r})")
     return 0
+
+
+# `train`'s options beyond dataset, model and method: (flag, type, help); unset ones keep TrainConfig's defaults
+TRAIN_OPTIONS = [
+    ("--epochs", int, None), ("--batch-size", int, None), ("--lr", float, None),
+    ("--eps", float, "L-inf budget for AT and evaluation (default 8/255)"), ("--step-size", float, None),
+    ("--attack-steps", int, "PGD steps during training (default 5)"), ("--beta", float, "TRADES/MART beta (default 6)"),
+    ("--pgd-steps", int, "PGD steps for the final evaluation (default 20)"),
+    ("--n-train", int, "train on a deterministic subset"),
+    ("--n-eval", int, "evaluate on a deterministic subset (default 1000)"),
+    ("--size", int, "image size option of the dataset (digits: default 16)"), ("--root", str, "dataset folder"),
+    ("--seed", int, None),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_run, _add_report, _add_umap, _add_train, _add_eval, _add_list):
+        add(sub)
+    return p
 
+
+def _add_run(sub) -> None:
     r = sub.add_parser("run", help="run an experiment config (YAML)")
     r.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="config file (default: the smoke config)")
     r.add_argument("--out", help="results folder (default: results/<config name>)")
@@ -231,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra sbatch option, e.g. account=abc or qos=high (repeatable)")
     r.set_defaults(func=cmd_run)
 
+
+def _add_report(sub) -> None:
     rp = sub.add_parser("report", help="(re)build the tables and the report (adaptive table, paper comparison, "
                                       "timing, figures, index) of a run folder from its records")
     rp.add_argument("run_dir", nargs="+", help="a run folder; several with --out: merged into one set of tables "
@@ -241,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "only) or a comma list of table1..table5")
     rp.set_defaults(func=cmd_report)
 
+
+def _add_umap(sub) -> None:
     u = sub.add_parser("umap", help="Figure 5: UMAP of restored representations under white-box PGD, "
                                     "from a finished run's artifacts (never trains)")
     u.add_argument("run_dir")
@@ -251,29 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="auto")
     u.set_defaults(func=cmd_umap)
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train one target classifier and report clean and PGD accuracy")
     t.add_argument("--dataset", default="digits")
     t.add_argument("--arch", default="small-cnn")
     t.add_argument("--method", choices=["natural", "at", "trades", "mart"], default="natural")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
     t.add_argument("--schedule", choices=["onecycle", "step", "constant"])
-    t.add_argument("--eps", type=float, help="L-inf budget for AT and evaluation (default 8/255)")
-    t.add_argument("--step-size", type=float)
-    t.add_argument("--attack-steps", type=int, help="PGD steps during training (default 5)")
-    t.add_argument("--beta", type=float, help="TRADES/MART beta (default 6)")
-    t.add_argument("--pgd-steps", type=int, help="PGD steps for the final evaluation (default 20)")
-    t.add_argument("--n-train", type=int, help="train on a deterministic subset")
-    t.add_argument("--n-eval", type=int, help="evaluate on a deterministic subset (default 1000)")
-    t.add_argument("--size", type=int, help="image size option of the dataset (digits: default 16)")
-    t.add_argument("--root", help="dataset folder")
-    t.add_argument("--seed", type=int)
+    for flag, kind, text in TRAIN_OPTIONS:
+        t.add_argument(flag, type=kind, help=text)
     t.add_argument("--device", default="auto")
     t.add_argument("--out", help="checkpoint stem to write (<out>.safetensors + <out>.json)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint: clean and PGD accuracy")
     e.add_argument("checkpoint", help="checkpoint stem/.json, or a pretrained name with --pretrained")
     e.add_argument("--pretrained", action="store_true", help="CHECKPOINT is a pretrained name")
@@ -289,11 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_list(sub) -> None:
     ls = sub.add_parser("list", help="list registered datasets, models, defenses or attacks")
     ls.add_argument("kind", choices=["datasets", "models", "defenses", "attacks"])
     ls.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'resnet*'")
     ls.set_defaults(func=cmd_list)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

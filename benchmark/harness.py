@@ -184,6 +184,50 @@ def _fresh_pass(model: nn.Module, x_adv: torch.Tensor) -> torch.Tensor:
     return model(x_adv)
 
 
+class _Tally:
+    """Per-sample scores of a cell, filled batch by batch."""
+
+    def __init__(self, n: int) -> None:
+        self.counts = torch.zeros(n, dtype=torch.int64)  # correct draws per sample
+        self.majority = torch.zeros(n, dtype=torch.bool)
+        self.single = torch.zeros(n, dtype=torch.bool)  # the first draw alone
+        self.drawn, self.random, self.info, self.score_forwards = 1, False, {}, 0
+
+    def at(self, start: int, counter: PassCounter) -> _Tally:
+        self.start, self.counter = start, counter
+        return self
+
+    def add(self, preds: torch.Tensor, vote: torch.Tensor, y: torch.Tensor) -> None:
+        hits = (preds == y.view(-1, 1)).cpu()
+        rows = slice(self.start, self.start + len(y))
+        self.counts[rows], self.single[rows], self.majority[rows] = hits.sum(1), hits[:, 0], vote.cpu()
+
+
+def _attack_batch(attack: Attack, model: nn.Module, view: AttackView, x: torch.Tensor, y: torch.Tensor,
+                  threat: Threat, batch_seed: int, name: str, draws: int, tally: _Tally) -> None:
+    """Attack one batch from generators seeded by ``batch_seed``, check its adversarial images and
+    score them with fresh passes of the defended model into ``tally``."""
+    device = x.device
+    gen = torch.Generator(device=device).manual_seed(batch_seed)
+    torch.manual_seed(batch_seed)
+    defense = getattr(model, "defense", None)
+    if defense is not None and hasattr(defense, "seed"):
+        defense.seed(batch_seed, device)
+    result = attack(view, x, y, threat, gen)
+    if not isinstance(result, AttackResult):
+        result = AttackResult(result)
+    x_adv = result.x_adv.detach()
+    check_adversarial(x_adv, x if result.center is None else result.center, threat, name)
+    _merge_info(tally.info, result.info)
+    tally.random = result.random_score if result.random_score is not None else bool(getattr(model, "stochastic",
+                                                                                              False))
+    tally.drawn = draws if tally.random else 1
+    before = tally.counter.forwards  # re-score from x_adv with fresh passes of the defended model
+    preds, vote = score_draws(result.score or _fresh_pass, model, x_adv, y, tally.drawn, defense, batch_seed, device)
+    tally.score_forwards += tally.counter.forwards - before
+    tally.add(preds, vote, y)
+
+
 def run_attack(
     attack: Attack,
     model: nn.Module,
@@ -213,21 +257,13 @@ def run_attack(
     if batch_size == "auto":
         replicas = engine.eot_batch if getattr(getattr(model, "defense", None), "stochastic", False) else 1
         batch_size = auto_batch_size(model, images, labels, len(images), replicas=replicas)
-    defense = getattr(model, "defense", None)
-    gen = torch.Generator(device=device)
     if not 1 <= draws <= MAX_DRAWS:
         raise BenchError(f"draws must be in [1, {MAX_DRAWS}], got {draws}")
-    counts = torch.zeros(len(images), dtype=torch.int64)
-    majority = torch.zeros(len(images), dtype=torch.bool)
-    single = torch.zeros(len(images), dtype=torch.bool)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    score_forwards = 0
-    drawn = 1  # the draws the cell's scoring took (1 when it draws no randomness)
-    random = False
-    info: dict = {}
+    tally = _Tally(len(images))
     counter = PassCounter(model)
     starts = list(range(0, len(images), batch_size))
     if sharded:
@@ -237,31 +273,9 @@ def run_attack(
     # batches before it, so a run sharded over ranks equals a single-process run.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), counter:
         for start in tqdm(starts, desc=name, disable=not progress, leave=False, dynamic_ncols=True):
-            batch_seed = (seed * 1_000_003 + start) % (2**62)
-            gen.manual_seed(batch_seed)
-            torch.manual_seed(batch_seed)
-            if defense is not None and hasattr(defense, "seed"):
-                defense.seed(batch_seed, device)
-            x = images[start : start + batch_size]
-            y = labels[start : start + batch_size]
-            result = attack(view, x, y, threat, gen)
-            if not isinstance(result, AttackResult):
-                result = AttackResult(result)
-            x_adv = result.x_adv.detach()
-            check_adversarial(x_adv, x if result.center is None else result.center, threat, name)
-            _merge_info(info, result.info)
-            random = result.random_score if result.random_score is not None else bool(getattr(model, "stochastic",
-                                                                                                  False))
-            drawn = draws if random else 1
-            # re-score from x_adv with fresh passes of the defended model
-            before = counter.forwards
-            preds, vote = score_draws(result.score or _fresh_pass, model, x_adv, y, drawn, defense, batch_seed,
-                                      device)
-            score_forwards += counter.forwards - before
-            hits = (preds == y.view(-1, 1)).cpu()
-            counts[start : start + len(x)] = hits.sum(1)
-            single[start : start + len(x)] = hits[:, 0]
-            majority[start : start + len(x)] = vote.cpu()
+            x, y = images[start : start + batch_size], labels[start : start + batch_size]
+            _attack_batch(attack, model, view, x, y, threat, (seed * 1_000_003 + start) % (2**62), name, draws,
+                          tally.at(start, counter))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -272,10 +286,10 @@ def run_attack(
         check = gradient_check(AttackView(model, engine, device), images[:k], labels[:k])
     extra = {**({"gradient_check": check} if check else {}), "batch_size": batch_size,
              **({"engine": asdict(engine)} if not engine.is_default else {}),
-             **({"attack_info": info} if info else {})}
-    outcome = AttackOutcome(counts == drawn, seconds, counter.forwards, counter.backwards, peak, extra=extra,
-                            draws=drawn, draw_counts=counts, majority=majority, single=single,
-                            score_forwards=score_forwards, random_score=random)
+             **({"attack_info": tally.info} if tally.info else {})}
+    outcome = AttackOutcome(tally.counts == tally.drawn, seconds, counter.forwards, counter.backwards, peak,
+                            extra=extra, draws=tally.drawn, draw_counts=tally.counts, majority=tally.majority,
+                            single=tally.single, score_forwards=tally.score_forwards, random_score=tally.random)
     if sharded:
         outcome = _gather(outcome, starts, batch_size, len(images))
     return outcome

@@ -98,11 +98,6 @@ class Registry:
             finally:
                 self._loading = ""
 
-    def refresh_plugins(self) -> None:
-        """Look for entry points again (e.g. after installing a plugin at run time)."""
-        self._plugins_loaded = False
-        self._ensure_loaded()
-
     # -- lookup -----------------------------------------------------------------------
     def names(self, pattern: str = "*") -> list[str]:
         self._ensure_loaded()

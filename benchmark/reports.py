@@ -381,6 +381,47 @@ def markdown_to_html(md: str, title: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the report
+def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list, preset_files: dict,
+                 parts: dict[str, str], figures: list[Path]) -> list[str]:
+    """The report index (Markdown lines): what ran, the result blocks, the presets, the adaptive
+    evaluation and the comparison with the seed paper (where ``parts`` holds them), the figures."""
+    everything, paper = "adaptive.md" in parts, "paper_comparison.md" in parts
+    manifest = {}
+    if (run_dir / "manifest.json").is_file():
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+    versions = manifest.get("versions", {})
+    index = [f"# Report: {manifest.get('config', {}).get('name', run_dir.name)}", "",
+             f"- profile: {manifest.get('profile')}; device: {manifest.get('device')} "
+             f"({versions.get('device_name', '-')}); git commit: {versions.get('git_commit')}; "
+             f"torch {versions.get('torch')}; config hash {manifest.get('config_hash')}",
+             f"- {len(records)} cells; report preset: {preset}", "",
+             "## Results", "", to_markdown(build_blocks(records_frame(records), load_checks(run_dir) or None)),
+             "Tables: [markdown](../tables/results.md), [with 95% intervals](../tables/results_ci.md), "
+             "[LaTeX](../tables/results.tex), [CSV](../tables/results.csv)", ""]
+    if preset_files:
+        index += ["## The seed paper's tables", ""]
+        for name, paths in preset_files.items():
+            links = ", ".join(f"[{p.suffix[1:] if not p.stem.endswith('_ci') else 'with 95% intervals'}]"
+                              f"(presets/{p.name})" for p in paths)
+            index.append(f"- {name}: {links}")
+        index.append("")
+        for paths in preset_files.values():
+            index.append(paths[0].read_text())
+    elif presets:
+        index += ["## The seed paper's tables", "",
+                  "No record of this run fits a preset (" + ", ".join(p.name for p in presets) + ").", ""]
+    if everything:
+        index += ["## Adaptive evaluation", "", parts["adaptive.md"]]
+    if paper:
+        index += ["## Against the seed paper", "", parts["paper_comparison.md"]]
+    if everything:
+        index += ["## Cost", "", "[timing table](timing.md), [CSV](timing.csv)", ""]
+    for f in figures:
+        if f.suffix == ".png":
+            index.append(f"![{f.stem}](figures/{f.name}) ([PDF](figures/{f.stem}.pdf))")
+    return index
+
+
 def write_report(run_dir: Path, preset: str = "all") -> list[Path]:
     """Write ``<run>/report/``: the result tables, the seed paper's table presets
     (``report/presets/``), the paper comparison and figures, and with ``preset="all"`` also the
@@ -423,42 +464,10 @@ def write_report(run_dir: Path, preset: str = "all") -> list[Path]:
         figures += noise_discard_figure(records, out / "figures" / "noise_discard")
         figures += alpha_figure(records, out / "figures" / "alpha")
     written += figures
-    manifest = {}
-    if (run_dir / "manifest.json").is_file():
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-    versions = manifest.get("versions", {})
-    index = [f"# Report: {manifest.get('config', {}).get('name', run_dir.name)}", "",
-             f"- profile: {manifest.get('profile')}; device: {manifest.get('device')} "
-             f"({versions.get('device_name', '-')}); git commit: {versions.get('git_commit')}; "
-             f"torch {versions.get('torch')}; config hash {manifest.get('config_hash')}",
-             f"- {len(records)} cells; report preset: {preset}", "",
-             "## Results", "", to_markdown(build_blocks(records_frame(records), load_checks(run_dir) or None)),
-             "Tables: [markdown](../tables/results.md), [with 95% intervals](../tables/results_ci.md), "
-             "[LaTeX](../tables/results.tex), [CSV](../tables/results.csv)", ""]
-    if preset_files:
-        index += ["## The seed paper's tables", ""]
-        for name, paths in preset_files.items():
-            links = ", ".join(f"[{p.suffix[1:] if not p.stem.endswith('_ci') else 'with 95% intervals'}]"
-                              f"(presets/{p.name})" for p in paths)
-            index.append(f"- {name}: {links}")
-        index.append("")
-        for paths in preset_files.values():
-            index.append(paths[0].read_text())
-    elif presets:
-        index += ["## The seed paper's tables", "",
-                  "No record of this run fits a preset (" + ", ".join(p.name for p in presets) + ").", ""]
-    if everything:
-        index += ["## Adaptive evaluation", "", parts["adaptive.md"]]
-    if paper:
-        index += ["## Against the seed paper", "", parts["paper_comparison.md"]]
-    if everything:
-        index += ["## Cost", "", "[timing table](timing.md), [CSV](timing.csv)", ""]
     umap_png = out / "figures" / "umap_restored.png"
     if paper and umap_png.is_file():  # made by `run_benchmark.py umap RUN_DIR` (needs the models, not only records)
         figures.append(umap_png)
-    for f in figures:
-        if f.suffix == ".png":
-            index.append(f"![{f.stem}](figures/{f.name}) ([PDF](figures/{f.stem}.pdf))")
+    index = _index_lines(run_dir, records, preset, presets, preset_files, parts, figures)
     index.append("")
     written.append(atomic_write_text(out / "index.md", "\n".join(index)))
     html_text = markdown_to_html("\n".join(index), f"Report: {run_dir.name}")

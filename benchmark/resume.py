@@ -25,7 +25,7 @@ from benchmark import distributed
 from benchmark.io import atomic_write, atomic_write_json, sha256_file
 
 log = logging.getLogger("purifybench")
-FORMAT = "purifybench-train-state/1"
+FORMAT = "purifybench-train-state/2"  # 2: a target's state is laid out as a defense's (benchmark.trainer)
 
 
 def _generators(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:

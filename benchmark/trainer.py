@@ -11,6 +11,7 @@ weight ends the training with a one-line error), saving the per-epoch state and 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -22,12 +23,14 @@ from tqdm.auto import tqdm
 from benchmark.errors import BenchError
 from benchmark.resume import LoopState
 
+log = logging.getLogger("purifybench")
+
 
 class EpochLog:
     """Per-epoch history rows with loss averages, times and a divergence check."""
 
-    def __init__(self, name: str, module: nn.Module, device: torch.device) -> None:
-        self.name, self.module, self.device = name, module, device
+    def __init__(self, name: str, module: nn.Module, device: torch.device, phase: str = "train") -> None:
+        self.name, self.module, self.device, self.phase = name, module, device, phase
         self.rows: list[dict] = []
 
     def start(self) -> None:
@@ -40,11 +43,20 @@ class EpochLog:
             self.sums[k] = self.sums.get(k, 0) + v.detach().float() * n
         self.count += n
 
-    def end(self, epoch: int, **extra) -> dict:
+    def end(self, epoch: int, reduce: bool = False, **extra) -> dict:
+        """The epoch's history row. ``reduce`` (data-parallel, every rank calling): the averages are
+        over every rank's examples."""
+        count = self.count
+        if reduce:
+            names = sorted(self.sums)
+            packed = torch.stack([self.sums[k].reshape(()) for k in names]
+                                 + [torch.tensor(float(count), device=self.device)])
+            torch.distributed.all_reduce(packed)
+            self.sums, count = dict(zip(names, packed[:-1], strict=True)), float(packed[-1])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        row = {"phase": "train", "epoch": epoch,
-               **{k: float(v) / max(1, self.count) for k, v in self.sums.items()},
+        row = {"phase": self.phase, "epoch": epoch,
+               **{k: float(v) / max(1, count) for k, v in self.sums.items()},
                "seconds": time.perf_counter() - self.t0, **extra}
         self.rows.append(row)
         bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
@@ -67,11 +79,14 @@ class Trainer:
     def __init__(self, defense: nn.Module, name: str, context, epochs: int, *,
                  optimizers: dict[str, torch.optim.Optimizer], gens: dict[str, torch.Generator],
                  schedulers: dict | None = None, modules: dict[str, nn.Module] | None = None,
-                 progress: bool = True, started: float | None = None, steps_per_epoch: int | None = None) -> None:
+                 progress: bool = True, started: float | None = None, steps_per_epoch: int | None = None,
+                 reduce_metrics: bool = False, phase: str = "train") -> None:
         self.defense, self.name, self.epochs, self.progress = defense, name, epochs, progress
         self.steps = steps_per_epoch  # the progress bar counts batches when given, else epochs
+        self.reduce = reduce_metrics  # data-parallel with every rank in the loop: metrics over all ranks
+        self.first = 0  # epochs already done when fit started (a resumed training)
         self.started = time.perf_counter() if started is None else started
-        self.log = EpochLog(name, defense, context.device)
+        self.log = EpochLog(name, defense, context.device, phase)
         self.loop = LoopState(defense, name, context, optimizers=optimizers, gens=gens, schedulers=schedulers,
                               modules=modules)
 
@@ -84,6 +99,7 @@ class Trainer:
         from defenses.base import FitResult  # defenses import this module
 
         first, self.log.rows = self.loop.resume()
+        self.first = first
         per = self.steps or 1
         with tqdm(total=self.epochs * per, initial=first * per, desc=self.name.lower(), disable=not self.progress,
                   leave=False) as bar:
@@ -93,7 +109,10 @@ class Trainer:
                     self.log.add(len(batch[0]), **step(batch))
                     if self.steps:
                         bar.update(1)
-                self.log.end(epoch, **(epoch_info() if epoch_info is not None else {}))
+                row = self.log.end(epoch, self.reduce, **(epoch_info() if epoch_info is not None else {}))
+                log.info("%s epoch %d/%d: %s, %.2f s", self.name, epoch, self.epochs, ", ".join(
+                    f"{k} {v:.4g}" for k, v in row.items() if k not in ("phase", "epoch", "seconds")
+                    and isinstance(v, float)), row["seconds"])
                 self.loop.epoch_done(epoch, self.epochs, self.log.rows)
                 if not self.steps:
                     bar.update(1)

@@ -19,7 +19,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from attacks.base import Threat
 from attacks.pgd import pgd_linf, trades_kl_linf
@@ -27,7 +26,7 @@ from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.data import ImageData, augment
 from benchmark.harness import run_attack
-from benchmark.resume import EpochCheckpoint, pack, unpack
+from benchmark.resume import EpochCheckpoint
 from benchmark.runtime import deterministic_algorithms
 
 log = logging.getLogger("purifybench")
@@ -167,6 +166,35 @@ def train_classifier(model: nn.Module, train: ImageData, cfg: TrainConfig, devic
         return _train_classifier(model, train, cfg, device, *args, **kwargs)
 
 
+def _sgd(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with weight decay on the weights and none on biases and norm parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() <= 1 else decay).append(p)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    )
+
+
+def _step_model(model: nn.Module, cfg: TrainConfig, device: torch.device, channels_last: bool,
+                ddp: bool) -> tuple[nn.Module, bool]:
+    """(the module the training steps call, whether it is data-parallel): ``model`` on ``device``
+    (channels_last when asked), compiled when ``cfg.compile``, wrapped in DistributedDataParallel
+    under torchrun when ``ddp`` (every rank trains on its slice of each batch; gradients averaged)."""
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if cfg.compile else model  # shares parameters and train/eval mode
+    ddp = ddp and distributed.active()
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return step_model, ddp
+
+
 def _train_classifier(
     model: nn.Module,
     train: ImageData,
@@ -181,59 +209,38 @@ def _train_classifier(
 ) -> TrainResult:
     """Train ``model`` (images in [0,1] -> logits) in place; evaluate clean and PGD accuracy at the end.
 
-    With ``checkpoint``, the state is saved after every epoch and a training that finds a state of
-    its own there continues after that epoch (bit-identical on the CPU to an uninterrupted run);
-    ``on_epoch(row)`` is called after each epoch's state is saved. ``ddp`` (under torchrun, every rank
-    calling): DistributedDataParallel, each rank training on its slice of every batch. ``gens``: other
-    generators the model draws from while training (saved with the state; ME-Net's masks)."""
+    The epochs run in :class:`benchmark.trainer.Trainer`. With ``checkpoint``, the state is saved
+    after every epoch and a training that finds a state of its own there continues after that epoch
+    (bit-identical on the CPU to an uninterrupted run); ``on_epoch(row)`` is called after each
+    epoch's state is saved. ``ddp`` (under torchrun, every rank calling): DistributedDataParallel,
+    each rank training on its slice of every batch. ``gens``: other generators the model draws from
+    while training (saved with the state; ME-Net's masks)."""
+    from benchmark.trainer import Trainer
+    from defenses.base import TrainContext
+
     torch.manual_seed(cfg.seed)
     data = train.to(device)
-    model.to(device)
     channels_last = _use(cfg.channels_last, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    step_model, ddp = _step_model(model, cfg, device, channels_last, ddp)
     use_bf16 = _use(cfg.bf16, device)
-    step_model = torch.compile(model) if cfg.compile else model  # shares parameters and train/eval mode
-    ddp = ddp and distributed.active()
-    if ddp:  # torchrun: every rank trains on its slice of each batch; gradients are averaged
-        from torch.nn.parallel import DistributedDataParallel
-
-        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() <= 1 else decay).append(p)
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-    )
+    opt = _sgd(model, cfg)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     sched = make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    history: list[dict] = []
-    first = 0
-    state = {"modules": {"model": model}, "optimizers": {"sgd": opt},
-             "gens": {"shuffle": gen, "augment": aug_gen, **(gens or {})}}
-    if checkpoint is not None and (saved := checkpoint.load()) is not None:
-        first, tensors, meta = saved
-        unpack(tensors, meta, **state)
-        sched.load_state_dict(meta["scheduler"])
-        history = meta["history"]
-        log.info("%s: resuming after epoch %d of %d (%s)", desc, first, cfg.epochs, checkpoint.folder)
-    start = time.perf_counter()
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=first * steps_per_epoch, desc=desc,
-               disable=not cfg.progress, dynamic_ncols=True, leave=False)
-    for epoch in range(first, cfg.epochs):
+    trainer = Trainer(model, desc, TrainContext(device, cfg.seed, checkpoint=checkpoint, on_epoch=on_epoch),
+                      cfg.epochs, optimizers={"sgd": opt}, schedulers={"lr": sched},
+                      gens={"shuffle": gen, "augment": aug_gen, **(gens or {})}, progress=cfg.progress,
+                      steps_per_epoch=steps_per_epoch, reduce_metrics=ddp)
+    lr = {}
+
+    def batches(epoch: int):
         model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        for step, (x, y) in enumerate(data.batches(cfg.batch_size, shuffle=True, generator=gen)):
+        for x, y in data.batches(cfg.batch_size, shuffle=True, generator=gen):
             if cfg.augment:
                 x = augment(x, crop_padding=cfg.crop_padding, flip=cfg.flip, generator=aug_gen)
             if ddp:  # the same shuffled batch on every rank (same generator), each rank its slice
@@ -241,44 +248,24 @@ def _train_classifier(
                 x, y = x[lo:hi], y[lo:hi]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss, logits = train_step_loss(step_model, x, y, cfg, autocast, attack_model=model if ddp else None)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            last_lr = sched.get_last_lr()[0]  # the rate this step used
-            sched.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            bar.update(1)
-            if cfg.progress and step % 20 == 0:  # the only host sync in the loop, and a rare one
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        if ddp:  # the epoch's figures over every rank's slices
-            torch.distributed.all_reduce(loss_sum)
-            torch.distributed.all_reduce(correct)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        row = {
-            "epoch": epoch + 1,
-            "loss": float(loss_sum) / len(data),
-            "train_acc": float(correct) / len(data),
-            "lr": last_lr,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(row)
-        log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, lr %.4g, %.2f s", desc, epoch + 1, cfg.epochs,
-                 row["loss"], row["train_acc"], row["lr"], row["seconds"])
-        bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}")
-        if checkpoint is not None and epoch + 1 < cfg.epochs and distributed.is_main():
-            tensors, meta = pack(**state)
-            checkpoint.save(epoch + 1, tensors, meta | {"scheduler": sched.state_dict(), "history": history})
-        if on_epoch is not None:
-            on_epoch(row)
-    bar.close()
+            yield x, y
+
+    def step(batch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        loss, logits = train_step_loss(step_model, x, y, cfg, autocast, attack_model=model if ddp else None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr["last"] = sched.get_last_lr()[0]  # the rate this step used
+        sched.step()
+        return {"loss": loss.detach(), "train_acc": (logits.detach().argmax(1) == y).float().mean()}
+
+    fit = trainer.fit(batches, step, lambda: {"lr": lr["last"]})
     if ddp:  # free the DDP wrapper (it sits in reference cycles) while the process group is alive
-        del step_model
+        del step, step_model
         gc.collect()
-    seconds = time.perf_counter() - start + sum(h["seconds"] for h in history[:first])
-    model.eval()
+    history = fit.history
+    seconds = fit.seconds + sum(h["seconds"] for h in history[:trainer.first])
     metrics: dict = {}
     if eval_data is not None:
         ev = eval_data.subset(min(cfg.eval_n, len(eval_data)) if cfg.eval_n else None, seed=cfg.seed)

@@ -65,10 +65,7 @@ class DCGANCritic(nn.Module):
 
 
 @dataclass
-class APEGANTrain(PairTrain):
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 2e-4
+class APEGANTrain(PairTrain):  # PairTrain's 30 epochs of batch 128 at lr 2e-4: APE-GAN's code
     beta1: float = 0.5
     loss: Literal["pytorch", "tf"] = "pytorch"  # 0.7 MSE + 0.3 BCE, or the TF code's 0.9 RMSE + 0.02 BCE
     generator_steps: int = 2  # generator updates per discriminator update

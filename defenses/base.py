@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -58,6 +58,28 @@ class TrainContext:
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
+
+
+@dataclass
+class TrainOptions:
+    """The run mechanics that the options of a defense's training share (its dataclass of options
+    extends this one): augmentation, bf16 autocast (``auto``: on CUDA), ``torch.compile`` of the
+    networks being trained, the progress bar."""
+
+    augment: bool = True
+    bf16: Literal["auto", True, False] = "auto"
+    compile: bool = False  # torch.compile the networks being trained (in place; the first epoch compiles)
+    progress: bool = True
+
+    def use_bf16(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.bf16 == "auto" else bool(self.bf16)
+
+    def require_positive(self, where: str, *keys: str) -> None:
+        """One-line config errors for options that must be at least 1."""
+        from benchmark.config import require, subkey
+
+        for key in keys:
+            require(getattr(self, key) >= 1, subkey(where, key), f"must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass

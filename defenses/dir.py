@@ -63,8 +63,8 @@ from benchmark.config import require, subkey
 from benchmark.data import augment
 from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
-from benchmark.resume import pack, unpack
-from defenses.base import Defense, FitResult, TrainContext
+from benchmark.trainer import Trainer
+from defenses.base import Defense, FitResult, TrainContext, TrainOptions
 
 
 # ----------------------------------------------------------------------------- the ViT
@@ -174,7 +174,7 @@ class MaskedViT(nn.Module):
 
 # ----------------------------------------------------------------------------- training options
 @dataclass
-class DIRTrain:
+class DIRTrain(TrainOptions):
     """Pre-training (Eq. 2) and main training (Algorithm 1) options. Defaults: the paper."""
 
     pretrain_epochs: int = 20
@@ -203,15 +203,10 @@ class DIRTrain:
     # With the ``joint_classifier`` option: lr of the classifier copy (the code trains its classifier
     # from scratch at 0.1; the copy starts from the trained target, hence a smaller default).
     classifier_lr: float = 0.01
-    augment: bool = True
-    bf16: Literal["auto", True, False] = "auto"
-    compile: bool = False  # torch.compile the networks being trained (in place; the first epoch compiles)
-    progress: bool = True
 
     def validate(self, where: str) -> None:
-        for key in ("pretrain_batch_size", "epochs", "batch_size", "attack_steps", "rep_steps",
-                    "pretrain_attack_steps"):
-            require(getattr(self, key) >= 1, subkey(where, key), f"must be >= 1, got {getattr(self, key)}")
+        self.require_positive(where, "pretrain_batch_size", "epochs", "batch_size", "attack_steps", "rep_steps",
+                              "pretrain_attack_steps")
         require(self.pretrain_epochs >= 0, subkey(where, "pretrain_epochs"), "must be >= 0 (0 = no pre-training)")
         for key in ("pretrain_lr", "lr"):
             require(getattr(self, key) > 0, subkey(where, key), f"must be > 0, got {getattr(self, key)}")
@@ -336,7 +331,7 @@ class DIR(Defense):
         classifier.eval()
         for p in classifier.parameters():
             p.requires_grad_(False)
-        use_bf16 = device.type == "cuda" if cfg.bf16 == "auto" else bool(cfg.bf16)
+        use_bf16 = cfg.use_bf16(device)
         history: list[dict] = []
         t_start = time.perf_counter()
         if cfg.pretrain_epochs > 0:
@@ -436,7 +431,8 @@ class DIR(Defense):
     def main_train(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int,
                    joint: bool = False, context: TrainContext | None = None) -> list[dict]:
         """Algorithm 1: L_den = CE(h(x~), y) + alpha * KL(h(x~) || h(x~ + delta)); the denoiser only,
-        or (``joint``) the denoiser and the defense's own copy of the classifier, as the official code."""
+        or (``joint``) the denoiser and the defense's own copy of the classifier, as the official code.
+        A run's ``context`` gives the per-epoch state: a killed main training resumes after its last epoch."""
         groups = [{"params": list(self.net.parameters())}]
         if joint:
             for p in classifier.parameters():
@@ -445,78 +441,51 @@ class DIR(Defense):
         opt = distributed.synchronized(torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                                        weight_decay=cfg.weight_decay))
         steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-        total_steps = cfg.epochs * steps_per_epoch
-        bounds = [int(m * total_steps) for m in cfg.milestones]
+        bounds = [int(m * cfg.epochs * steps_per_epoch) for m in cfg.milestones]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** sum(s >= b for b in bounds))
         gen = torch.Generator().manual_seed(seed + 1)
         aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
-        history = []
-        first = 0
-        # Per-epoch state (a run's context): a killed main training resumes after its last epoch.
-        ckpt = context.checkpoint if context is not None else None
-        hook = context.on_epoch if context is not None else None
-        state = {"modules": {"net": self.net, **({"classifier": classifier} if joint else {})},
-                 "optimizers": {"sgd": opt},
-                 "gens": {"shuffle": gen, "augment": aug_gen, "masks": self._gen(device)}}
-        if ckpt is not None and (saved := ckpt.load()) is not None:
-            first, tensors, meta = saved
-            unpack(tensors, meta, **state)
-            sched.load_state_dict(meta["scheduler"])
-            history = meta["history"]
-        bar = tqdm(total=total_steps, initial=first * steps_per_epoch, desc="dir main", disable=not cfg.progress,
-                   leave=False, dynamic_ncols=True)
+        trainer = Trainer(self, "DIR main", context or TrainContext(device, seed), cfg.epochs,
+                          optimizers={"sgd": opt}, schedulers={"lr": sched},
+                          gens={"shuffle": gen, "augment": aug_gen, "masks": self._gen(device)},
+                          modules={"classifier": classifier} if joint else None, progress=cfg.progress,
+                          steps_per_epoch=steps_per_epoch, reduce_metrics=distributed.active(), phase="main")
 
         def defended(z: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
             return classifier(self.restore(z, masks)).float()
 
-        for epoch in range(first, cfg.epochs):
-            t0 = time.perf_counter()
-            total = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.int64)
-            for x, y in self._batches(data, cfg.batch_size, cfg, gen, aug_gen):
-                masks = self.sample_masks(x)  # one mask group per step (Alg. 1, line 4)
-                self.eval()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    # PGD-5 against the whole defended model, with this step's masks
-                    x_adv = pgd_linf(lambda z, masks=masks: defended(z, masks), x, y, eps=cfg.eps,
-                                     step_size=cfg.step_size, steps=cfg.attack_steps)
-                self.train()
-                classifier.train(joint)  # a jointly trained classifier updates its BN statistics too
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    # Clip to [0,1] as at inference, but let the gradient pass the clip
-                    # (straight-through): a plain clip gives zero gradient to every pixel pushed
-                    # out of range, and on dark images (digits) training then freezes for good.
-                    raw = self.restore_views(x_adv, masks).mean(dim=1)
-                    restored = raw + (raw.clamp(0.0, 1.0) - raw).detach()
-                    delta = self.representation_delta(classifier, restored.detach(), cfg)
-                    logits = classifier(restored).float()
-                    base = restored if cfg.rep_grad == "both" else restored.detach()
-                    logits_shift = classifier(base + delta).float()
-                ce = F.cross_entropy(logits, y)
-                kl = F.kl_div(F.log_softmax(logits_shift, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
-                loss = ce + cfg.alpha * kl
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-                opt.step()
-                sched.step()
-                total += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                bar.update(1)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            distributed.all_sum(total)
-            distributed.all_sum(correct)
-            history.append({"phase": "main", "epoch": epoch + 1, "loss": float(total) / len(data),
-                            "robust_train_acc": float(correct) / len(data), "seconds": time.perf_counter() - t0})
-            _check_finite(history[-1], self)
-            if ckpt is not None and epoch + 1 < cfg.epochs and distributed.is_main():
-                tensors, meta = pack(**state)
-                ckpt.save(epoch + 1, tensors, meta | {"scheduler": sched.state_dict(), "history": history})
-            if hook is not None:
-                hook(history[-1])
-        bar.close()
+        def step(batch) -> dict[str, torch.Tensor]:
+            x, y = batch
+            masks = self.sample_masks(x)  # one mask group per step (Alg. 1, line 4)
+            self.eval()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                # PGD-5 against the whole defended model, with this step's masks
+                x_adv = pgd_linf(lambda z, masks=masks: defended(z, masks), x, y, eps=cfg.eps,
+                                 step_size=cfg.step_size, steps=cfg.attack_steps)
+            self.train()
+            classifier.train(joint)  # a jointly trained classifier updates its BN statistics too
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                # Clip to [0,1] as at inference, but let the gradient pass the clip
+                # (straight-through): a plain clip gives zero gradient to every pixel pushed
+                # out of range, and on dark images (digits) training then freezes for good.
+                raw = self.restore_views(x_adv, masks).mean(dim=1)
+                restored = raw + (raw.clamp(0.0, 1.0) - raw).detach()
+                delta = self.representation_delta(classifier, restored.detach(), cfg)
+                logits = classifier(restored).float()
+                base = restored if cfg.rep_grad == "both" else restored.detach()
+                logits_shift = classifier(base + delta).float()
+            ce = F.cross_entropy(logits, y)
+            kl = F.kl_div(F.log_softmax(logits_shift, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+            loss = ce + cfg.alpha * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            sched.step()
+            return {"loss": loss.detach(), "robust_train_acc": (logits.detach().argmax(1) == y).float().mean()}
+
+        history = trainer.fit(lambda epoch: self._batches(data, cfg.batch_size, cfg, gen, aug_gen), step).history
         if joint:
             classifier.eval()
             for p in classifier.parameters():

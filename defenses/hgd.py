@@ -20,7 +20,7 @@ mixes in clean ("noop") pairs as the original did.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -32,7 +32,7 @@ from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.trainer import Trainer
 from defenses.base import Defense, FitResult, TrainContext
-from defenses.pairs import PairTrain, pair_source, step_schedule, use_bf16
+from defenses.pairs import StepPairTrain, pair_source, step_schedule, use_bf16
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -81,12 +81,7 @@ class DUNet(nn.Module):
 
 
 @dataclass
-class HGDTrain(PairTrain):
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 2e-4
-    milestones: list[float] = field(default_factory=lambda: [0.6, 0.9])
+class HGDTrain(StepPairTrain):
     guide: Literal["lgd", "fgd", "cgd"] = "lgd"
     layer: str = "layer4"  # FGD: the target layer whose features guide (ResNet: the top conv stage)
     clean_fraction: float = 0.0  # share of each batch replaced by clean ("noop") pairs

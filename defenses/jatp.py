@@ -20,7 +20,7 @@ abstract was not available; every choice below is the benchmark's (see
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -32,18 +32,13 @@ from benchmark.registry import DEFENSES
 from benchmark.trainer import Trainer
 from defenses.base import FitResult, TrainContext
 from defenses.hgd import ResidualDUNetDefense
-from defenses.pairs import PairTrain, feature_distance, pair_source, step_schedule, use_bf16
+from defenses.pairs import StepPairTrain, feature_distance, pair_source, step_schedule, use_bf16
 
 RECONSTRUCTION_NOTE = "JATP is a benchmark reconstruction (no public code; see defenses/jatp.py)"
 
 
 @dataclass
-class JATPTrain(PairTrain):
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 2e-4
-    milestones: list[float] = field(default_factory=lambda: [0.6, 0.9])
+class JATPTrain(StepPairTrain):
     pairs: Literal["static", "per-epoch", "full"] = "full"  # JATP trains on full adversarial examples only
     attack: Literal["feature", "ce"] = "feature"
     layer: str = "penultimate"

@@ -94,8 +94,6 @@ class VGGCritic(nn.Module):
 
 @dataclass
 class NRPTrain(PairTrain):
-    epochs: int = 30
-    batch_size: int = 128
     lr: float = 1e-4
     feature_weight: float = 1.0
     pixel_weight: float = 1e-2

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -33,12 +33,13 @@ from benchmark.artifacts import StageStore, stage
 from benchmark.config import require, subkey
 from benchmark.data import ImageData, augment
 from benchmark.errors import BenchError
+from defenses.base import TrainOptions
 
 PAIRS_VERSION = 1
 
 
 @dataclass
-class PairTrain:
+class PairTrain(TrainOptions):
     """Options every baseline shares: epochs, batches, the adversarial training pairs."""
 
     epochs: int = 30
@@ -48,14 +49,9 @@ class PairTrain:
     eps: float = 8 / 255
     step_size: float = 2 / 255
     attack_steps: int = 5
-    augment: bool = True
-    bf16: Literal["auto", True, False] = "auto"
-    compile: bool = False  # torch.compile the networks being trained (in place; the first epoch compiles)
-    progress: bool = True
 
     def validate(self, where: str) -> None:
-        for key in ("epochs", "batch_size", "attack_steps"):
-            require(getattr(self, key) >= 1, subkey(where, key), f"must be >= 1, got {getattr(self, key)}")
+        self.require_positive(where, "epochs", "batch_size", "attack_steps")
         require(self.lr > 0, subkey(where, "lr"), f"must be > 0, got {self.lr}")
         require(0 < self.eps <= 1, subkey(where, "eps"), f"must be in (0, 1], got {self.eps}")
         require(0 < self.step_size <= 1, subkey(where, "step_size"), f"must be in (0, 1], got {self.step_size}")
@@ -63,8 +59,19 @@ class PairTrain:
         require(self.pairs in allowed, subkey(where, "pairs"), f"must be one of {allowed}, got {self.pairs!r}")
 
 
-def use_bf16(cfg: PairTrain, device: torch.device) -> bool:
-    return device.type == "cuda" if cfg.bf16 == "auto" else bool(cfg.bf16)
+def use_bf16(cfg: TrainOptions, device: torch.device) -> bool:
+    return cfg.use_bf16(device)
+
+
+@dataclass
+class StepPairTrain(PairTrain):
+    """HGD's recipe (100 epochs of Adam at 1e-3, lr x0.1 at 60% and 90%), which JATP's
+    reconstruction follows."""
+
+    epochs: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 2e-4
+    milestones: list[float] = field(default_factory=lambda: [0.6, 0.9])
 
 
 def step_schedule(opt: torch.optim.Optimizer, total_steps: int, milestones=(0.6, 0.9)):

@@ -24,6 +24,8 @@ def test_list_commands(capsys):
     assert main(["list", "datasets", "cifar*"]) == 0
     out = capsys.readouterr().out
     assert "cifar10-jpeg" in out and "digits" not in out
+    assert main(["list", "defenses", "dir"]) == 0  # with the paper each entry follows
+    assert "[Zhou et al., ICML 2023]" in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line_exit_2_without_traceback():
