@@ -53,12 +53,14 @@ class DatasetSpec:
         require(self.n_train is None or self.n_train >= 1, subkey(where, "n_train"), "must be >= 1 or null")
 
 
-def _verify_checkpoint(path: str) -> None:
-    """Card and weights' hash checked when the config is read: a bad checkpoint fails before
-    anything is written to the results folder."""
+def verify_checkpoints(cfg: ExperimentConfig) -> None:
+    """Every checkpoint a config names (targets and defenses): card and weights' hash, checked when
+    a run starts (its preflight), so a bad one fails before anything is written."""
     from benchmark.checkpoint import checkpoint_paths, verify_weights
 
-    verify_weights(read_card(path), checkpoint_paths(path)[1])
+    for spec in [*cfg.targets, *cfg.defenses]:
+        if spec.checkpoint is not None:
+            verify_weights(read_card(spec.checkpoint), checkpoint_paths(spec.checkpoint)[1])
 
 
 @dataclass
@@ -75,8 +77,6 @@ class TargetSpec:
         require(len(sources) == 1, where, f"give exactly one of train, checkpoint, pretrained (got {sources or 'none'})")
         if self.train is not None and self.arch not in MODELS:
             raise ConfigError(f"{subkey(where, 'arch')}: {MODELS.unknown_message(self.arch)}")
-        if self.checkpoint is not None:
-            _verify_checkpoint(self.checkpoint)
 
 
 @dataclass
@@ -108,9 +108,7 @@ class DefenseSpec:
                               f"{DEFENSES.unknown_message(self.registered)}")
         require(self.eval_n is None or self.eval_n >= 1, subkey(where, "eval_n"),
                 f"must be >= 1 or null, got {self.eval_n}")
-        if self.checkpoint is not None:
-            _verify_checkpoint(self.checkpoint)
-        build_defense(self, where)  # option errors surface now, before anything runs
+        check_defense(self, where)  # option errors surface now, before anything runs; nothing is built
 
 
 @dataclass
@@ -144,6 +142,24 @@ class AttackSpec:
         build_attack(self, where)
 
 
+def check_defense(spec: DefenseSpec, where: str = "defense") -> None:
+    """A row's constructor options (its defense's ``Options``), training options and ``fit``
+    signature, checked without building anything."""
+    cls = DEFENSES.get(spec.registered)
+    if cls.trainable:  # the runner calls fit(classifier, train, context, config=...)
+        slots = list(inspect.signature(cls.fit).parameters)
+        require(len(slots) < 4 or slots[3] not in ("device", "dev"), where,
+                f"defense {spec.registered!r} ({cls.__module__}.{cls.__qualname__}) defines fit({', '.join(slots)}), "
+                "the signature before the training context: write fit(self, classifier, train, context, "
+                "config=None) and read context.device and context.seed (README: Writing a defense)")
+    cls.read_options(spec.options, subkey(where, "options"))
+    train_cls = getattr(cls, "TrainConfig", None)
+    if train_cls is not None:
+        from_dict(train_cls, spec.train, subkey(where, "train"))
+    elif spec.train:
+        raise ConfigError(f"{subkey(where, 'train')}: defense {spec.registered!r} takes no training options")
+
+
 def build_defense(spec: DefenseSpec, where: str = "defense", data_shape: tuple[int, int] | None = None):
     """Instantiate the defense; ``data_shape`` = (channels, image size) fills the options a defense
     lists in ``data_shape_options`` unless the config sets them."""
@@ -153,22 +169,10 @@ def build_defense(spec: DefenseSpec, where: str = "defense", data_shape: tuple[i
         for key, value in zip(("in_channels", "image_size"), data_shape):
             if key in getattr(cls, "data_shape_options", ()):
                 options.setdefault(key, value)
-    if cls.trainable:  # the runner calls fit(classifier, train, context, config=...)
-        slots = list(inspect.signature(cls.fit).parameters)
-        require(len(slots) < 4 or slots[3] not in ("device", "dev"), where,
-                f"defense {spec.registered!r} ({cls.__module__}.{cls.__qualname__}) defines fit({', '.join(slots)}), "
-                "the signature before the training context: write fit(self, classifier, train, context, "
-                "config=None) and read context.device and context.seed (README: Writing a defense)")
     try:
-        defense = cls(**options)
+        return cls(**options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{subkey(where, 'options')}: {exc}") from None
-    train_cls = getattr(cls, "TrainConfig", None)
-    if train_cls is not None:
-        from_dict(train_cls, spec.train, subkey(where, "train"))
-    elif spec.train:
-        raise ConfigError(f"{subkey(where, 'train')}: defense {spec.registered!r} takes no training options")
-    return defense
 
 
 def build_attack(spec: AttackSpec, where: str = "attack"):

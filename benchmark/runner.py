@@ -36,6 +36,7 @@ from benchmark.experiment import (
     prepare_target,
     target_identity,
     train_split,
+    verify_checkpoints,
 )
 from benchmark.harness import run_attack
 from benchmark.io import atomic_write_json
@@ -217,6 +218,7 @@ class Runner:
 
     # -- preflight: everything that can fail on bad input, before anything is written ------
     def preflight(self) -> None:
+        verify_checkpoints(self.cfg)
         for ds in self.cfg.datasets:
             test = load_dataset(ds.name, "test", root=ds.root, download=ds.download, **ds.options)
             n = self.cfg.eval.n

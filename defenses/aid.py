@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,21 @@ class FeatureDiscriminator(nn.Module):
 
 
 @dataclass
+class AIDOptions:
+    """The discriminator (its taps on the target, default per architecture; bcd/acd conv layers
+    before/after the join; width) and the purification (eps, signed-gradient steps); the attack's
+    gradient through the loop: BPDA or unrolled."""
+
+    taps: list[str] | None = None
+    bcd: int = 1
+    acd: int = 3
+    width: int = 1024
+    eps: float = 8 / 255
+    steps: int = 10
+    attack_gradient: Literal["bpda", "unrolled"] = "bpda"
+
+
+@dataclass
 class AIDTrain:
     epochs: int = 1
     batch_size: int = 128
@@ -101,16 +116,13 @@ class AIDPurifier(Defense):
     data_shape_options = ()
     inference_options = ("eps", "steps", "attack_gradient")
 
-    def __init__(self, taps: list[str] | None = None, bcd: int = 1, acd: int = 3, width: int = 1024,
-                 eps: float = 8 / 255, steps: int = 10,
-                 attack_gradient: Literal["bpda", "unrolled"] = "bpda") -> None:
+    Options = AIDOptions
+
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        if attack_gradient not in ("bpda", "unrolled"):
-            raise ValueError(f"attack_gradient must be 'bpda' or 'unrolled', got {attack_gradient!r}")
-        self._config = dict(taps=taps, bcd=bcd, acd=acd, width=width, eps=eps, steps=steps,
-                            attack_gradient=attack_gradient)
-        self.taps, self.bcd, self.acd, self.width = taps, bcd, acd, width
-        self.eps, self.steps, self.unrolled = eps, steps, attack_gradient == "unrolled"
+        o = self.options = self.read_options(options)
+        self.taps, self.bcd, self.acd, self.width = o.taps, o.bcd, o.acd, o.width
+        self.eps, self.steps, self.unrolled = o.eps, o.steps, o.attack_gradient == "unrolled"
         self.prefers_bpda = not self.unrolled
         self.discriminator: FeatureDiscriminator | None = None
         self._target: list[nn.Module] = []  # the frozen target, not a submodule (it is not ours)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,17 @@ class DCGANCritic(nn.Module):
 
 
 @dataclass
+class APEGANOptions:
+    """Generator and critic widths; ``bn_batch_stats``: batch statistics in the generator's BN at
+    inference (as the released code runs it)."""
+
+    in_channels: int = 3
+    width: int = 64
+    critic_width: int = 64
+    bn_batch_stats: bool = False
+
+
+@dataclass
 class APEGANTrain(PairTrain):  # PairTrain's 30 epochs of batch 128 at lr 2e-4: APE-GAN's code
     beta1: float = 0.5
     loss: Literal["pytorch", "tf"] = "pytorch"  # 0.7 MSE + 0.3 BCE, or the TF code's 0.9 RMSE + 0.02 BCE
@@ -85,14 +96,14 @@ class APEGAN(Defense):
     data_shape_options = ("in_channels",)
     inference_options = ("bn_batch_stats",)
 
-    def __init__(self, in_channels: int = 3, width: int = 64, critic_width: int = 64,
-                 bn_batch_stats: bool = False) -> None:
+    Options = APEGANOptions
+
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        self._config = dict(in_channels=in_channels, width=width, critic_width=critic_width,
-                            bn_batch_stats=bn_batch_stats)
-        self.generator_net = APEGenerator(in_channels, width)
-        self.critic = DCGANCritic(in_channels, critic_width)  # training only; saved for completeness
-        self.bn_batch_stats = bn_batch_stats
+        o = self.options = self.read_options(options)
+        self.generator_net = APEGenerator(o.in_channels, o.width)
+        self.critic = DCGANCritic(o.in_channels, o.critic_width)  # training only; saved for completeness
+        self.bn_batch_stats = o.bn_batch_stats
 
     def compile_modules(self, training: bool = False) -> list[nn.Module]:
         return [self.generator_net] + ([self.critic] if training else [])

@@ -27,6 +27,10 @@ what training produces, so cached artifacts are not reused.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
+import typing
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,8 +96,38 @@ class FitResult:
     history: list[dict] | None = None
 
 
+_SIGNATURE_OPTIONS: dict[type, type] = {}
+
+
+def _signature_options(cls: type) -> type:
+    """A dataclass of the keyword parameters of ``cls.__init__`` (names, annotated types, defaults):
+    the options of a defense that declares no ``Options`` of its own (a plugin's plain keywords)."""
+    if cls not in _SIGNATURE_OPTIONS:
+        try:
+            hints = typing.get_type_hints(cls.__init__)
+        except Exception:  # an annotation that cannot be resolved here: the value goes unchecked
+            hints = {}
+        fields = []
+        for name, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if param.default is param.empty:
+                fields.append((name, hints.get(name, Any)))
+            else:
+                fields.append((name, hints.get(name, Any),
+                               dataclasses.field(default_factory=lambda d=param.default: copy.deepcopy(d))))
+        _SIGNATURE_OPTIONS[cls] = dataclasses.make_dataclass(f"{cls.__name__}Options", fields)
+    return _SIGNATURE_OPTIONS[cls]
+
+
 class Defense(nn.Module):
-    """Base class of every purification defense."""
+    """Base class of every purification defense.
+
+    Its constructor options are a dataclass, ``Options`` (with ``validate(where)`` for their
+    values), read from a config's ``options`` once, at the edge, without building anything:
+    :meth:`read_options`. A defense that declares none takes its constructor's keywords."""
+
+    Options: ClassVar[type | None] = None
 
     stochastic: ClassVar[bool] = False
     differentiable: ClassVar[bool] = True
@@ -173,9 +207,23 @@ class Defense(nn.Module):
         ``context.device`` from ``context.seed``, with its training options ``config``."""
         return FitResult()
 
+    @classmethod
+    def options_type(cls) -> type:
+        """The dataclass of this defense's constructor options."""
+        return cls.Options if cls.Options is not None else _signature_options(cls)
+
+    @classmethod
+    def read_options(cls, options: dict | None, where: str = "options") -> Any:
+        """``options`` checked (unknown or missing keys, types, values) into :meth:`options_type`:
+        one-line errors naming ``where`` and the key."""
+        from benchmark.config import from_dict
+
+        return from_dict(cls.options_type(), options or {}, where)
+
     def config(self) -> dict:
-        """The options that built this defense (stored in checkpoints and artifact keys)."""
-        return dict(getattr(self, "_config", {}))
+        """The options that built this defense (its ``options``, set by a constructor that reads them)."""
+        opts = getattr(self, "options", None)
+        return dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else {}
 
     @classmethod
     def stochastic_with(cls, options: dict) -> bool:
@@ -203,14 +251,20 @@ class Defense(nn.Module):
         return out
 
 
+@dataclass
+class NoOptions:
+    """A defense without options."""
+
+
 @DEFENSES.register("none", paper="(the target model alone)", description="no defense: the identity")
 class NoDefense(Defense):
     """The target model alone."""
 
-    def __init__(self, **config: Any) -> None:
+    Options = NoOptions
+
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        if config:
-            raise TypeError(f"'none' takes no options, got {sorted(config)}")
+        self.options = self.read_options(options, "defense 'none'")
 
     def purify(self, x: torch.Tensor, masks: Any = None) -> torch.Tensor:
         return x

@@ -224,6 +224,41 @@ def _check_finite(row: dict, module: nn.Module) -> None:
                          "lower lr or set grad_clip in the defense's train options")
 
 
+@dataclass
+class DIROptions:
+    """The denoiser: a masked-autoencoder ViT (defaults: the paper's at CIFAR size) and its masks."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    patch_size: int = 2
+    embed_dim: int = 192
+    depth: int = 8
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    decoder_depth: int = 2
+    decoder_dim: int | None = None  # default: embed_dim
+    decoder_heads: int | None = None  # default: num_heads
+    mask_ratio: float = 0.5
+    num_masks: int = 2
+    mask_mode: Literal["drop", "zero"] = "drop"
+    head: Literal["patch", "token-conv"] = "patch"
+    joint_classifier: bool = False
+
+    def validate(self, where: str) -> None:
+        require(0 < self.mask_ratio < 1, subkey(where, "mask_ratio"), f"must be in (0, 1), got {self.mask_ratio}")
+        for key in ("image_size", "in_channels", "patch_size", "embed_dim", "depth", "num_heads", "num_masks"):
+            require(getattr(self, key) >= 1, subkey(where, key), f"must be >= 1, got {getattr(self, key)}")
+        require(self.image_size % self.patch_size == 0, subkey(where, "image_size"),
+                f"{self.image_size} is not divisible by patch_size {self.patch_size}")
+        dim, heads = self.decoder_dim or self.embed_dim, self.decoder_heads or self.num_heads
+        require(self.embed_dim % self.num_heads == 0, subkey(where, "embed_dim"),
+                f"{self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        require(dim % heads == 0, subkey(where, "decoder_dim"), f"{dim} is not divisible by decoder_heads {heads}")
+        out = self.patch_size ** 2 * self.in_channels
+        require(self.head != "token-conv" or dim % out == 0, subkey(where, "head"),
+                f"'token-conv' needs decoder_dim ({dim}) divisible by patch_size^2 * in_channels ({out})")
+
+
 # ----------------------------------------------------------------------------- the defense
 @DEFENSES.register("dir", paper="Zhou et al., ICML 2023",
                    description="DIR: masked-autoencoder ViT over K complementary masks, restorations averaged")
@@ -236,33 +271,19 @@ class DIR(Defense):
     data_parallel = True
     TrainConfig = DIRTrain
     data_shape_options = ("in_channels", "image_size")
+    Options = DIROptions
 
-    def __init__(self, image_size: int = 32, in_channels: int = 3, patch_size: int = 2, embed_dim: int = 192,
-                 depth: int = 8, num_heads: int = 3, mlp_ratio: float = 4.0, decoder_depth: int = 2,
-                 decoder_dim: int | None = None, decoder_heads: int | None = None, mask_ratio: float = 0.5,
-                 num_masks: int = 2, mask_mode: Literal["drop", "zero"] = "drop",
-                 head: Literal["patch", "token-conv"] = "patch", joint_classifier: bool = False) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        if not 0 < mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if num_masks < 1:
-            raise ValueError(f"num_masks must be >= 1, got {num_masks}")
-        if mask_mode not in ("drop", "zero"):
-            raise ValueError(f"mask_mode must be 'drop' or 'zero', got {mask_mode!r}")
-        if head not in ("patch", "token-conv"):
-            raise ValueError(f"head must be 'patch' or 'token-conv', got {head!r}")
-        self._config = dict(image_size=image_size, in_channels=in_channels, patch_size=patch_size,
-                            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                            decoder_depth=decoder_depth, decoder_dim=decoder_dim, decoder_heads=decoder_heads,
-                            mask_ratio=mask_ratio, num_masks=num_masks, mask_mode=mask_mode, head=head,
-                            joint_classifier=joint_classifier)
-        self.joint_classifier = joint_classifier
-        self.net = MaskedViT(image_size, in_channels, patch_size, embed_dim, depth, num_heads, mlp_ratio,
-                             decoder_dim or embed_dim, decoder_depth, decoder_heads or num_heads, head)
+        o = self.options = self.read_options(options)
+        self.joint_classifier = o.joint_classifier
+        self.net = MaskedViT(o.image_size, o.in_channels, o.patch_size, o.embed_dim, o.depth, o.num_heads,
+                             o.mlp_ratio, o.decoder_dim or o.embed_dim, o.decoder_depth, o.decoder_heads or o.num_heads,
+                             o.head)
         n = self.net.num_patches
-        self.mask_ratio, self.mask_mode = mask_ratio, mask_mode
-        self.num_visible = max(1, round((1 - mask_ratio) * n))
-        self.num_views = max(num_masks, math.ceil(n / self.num_visible))  # every patch visible somewhere
+        self.mask_ratio, self.mask_mode = o.mask_ratio, o.mask_mode
+        self.num_visible = max(1, round((1 - o.mask_ratio) * n))
+        self.num_views = max(o.num_masks, math.ceil(n / self.num_visible))  # every patch visible somewhere
         offsets = torch.tensor([round(k * n / self.num_views) for k in range(self.num_views)])
         window = (offsets[:, None] + torch.arange(self.num_visible)[None, :]) % n  # (K, V) positions in the order
         self.register_buffer("windows", window, persistent=False)

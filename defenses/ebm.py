@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,6 +81,21 @@ class _Chains(nn.Module):
 
 
 @dataclass
+class EBMOptions:
+    """The energy network and its purification: Langevin steps per chain, chains, step size tau."""
+
+    in_channels: int = 3
+    width: int = 32
+    steps: int = 1500
+    chains: int = 150
+    tau: float = 0.01
+
+    def validate(self, where: str) -> None:
+        require(self.steps >= 0, subkey(where, "steps"), f"must be >= 0, got {self.steps}")
+        require(self.chains >= 1, subkey(where, "chains"), f"must be >= 1, got {self.chains}")
+
+
+@dataclass
 class EBMTrain:
     iterations: int = 250_000
     batch_size: int = 100
@@ -117,14 +133,13 @@ class EBM(Defense):
     data_shape_options = ("in_channels",)
     inference_options = ("steps", "chains", "tau")
 
-    def __init__(self, in_channels: int = 3, width: int = 32, steps: int = 1500, chains: int = 150,
-                 tau: float = 0.01) -> None:
+    Options = EBMOptions
+
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        if steps < 0 or chains < 1:
-            raise ValueError(f"steps must be >= 0 and chains >= 1, got steps={steps}, chains={chains}")
-        self._config = dict(in_channels=in_channels, width=width, steps=steps, chains=chains, tau=tau)
-        self.energy = EnergyNet(in_channels, width)
-        self.steps, self.chains, self.tau = steps, chains, tau
+        o = self.options = self.read_options(options)
+        self.energy = EnergyNet(o.in_channels, o.width)
+        self.steps, self.chains, self.tau = o.steps, o.chains, o.tau
 
     def compile_modules(self, training: bool = False) -> list[nn.Module]:
         return [self.energy]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,14 @@ class DUNet(nn.Module):
 
 
 @dataclass
+class DUNetOptions:
+    """The DUNET denoiser's input channels and width (1.0: HGD's)."""
+
+    in_channels: int = 3
+    width_scale: float = 1.0
+
+
+@dataclass
 class HGDTrain(StepPairTrain):
     guide: Literal["lgd", "fgd", "cgd"] = "lgd"
     layer: str = "layer4"  # FGD: the target layer whose features guide (ResNet: the top conv stage)
@@ -109,10 +117,12 @@ class ResidualDUNetDefense(Defense):
     data_parallel = True
     data_shape_options = ("in_channels",)
 
-    def __init__(self, in_channels: int = 3, width_scale: float = 1.0) -> None:
+    Options = DUNetOptions
+
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        self._config = dict(in_channels=in_channels, width_scale=width_scale)
-        self.net = DUNet(in_channels, width_scale)
+        o = self.options = self.read_options(options)
+        self.net = DUNet(o.in_channels, o.width_scale)
 
     def purify(self, x: torch.Tensor, masks=None) -> torch.Tensor:
         return (x + self.net(x)).clamp(0, 1)

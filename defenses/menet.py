@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -96,6 +96,19 @@ class MEClassifier(nn.Module):
 
 
 @dataclass
+class MENetOptions:
+    """Matrix estimation at inference: keep probability of each pixel, and the share of singular
+    values kept."""
+
+    p: float = 0.5
+    rank_fraction: float = 0.8
+
+    def validate(self, where: str) -> None:
+        for key in ("p", "rank_fraction"):
+            require(0 < getattr(self, key) <= 1, subkey(where, key), f"must be in (0, 1], got {getattr(self, key)}")
+
+
+@dataclass
 class MENetTrain(TrainConfig):
     method: Literal["natural", "at"] = "natural"
     epochs: int = 200
@@ -130,14 +143,12 @@ class MENet(Defense):
     data_shape_options = ()
     default_method = "natural"
 
-    def __init__(self, p: float = 0.5, rank_fraction: float = 0.8) -> None:
+    Options = MENetOptions
+
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        if not 0 < p <= 1:
-            raise ValueError(f"p must be in (0, 1], got {p}")
-        if not 0 < rank_fraction <= 1:
-            raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
-        self._config = dict(p=p, rank_fraction=rank_fraction)
-        self.p, self.rank_fraction = p, rank_fraction
+        self.options = self.read_options(options)
+        self.p, self.rank_fraction = self.options.p, self.options.rank_fraction
 
     def attach_classifier(self, classifier: nn.Module) -> None:
         self.own_classifier = copy.deepcopy(classifier)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,21 @@ class VGGCritic(nn.Module):
 
 
 @dataclass
+class NRPOptions:
+    """The RRDB purifier and its critic; ``dynamic``: Gaussian noise (std, clipped to noise_eps)
+    added before purification at inference (NRP's dynamic inference)."""
+
+    in_channels: int = 3
+    width: int = 64
+    blocks: int = 5
+    growth: int = 32
+    mode: Literal["standard", "dynamic"] = "standard"
+    noise_std: float = 0.05
+    noise_eps: float = 16 / 255
+    critic_width: int = 64
+
+
+@dataclass
 class NRPTrain(PairTrain):
     lr: float = 1e-4
     feature_weight: float = 1.0
@@ -129,17 +144,14 @@ class NRP(Defense):
     data_shape_options = ("in_channels",)
     inference_options = ("mode", "noise_std", "noise_eps")  # NRP and NRP-dynamic share one training
 
-    def __init__(self, in_channels: int = 3, width: int = 64, blocks: int = 5, growth: int = 32,
-                 mode: Literal["standard", "dynamic"] = "standard", noise_std: float = 0.05,
-                 noise_eps: float = 16 / 255, critic_width: int = 64) -> None:
+    Options = NRPOptions
+
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        if mode not in ("standard", "dynamic"):
-            raise ValueError(f"mode must be 'standard' or 'dynamic', got {mode!r}")
-        self._config = dict(in_channels=in_channels, width=width, blocks=blocks, growth=growth, mode=mode,
-                            noise_std=noise_std, noise_eps=noise_eps, critic_width=critic_width)
-        self.mode, self.noise_std, self.noise_eps = mode, noise_std, noise_eps
-        self.net = RRDBNet(in_channels, width, blocks, growth)
-        self.critic = VGGCritic(in_channels, critic_width)
+        o = self.options = self.read_options(options)
+        self.mode, self.noise_std, self.noise_eps = o.mode, o.noise_std, o.noise_eps
+        self.net = RRDBNet(o.in_channels, o.width, o.blocks, o.growth)
+        self.critic = VGGCritic(o.in_channels, o.critic_width)
 
     def compile_modules(self, training: bool = False) -> list[nn.Module]:
         return [self.net] + ([self.critic] if training else [])

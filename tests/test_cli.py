@@ -49,7 +49,7 @@ def test_bad_input_is_one_line_exit_2_without_traceback():
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\ndefenses: [{name: non}]\n", "unknown defense 'non' (did you mean 'none'?)"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nattacks: [{name: pgdd}]\n", "unknown attack 'pgdd' (did you mean 'pgd'?)"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nattacks: [{name: pgd, params: {steps: -3}}]\n", "attacks[0].params.steps: must be >= 1"),
-    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\ndefenses: [{name: none, options: {k: 1}}]\n", "defenses[0].options: 'none' takes no options"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\ndefenses: [{name: none, options: {k: 1}}]\n", "defenses[0].options: takes no options, got 'k'"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\neval: {n: 5000}\n", "eval.n=5000 is larger than the digits test split"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nthreat: {eps: 0.1, norm: l2}\n", "'l2' is not allowed"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {epochs: 0}}]\n", "train.epochs: must be >= 1"),

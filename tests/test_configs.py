@@ -1,5 +1,6 @@
 """Every shipped config validates and plans its matrix; the paper configs hold the paper's rows."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,40 @@ def test_quick_targets_train_deterministically(path):
     """A quick part that retrains its target in another job gets the same target (same hash)."""
     cfg = load_config(path)
     assert all(t.train is not None and t.train.deterministic for t in cfg.targets)
+
+
+def test_reading_a_config_builds_no_defense_and_reads_no_checkpoint(monkeypatch, tmp_path):
+    """Options are checked against each defense's Options dataclass at the edge, without side
+    effects; checkpoints are verified when a run starts (its preflight), not when a config is read."""
+    from benchmark.registry import DEFENSES
+
+    for name in DEFENSES.names():
+        monkeypatch.setattr(DEFENSES.get(name), "__init__", _no_build)
+    cfg = load_config(CONFIGS / "smoke" / "cuda.yaml")  # every registered defense
+    assert {d.registered for d in cfg.defenses} >= {"none", "dir", "apegan", "hgd", "nrp", "jatp", "menet", "menet-a",
+                                                     "ebm", "aid"}
+    text = (CONFIGS / "smoke" / "default.yaml").read_text()
+    missing = tmp_path / "nope"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("defenses:", f"defenses:\n  - {{name: HGD-ckpt, defense: hgd, checkpoint: {missing}}}", 1))
+    assert any(d.checkpoint for d in load_config(bad).defenses)  # read without touching the file
+
+
+def _no_build(self, **options):
+    raise AssertionError("a defense was built while the config was read")
+
+
+@pytest.mark.parametrize("options,expected", [
+    ({"image_size": 15}, "options.image_size: 15 is not divisible by patch_size 2"),
+    ({"mask_ratio": 1.5}, "options.mask_ratio: must be in (0, 1)"),
+    ({"head": "mlp"}, "options.head: 'mlp' is not allowed"),
+    ({"depthh": 3}, "unknown key 'depthh' (did you mean 'depth'?)"),
+])
+def test_defense_options_errors_name_the_key(tmp_path, options, expected):
+    from benchmark.config import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\n"
+                   f"defenses: [{{name: DIR, defense: dir, options: {options}}}]\n".replace("'", '"'))
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(bad)

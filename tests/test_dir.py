@@ -3,6 +3,7 @@ import torch
 
 from attacks.base import Threat
 from benchmark.artifacts import StageStore
+from benchmark.config import ConfigError
 from benchmark.experiment import load_config
 from benchmark.harness import run_attack
 from benchmark.registry import ATTACKS, DEFENSES
@@ -66,7 +67,7 @@ def test_any_size_and_channel_count():
         d = DIR(image_size=size, in_channels=ch, embed_dim=32, depth=1, num_heads=2, decoder_depth=1)
         with torch.no_grad():
             assert d.purify(torch.rand(2, ch, size, size)).shape == (2, ch, size, size)
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ConfigError, match="options.image_size: 15 is not divisible by patch_size 2"):
         DIR(image_size=15, patch_size=2)
 
 
@@ -186,9 +187,9 @@ def test_code_head_mixes_tokens_and_matches_the_official_parameter_count():
         x2[..., :2, :2] = 1 - x2[..., :2, :2]
         b = code.purify(x2, masks=m)
     assert (a - b)[..., 16:, 16:].abs().max() > 0
-    with pytest.raises(ValueError, match="token-conv"):
+    with pytest.raises(ConfigError, match="'token-conv' needs decoder_dim"):
         DIR(embed_dim=40, num_heads=2, head="token-conv")
-    with pytest.raises(ValueError, match="head must be"):
+    with pytest.raises(ConfigError, match="options.head: 'mlp' is not allowed"):
         DIR(head="mlp")
 
 

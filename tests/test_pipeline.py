@@ -2,6 +2,7 @@ import pytest
 import torch
 from purifybench_testing import Quantize, TinyDenoiser
 
+from benchmark.config import ConfigError
 from benchmark.registry import DEFENSES
 from defenses.base import DefendedModel, NoDefense
 
@@ -11,7 +12,7 @@ def test_none_defense_is_the_identity():
     x = torch.rand(3, 1, 8, 8)
     assert torch.equal(d.purify(x), x)
     assert d.declarations() == {"stochastic": False, "differentiable": True, "uses_masks": False, "trainable": False}
-    with pytest.raises(TypeError, match="takes no options"):
+    with pytest.raises(ConfigError, match="takes no options"):
         NoDefense(strength=1)
 
 
