@@ -171,6 +171,8 @@ def build_defense(spec: DefenseSpec, where: str = "defense", data_shape: tuple[i
                 options.setdefault(key, value)
     try:
         return cls(**options)
+    except ConfigError as exc:  # read_options names the key, under "options"
+        raise ConfigError(f"{where}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{subkey(where, 'options')}: {exc}") from None
 

@@ -107,18 +107,24 @@ class Planner:
         n = self.cfg.eval.n or int(self.costs.get("test_images", ds.name, "n").value)
         return min(n, spec.eval_n) if spec.eval_n else n
 
-    def pass_us(self, spec: DefenseSpec, section: str = "pass_us", field: str = "us") -> Figure:
-        figure = self.costs.get(section, spec.registered, field)
+    def pass_us(self, spec: DefenseSpec) -> Figure:
+        figure = self.costs.get("pass_us", spec.registered, "us")
         if spec.registered == "ebm":  # per Langevin step and chain
             steps, chains = spec.options.get("steps", 1500), spec.options.get("chains", 150)
             return Figure(figure.value * steps * chains, figure.guess)
+        return figure
+
+    def pass_latency_ms(self, spec: DefenseSpec) -> Figure:
+        figure = self.costs.get("pass_ms", spec.registered, "ms")
+        if spec.registered == "ebm":  # per Langevin step: the chains run as one batch
+            return Figure(figure.value * spec.options.get("steps", 1500), figure.guess)
         return figure
 
     def pass_seconds(self, spec: DefenseSpec, n: int) -> Figure:
         """Seconds of one forward + input-gradient pass of ``n`` images through the defended model:
         ``n`` times the per-image cost, but never less than the defense's latency per pass
         (``pass_ms``: a small batch does not fill the GPU, and the purifiers' loops run in sequence)."""
-        per_image, floor = self.pass_us(spec), self.pass_us(spec, "pass_ms", "ms")
+        per_image, floor = self.pass_us(spec), self.pass_latency_ms(spec)
         return Figure(max(n * per_image.value * 1e-6, floor.value * 1e-3), per_image.guess or floor.guess)
 
     def attack_passes(self, spec: AttackSpec, stochastic: bool) -> tuple[float, bool]:

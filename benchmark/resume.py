@@ -25,7 +25,7 @@ from benchmark import distributed
 from benchmark.io import atomic_write, atomic_write_json, sha256_file
 
 log = logging.getLogger("purifybench")
-FORMAT = "purifybench-train-state/2"  # 2: a target's state is laid out as a defense's (benchmark.trainer)
+FORMAT = "purifybench-train-state/1"
 
 
 def _generators(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
@@ -150,11 +150,24 @@ class LoopState:
         if self.ckpt is None or (saved := self.ckpt.load()) is None:
             return 0, []
         epoch, tensors, meta = saved
+        if not self._fits(tensors, meta):  # e.g. a target's state from before its loop was a Trainer's
+            log.warning("%s: training state in %s is laid out for another loop (an older version); starting from "
+                        "epoch 0", self.name, self.ckpt.folder)
+            return 0, []
         unpack(tensors, meta, **self.state)
         for k, sched in self.schedulers.items():
             sched.load_state_dict(meta["schedulers"][k])
         log.info("%s: resuming after epoch %d (%s)", self.name, epoch, self.ckpt.folder)
         return epoch, list(meta["history"])
+
+    def _fits(self, tensors: dict[str, torch.Tensor], meta: dict) -> bool:
+        """Whether a saved state holds every module, optimizer, generator and scheduler of this loop
+        (checked before anything is loaded)."""
+        names = ([f"model.{m}." for m, module in self.state["modules"].items() if module.state_dict()]
+                 + [f"rng.{g}" for g in self.state["gens"]])
+        return (all(any(k.startswith(n) for k in tensors) for n in names)
+                and set(self.state["optimizers"]) <= set(meta.get("optimizers", {}))
+                and set(self.schedulers) <= set(meta.get("schedulers", {})) and "history" in meta)
 
     def epoch_done(self, epoch: int, epochs: int, history: list[dict]) -> None:
         if self.ckpt is not None and epoch < epochs and distributed.is_main():  # data-parallel: rank 0 writes

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from benchmark import distributed
 from benchmark.errors import BenchError
 from benchmark.resume import LoopState
 
@@ -39,6 +40,8 @@ class EpochLog:
         self.count = 0
 
     def add(self, n: int, **losses: torch.Tensor) -> None:
+        if n == 0:  # a rank's empty slice of a last batch smaller than the world size
+            return
         for k, v in losses.items():
             self.sums[k] = self.sums.get(k, 0) + v.detach().float() * n
         self.count += n
@@ -62,7 +65,7 @@ class EpochLog:
         bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad or not all(torch.isfinite(p).all() for p in self.module.parameters()):
             raise BenchError(f"{self.name} training diverged in epoch {epoch} ({', '.join(bad) or 'weights'} "
-                             "not finite); lower its lr in the defense's train options")
+                             "not finite); lower its lr in its train options")
         return row
 
     def seconds_per_epoch(self) -> float:
@@ -80,10 +83,13 @@ class Trainer:
                  optimizers: dict[str, torch.optim.Optimizer], gens: dict[str, torch.Generator],
                  schedulers: dict | None = None, modules: dict[str, nn.Module] | None = None,
                  progress: bool = True, started: float | None = None, steps_per_epoch: int | None = None,
-                 reduce_metrics: bool = False, phase: str = "train") -> None:
+                 reduce_metrics: bool | None = None, phase: str = "train") -> None:
         self.defense, self.name, self.epochs, self.progress = defense, name, epochs, progress
         self.steps = steps_per_epoch  # the progress bar counts batches when given, else epochs
-        self.reduce = reduce_metrics  # data-parallel with every rank in the loop: metrics over all ranks
+        # Data-parallel with every rank in the loop: metrics over all ranks (default: a defense that
+        # trains data-parallel, under torchrun)
+        self.reduce = (distributed.active() and bool(getattr(defense, "data_parallel", False))
+                       if reduce_metrics is None else reduce_metrics)
         self.first = 0  # epochs already done when fit started (a resumed training)
         self.started = time.perf_counter() if started is None else started
         self.log = EpochLog(name, defense, context.device, phase)

@@ -99,24 +99,28 @@ class FitResult:
 _SIGNATURE_OPTIONS: dict[type, type] = {}
 
 
-def _signature_options(cls: type) -> type:
+def _signature_options(cls: type) -> type | None:
     """A dataclass of the keyword parameters of ``cls.__init__`` (names, annotated types, defaults):
-    the options of a defense that declares no ``Options`` of its own (a plugin's plain keywords)."""
+    the options of a defense that declares no ``Options`` of its own (a plugin's plain keywords).
+    None when the constructor takes ``**kwargs``: its options cannot be known before it runs."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
     if cls not in _SIGNATURE_OPTIONS:
         try:
             hints = typing.get_type_hints(cls.__init__)
         except Exception:  # an annotation that cannot be resolved here: the value goes unchecked
             hints = {}
         fields = []
-        for name, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        for param in params:
+            if param.kind is param.VAR_POSITIONAL:
                 continue
             if param.default is param.empty:
-                fields.append((name, hints.get(name, Any)))
+                fields.append((param.name, hints.get(param.name, Any)))
             else:
-                fields.append((name, hints.get(name, Any),
+                fields.append((param.name, hints.get(param.name, Any),
                                dataclasses.field(default_factory=lambda d=param.default: copy.deepcopy(d))))
-        _SIGNATURE_OPTIONS[cls] = dataclasses.make_dataclass(f"{cls.__name__}Options", fields)
+        _SIGNATURE_OPTIONS[cls] = dataclasses.make_dataclass(f"{cls.__name__}Options", fields, kw_only=True)
     return _SIGNATURE_OPTIONS[cls]
 
 
@@ -208,17 +212,19 @@ class Defense(nn.Module):
         return FitResult()
 
     @classmethod
-    def options_type(cls) -> type:
-        """The dataclass of this defense's constructor options."""
+    def options_type(cls) -> type | None:
+        """The dataclass of this defense's constructor options (None: a constructor with ``**kwargs``
+        and no ``Options``, whose options are checked only when it runs)."""
         return cls.Options if cls.Options is not None else _signature_options(cls)
 
     @classmethod
     def read_options(cls, options: dict | None, where: str = "options") -> Any:
         """``options`` checked (unknown or missing keys, types, values) into :meth:`options_type`:
-        one-line errors naming ``where`` and the key."""
+        one-line errors naming ``where`` and the key. Unchecked (a dict) without an options type."""
         from benchmark.config import from_dict
 
-        return from_dict(cls.options_type(), options or {}, where)
+        kind = cls.options_type()
+        return dict(options or {}) if kind is None else from_dict(kind, options or {}, where)
 
     def config(self) -> dict:
         """The options that built this defense (its ``options``, set by a constructor that reads them)."""

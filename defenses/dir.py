@@ -469,8 +469,7 @@ class DIR(Defense):
         trainer = Trainer(self, "DIR main", context or TrainContext(device, seed), cfg.epochs,
                           optimizers={"sgd": opt}, schedulers={"lr": sched},
                           gens={"shuffle": gen, "augment": aug_gen, "masks": self._gen(device)},
-                          modules={"classifier": classifier} if joint else None, progress=cfg.progress,
-                          steps_per_epoch=steps_per_epoch, reduce_metrics=distributed.active(), phase="main")
+                          progress=cfg.progress, steps_per_epoch=steps_per_epoch, phase="main")
 
         def defended(z: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
             return classifier(self.restore(z, masks)).float()

@@ -49,3 +49,25 @@ def test_defended_model_stays_in_eval_mode(trained_pair):
     model = DefendedModel(TinyDenoiser(), trained_pair["at"][0])
     model.train()
     assert not any(m.training for m in model.modules())
+
+
+def test_a_defense_without_options_class_takes_its_constructor_keywords():
+    from defenses.base import Defense
+
+    class Keywords(Defense):
+        def __init__(self, a: int = 1, *, b: float) -> None:  # a required keyword after a default one
+            super().__init__()
+
+    assert Keywords.read_options({"b": 2}).b == 2.0 and Keywords.read_options({"b": 2}).a == 1
+    with pytest.raises(ConfigError, match="unknown key 'c'"):
+        Keywords.read_options({"b": 1, "c": 1})
+    with pytest.raises(ConfigError, match="missing required key 'b'"):
+        Keywords.read_options({})
+    with pytest.raises(ConfigError, match="options.a: expected an integer"):
+        Keywords.read_options({"a": "x", "b": 1})
+
+    class AnyKeywords(Defense):  # **kwargs: its options are known only when it runs
+        def __init__(self, **kwargs) -> None:
+            super().__init__()
+
+    assert AnyKeywords.read_options({"x": 1}) == {"x": 1}

@@ -177,3 +177,22 @@ def _resume_check(tmp_path, trained_pair, digits_train, name):
     assert resumed.state_dict().keys() == ref_state.keys()
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, ref_state[k]), k
+
+
+def test_a_state_laid_out_for_another_loop_is_ignored_before_anything_loads(tmp_path, caplog):
+    """A state saved by an older version of a loop (other module names: a target's loop before it
+    ran in the Trainer) restarts the training instead of failing or half-loading."""
+    from benchmark.resume import LoopState, pack
+    from defenses.base import TrainContext
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    ckpt = EpochCheckpoint(tmp_path / "state", "key")
+    old_net = torch.nn.Linear(2, 2)
+    tensors, meta = pack(modules={"model": old_net}, optimizers={"sgd": opt}, gens={})
+    ckpt.save(1, tensors, meta | {"history": [{"epoch": 1}], "scheduler": {}})
+    before = net.weight.detach().clone()
+    loop = LoopState(net, "target", TrainContext("cpu", checkpoint=ckpt), optimizers={"sgd": opt}, gens={})
+    with caplog.at_level("WARNING", logger="purifybench"):
+        assert loop.resume() == (0, [])
+    assert "laid out for another loop" in caplog.text and torch.equal(net.weight, before)
