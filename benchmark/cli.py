@@ -317,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     debug = "--debug" in argv  # accepted anywhere on the line
     argv = [a for a in argv if a != "--debug"]
-    if not argv:
-        argv = ["run"]
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]  # no command: the run's options apply to the smoke run
     args = parser.parse_args(argv)
     try:
         return args.func(args)

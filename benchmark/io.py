@@ -22,7 +22,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Write a file through ``write(tmp_path)``, fsync it, then rename it into place.
 
-    A crash leaves either the old file or the new one, never a half-written file.
+    A crash leaves either the old file or the new one, never a half-written file. The file gets the
+    mode a plain ``open`` would give it (0666 less the umask), not ``mkstemp``'s private 0600: a
+    collaborator can read a shared results folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +35,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp_path)
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -47,6 +50,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:

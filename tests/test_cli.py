@@ -69,6 +69,12 @@ def test_config_errors_name_the_problem_and_write_nothing(tmp_path, capsys, text
     assert not out.exists()
 
 
+def test_options_without_a_command_are_the_smoke_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--plan", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    assert "cells: 88 planned" in capsys.readouterr().out and not out.exists()
+
+
 def test_plan_lists_cells_artifacts_and_costs_and_writes_nothing(tmp_path, capsys):
     from benchmark.experiment import load_config
 

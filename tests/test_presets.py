@@ -114,11 +114,8 @@ def test_report_presets_on_disk_and_through_the_cli(tmp_path, capsys):
 
 
 def test_the_papers_dir_settings_are_the_defense_defaults():
-    import inspect
-
     from benchmark.paper import DIR_ALPHA, DIR_DEPTHS
-    from defenses.dir import DIR, DIRTrain
+    from defenses.dir import DIROptions, DIRTrain
 
-    params = inspect.signature(DIR.__init__).parameters
-    assert (params["depth"].default, params["decoder_depth"].default) == DIR_DEPTHS
+    assert (DIROptions().depth, DIROptions().decoder_depth) == DIR_DEPTHS
     assert DIRTrain().alpha == DIR_ALPHA
