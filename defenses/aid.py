@@ -74,13 +74,13 @@ class AIDOptions:
     before/after the join; width) and the purification (eps, signed-gradient steps); the attack's
     gradient through the loop: BPDA or unrolled."""
 
-    taps: list[str] | None = None
-    bcd: int = 1
-    acd: int = 3
-    width: int = 1024
-    eps: float = 8 / 255
-    steps: int = 10
-    attack_gradient: Literal["bpda", "unrolled"] = "bpda"
+    taps: list[str] | None = None  # target layers the discriminator reads (None: per architecture)
+    bcd: int = 1  # conv layers on each tap before the join
+    acd: int = 3  # conv layers after the join
+    width: int = 1024  # channels of the joined features
+    eps: float = 8 / 255  # purification budget around the input
+    steps: int = 10  # signed-gradient purification steps
+    attack_gradient: Literal["bpda", "unrolled"] = "bpda"  # the attack's gradient through the loop
 
 
 @dataclass

@@ -69,10 +69,10 @@ class APEGANOptions:
     """Generator and critic widths; ``bn_batch_stats``: batch statistics in the generator's BN at
     inference (as the released code runs it)."""
 
-    in_channels: int = 3
-    width: int = 64
-    critic_width: int = 64
-    bn_batch_stats: bool = False
+    in_channels: int = 3  # filled from the dataset unless set
+    width: int = 64  # generator channels
+    critic_width: int = 64  # critic channels (training only)
+    bn_batch_stats: bool = False  # batch statistics in the generator's BN at inference (the code's)
 
 
 @dataclass
@@ -92,11 +92,9 @@ class APEGANTrain(PairTrain):  # PairTrain's 30 epochs of batch 128 at lr 2e-4: 
 class APEGAN(Defense):
     trainable = True
     data_parallel = True
-    TrainConfig = APEGANTrain
+    Options, TrainConfig = APEGANOptions, APEGANTrain  # constructor and training options
     data_shape_options = ("in_channels",)
     inference_options = ("bn_batch_stats",)
-
-    Options = APEGANOptions
 
     def __init__(self, **options: Any) -> None:
         super().__init__()

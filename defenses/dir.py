@@ -228,21 +228,21 @@ def _check_finite(row: dict, module: nn.Module) -> None:
 class DIROptions:
     """The denoiser: a masked-autoencoder ViT (defaults: the paper's at CIFAR size) and its masks."""
 
-    image_size: int = 32
-    in_channels: int = 3
-    patch_size: int = 2
-    embed_dim: int = 192
-    depth: int = 8
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    decoder_depth: int = 2
+    image_size: int = 32  # filled from the dataset unless set
+    in_channels: int = 3  # filled from the dataset unless set
+    patch_size: int = 2  # pixels per patch side
+    embed_dim: int = 192  # encoder width
+    depth: int = 8  # encoder blocks (the paper's; Table 5 varies it)
+    num_heads: int = 3  # encoder attention heads
+    mlp_ratio: float = 4.0  # MLP width over embed_dim, encoder and decoder
+    decoder_depth: int = 2  # decoder blocks (the paper's; Table 5 varies it)
     decoder_dim: int | None = None  # default: embed_dim
     decoder_heads: int | None = None  # default: num_heads
-    mask_ratio: float = 0.5
-    num_masks: int = 2
-    mask_mode: Literal["drop", "zero"] = "drop"
-    head: Literal["patch", "token-conv"] = "patch"
-    joint_classifier: bool = False
+    mask_ratio: float = 0.5  # share of patches hidden in each view
+    num_masks: int = 2  # views per restoration (at least enough to show every patch)
+    mask_mode: Literal["drop", "zero"] = "drop"  # hidden patches left out of the encoder, or zeroed
+    head: Literal["patch", "token-conv"] = "patch"  # per-patch linear head, or the code's token Conv1d
+    joint_classifier: bool = False  # train a copy of the target with the denoiser (the official code)
 
     def validate(self, where: str) -> None:
         require(0 < self.mask_ratio < 1, subkey(where, "mask_ratio"), f"must be in (0, 1), got {self.mask_ratio}")

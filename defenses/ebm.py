@@ -84,11 +84,11 @@ class _Chains(nn.Module):
 class EBMOptions:
     """The energy network and its purification: Langevin steps per chain, chains, step size tau."""
 
-    in_channels: int = 3
-    width: int = 32
-    steps: int = 1500
-    chains: int = 150
-    tau: float = 0.01
+    in_channels: int = 3  # filled from the dataset unless set
+    width: int = 32  # channels of the energy network's first stage
+    steps: int = 1500  # Langevin steps per chain at inference (Hill et al.: 1500)
+    chains: int = 150  # chains per image; the defended model averages their logits
+    tau: float = 0.01  # Langevin noise (SVHN: 0.0175)
 
     def validate(self, where: str) -> None:
         require(self.steps >= 0, subkey(where, "steps"), f"must be >= 0, got {self.steps}")

@@ -84,8 +84,8 @@ class DUNet(nn.Module):
 class DUNetOptions:
     """The DUNET denoiser's input channels and width (1.0: HGD's)."""
 
-    in_channels: int = 3
-    width_scale: float = 1.0
+    in_channels: int = 3  # filled from the dataset unless set
+    width_scale: float = 1.0  # DUNET widths times this (1.0: HGD's)
 
 
 @dataclass

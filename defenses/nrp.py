@@ -97,14 +97,14 @@ class NRPOptions:
     """The RRDB purifier and its critic; ``dynamic``: Gaussian noise (std, clipped to noise_eps)
     added before purification at inference (NRP's dynamic inference)."""
 
-    in_channels: int = 3
-    width: int = 64
-    blocks: int = 5
-    growth: int = 32
-    mode: Literal["standard", "dynamic"] = "standard"
-    noise_std: float = 0.05
-    noise_eps: float = 16 / 255
-    critic_width: int = 64
+    in_channels: int = 3  # filled from the dataset unless set
+    width: int = 64  # RRDB channels
+    blocks: int = 5  # RRDB blocks
+    growth: int = 32  # dense growth channels inside a block
+    mode: Literal["standard", "dynamic"] = "standard"  # dynamic: noise before purifying (stochastic)
+    noise_std: float = 0.05  # dynamic: Gaussian noise std
+    noise_eps: float = 16 / 255  # dynamic: the noise clipped to this L-inf
+    critic_width: int = 64  # the relativistic critic's width (training only)
 
 
 @dataclass
