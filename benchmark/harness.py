@@ -187,24 +187,21 @@ def _fresh_pass(model: nn.Module, x_adv: torch.Tensor) -> torch.Tensor:
 class _Tally:
     """Per-sample scores of a cell, filled batch by batch."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, counter: PassCounter) -> None:
+        self.counter = counter  # the cell's pass counter (scoring passes are counted apart)
         self.counts = torch.zeros(n, dtype=torch.int64)  # correct draws per sample
         self.majority = torch.zeros(n, dtype=torch.bool)
         self.single = torch.zeros(n, dtype=torch.bool)  # the first draw alone
         self.drawn, self.random, self.info, self.score_forwards = 1, False, {}, 0
 
-    def at(self, start: int, counter: PassCounter) -> _Tally:
-        self.start, self.counter = start, counter
-        return self
-
-    def add(self, preds: torch.Tensor, vote: torch.Tensor, y: torch.Tensor) -> None:
+    def add(self, start: int, preds: torch.Tensor, vote: torch.Tensor, y: torch.Tensor) -> None:
         hits = (preds == y.view(-1, 1)).cpu()
-        rows = slice(self.start, self.start + len(y))
+        rows = slice(start, start + len(y))
         self.counts[rows], self.single[rows], self.majority[rows] = hits.sum(1), hits[:, 0], vote.cpu()
 
 
 def _attack_batch(attack: Attack, model: nn.Module, view: AttackView, x: torch.Tensor, y: torch.Tensor,
-                  threat: Threat, batch_seed: int, name: str, draws: int, tally: _Tally) -> None:
+                  threat: Threat, batch_seed: int, name: str, draws: int, tally: _Tally, start: int) -> None:
     """Attack one batch from generators seeded by ``batch_seed``, check its adversarial images and
     score them with fresh passes of the defended model into ``tally``."""
     device = x.device
@@ -225,7 +222,7 @@ def _attack_batch(attack: Attack, model: nn.Module, view: AttackView, x: torch.T
     before = tally.counter.forwards  # re-score from x_adv with fresh passes of the defended model
     preds, vote = score_draws(result.score or _fresh_pass, model, x_adv, y, tally.drawn, defense, batch_seed, device)
     tally.score_forwards += tally.counter.forwards - before
-    tally.add(preds, vote, y)
+    tally.add(start, preds, vote, y)
 
 
 def run_attack(
@@ -263,8 +260,8 @@ def run_attack(
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    tally = _Tally(len(images))
     counter = PassCounter(model)
+    tally = _Tally(len(images), counter)
     starts = list(range(0, len(images), batch_size))
     if sharded:
         starts = distributed.shard(starts)
@@ -275,7 +272,7 @@ def run_attack(
         for start in tqdm(starts, desc=name, disable=not progress, leave=False, dynamic_ncols=True):
             x, y = images[start : start + batch_size], labels[start : start + batch_size]
             _attack_batch(attack, model, view, x, y, threat, (seed * 1_000_003 + start) % (2**62), name, draws,
-                          tally.at(start, counter))
+                          tally, start)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0

@@ -303,6 +303,7 @@ class Planner:
             n = self.eval_images(ds, spec)
             draws = self.cfg.draws if stochastic else 1
             est, names = Estimate(), []
+            one = self.pass_seconds(spec, n)
             for cell in cells:
                 est.add(overhead)
                 names.append(cell.attack.name)
@@ -310,7 +311,6 @@ class Planner:
                     est.add(*self.autoattack(n, spec, stochastic))
                     continue
                 passes, guess = self.attack_passes(cell.attack, stochastic)
-                one = self.pass_seconds(spec, n)
                 est.add(Figure(one.value, one.guess or guess), passes + draws / 3)
             stages.append(Stage("cells", row, est.seconds, est.guess, f"{len(cells)}: {', '.join(names)}"))
         return stages

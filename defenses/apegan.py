@@ -30,7 +30,7 @@ from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.trainer import Trainer
 from defenses.base import Defense, FitResult, TrainContext
-from defenses.pairs import PairTrain, pair_source, use_bf16
+from defenses.pairs import PairTrain, pair_source
 
 
 class APEGenerator(nn.Module):
@@ -130,7 +130,7 @@ class APEGAN(Defense):
         opt_g = distributed.synchronized(torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999)))
         opt_d = distributed.synchronized(torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999)))
         w_rec, w_adv = (0.7, 0.3) if cfg.loss == "pytorch" else (0.9, 0.02)
-        bf16, device = use_bf16(cfg, context.device), context.device
+        bf16, device = cfg.use_bf16(context.device), context.device
 
         def step(batch) -> dict:
             x, x_adv, _ = batch

@@ -32,7 +32,7 @@ from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.trainer import Trainer
 from defenses.base import Defense, FitResult, TrainContext
-from defenses.pairs import StepPairTrain, pair_source, step_schedule, use_bf16
+from defenses.pairs import StepPairTrain, pair_source, step_schedule
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -140,7 +140,7 @@ class HGD(ResidualDUNetDefense):
         opt = distributed.synchronized(torch.optim.Adam(self.net.parameters(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay))
         sched = step_schedule(opt, cfg.epochs * -(-len(train) // cfg.batch_size), cfg.milestones)
-        bf16, device = use_bf16(cfg, context.device), context.device
+        bf16, device = cfg.use_bf16(context.device), context.device
         mix = torch.Generator(device=device).manual_seed(context.seed + 3)
 
         def step(batch) -> dict:

@@ -32,7 +32,7 @@ from benchmark.registry import DEFENSES
 from benchmark.trainer import Trainer
 from defenses.base import FitResult, TrainContext
 from defenses.hgd import ResidualDUNetDefense
-from defenses.pairs import StepPairTrain, feature_distance, pair_source, step_schedule, use_bf16
+from defenses.pairs import StepPairTrain, feature_distance, pair_source, step_schedule
 
 RECONSTRUCTION_NOTE = "JATP is a benchmark reconstruction (no public code; see defenses/jatp.py)"
 
@@ -74,7 +74,7 @@ class JATP(ResidualDUNetDefense):
         opt = distributed.synchronized(torch.optim.Adam(self.net.parameters(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay))
         sched = step_schedule(opt, cfg.epochs * -(-len(train) // cfg.batch_size), cfg.milestones)
-        bf16, device = use_bf16(cfg, context.device), context.device
+        bf16, device = cfg.use_bf16(context.device), context.device
 
         def step(batch) -> dict:
             x, x_adv, y = batch

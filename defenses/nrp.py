@@ -36,7 +36,7 @@ from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.trainer import Trainer
 from defenses.base import Defense, FitResult, TrainContext
-from defenses.pairs import PairSource, PairTrain, pair_source, use_bf16
+from defenses.pairs import PairSource, PairTrain, pair_source
 
 
 class DenseBlock(nn.Module):
@@ -181,7 +181,7 @@ class NRP(Defense):
         g, d = self.net, self.critic
         opt_g = distributed.synchronized(torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(0.9, 0.999)))
         opt_d = distributed.synchronized(torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(0.9, 0.999)))
-        bf16, device = use_bf16(cfg, context.device), context.device
+        bf16, device = cfg.use_bf16(context.device), context.device
         gen = torch.Generator(device=device).manual_seed(context.seed + 5)
 
         def step(batch) -> dict:

@@ -59,10 +59,6 @@ class PairTrain(TrainOptions):
         require(self.pairs in allowed, subkey(where, "pairs"), f"must be one of {allowed}, got {self.pairs!r}")
 
 
-def use_bf16(cfg: TrainOptions, device: torch.device) -> bool:
-    return cfg.use_bf16(device)
-
-
 @dataclass
 class StepPairTrain(PairTrain):
     """HGD's recipe (100 epochs of Adam at 1e-3, lr x0.1 at 60% and 90%), which JATP's
@@ -95,7 +91,7 @@ def craft_against_target(classifier: nn.Module, data: ImageData, cfg: PairTrain,
     """PGD against the target alone on every training image; uint8, same order as ``data``."""
     gen = torch.Generator(device=device).manual_seed(seed)
     out = torch.empty_like(data.images, device="cpu")
-    bf16 = use_bf16(cfg, device)
+    bf16 = cfg.use_bf16(device)
     classifier.eval()
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
@@ -120,7 +116,7 @@ def static_pairs(classifier: nn.Module, data: ImageData, cfg: PairTrain, device:
                  stages: StageStore | None) -> torch.Tensor:
     """The static PGD pairs, made once per run and cached as a stage (shared by every baseline)."""
     key = {"v": PAIRS_VERSION, "n": len(data), "seed": seed, "eps": cfg.eps, "step": cfg.step_size,
-           "steps": cfg.attack_steps, "bf16": use_bf16(cfg, device),
+           "steps": cfg.attack_steps, "bf16": cfg.use_bf16(device),
            "labels": int(data.labels.sum()), "first": data.images[:8].sum().item()}
     holder = _Stored(torch.empty_like(data.images, device="cpu"))
 
@@ -200,7 +196,7 @@ class PairSource:
         was = defense.training
         defense.eval()
         try:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16(self.cfg, self.device)):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.use_bf16(self.device)):
                 with torch.no_grad():
                     ref = self.attack_reference(x, y)
                 adv = pgd_linf(forward, x, ref, eps=self.cfg.eps, step_size=self.cfg.step_size,
