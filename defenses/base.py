@@ -257,6 +257,24 @@ class Defense(nn.Module):
         return out
 
 
+def reinitialise(module: nn.Module) -> None:
+    """Fresh weights for every submodule that can reset its parameters (only the architecture stays)."""
+    for m in module.modules():
+        if m is not module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def fresh_copy(classifier: nn.Module, scratch: bool = False) -> nn.Module:
+    """A frozen copy of ``classifier`` for a defense that trains its own (``own_classifier``);
+    ``scratch``: re-initialised, so that only the architecture is the original's."""
+    out = copy.deepcopy(classifier)
+    if scratch:
+        reinitialise(out)
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
+
+
 @dataclass
 class NoOptions:
     """A defense without options."""

@@ -44,7 +44,6 @@ For r = 0.5 and K = 2 this is exactly the paper's pair of complementary halves.
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import time
@@ -64,7 +63,7 @@ from benchmark.data import augment
 from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
 from benchmark.trainer import Trainer
-from defenses.base import Defense, FitResult, TrainContext, TrainOptions
+from defenses.base import Defense, FitResult, TrainContext, TrainOptions, fresh_copy
 
 
 # ----------------------------------------------------------------------------- the ViT
@@ -87,11 +86,11 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (ViT/MAE)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool = False, eps: float = 1e-6) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
@@ -102,11 +101,16 @@ class Block(nn.Module):
 
 class MaskedViT(nn.Module):
     """MAE-style encoder-decoder over patches: encode the visible patches (+ cls), fill the
-    hidden positions with a learned mask token, decode, and predict every patch's pixels."""
+    hidden positions with a learned mask token, decode, and predict every patch's pixels.
+
+    ``layout="released"`` is the official code's variant (``pretrain_model.py``): no positional
+    embedding on the encoder's cls token, LayerNorm eps 1e-5 (timm's blocks), no projection into
+    the decoder and no norm after it (the decoder works at the encoder's width), PyTorch's default
+    initialisation of the linear layers, and a patch's pixels ordered channel first."""
 
     def __init__(self, image_size: int, in_channels: int, patch_size: int, embed_dim: int, depth: int,
                  num_heads: int, mlp_ratio: float, decoder_dim: int, decoder_depth: int, decoder_heads: int,
-                 head: str = "patch") -> None:
+                 head: str = "patch", layout: Literal["paper", "released"] = "paper") -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
@@ -114,19 +118,27 @@ class MaskedViT(nn.Module):
         if head == "token-conv" and decoder_dim % out:
             raise ValueError(f"head 'token-conv' needs decoder_dim ({decoder_dim}) divisible by "
                              f"patch_size^2 * in_channels ({out})")
+        released = layout == "released"
+        if released and decoder_dim != embed_dim:
+            raise ValueError(f"layout 'released' decodes at the encoder's width: decoder_dim {decoder_dim} "
+                             f"!= embed_dim {embed_dim}")
+        self.layout = layout
+        ln_eps = 1e-5 if released else 1e-6
         self.patch_size, self.in_channels = patch_size, in_channels
         self.grid = image_size // patch_size
         self.num_patches = self.grid ** 2
         self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        # the released encoder has no positional slot for its cls token
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + (0 if released else 1), embed_dim))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, eps=ln_eps) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=ln_eps)
+        self.decoder_embed = nn.Identity() if released else nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, decoder_dim))
-        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, mlp_ratio, eps=ln_eps)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = nn.Identity() if released else nn.LayerNorm(decoder_dim, eps=ln_eps)
         self.head_kind = head
         if head == "patch":  # the paper: a per-patch linear head
             self.head = nn.Linear(decoder_dim, out)
@@ -134,7 +146,8 @@ class MaskedViT(nn.Module):
             self.head = nn.Conv1d(self.num_patches, self.num_patches, decoder_dim // out, stride=decoder_dim // out)
         for p in (self.cls_token, self.pos_embed, self.mask_token, self.decoder_pos_embed):
             nn.init.trunc_normal_(p, std=0.02)
-        self.apply(self._init)
+        if not released:
+            self.apply(self._init)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -148,23 +161,28 @@ class MaskedViT(nn.Module):
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         b, p, c, g = tokens.shape[0], self.patch_size, self.in_channels, self.grid
+        if self.layout == "released":  # a token's values are (channel, row, column)
+            return tokens.view(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, g * p, g * p)
         x = tokens.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-        """``visible``: (B, V) indices of the patches the encoder sees (None: all of them)."""
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """``visible``: (B, V) indices of the patches the encoder sees (None: all of them). ``slots``:
+        the positions where the decoder places their encodings (default: their own, ``visible``)."""
+        n = self.num_patches
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed[:, -n:]
         if visible is not None:
             tokens = tokens.gather(1, visible[..., None].expand(-1, -1, tokens.shape[-1]))
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)
-        h = torch.cat([cls, tokens], dim=1)
+        cls = self.cls_token + (self.pos_embed[:, :1] if self.layout == "paper" else 0)
+        h = torch.cat([cls.expand(len(x), -1, -1), tokens], dim=1)
         for blk in self.blocks:
             h = blk(h)
         h = self.decoder_embed(self.norm(h))
         body = h[:, 1:]
         if visible is not None:  # hidden positions get the mask token, visible ones their encoding
-            full = self.mask_token.to(body.dtype).expand(len(x), self.num_patches, -1).clone()
-            body = full.scatter(1, visible[..., None].expand(-1, -1, body.shape[-1]), body)
+            where = visible if slots is None else slots
+            full = self.mask_token.to(body.dtype).expand(len(x), n, -1).clone()
+            body = full.scatter(1, where[..., None].expand(-1, -1, body.shape[-1]), body)
         h = torch.cat([h[:, :1], body], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             h = blk(h)
@@ -259,6 +277,35 @@ class DIROptions:
                 f"'token-conv' needs decoder_dim ({dim}) divisible by patch_size^2 * in_channels ({out})")
 
 
+def rank_batches(data, batch_size: int, cfg: TrainOptions, gen: torch.Generator, aug_gen: torch.Generator):
+    """One epoch of shuffled (and, with ``cfg.augment``, augmented) batches; under torchrun each
+    rank gets its part of every batch."""
+    for x, y in data.batches(batch_size, shuffle=True, generator=gen):
+        part = distributed.rank_slice(len(x))
+        x, y = x[part], y[part]
+        if cfg.augment:
+            x = augment(x, generator=aug_gen)
+        yield x, y
+
+
+def representation_delta(classifier, restored: torch.Tensor, steps: int, step_size: float,
+                         eps: float | None) -> torch.Tensor:
+    """Eq. 4: the perturbation of the restored image that most changes the classifier's output
+    (``steps`` signed ascent steps of ``step_size`` on KL(h(x~) || h(x~ + delta)), from 0.001 N(0, I)).
+    ``eps``: project delta to the eps ball and x~ + delta to [0,1]; None: never (the official code)."""
+    restored = restored.detach()
+    target = F.softmax(classifier(restored).float(), dim=1).detach()
+    delta = 0.001 * torch.randn_like(restored)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(classifier(restored + delta).float(), dim=1), target, reduction="sum")
+        (grad,) = torch.autograd.grad(kl, delta)
+        delta = delta.detach() + step_size * grad.sign()
+        if eps is not None:
+            delta = project_linf(restored + delta, restored, eps) - restored
+    return delta.detach()
+
+
 # ----------------------------------------------------------------------------- the defense
 @DEFENSES.register("dir", paper="Zhou et al., ICML 2023",
                    description="DIR: masked-autoencoder ViT over K complementary masks, restorations averaged")
@@ -277,13 +324,18 @@ class DIR(Defense):
         super().__init__()
         o = self.options = self.read_options(options)
         self.joint_classifier = o.joint_classifier
-        self.net = MaskedViT(o.image_size, o.in_channels, o.patch_size, o.embed_dim, o.depth, o.num_heads,
-                             o.mlp_ratio, o.decoder_dim or o.embed_dim, o.decoder_depth, o.decoder_heads or o.num_heads,
-                             o.head)
-        n = self.net.num_patches
-        self.mask_ratio, self.mask_mode = o.mask_ratio, o.mask_mode
-        self.num_visible = max(1, round((1 - o.mask_ratio) * n))
-        self.num_views = max(o.num_masks, math.ceil(n / self.num_visible))  # every patch visible somewhere
+        self._build(MaskedViT(o.image_size, o.in_channels, o.patch_size, o.embed_dim, o.depth, o.num_heads,
+                              o.mlp_ratio, o.decoder_dim or o.embed_dim, o.decoder_depth,
+                              o.decoder_heads or o.num_heads, o.head),
+                    o.mask_ratio, o.num_masks, o.mask_mode)
+
+    def _build(self, net: MaskedViT, mask_ratio: float, num_masks: int, mask_mode: str) -> None:
+        """The denoiser and its complementary views (the windows of the per-image patch order)."""
+        self.net = net
+        n = net.num_patches
+        self.mask_ratio, self.mask_mode = mask_ratio, mask_mode
+        self.num_visible = max(1, round((1 - mask_ratio) * n))
+        self.num_views = max(num_masks, math.ceil(n / self.num_visible))  # every patch visible somewhere
         offsets = torch.tensor([round(k * n / self.num_views) for k in range(self.num_views)])
         window = (offsets[:, None] + torch.arange(self.num_visible)[None, :]) % n  # (K, V) positions in the order
         self.register_buffer("windows", window, persistent=False)
@@ -293,9 +345,7 @@ class DIR(Defense):
         here a copy of the target (the shared target itself never changes) is trained in main
         training and used by the defended model."""
         if self.joint_classifier and self.own_classifier is None:
-            self.own_classifier = copy.deepcopy(classifier)
-            for p in self.own_classifier.parameters():
-                p.requires_grad_(False)
+            self.own_classifier = fresh_copy(classifier)
 
     # -- masks ---------------------------------------------------------------------------------
     def sample_masks(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,12 +375,17 @@ class DIR(Defense):
         b, k = x.shape[0], self.num_views
         xs = x.repeat_interleave(k, dim=0)  # (B*K, C, H, W), views of one image adjacent
         if self.mask_mode == "drop":
-            out = self.net(xs, self.visible_patches(order).reshape(b * k, -1))
+            visible = self.visible_patches(order)
+            out = self.net(xs, visible.reshape(b * k, -1), self.decoder_slots(visible).reshape(b * k, -1))
         else:  # zero the hidden pixels and let the encoder see every (partly zero) patch
             pm = self.patch_masks(order).reshape(b * k, 1, self.net.grid, self.net.grid).to(x.dtype)
             pix = F.interpolate(pm, scale_factor=self.net.patch_size, mode="nearest")
             out = self.net(xs * pix, None)
         return out.view(b, k, *x.shape[1:])
+
+    def decoder_slots(self, visible: torch.Tensor) -> torch.Tensor:
+        """(B, K, V) positions where the decoder places each view's encodings: their own."""
+        return visible
 
     def restore(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. 5: the average of the K restorations, clipped to [0,1]."""
@@ -388,14 +443,6 @@ class DIR(Defense):
         card, reused = stage(context.stages, "dir-pretrain", key, self.net, build, "DIR pre-training stage")
         return [dict(h, reused=True) for h in card["history"]] if reused else card["history"]
 
-    def _batches(self, data, batch_size: int, cfg: DIRTrain, gen: torch.Generator, aug_gen: torch.Generator):
-        for x, y in data.batches(batch_size, shuffle=True, generator=gen):
-            part = distributed.rank_slice(len(x))  # under torchrun each rank its part of the batch
-            x, y = x[part], y[part]
-            if cfg.augment:
-                x = augment(x, generator=aug_gen)
-            yield x, y
-
     def pretrain(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int) -> list[dict]:
         """Eq. 2: reconstruct the natural image from each masked view of an adversarial example
         crafted against the target alone."""
@@ -414,7 +461,7 @@ class DIR(Defense):
         for epoch in range(cfg.pretrain_epochs):
             self.train()
             t0, total = time.perf_counter(), torch.zeros((), device=device)
-            for x, y in self._batches(data, cfg.pretrain_batch_size, cfg, gen, aug_gen):
+            for x, y in rank_batches(data, cfg.pretrain_batch_size, cfg, gen, aug_gen):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     x_adv = pgd_linf(classifier, x, y, eps=cfg.eps, step_size=cfg.step_size,
                                      steps=cfg.pretrain_attack_steps)
@@ -436,18 +483,9 @@ class DIR(Defense):
         return history
 
     def representation_delta(self, classifier, restored: torch.Tensor, cfg: DIRTrain) -> torch.Tensor:
-        """Eq. 4: the perturbation of the restored image that most changes the classifier's output
-        (``rep_steps`` signed ascent steps on KL(h(x~) || h(x~ + delta)), from 0.001 N(0, I))."""
-        target = F.softmax(classifier(restored).float(), dim=1).detach()
-        delta = 0.001 * torch.randn_like(restored)
-        for _ in range(cfg.rep_steps):
-            delta.requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(classifier(restored + delta).float(), dim=1), target, reduction="sum")
-            (grad,) = torch.autograd.grad(kl, delta)
-            delta = delta.detach() + cfg.step_size * grad.sign()
-            if cfg.rep_project:
-                delta = project_linf(restored + delta, restored, cfg.eps) - restored
-        return delta.detach()
+        """Eq. 4 (see :func:`representation_delta`), projected unless ``rep_project`` is off."""
+        return representation_delta(classifier, restored, cfg.rep_steps, cfg.step_size,
+                                    cfg.eps if cfg.rep_project else None)
 
     def main_train(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int,
                    joint: bool = False, context: TrainContext | None = None) -> list[dict]:
@@ -505,7 +543,7 @@ class DIR(Defense):
             sched.step()
             return {"loss": loss.detach(), "robust_train_acc": (logits.detach().argmax(1) == y).float().mean()}
 
-        history = trainer.fit(lambda epoch: self._batches(data, cfg.batch_size, cfg, gen, aug_gen), step).history
+        history = trainer.fit(lambda epoch: rank_batches(data, cfg.batch_size, cfg, gen, aug_gen), step).history
         if joint:
             classifier.eval()
             for p in classifier.parameters():

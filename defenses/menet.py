@@ -26,7 +26,6 @@ non-differentiable (the identity is the BPDA surrogate).
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -38,7 +37,7 @@ from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.registry import DEFENSES
 from benchmark.training import TrainConfig, train_classifier
-from defenses.base import Defense, FitResult, TrainContext
+from defenses.base import Defense, FitResult, TrainContext, fresh_copy, reinitialise
 
 
 def usvt(x: torch.Tensor, keep: torch.Tensor, rank: int, exact: bool = False) -> torch.Tensor:
@@ -151,9 +150,7 @@ class MENet(Defense):
         self.p, self.rank_fraction = self.options.p, self.options.rank_fraction
 
     def attach_classifier(self, classifier: nn.Module) -> None:
-        self.own_classifier = copy.deepcopy(classifier)
-        for q in self.own_classifier.parameters():
-            q.requires_grad_(False)
+        self.own_classifier = fresh_copy(classifier)
 
     def reconstruct(self, x: torch.Tensor, p: float | tuple[float, float], exact: bool = False) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -180,9 +177,7 @@ class MENet(Defense):
             self.attach_classifier(classifier)
         clf = self.own_classifier
         if cfg.init == "scratch":
-            for m in clf.modules():
-                if m is not clf and hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+            reinitialise(clf)
         for q in clf.parameters():
             q.requires_grad_(True)
         self.seed(seed, device)
