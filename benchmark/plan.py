@@ -261,16 +261,17 @@ class Planner:
             factor = opts.attack_steps / 7 if name == "menet-a" else 1.0
             est.add(epoch, epochs * frac * factor)
             detail = f"{epochs} epochs"
-            if name == "dir":
-                from defenses.dir import DIR
-
-                shared = json.dumps([ds.name, spec.options, [getattr(opts, k) for k in DIR.PRETRAIN_FIELDS]],
+            if name in ("dir", "dir-official") and opts.pretrain_epochs:
+                fields = DEFENSES.get(name).PRETRAIN_FIELDS
+                shared = json.dumps([ds.name, name, spec.options, [getattr(opts, k) for k in fields]],
                                     sort_keys=True, default=str)
                 if shared in self.pretrainings:
                     detail = f"{epochs} main epochs (pre-training shared with an earlier row)"
                 else:
                     self.pretrainings.add(shared)
-                    est.add(costs.get("dir_pretrain_epoch_50k"), opts.pretrain_epochs * frac)
+                    est.add(costs.get("pretrain_epoch_50k", name), opts.pretrain_epochs * frac)
+                    if name == "dir-official":  # its fixed PGD examples against the target
+                        est.add(costs.get("static_pairs_50k"), frac * opts.pretrain_attack_steps / 5)
                     detail = f"{opts.pretrain_epochs} pre-training + {epochs} main epochs"
         return Stage("defense", f"{ds.name}/{spec.name}", est.seconds, est.guess or images_guess, detail)
 

@@ -131,6 +131,81 @@ def adaptive_markdown(table: pd.DataFrame) -> str:
     return "\n".join(out) + "\n"
 
 
+# ----------------------------------------------------------------------------- DIR as released: ablation
+ABLATION = ("none", "joint-at", "dir-official", "dir")
+# (row, against, what the difference measures)
+ABLATION_PAIRS = (("joint-at", "none", "the joint recipe and its KL term (from scratch) over AT"),
+                  ("dir-official", "joint-at", "the released denoiser"),
+                  ("dir-official", "none", "the released DIR over the AT target"),
+                  ("dir", "none", "the paper's DIR (frozen target) over the AT target"))
+
+
+def _row_bits(g: pd.DataFrame) -> dict[str, str | None]:
+    """(clean bits, Worst bits) of a row's records."""
+    clean = g[g["attack_registered"] == "clean"]
+    worst = input_space_worst(g)
+    return {"clean": clean["correct"].iloc[0] if len(clean) else None, "worst": worst.bits if worst else None}
+
+
+def ablation_table(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """For each (dataset, target) with a ``joint-at`` and a ``dir-official`` row: the rows of the DIR
+    ablation (the target alone, the joint control, DIR as released, the paper's DIR) with their
+    natural and Worst accuracy, and the paired differences of :data:`ABLATION_PAIRS` on the same
+    samples (Newcombe's 95% interval, exact McNemar p). Empty frames when no group has both."""
+    rows, diffs = [], []
+    for (ds, target), g in df.groupby(["dataset", "target"], sort=False):
+        present = set(g["defense_registered"])
+        if not {"joint-at", "dir-official"} <= present:
+            continue
+        bits: dict[str, list[tuple[str, dict]]] = {}
+        for defense, gd in g[g["defense_registered"].isin(ABLATION)].groupby("defense", sort=False):
+            b = _row_bits(gd)
+            kind = gd["defense_registered"].iloc[0]
+            bits.setdefault(kind, []).append((defense, b))
+            rows.append({"dataset": ds, "target": target, "defense": defense, "registered": kind,
+                         "clean": None if b["clean"] is None else b["clean"].count("1") / len(b["clean"]),
+                         "worst": None if b["worst"] is None else b["worst"].count("1") / len(b["worst"]),
+                         "n": int(gd["n"].max())})
+        for a, b, meaning in ABLATION_PAIRS:
+            for name_a, bits_a in bits.get(a, []):
+                for name_b, bits_b in bits.get(b, []):
+                    row = {"dataset": ds, "target": target, "comparison": f"{name_a} - {name_b}", "measures": meaning}
+                    for col in ("clean", "worst"):
+                        u, v = bits_a[col], bits_b[col]
+                        row[col] = mcnemar(u[:min(len(u), len(v))], v[:min(len(u), len(v))]) if u and v else None
+                    diffs.append(row)
+    return pd.DataFrame(rows), pd.DataFrame(diffs)
+
+
+def ablation_markdown(rows: pd.DataFrame, diffs: pd.DataFrame) -> str:
+    def pct(v):
+        return "-" if v is None or pd.isna(v) else f"{100 * v:.2f}"
+
+    def diff(c):
+        if not isinstance(c, dict):
+            return "-"
+        p = f"{c['p_value']:.3f}" if c["p_value"] >= 0.001 else "<0.001"
+        return f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], p = {p}"
+
+    out = ["| Dataset | Target | Row | Defense | n | Natural | Worst |", "|---|---|---|---|---:|---:|---:|"]
+    for _, r in rows.iterrows():
+        out.append(f"| {r['dataset']} | {r['target']} | {r['defense']} | {r['registered']} | {r['n']} | "
+                   f"{pct(r['clean'])} | {pct(r['worst'])} |")
+    out += ["", "| Dataset | Target | Difference | Measures | Natural | Worst |", "|---|---|---|---|---|---|"]
+    for _, r in diffs.iterrows():
+        out.append(f"| {r['dataset']} | {r['target']} | {r['comparison']} | {r['measures']} | {diff(r['clean'])} | "
+                   f"{diff(r['worst'])} |")
+    out += ["", "DIR as its released code trains it (dir-official: its own classifier from scratch, trained jointly "
+            "with the denoiser) against the same joint training without a denoiser (joint-at), the target alone "
+            "(none) and the paper's DIR on the frozen target (dir). Worst = per-sample worst case over the row's "
+            "input-space attacks (a stochastic row's sample counts only if correct under every scoring draw). "
+            "Differences in points on the same samples, with Newcombe's 95% interval for paired proportions and "
+            "the exact McNemar p-value: an interval that contains 0 shows no significant difference. The rows "
+            "must share their attacks for the Worst columns to compare (a mask-adaptive column exists only for "
+            "the masked rows, which makes their Worst stricter)."]
+    return "\n".join(out) + "\n"
+
+
 # ----------------------------------------------------------------------------- paper comparison
 def paper_comparison(df: pd.DataFrame, reference: dict | None = None) -> pd.DataFrame:
     """Our accuracies next to the seed paper's (Tables 1-5 and the text, matched by dataset family,
@@ -412,6 +487,8 @@ def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list,
                   "No record of this run fits a preset (" + ", ".join(p.name for p in presets) + ").", ""]
     if everything:
         index += ["## Adaptive evaluation", "", parts["adaptive.md"]]
+    if "ablation.md" in parts:
+        index += ["## DIR as released: what the denoiser adds", "", parts["ablation.md"]]
     if paper:
         index += ["## Against the seed paper", "", parts["paper_comparison.md"]]
     if everything:
@@ -448,6 +525,9 @@ def write_report(run_dir: Path, preset: str = "all") -> list[Path]:
     parts = {"paper_comparison.md": comparison_markdown(comparison)} if paper else {}
     if everything:
         parts |= {"adaptive.md": adaptive_markdown(adaptive), "timing.md": timing_markdown(cells, training)}
+        ablation_rows, ablation_diffs = ablation_table(df)
+        if len(ablation_rows):
+            parts["ablation.md"] = ablation_markdown(ablation_rows, ablation_diffs)
     for name, text in parts.items():
         written.append(atomic_write_text(out / name, text))
     if everything:

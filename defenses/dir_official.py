@@ -35,7 +35,9 @@ denoiser trains. The released code (github.com/dwDavidxd/DIR: ``train.py``, ``pr
       the fused restoration on pixels mapped to [-1, 1] (while main training feeds [0, 1], as
       released), from fixed adversarial examples crafted once against the target (PGD-20, eps
       8/255, step 0.003: ``pre_training.py``'s attack arguments). Epochs configurable (released:
-      1000; its README: more than 600 for good reconstructions).
+      1000; its README: more than 600 for good reconstructions). ``pretrain_range: unit`` pre-trains
+      in [0, 1] instead (a repair: at smoke size the released mismatch left the restorations of
+      [0, 1] images unusable and the classifier at chance).
     * Masks are drawn at inference too: the defense is stochastic; attacks use EOT and the
       mask-adaptive attack fixes them.
 
@@ -63,7 +65,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +130,9 @@ class DIROfficialTrain(JointTrain):
     pretrain_warmup_fraction: float = 0.2  # linear warm-up epochs (200 of 1000), then cosine
     pretrain_attack_steps: int = 20  # PGD against the target for the fixed pre-training examples
     pretrain_step_size: float = 0.003
+    # pixels in pre-training: "signed" = mapped to [-1, 1], as released (main training then feeds [0, 1]);
+    # "unit" = [0, 1] throughout (a repair, for comparison)
+    pretrain_range: Literal["signed", "unit"] = "signed"
 
     def validate(self, where: str) -> None:
         super().validate(where)
@@ -295,6 +300,9 @@ class DIROfficialOptions:
                 f"{self.image_size} is not divisible by patch_size {self.patch_size}")
         require(self.embed_dim % self.num_heads == 0, subkey(where, "embed_dim"),
                 f"{self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+    def check_shape(self, where: str) -> None:
+        """What depends on the data's shape (filled in when the defense is built)."""
         out = self.patch_size ** 2 * self.in_channels
         require(self.embed_dim % out == 0, subkey(where, "embed_dim"),
                 f"the token Conv1d head needs embed_dim ({self.embed_dim}) divisible by patch_size^2 * "
@@ -314,6 +322,7 @@ class DIROfficial(_OwnClassifier, DIR):
     def __init__(self, **options: Any) -> None:
         Defense.__init__(self)  # DIR's constructor reads the paper's options
         o = self.options = self.read_options(options)
+        o.check_shape("options")
         self.joint_classifier = True
         self._build(MaskedViT(o.image_size, o.in_channels, o.patch_size, o.embed_dim, o.depth, o.num_heads,
                               o.mlp_ratio, o.embed_dim, o.decoder_depth, o.num_heads, head="token-conv",
@@ -349,13 +358,15 @@ class DIROfficial(_OwnClassifier, DIR):
         return _fit_result(history, cfg.epochs, started)
 
     PRETRAIN_FIELDS = ("pretrain_epochs", "pretrain_batch_size", "pretrain_lr", "pretrain_weight_decay",
-                       "pretrain_warmup_fraction", "pretrain_attack_steps", "pretrain_step_size", "eps", "bf16")
+                       "pretrain_warmup_fraction", "pretrain_attack_steps", "pretrain_step_size", "pretrain_range",
+                       "eps")
 
     def _pretrain_cached(self, target: nn.Module, train, cfg: DIROfficialTrain, context: TrainContext) -> list[dict]:
         """Pre-train, or reuse an earlier run's pre-trained ViT (same options, target, data, seed)."""
         model = {k: v for k, v in self.config().items() if k != "decoder_index_bug"}
         key = {"code": self.version, "model": model, "bug": self.decoder_index_bug, "n": len(train),
-               "seed": context.seed, "pretrain": {k: getattr(cfg, k) for k in self.PRETRAIN_FIELDS}}
+               "seed": context.seed, "bf16": cfg.use_bf16(context.device),
+               "pretrain": {k: getattr(cfg, k) for k in self.PRETRAIN_FIELDS}}
 
         def build() -> dict:
             return {"defense": "dir-official", "options": self.config(),
@@ -367,7 +378,7 @@ class DIROfficial(_OwnClassifier, DIR):
 
     def pretrain(self, target: nn.Module, train, cfg: DIROfficialTrain, context: TrainContext) -> list[dict]:
         """``pre_training.py``: the fused restoration of fixed adversarial examples against their
-        natural images, both in [-1, 1]; AdamW with a per-epoch warm-up and cosine."""
+        natural images, both in [-1, 1] (``pretrain_range``); AdamW with a per-epoch warm-up and cosine."""
         device, seed = context.device, context.seed
         crafting = PairTrain(eps=cfg.eps, step_size=cfg.pretrain_step_size, attack_steps=cfg.pretrain_attack_steps,
                              bf16=cfg.bf16, progress=False)
@@ -397,11 +408,14 @@ class DIROfficial(_OwnClassifier, DIR):
                 idx = idx[distributed.rank_slice(len(idx))]
                 yield data.as_float(idx), adv[idx].float().div_(255)
 
+        def pixels(z: torch.Tensor) -> torch.Tensor:
+            return z * 2 - 1 if cfg.pretrain_range == "signed" else z
+
         def step(batch) -> dict[str, torch.Tensor]:
             x, x_adv = batch
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                fused = self.restore_views(x_adv * 2 - 1).mean(dim=1)
-            loss = (fused.float() - (x * 2 - 1)).pow(2).mean()
+                fused = self.restore_views(pixels(x_adv)).mean(dim=1)
+            loss = (fused.float() - pixels(x)).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             lr_used["lr"] = opt.param_groups[0]["lr"]

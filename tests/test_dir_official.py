@@ -103,8 +103,9 @@ def test_the_kl_gradient_reaches_the_classifier_through_both_arguments():
     class Recorder(nn.Module):  # the classifier, recording the gradient that reaches each of its calls
         def forward(self, z):
             out = clf(z)
-            calls.append(len(calls))
-            out.register_hook(lambda g, i=len(calls) - 1: grads.__setitem__(i, g.abs().sum().item()))
+            index = len(calls)
+            calls.append(index)
+            out.register_hook(lambda g: grads.__setitem__(index, g.abs().sum().item()))
             return out
 
     restored = torch.rand(6, 1, 4, 4, requires_grad=True)

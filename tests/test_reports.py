@@ -8,6 +8,8 @@ from benchmark.cli import main as cli_main
 from benchmark.paper import reference_numbers
 from benchmark.reports import (
     _frame,
+    ablation_markdown,
+    ablation_table,
     adaptive_table,
     paper_comparison,
     timing_table,
@@ -38,6 +40,27 @@ def test_adaptive_table_takes_the_strongest_declared_attack():
     assert t.loc["DIR", "plain"] == 0.75 and t.loc["DIR", "adaptive"] == 0.25
     assert t.loc["DIR", "adaptive_attack"] == "mask-adaptive" and abs(t.loc["DIR", "drop"] - 0.5) < 1e-12
     assert t.loc["none", "plain"] == 0.5 and pd.isna(t.loc["none", "adaptive"])
+
+
+def test_ablation_block_pairs_the_released_dir_with_its_control():
+    assert ablation_table(_frame(RECORDS))[0].empty  # no joint-at / dir-official rows: no block
+    records = RECORDS + [
+        rec("joint-AT", "clean", "1111", reg_def="joint-at"), rec("joint-AT", "pgd", "1110", reg_def="joint-at"),
+        rec("DIR-official", "clean", "1110", reg_def="dir-official"),
+        rec("DIR-official", "pgd", "1010", reg_def="dir-official"),
+    ]
+    rows, diffs = ablation_table(_frame(records))
+    r = rows.set_index("defense")
+    assert r.loc["joint-AT", "worst"] == 0.75 and r.loc["DIR-official", "worst"] == 0.5
+    assert r.loc["none", "worst"] == 0.5 and r.loc["DIR", "worst"] == 0.25 and r.loc["DIR", "registered"] == "dir"
+    d = diffs.set_index("comparison")
+    assert list(d.index) == ["joint-AT - none", "DIR-official - joint-AT", "DIR-official - none", "DIR - none"]
+    assert d.loc["joint-AT - none", "worst"]["difference"] == 0.25
+    assert d.loc["DIR-official - joint-AT", "worst"]["difference"] == -0.25
+    assert d.loc["DIR-official - joint-AT", "clean"]["difference"] == -0.25
+    assert d.loc["DIR - none", "worst"]["only_b"] == 1  # paired: sample 2 survives only without DIR
+    text = ablation_markdown(rows, diffs)
+    assert "| DIR-official - joint-AT | the released denoiser | -25.00 [" in text
 
 
 def test_paper_comparison_differences():
@@ -80,6 +103,7 @@ def test_timing_table_and_report_files(tmp_path):
     assert "deadbeef" in index and "figures/timing.png" in index and "| DIR |" in index
     assert "+4.28" in (run / "report" / "paper_comparison.md").read_text()  # 50.00 - 45.72
     assert cli_main(["report", str(run)]) == 0
+    assert "ablation.md" not in names  # the block needs joint-at and dir-official rows
 
 
 def test_paper_figures_from_synthetic_records(tmp_path):
