@@ -225,7 +225,7 @@ class Planner:
                             keys.add(key)
                             if getattr(_train_options(spec), "pairs", None) == "static":
                                 pairs_needed.add(target.name)
-                            out.append(self.defense_stage(ds, spec, frac, images_guess))
+                            out.append(self.defense_stage(ds, spec, frac, images_guess, target.name))
                     out += self.row_stages(ds, target, spec, [c for c in row if c.cell_id in pending])
             for name in sorted(pairs_needed):
                 pairs = costs.get("static_pairs_50k")
@@ -247,7 +247,8 @@ class Planner:
             est.scale(costs.get("deterministic_factor", field="x"))
         return est
 
-    def defense_stage(self, ds: DatasetSpec, spec: DefenseSpec, frac: float, images_guess: bool) -> Stage:
+    def defense_stage(self, ds: DatasetSpec, spec: DefenseSpec, frac: float, images_guess: bool,
+                      target: str = "") -> Stage:
         costs, name = self.costs, spec.registered
         opts = _train_options(spec)
         epoch = costs.get("defense_epoch_50k", name)
@@ -263,7 +264,8 @@ class Planner:
             detail = f"{epochs} epochs"
             if name in ("dir", "dir-official") and opts.pretrain_epochs:
                 fields = DEFENSES.get(name).PRETRAIN_FIELDS
-                shared = json.dumps([ds.name, name, spec.options, [getattr(opts, k) for k in fields]],
+                # one pre-training per dataset, target, defense, options and pre-training options
+                shared = json.dumps([ds.name, target, name, spec.options, [getattr(opts, k) for k in fields]],
                                     sort_keys=True, default=str)
                 if shared in self.pretrainings:
                     detail = f"{epochs} main epochs (pre-training shared with an earlier row)"

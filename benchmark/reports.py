@@ -184,8 +184,9 @@ def ablation_markdown(rows: pd.DataFrame, diffs: pd.DataFrame) -> str:
     def diff(c):
         if not isinstance(c, dict):
             return "-"
-        p = f"{c['p_value']:.3f}" if c["p_value"] >= 0.001 else "<0.001"
-        return f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], p = {p}"
+        p = f"p = {c['p_value']:.3f}" if c["p_value"] >= 0.001 else "p < 0.001"
+        return (f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], {p} "
+                f"(n = {c['n']})")
 
     out = ["| Dataset | Target | Row | Defense | n | Natural | Worst |", "|---|---|---|---|---:|---:|---:|"]
     for _, r in rows.iterrows():

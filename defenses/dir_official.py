@@ -30,11 +30,14 @@ denoiser trains. The released code (github.com/dwDavidxd/DIR: ``train.py``, ``pr
       ``decoder_index_bug: true`` (default) keeps that, ``false`` places each half at its own.
       The restoration is not clipped to [0, 1] (neither in training nor at inference).
     * Pre-training: AdamW, lr 1.5e-4 x batch / 256, betas (0.9, 0.95), weight decay 0.05, batch 250,
-      per epoch linear warm-up over the first 20% of the epochs (200 of 1000) then cosine, in the
+      per epoch the smaller of a linear warm-up over 20% of the epochs (200 of 1000) and a half cosine
+      over all of them (so the cosine already binds before the warm-up ends), in the
       stored order (no shuffling, no augmentation, the last partial batch dropped), squared error of
       the fused restoration on pixels mapped to [-1, 1] (while main training feeds [0, 1], as
       released), from fixed adversarial examples crafted once against the target (PGD-20, eps
-      8/255, step 0.003: ``pre_training.py``'s attack arguments). Epochs configurable (released:
+      8/255, step 0.003: ``pre_training.py`` declares these attack arguments without using them). The
+      released decoder (with its index bug) is assumed in pre-training too: the model the script
+      imports (``model_try``) is not released. Epochs configurable (released:
       1000; its README: more than 600 for good reconstructions). ``pretrain_range: unit`` pre-trains
       in [0, 1] instead (a repair: at smoke size the released mismatch left the restorations of
       [0, 1] images unusable and the classifier at chance).
@@ -53,11 +56,14 @@ the repository has); ``pre_training.py`` imports the missing ``model_try`` and `
 the model with two inputs while its ``forward`` takes one (the loss is computed outside the model
 here: the fused restoration's squared error, as ``MAE_ViT.Loss``); its data files (pickled
 adversarial examples) are not released (crafted here as above); its run resumes at epoch 290 of a
-checkpoint (here it starts at 0). Other departures: masks come from the defense's seeded generator
-(the code uses NumPy's global one); PGD's random start is clipped to [0, 1] before the first
-forward; under ``joint-at`` the two g(x') forwards are one (the identity makes them equal; the BN
-running statistics are then updated once per step instead of twice); the seed is the config's
-(the code's: 42).
+checkpoint (here it starts at 0); the pickled pre-trained weights in its ``model/`` folder are not
+used (this suite never unpickles checkpoints). Other departures: masks come from the defense's
+seeded generator (the code uses NumPy's global one); PGD's random start is clipped to [0, 1] before
+the first forward; the classifier keeps the suite's input normalisation layer (the target
+architecture's per-channel mean/std; the released ResNet18 sees raw [0, 1] pixels); on CUDA the
+passes run under bf16 autocast unless ``bf16: false`` (the code: fp32); under ``joint-at`` the two
+g(x') forwards are one (the identity makes them equal; the BN running statistics are then updated
+once per step instead of twice); the seed is the config's (the code's: 42).
 """
 
 from __future__ import annotations

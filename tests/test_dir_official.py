@@ -84,6 +84,53 @@ def test_decoder_index_bug_places_half_two_where_released(bug):
             assert not is_mask[i, 1, half2[i]].any() and is_mask[i, 1, half1[i]].all()
 
 
+def _released_forward(net, img: torch.Tensor, forward_indexes: torch.Tensor, bug: bool) -> torch.Tensor:
+    """``pretrain_model.MAE_ViT.forward`` transcribed, sequence first (tokens, batch, features), with the
+    shuffle given: the encoder's ``PatchShuffle`` halves, the decoder's un-shuffle by backward indexes
+    (``bug``: both halves with the same indexes, as released), the halves' features averaged, then
+    the Conv1d over tokens and ``(h w) b (c p1 p2) -> b c (h p1) (w p2)``."""
+    def take(seq, idx):
+        return torch.gather(seq, 0, idx[..., None].expand(-1, -1, seq.shape[-1]))
+
+    t, b = net.num_patches, len(img)
+    fwd = forward_indexes.t()  # (T, B): the shuffled order
+    bwd = torch.argsort(fwd, dim=0)
+    patches = net.patch_embed(img).flatten(2).permute(2, 0, 1) + net.pos_embed[0][:, None]
+    patches = take(patches, fwd)
+    keep = int(t * 0.5)
+    decoded = []
+    for k, half in enumerate((patches[:keep], patches[keep:])):
+        seq = torch.cat([net.cls_token[0][:, None].expand(-1, b, -1), half]).transpose(0, 1)
+        for blk in net.blocks:
+            seq = blk(seq)
+        feats = net.norm(seq).transpose(0, 1)
+        # released: backward indexes + 1 for every half; fixed: half 2's own positions come after half 1's
+        shift = 0 if bug or k == 0 else keep
+        back = torch.cat([torch.zeros(1, b, dtype=torch.long), (bwd - shift).clamp(min=-1) + 1])
+        back = torch.where(back > 0, back, torch.where(torch.arange(t + 1)[:, None] == 0, 0, len(feats)))
+        feats = torch.cat([feats, net.mask_token[0][:, None].expand(t + 1 - len(feats) + 1, b, -1)])
+        feats = take(feats, back) + net.decoder_pos_embed[0][:, None]
+        seq = feats.transpose(0, 1)
+        for blk in net.decoder_blocks:
+            seq = blk(seq)
+        decoded.append(seq.transpose(0, 1)[1:])
+    tokens = net.head(((decoded[0] + decoded[1]) / 2).transpose(0, 1)).transpose(0, 1)  # (T, B, c p p)
+    g, p, c = net.grid, net.patch_size, net.in_channels
+    return tokens.reshape(g, g, b, c, p, p).permute(2, 3, 0, 4, 1, 5).reshape(b, c, g * p, g * p)
+
+
+@pytest.mark.parametrize("bug", [True, False])
+def test_restoration_equals_the_released_forward(bug):
+    torch.manual_seed(0)
+    d = DIROfficial(image_size=8, in_channels=3, embed_dim=24, depth=2, num_heads=2, decoder_depth=1,
+                    decoder_index_bug=bug).eval()
+    d.seed(1)
+    x = torch.rand(4, 3, 8, 8)
+    order = d.sample_masks(x)
+    with torch.no_grad():
+        assert torch.allclose(d.restore(x, order), _released_forward(d.net, x, order, bug), atol=1e-5)
+
+
 def test_the_released_learning_rate_schedules():
     factors = [classifier_lr_factor(s, 1, 91, [75 / 91, 90 / 91]) for s in range(91)]  # one step per epoch
     assert factors[:74] == [1.0] * 74 and factors[74:89] == [pytest.approx(0.1)] * 15
