@@ -94,16 +94,21 @@ def adaptive_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def adaptive_markdown(table: pd.DataFrame) -> str:
-    def pct(v):
-        return "-" if v is None or pd.isna(v) else f"{100 * v:.2f}"
+def _pct(v) -> str:
+    return "-" if v is None or pd.isna(v) else f"{100 * v:.2f}"
 
-    def versus(c):
-        if not isinstance(c, dict):
-            return "-"
-        p = f"{c['p_value']:.3f}" if c["p_value"] >= 0.001 else "<0.001"
-        return (f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], "
-                f"p = {p}")
+
+def _paired(c, with_n: bool = False) -> str:
+    """A paired comparison (:func:`benchmark.stats.mcnemar`) in points: difference [95% interval], p."""
+    if not isinstance(c, dict):
+        return "-"
+    p = f"p = {c['p_value']:.3f}" if c["p_value"] >= 0.001 else "p < 0.001"
+    n = f" (n = {c['n']})" if with_n else ""
+    return f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], {p}{n}"
+
+
+def adaptive_markdown(table: pd.DataFrame) -> str:
+    pct, versus = _pct, _paired
 
     out = ["| Dataset | Target | Defense | PGD (plain white-box) | Strongest adaptive | attack | Drop | "
            "BPDA+EOT: BPDA | BPDA+EOT: exact | Worst | Worst vs none | Zero-gradient flag |",
@@ -178,15 +183,10 @@ def ablation_table(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def ablation_markdown(rows: pd.DataFrame, diffs: pd.DataFrame) -> str:
-    def pct(v):
-        return "-" if v is None or pd.isna(v) else f"{100 * v:.2f}"
+    pct = _pct
 
-    def diff(c):
-        if not isinstance(c, dict):
-            return "-"
-        p = f"p = {c['p_value']:.3f}" if c["p_value"] >= 0.001 else "p < 0.001"
-        return (f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], {p} "
-                f"(n = {c['n']})")
+    def diff(c) -> str:
+        return _paired(c, with_n=True)
 
     out = ["| Dataset | Target | Row | Defense | n | Natural | Worst |", "|---|---|---|---|---:|---:|---:|"]
     for _, r in rows.iterrows():
