@@ -168,15 +168,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, card = load_pretrained(args.checkpoint, device)
     else:
         model, card = load_checkpoint(args.checkpoint, device)
-    dataset = args.dataset or card.get("dataset", {}).get("dataset")
+    trained_on = card.get("dataset", {})
+    dataset = args.dataset or trained_on.get("dataset")
     if not dataset:
         raise BenchError(f"checkpoint {args.checkpoint} names no dataset; pass --dataset")
-    ds_opts = {"size": args.size} if args.size is not None else {}
-    test = load_dataset(dataset, "test", n=args.n_eval, seed=args.seed, root=args.root, **ds_opts)
-    m = evaluate_classifier(model, test, device, eps=args.eps, step_size=args.step_size, steps=args.pgd_steps,
+    # the dataset's options, eps and step size the checkpoint was trained with, unless given
+    ds_opts = dict((trained_on.get("spec") or {}).get("options") or {}) if dataset == trained_on.get("dataset") else {}
+    if args.size is not None:
+        ds_opts["size"] = args.size
+    trained = card.get("train_config") or {}
+    eps = args.eps if args.eps is not None else trained.get("eps", 8 / 255)
+    step_size = args.step_size if args.step_size is not None else trained.get("step_size", 2 / 255)
+    test = load_dataset(dataset, "test", root=args.root, **ds_opts)
+    n = args.n_eval if args.n_eval is not None else min(1000, len(test))  # default: at most the split
+    test = test.subset(n, args.seed)
+    m = evaluate_classifier(model, test, device, eps=eps, step_size=step_size, steps=args.pgd_steps,
                             batch_size=args.batch_size, seed=args.seed)
     print(f"{args.checkpoint} on {dataset}: clean {100 * m['clean_acc']:.2f}%, "
-          f"PGD-{args.pgd_steps} {100 * m.get('pgd_acc', float('nan')):.2f}% (n={m['n_eval']}, eps={args.eps:.4f}, {test.copy})")
+          f"PGD-{args.pgd_steps} {100 * m.get('pgd_acc', float('nan')):.2f}% (n={m['n_eval']}, eps={eps:.4f}, "
+          f"step {step_size:.4f}, {test.copy})")
     return 0
 
 
@@ -267,7 +277,7 @@ def _add_umap(sub) -> None:
                                     "from a finished run's artifacts (never trains)")
     u.add_argument("run_dir")
     u.add_argument("--defenses", nargs="+", help="rows of the run (default: all)")
-    u.add_argument("--n", type=int, default=500, help="test images (default 500)")
+    u.add_argument("--n", type=int, help="test images (default: 500, or the whole split if smaller)")
     u.add_argument("--dataset", help="dataset of the run (default: the first)")
     u.add_argument("--target", help="target of the run (default: the first)")
     u.add_argument("--device", default="auto")
@@ -292,16 +302,16 @@ def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint: clean and PGD accuracy")
     e.add_argument("checkpoint", help="checkpoint stem/.json, or a pretrained name with --pretrained")
     e.add_argument("--pretrained", action="store_true", help="CHECKPOINT is a pretrained name")
-    e.add_argument("--dataset")
+    e.add_argument("--dataset", help="default: the checkpoint's")
     e.add_argument("--root")
-    e.add_argument("--size", type=int)
-    e.add_argument("--eps", type=float, default=8 / 255)
-    e.add_argument("--step-size", type=float, default=2 / 255)
-    e.add_argument("--pgd-steps", type=int, default=20)
-    e.add_argument("--n-eval", type=int, default=1000)
-    e.add_argument("--batch-size", type=int, default=500)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--size", type=int, help="image size (default: the checkpoint's dataset options)")
+    e.add_argument("--eps", type=float, help="L-inf budget (default: the checkpoint's training eps, else 8/255)")
+    e.add_argument("--step-size", type=float, help="PGD step (default: the checkpoint's, else 2/255)")
+    e.add_argument("--pgd-steps", type=int, default=20, help="default: 20")
+    e.add_argument("--n-eval", type=int, help="test examples (default: 1000, or the whole split if smaller)")
+    e.add_argument("--batch-size", type=int, default=500, help="default: 500")
+    e.add_argument("--seed", type=int, default=0, help="of the test subset and PGD's start (default: 0)")
+    e.add_argument("--device", default="auto", help="default: auto")
     e.set_defaults(func=cmd_eval)
 
 

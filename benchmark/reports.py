@@ -335,6 +335,8 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # TrueType (42) fonts embedded in PDF/PS, not matplotlib's default Type 3 (rejected by IEEE/ACM checks)
+    matplotlib.rcParams.update({"pdf.fonttype": 42, "ps.fonttype": 42})
     return plt
 
 

@@ -42,7 +42,7 @@ def embed(features: np.ndarray, seed: int = 0) -> np.ndarray:
     return reducer.fit_transform(features)
 
 
-def restored_features(run_dir: Path, defenses: list[str] | None, n: int, steps: int = 20,
+def restored_features(run_dir: Path, defenses: list[str] | None, n: int | None, steps: int = 20,
                       device: str = "auto", dataset: str | None = None, target: str | None = None) -> dict:
     """{defense name: (features, labels)} from the run's artifacts; PGD through the defended model."""
     manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
@@ -67,7 +67,8 @@ def restored_features(run_dir: Path, defenses: list[str] | None, n: int, steps: 
         return loaded[name]
 
     classifier, _ = target_named(tspec.name)
-    test = load_dataset(ds.name, "test", root=ds.root, **ds.options).subset(n, seed=cfg.seed).to(dev)
+    test = load_dataset(ds.name, "test", root=ds.root, **ds.options)
+    test = test.subset(min(500, len(test)) if n is None else n, seed=cfg.seed).to(dev)  # default: at most the split
     x, y = test.as_float(), test.labels
     eps, step = cfg.threat.eps, cfg.threat.step_size
     out = {}
@@ -113,7 +114,7 @@ def umap_figure(data: dict, stem: Path, seed: int = 0) -> tuple[list[Path], dict
     return paths, scores
 
 
-def write_umap(run_dir: Path, defenses: list[str] | None = None, n: int = 500, device: str = "auto",
+def write_umap(run_dir: Path, defenses: list[str] | None = None, n: int | None = None, device: str = "auto",
                dataset: str | None = None, target: str | None = None) -> list[Path]:
     from benchmark.io import atomic_write_json
 

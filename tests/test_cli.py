@@ -134,6 +134,9 @@ def test_train_then_eval_a_checkpoint(tmp_path, capsys):
     assert main(["eval", str(stem), "--eps", "0.1", "--step-size", "0.025", "--pgd-steps", "5",
                  "--n-eval", "100", "--device", "cpu"]) == 0
     assert "on digits: clean" in capsys.readouterr().out
+    # defaults that fit the checkpoint: its training eps and step, at most the whole test split (359)
+    assert main(["eval", str(stem), "--pgd-steps", "2", "--device", "cpu"]) == 0
+    assert "(n=359, eps=0.1000, step 0.0250," in capsys.readouterr().out
 
 
 def test_no_argument_run_is_the_smoke_run_and_resumes():

@@ -99,6 +99,8 @@ def test_timing_table_and_report_files(tmp_path):
         assert p.stat().st_size > 0
     png = run / "report" / "figures" / "timing.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pdf = (run / "report" / "figures" / "timing.pdf").read_bytes()
+    assert b"/Type3" not in pdf and (b"/TrueType" in pdf or b"/CIDFontType2" in pdf)  # TrueType outlines
     index = (run / "report" / "index.md").read_text()
     assert "deadbeef" in index and "figures/timing.png" in index and "| DIR |" in index
     assert "+4.28" in (run / "report" / "paper_comparison.md").read_text()  # 50.00 - 45.72

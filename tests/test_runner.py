@@ -308,6 +308,8 @@ def test_a_defense_trained_against_one_target_is_evaluated_in_front_of_another(t
 
     feats, labels = restored_features(out, ["den"], n=16, steps=1, device="cpu", target="nat")["den"]
     assert feats.shape[0] == 16 == len(labels)
+    feats, labels = restored_features(out, ["den"], n=None, steps=1, device="cpu", target="nat")["den"]
+    assert len(labels) == 359  # by default at most the split: the whole digits test split
     cfg["defenses"][1]["trained_against"] = "trades"
     with pytest.raises(ConfigError, match=r"defenses\[1\]\.trained_against: 'trades' is not a target"):
         load_config(_write(tmp_path, cfg, "bad.yaml"))
