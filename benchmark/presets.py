@@ -155,13 +155,14 @@ def preset_frame(preset: Preset, blocks: list[dict]) -> pd.DataFrame:
                 if col == SECONDS:
                     ours, paper = r.get("seconds_per_epoch", (None, None))
                     rows.append({"preset": preset.name, "dataset": b["dataset"], "target": b["target"],
-                                 "defense": r["defense"], "column": col, "value": ours, "paper": paper,
+                                 "defense": r["defense"], "column": col, "value": ours, "unit": "seconds per epoch",
+                                 "paper": paper,
                                  "difference": None if ours is None or paper is None else ours - paper})
                 elif col in r["cells"]:
                     acc, lo, hi, n, paper, _ = r["cells"][col]
                     rows.append({"preset": preset.name, "dataset": b["dataset"], "target": b["target"],
                                  "defense": r["defense"], "column": col, "value": 100 * acc,
-                                 "ci_low": 100 * lo, "ci_high": 100 * hi, "n": n, "paper": paper,
+                                 "ci_low": 100 * lo, "ci_high": 100 * hi, "unit": "percent", "n": n, "paper": paper,
                                  "difference": None if paper is None else 100 * acc - paper,
                                  "copy": b["footer"]["copy"], "profile": b["footer"]["profile"]})
     return pd.DataFrame(rows)

@@ -347,8 +347,8 @@ def to_csv_frame(blocks: list[dict]) -> pd.DataFrame:
                 if col in r["cells"]:
                     c = r["cells"][col]
                     rows.append({"dataset": b["dataset"], "target": b["target"], "defense": r["defense"],
-                                 "column": col, "accuracy": c.acc, "ci_low": c.lo, "ci_high": c.hi, "n": c.n,
-                                 "block": b.get("kind", "results"), "copy": b["footer"]["copy"],
+                                 "column": col, "accuracy": c.acc, "ci_low": c.lo, "ci_high": c.hi,
+                                 "unit": "fraction", "n": c.n, "block": b.get("kind", "results"), "copy": b["footer"]["copy"],
                                  "profile": b["footer"]["profile"], "eps": b["footer"]["eps"]})
     return pd.DataFrame(rows)
 

@@ -62,7 +62,7 @@ def test_table1_layout_values_bold_and_paper_differences():
     assert r"\toprule" in tex and "75.00 / 54.27 (+20.73)" in tex and r"\textbf" not in tex
     csv = preset_frame(PRESETS["table1"], blocks).to_csv(index=False)
     back = pd.read_csv(io.StringIO(csv)).set_index(["defense", "column"])
-    assert back.loc[("DIR", "PGD-20"), "value"] == 75.0
+    assert back.loc[("DIR", "PGD-20"), "value"] == 75.0 and back.loc[("DIR", "PGD-20"), "unit"] == "percent"
     assert abs(back.loc[("DIR", "PGD-20"), "difference"] - (75.0 - 54.27)) < 1e-9
 
 
