@@ -24,7 +24,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.experiment import load_config
     from benchmark.runner import Runner
 
-    overrides = {"eval.n": args.n_eval} if args.n_eval is not None else {}
+    overrides = _overrides(args.set or [])
+    if args.n_eval is not None:
+        overrides["eval.n"] = args.n_eval
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else REPO_ROOT / "results" / cfg.name
     runner = Runner(cfg, out, device=args.device, force=args.force, progress=not args.no_progress,
@@ -230,12 +232,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _overrides(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` pairs: dotted keys, YAML values."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"--set {pair!r}: expected KEY=VALUE, e.g. threat.eps=0.0627")
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise BenchError(f"--set {pair!r}: the value is not valid YAML") from None
+    return out
+
+
 def _add_run(sub) -> None:
     r = sub.add_parser("run", help="run an experiment config (YAML)")
     r.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="config file (default: the smoke config)")
     r.add_argument("--out", help="results folder (default: results/<config name>)")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
     r.add_argument("--n-eval", type=int, help="number of test examples (overrides eval.n)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value (repeatable; YAML values; a list item by its name or index), e.g. "
+                        "--set threat.eps=0.0627 --set defenses.DIR.train.epochs=2; training eps and step size "
+                        "left unset follow threat. Give each variant its own --out")
     r.add_argument("--force", action="store_true", help="recompute cells that already have a record")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--plan", action="store_true",

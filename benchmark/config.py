@@ -110,7 +110,15 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(tp)
         inner = args[0] if args else Any
-        items = [coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        items, errors = [], []
+        for i, v in enumerate(value):  # every item's error, each naming the item (and its name, if it has one)
+            named = isinstance(v, dict) and isinstance(v.get("name"), str) and v["name"]
+            try:
+                items.append(coerce(v, inner, f"{where}[{i}]" + (f" ({v['name']})" if named else "")))
+            except ConfigError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ConfigError("; ".join(errors))  # still one line: every bad item, in order
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):

@@ -10,6 +10,7 @@ rerun reuses them and a changed spec retrains only what it changes.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import re
@@ -24,6 +25,7 @@ from benchmark.artifacts import StageStore, get_or_build, save
 from benchmark.checkpoint import load_checkpoint, load_pretrained, read_card
 from benchmark.config import ConfigError, from_dict, load_yaml, require, subkey
 from benchmark.data import load_dataset
+from benchmark.errors import BenchError
 from benchmark.harness import MAX_DRAWS
 from benchmark.io import artifact_key
 from benchmark.masking import ChecksSpec
@@ -271,18 +273,76 @@ class ExperimentConfig:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The config at ``path``; ``overrides``: {dotted key: value} set first (a list's item by its
+    ``name`` or its index: ``defenses.DIR.train.epochs``, ``attacks.0.params.steps``). Training
+    options ``eps`` and ``step_size`` that a target or defense leaves unset follow the config's
+    ``threat``."""
     raw = load_yaml(path)
     if raw is None:
         raise ConfigError(f"config {path} is empty")
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: the top level must be a mapping")
     for key, value in (overrides or {}).items():
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        _override(raw, key, value, f"{path}: override {key}")
+    _threat_train_defaults(raw)
     return from_dict(ExperimentConfig, raw, f"{path}:")
+
+
+def _override(raw: dict, key: str, value: Any, where: str) -> None:
+    node: Any = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            names = [item.get("name") for item in node if isinstance(item, dict)]
+            if part.isdigit() and int(part) < len(node):
+                index = int(part)
+            elif part in names:
+                index = names.index(part)
+            else:
+                raise ConfigError(f"{where}: no item {part!r} in {'.'.join(parts[:i]) or 'the config'}; "
+                                  f"items: {names or list(range(len(node)))}")
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{where}: {'.'.join(parts[:i])} is a value, not a mapping or a list")
+
+
+def _threat_train_defaults(raw: dict) -> None:
+    """Fill the training ``eps`` / ``step_size`` of every target and defense, and the ``step_size`` of
+    every attack, that leave them unset (and whose options have them) with the threat's, where that
+    differs from the options' own default (so that configs at the default keep their keys)."""
+    threat = raw.get("threat")
+    if not isinstance(threat, dict):
+        return
+    rows = [(t, "train", TrainConfig, ("eps", "step_size")) for t in raw.get("targets") or [] if isinstance(t, dict)]
+    for kind, registry, options, attr, keys in (("defenses", DEFENSES, "train", "TrainConfig", ("eps", "step_size")),
+                                                ("attacks", ATTACKS, "params", "Params", ("step_size",))):
+        for item in raw.get(kind) or []:
+            registered = item.get(kind[:-1]) or item.get("name") if isinstance(item, dict) else None
+            if not isinstance(registered, str):
+                continue
+            try:
+                rows.append((item, options, getattr(registry.get(registered), attr, None), keys))
+            except BenchError:  # an unknown name: its validation says so
+                continue
+    for row, options, cls, keys in rows:
+        given = row.setdefault(options, {}) if options == "params" else row.get(options)
+        if cls is None or not dataclasses.is_dataclass(cls) or not isinstance(given, dict):
+            continue
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key in keys:
+            value = threat.get(key)
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+            if key in defaults and key not in given and valid and value != defaults[key]:
+                given[key] = value  # (a bad threat value stays where it is, for its own error)
 
 
 # ----------------------------------------------------------------------------- targets

@@ -156,3 +156,14 @@ def test_bad_input(tmp_path, capsys, case):
 
 def test_there_are_at_least_30_cases():
     assert len(CASES) >= 30
+
+
+def test_every_row_error_is_reported_by_its_name(tmp_path, capsys):
+    path = _config(tmp_path, defenses=[{"name": "none"}, {"name": "DIR", "defense": "dir", "options": {"depth": 0}},
+                                       {"name": "HGD", "defense": "hgd", "train": {"epochs": 0}}])
+    assert main(["run", str(path), "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err  # one line, every bad row in order
+    assert err.index("defenses[1] (DIR).options.depth: must be >= 1") < err.index(
+        "; ") < err.index("defenses[2] (HGD).train.epochs: must be >= 1")
+    assert not (tmp_path / "out").exists()

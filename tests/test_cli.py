@@ -48,8 +48,8 @@ def test_bad_input_is_one_line_exit_2_without_traceback():
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nattacks: []\n", "attacks: must list at least one entry (empty matrix)"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\ndefenses: [{name: non}]\n", "unknown defense 'non' (did you mean 'none'?)"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nattacks: [{name: pgdd}]\n", "unknown attack 'pgdd' (did you mean 'pgd'?)"),
-    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nattacks: [{name: pgd, params: {steps: -3}}]\n", "attacks[0].params.steps: must be >= 1"),
-    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\ndefenses: [{name: none, options: {k: 1}}]\n", "defenses[0].options: takes no options, got 'k'"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nattacks: [{name: pgd, params: {steps: -3}}]\n", "attacks[0] (pgd).params.steps: must be >= 1"),
+    ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\ndefenses: [{name: none, options: {k: 1}}]\n", "defenses[0] (none).options: takes no options, got 'k'"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\neval: {n: 5000}\n", "eval.n=5000 is larger than the digits test split"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {}}]\nthreat: {eps: 0.1, norm: l2}\n", "'l2' is not allowed"),
     ("name: x\ndatasets: [{name: digits}]\ntargets: [{name: t, train: {epochs: 0}}]\n", "train.epochs: must be >= 1"),
@@ -72,7 +72,7 @@ def test_config_errors_name_the_problem_and_write_nothing(tmp_path, capsys, text
 def test_options_without_a_command_are_the_smoke_runs(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--plan", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
-    assert "cells: 88 planned" in capsys.readouterr().out and not out.exists()
+    assert "cells: 104 planned" in capsys.readouterr().out and not out.exists()
 
 
 def test_plan_lists_cells_artifacts_and_costs_and_writes_nothing(tmp_path, capsys):
@@ -83,7 +83,7 @@ def test_plan_lists_cells_artifacts_and_costs_and_writes_nothing(tmp_path, capsy
     text = capsys.readouterr().out
     assert not out.exists()  # nothing written, not even the folder
     cfg = load_config(ROOT / "configs" / "smoke" / "cuda.yaml")
-    assert "cells: 117 planned, 117 to compute, 0 already recorded" in text
+    assert "cells: 136 planned, 136 to compute, 0 already recorded" in text
     train = text.split("to train: ")[1].splitlines()[0]
     assert "target cifar10-jpeg/at-resnet18 (at, 8 epochs, 4,096 images)" in train
     for d in cfg.defenses:

@@ -93,3 +93,51 @@ def test_defense_options_errors_name_the_key(tmp_path, options, expected):
                    f"defenses: [{{name: DIR, defense: dir, options: {options}}}]\n".replace("'", '"'))
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config(bad)
+
+
+def test_threat_fills_unset_training_eps_and_attack_steps(tmp_path):
+    """Training eps / step size and attack step sizes left unset follow the threat; set ones win."""
+    import yaml
+
+    cfg = {"name": "t", "datasets": [{"name": "digits"}], "threat": {"eps": 0.1, "step_size": 0.025},
+           "targets": [{"name": "at", "arch": "small-cnn", "train": {"method": "at", "epochs": 1}}],
+           "defenses": [{"name": "none"}, {"name": "HGD", "defense": "hgd", "train": {"epochs": 1}},
+                        {"name": "AID", "defense": "aid", "train": {"epochs": 1, "step_size": 0.0125}},
+                        {"name": "EBM", "defense": "ebm", "train": {"iterations": 1}}],
+           "attacks": [{"name": "clean"}, {"name": "pgd", "params": {"steps": 3}},
+                       {"name": "mi", "attack": "mi-fgsm", "params": {"steps": 3, "step_size": 0.05}}]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    c = load_config(path)
+    assert (c.targets[0].train.eps, c.targets[0].train.step_size) == (0.1, 0.025)
+    d = {s.name: s.train for s in c.defenses}
+    assert d["HGD"]["eps"] == 0.1 and d["HGD"]["step_size"] == 0.025
+    assert d["AID"]["step_size"] == 0.0125 and d["AID"]["eps"] == 0.1  # its own step size wins
+    assert "eps" not in d["EBM"]  # its training has no eps
+    a = {s.name: s.params for s in c.attacks}
+    assert a["pgd"] == {"steps": 3, "step_size": 0.025} and a["mi"]["step_size"] == 0.05
+    # at the built-in default nothing is added (configs keep their artifact and cell keys)
+    cfg["threat"] = {"eps": 8 / 255, "step_size": 2 / 255}
+    path.write_text(yaml.safe_dump(cfg))
+    c = load_config(path)
+    assert "eps" not in c.defenses[1].train and "step_size" not in c.attacks[1].params
+
+
+def test_set_overrides_by_name_and_index(tmp_path, capsys):
+    from benchmark.cli import main
+
+    out = tmp_path / "run"
+    argv = ["run", "--plan", "--device", "cpu", "--out", str(out), "--set", "threat.eps=0.2",
+            "--set", "defenses.DIR.train.epochs=1", "--set", "attacks.1.params.steps=3"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "defense digits/DIR (3 pre-training + 1 main epochs)" in text and not out.exists()
+    c = load_config(Path(__file__).resolve().parent.parent / "configs" / "smoke" / "default.yaml",
+                    {"threat.eps": 0.2, "defenses.HGD.train.epochs": 1, "attacks.1.params.steps": 3})
+    assert c.threat.eps == 0.2 and c.attacks[1].params["steps"] == 3
+    assert {s.name: s.train for s in c.defenses}["HGD"] == {"epochs": 1, "batch_size": 64, "augment": False,
+                                                          "eps": 0.2, "step_size": 0.025}
+    assert main(argv[:6] + ["--set", "defenses.XYZ.train.epochs=1"]) == 2
+    assert "override defenses.XYZ.train.epochs: no item 'XYZ' in defenses; items: ['none'" in capsys.readouterr().err
+    assert main(argv[:6] + ["--set", "threat.eps"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err

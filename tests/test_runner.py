@@ -283,7 +283,7 @@ def test_keep_going_logs_an_unexpected_error_and_finishes_the_other_cells(tmp_pa
 def test_names_that_cannot_be_file_names_are_refused(tmp_path, name):
     cfg = json.loads(json.dumps(BASE))
     cfg["defenses"][1]["name"] = name
-    with pytest.raises(ConfigError, match=r"defenses\[1\]\.name.*is not allowed"):
+    with pytest.raises(ConfigError, match=r"defenses\[1\]( \(.*\))?\.name.*is not allowed"):
         load_config(_write(tmp_path, cfg))
 
 
@@ -343,7 +343,7 @@ def test_a_costly_row_can_be_evaluated_on_a_prefix_of_the_subset(tmp_path):
     with pytest.raises(BenchError, match=r"defense 'den-a': eval_n=61 is larger than the evaluation subset"):
         Runner(load_config(_write(tmp_path, cfg, "big.yaml")), tmp_path / "big", progress=False).preflight()
     cfg["defenses"][1]["eval_n"] = 0
-    with pytest.raises(ConfigError, match=r"defenses\[1\]\.eval_n: must be >= 1"):
+    with pytest.raises(ConfigError, match=r"defenses\[1\] \(den-a\)\.eval_n: must be >= 1"):
         load_config(_write(tmp_path, cfg, "zero.yaml"))
 
 
