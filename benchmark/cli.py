@@ -67,7 +67,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "(or this command again) once they finish", len(summary["busy"]), ", ".join(summary["busy"]))
     if summary.get("failed"):
         raise BenchError(f"{len(summary['failed'])} cluster task(s) failed: " + "; ".join(summary["failed"]))
+    if not args.no_report and distributed.is_main() and not summary.get("busy"):
+        _report_and_hint(out)
     return 0
+
+
+def _report_and_hint(out: Path) -> None:
+    """The run's report (tables, presets, adaptive table, figures, index.html), and where to look."""
+    from benchmark.reports import write_report
+
+    t0 = time.perf_counter()
+    write_report(out)
+    index = (out / "report" / "index.html").resolve()
+    log.info("report written in %.1f s", time.perf_counter() - t0)
+    print(f"\nReport: {index}\nOpen it:  python -m webbrowser {index.as_uri()}\n"
+          f"UMAP of the restored representations (Figure 5): python run_benchmark.py umap {out}")
 
 
 def _cluster_options(args: argparse.Namespace):
@@ -260,6 +274,7 @@ def _add_run(sub) -> None:
                         "left unset follow threat. Give each variant its own --out")
     r.add_argument("--force", action="store_true", help="recompute cells that already have a record")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-report", action="store_true", help="do not write the report (report/index.html) at the end")
     r.add_argument("--plan", action="store_true",
                    help="validate, then print the cells to compute (and those already recorded in --out), the "
                         "artifacts to train and an estimated cost per stage on one H100; loads and writes nothing")

@@ -192,6 +192,8 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     assert "diagnostics (not robustness of the defended model)" in table and "all R = 4" in table
     assert "| EBM |" in (out_dir / "tables" / "draws.md").read_text()
     assert (out_dir / "run.log").is_file() and "| none |" in r.stdout
+    # the run ends with its report and says where it is
+    assert (out_dir / "report" / "index.html").is_file() and "Open it:  python -m webbrowser file://" in r.stdout
     # the report over the smoke run: every table and figure its cells allow, linked from the index
     rep = _run("report", str(out_dir), timeout=300)
     assert rep.returncode == 0, rep.stderr[-2000:]
