@@ -7,6 +7,7 @@ Bad input is reported as one line on stderr with exit code 2 and no traceback
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -29,7 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["eval.n"] = args.n_eval
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else REPO_ROOT / "results" / cfg.name
-    runner = Runner(cfg, out, device=args.device, force=args.force, progress=not args.no_progress,
+    runner = Runner(cfg, out, device=args.device, force=args.force, progress=_progress(args),
                     config_path=str(args.config), keep_going=args.keep_going)
     if args.plan:
         from benchmark.plan import Planner, format_plan
@@ -49,12 +50,13 @@ def cmd_run(args: argparse.Namespace) -> int:
              f" through the {cluster.executor} executor" if cluster else "")
     t0 = time.perf_counter()
     try:
-        if cluster is not None:
-            from benchmark.cluster import submit
+        with _logs_through_bars(runner.progress):
+            if cluster is not None:
+                from benchmark.cluster import submit
 
-            summary = submit(runner, cluster, device=args.device)
-        else:
-            summary = runner.run()
+                summary = submit(runner, cluster, device=args.device)
+            else:
+                summary = runner.run()
     finally:
         distributed.shutdown()
     md = out / "tables" / "results.md"
@@ -150,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "eps": args.eps, "step_size": args.step_size, "attack_steps": args.attack_steps, "beta": args.beta,
         "schedule": args.schedule, "seed": args.seed, "eval_n": args.n_eval, "eval_pgd_steps": args.pgd_steps,
-        "progress": not args.no_progress,
+        "progress": _progress(args),
     }.items() if v is not None}
     cfg = from_dict(TrainConfig, train_opts, "train (command line)")
     ds_opts = {"size": args.size} if args.size is not None else {}
@@ -244,6 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_run, _add_report, _add_umap, _add_train, _add_eval, _add_list):
         add(sub)
     return p
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars only in a terminal: a log file or a CI capture gets one line per finished step."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def _logs_through_bars(progress: bool):
+    """Log lines printed above the progress bars (not glued to a bar's remnants)."""
+    if not progress:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[log])
 
 
 def _overrides(pairs: list[str]) -> dict:

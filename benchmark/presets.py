@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.io import atomic_write_text
-from benchmark.paper import is_depth_variant, paper_value
+from benchmark.paper import dir_depths, is_depth_variant, paper_value
 from benchmark.tables import (
     TableCell,
     bold_cells,
@@ -73,8 +73,12 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
     """Blocks (as ``benchmark.tables.build_blocks``) restricted to the preset, each cell carrying
     the paper's number (or None) as a fifth element."""
 
-    sel = df[preset.select(df) & df["attack_registered"].isin(preset.attacks)]
+    chosen = preset.select(df)
+    sel = df[chosen & df["attack_registered"].isin(preset.attacks)]
+    # rows left out as Table 5 depth variants (which the preset would otherwise hold), named in the footer
+    left_out = df[~chosen & ~_not_depth_variant(df) & df["attack_registered"].isin(preset.attacks)]
     if preset.need is not None:
+        left_out = left_out[left_out["defense"].isin(set(df.loc[df["attack_registered"] == preset.need, "defense"]))]
         keep = set(sel.loc[sel["attack_registered"] == preset.need, "defense"])
         sel = sel[sel["defense"].isin(keep)]
     if sel.empty:
@@ -97,6 +101,17 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
                 row["seconds_per_epoch"] = (float(spe.iloc[0]) if len(spe) else None, paper)
         if preset.training_time:
             block["columns"].append(SECONDS)
+        out = left_out[(left_out["dataset"] == block["dataset"]) & (left_out["target"] == block["target"])]
+        if preset.name != "table5" and len(out):
+            rows = ", ".join(f"{d} (encoder {e}, decoder {k})" for d, (e, k) in
+                             dict(zip(out["defense"], (dir_depths(o) for o in out["defense_options"]))).items())
+            block["footer"]["notes"] = block["footer"]["notes"] + [
+                f"Not in this table: {rows}, DIR at depths other than the paper's 8-2 (Table 5 holds it)."]
+        if preset.name == "table5":  # the depths are what the table compares: in the row names
+            names = dict(zip(g["defense"], g["defense_options"]))
+            for row in block["rows"]:
+                e, k = dir_depths(names[row["defense"]])
+                row["defense"] = f"{row['defense']} ({e}-{k})"
     return blocks
 
 

@@ -78,8 +78,11 @@ def test_tables_3_4_5_pick_their_rows():
     assert hgd["seconds_per_epoch"] == (12.5, ref["table4"]["hgd"]["seconds_per_epoch"])
     assert "12.5 / 291" in preset_markdown(PRESETS["table4"], t4)
     t5 = preset_blocks(df, PRESETS["table5"], ref)
-    cells = {r["defense"]: r["cells"] for r in t5[0]["rows"]}
-    assert cells["DIR-4-1"]["pgd"][4] == ref["table5"]["4-1"]["pgd"] and cells["DIR"]["clean"][4] == 85.11
+    cells = {r["defense"]: r["cells"] for r in t5[0]["rows"]}  # the depths in the row names
+    assert cells["DIR-4-1 (4-1)"]["pgd"][4] == ref["table5"]["4-1"]["pgd"] and cells["DIR (8-2)"]["clean"][4] == 85.11
+    t1 = preset_blocks(df, PRESETS["table1"], ref)  # the depth variant is named, not silently dropped
+    assert "DIR-4-1" not in [r["defense"] for r in t1[0]["rows"]]
+    assert "Not in this table: DIR-4-1 (encoder 4, decoder 1)" in " ".join(t1[0]["footer"]["notes"])
     assert preset_blocks(df, PRESETS["table2"], ref) == []  # no TRADES / MART target in these records
 
 
