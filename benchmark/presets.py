@@ -155,10 +155,10 @@ def preset_latex(preset: Preset, blocks: list[dict], compare: bool = True) -> st
     out = []
     for b in blocks:
         best = bold_cells(b)
-        caption = f"{preset.title}. {b['dataset']}, target {b['target']}. " + footer_text(b)
+        caption = f"{preset.title}. {b['dataset']}, target {b['target']}"
         out += latex_block(
             b, lambda r, c, best=best: _cell_text(r, c, best, compare, False, lambda t: rf"\textbf{{{t}}}", "--"),
-            caption + (" " + LEGEND if compare else ""))
+            caption, footer_text(b) + (" " + LEGEND if compare else ""))
     return "\n".join(out)
 
 

@@ -288,18 +288,27 @@ def markdown_block(block: dict, cell, footer: str) -> list[str]:
     return out + ["", footer, ""]
 
 
-def latex_block(block: dict, cell, caption: str) -> list[str]:
-    """One block as a booktabs table: ``cell(row, column)`` gives each cell's LaTeX."""
+WIDE = 6  # more columns than this: a two-column-wide table (table*)
+
+
+def latex_block(block: dict, cell, caption: str, notes: str = "") -> list[str]:
+    """One block as a booktabs table: ``cell(row, column)`` gives each cell's LaTeX; a short
+    ``caption`` and, under the table in small type, the ``notes`` (what the footer of every table says)."""
     cols = block["columns"]
     flags = any("checks" in r for r in block["rows"])
-    out = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * len(cols) + ("l" if flags else "") + "}",
+    env = "table*" if len(cols) + flags > WIDE else "table"
+    out = [rf"\begin{{{env}}}[t]", r"\centering", r"\caption{" + _tex_escape(caption) + "}",
+           r"\begin{tabular}{l" + "r" * len(cols) + ("l" if flags else "") + "}",
            r"\toprule",
            "Defense & " + " & ".join(_tex_escape(c) for c in cols) + (" & Checks" if flags else "") + r" \\",
            r"\midrule"]
     for r in block["rows"]:
         out.append(_tex_escape(r["defense"]) + " & " + " & ".join(cell(r, c) for c in cols)
                    + (" & " + _tex_escape(r.get("checks", "n/a")) if flags else "") + r" \\")
-    return out + [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(caption) + "}", r"\end{table}", ""]
+    out += [r"\bottomrule", r"\end{tabular}"]
+    if notes:
+        out.append(r"\par\smallskip\parbox{\linewidth}{\footnotesize " + _tex_escape(notes) + "}")
+    return out + [rf"\end{{{env}}}", ""]
 
 
 def to_markdown(blocks: list[dict], intervals: bool = False) -> str:
@@ -335,7 +344,9 @@ def to_latex(blocks: list[dict]) -> str:
             text = f"{100 * r['cells'][col].acc:.2f}"
             return rf"\textbf{{{text}}}" if (r["defense"], col) in bold else text
 
-        out += latex_block(b, cell, f"{block_title(b)}. " + footer_text(b))
+        f = b["footer"]
+        caption = f"{block_title(b)}: accuracy (%), n = {', '.join(map(str, f['n']))}, {f['norm']} eps = {f['eps']:.4f}"
+        out += latex_block(b, cell, caption, footer_text(b))
     return "\n".join(out)
 
 

@@ -60,6 +60,14 @@ def test_table1_layout_values_bold_and_paper_differences():
     assert "Data: copy X. Profile: quick. n = 4" in md
     tex = preset_latex(PRESETS["table1"], blocks)
     assert r"\toprule" in tex and "75.00 / 54.27 (+20.73)" in tex and r"\textbf" not in tex
+    # a short caption above; the footer's notes in small type under the table; wide tables span both columns
+    caption = tex.split(r"\caption{")[1].split("}")[0]
+    assert r"\begin{table}[t]" in tex and len(caption) < 120 and r"\footnotesize" in tex
+    from benchmark.tables import latex_block
+
+    wide = {"columns": [f"c{i}" for i in range(8)], "rows": [{"defense": "x", "cells": {}}]}
+    lines = latex_block(wide, lambda r, c: "--", "A caption", "notes")
+    assert lines[0] == r"\begin{table*}[t]" and lines[-2] == r"\end{table*}"
     csv = preset_frame(PRESETS["table1"], blocks).to_csv(index=False)
     back = pd.read_csv(io.StringIO(csv)).set_index(["defense", "column"])
     assert back.loc[("DIR", "PGD-20"), "value"] == 75.0 and back.loc[("DIR", "PGD-20"), "unit"] == "percent"
