@@ -422,37 +422,60 @@ def _inline(text: str) -> str:
 
 
 def markdown_to_html(md: str, title: str) -> str:
-    """The small Markdown subset the reports write (headings, lists, pipe tables, images, links,
-    bold, code), as a self-contained HTML page; no dependency."""
+    """The Markdown subset the reports write (headings, lists, pipe tables with their column
+    alignment, images with a caption, links, bold, code), as a self-contained HTML page; links to
+    ``.md`` files point to their ``.html`` renderings. No dependency."""
     import html
+    import re
 
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-           "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+           "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.4}"
            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px}"
-           "td{text-align:right}td:first-child{text-align:left}</style></head><body>"]
+           "th{background:#f3f3f3}.r{text-align:right}.l{text-align:left}"
+           "figure{margin:1.5em 0}figcaption{font-size:90%;color:#444}</style></head><body>"]
+
+    def inline(text: str) -> str:
+        return re.sub(r'href="([^"#:]+)\.md"', r'href="\1.html"', _inline(text))
+
     lines, i = md.split("\n"), 0
     while i < len(lines):
         line = lines[i]
         if line.startswith("|"):
-            rows = []
+            rows, align = [], []
             while i < len(lines) and lines[i].startswith("|"):
                 cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
-                if not all(set(c) <= set("-:") for c in cells):
+                if cells and all(c and set(c) <= set("-:") for c in cells):
+                    align = ["r" if c.endswith(":") else "l" for c in cells]
+                else:
                     rows.append(cells)
                 i += 1
-            out.append("<table>")
-            for k, cells in enumerate(rows):
-                tag = "th" if k == 0 else "td"
-                out.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
-            out.append("</table>")
+
+            def row(cells, tag, align=align):
+                return "<tr>" + "".join(
+                    f"<{tag} class='{align[k] if k < len(align) else 'l'}'>{inline(c)}</{tag}>"
+                    for k, c in enumerate(cells)) + "</tr>"
+
+            out.append("<table><thead>" + row(rows[0], "th") + "</thead><tbody>")
+            out += [row(cells, "td") for cells in rows[1:]]
+            out.append("</tbody></table>")
             continue
+        if line.startswith("- "):
+            out.append("<ul>")
+            while i < len(lines) and lines[i].startswith("- "):
+                out.append(f"<li>{inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("</ul>")
+            continue
+        figure = re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)(.*)", line.strip())
         if line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("- "):
-            out.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
+            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif figure:
+            alt, src, rest = figure.groups()
+            out.append(f"<figure><img alt='{html.escape(alt)}' src='{html.escape(src)}' style='max-width:100%'>"
+                       f"<figcaption>{html.escape(alt)}{inline(rest)}</figcaption></figure>")
         elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
+            out.append(f"<p>{inline(line)}</p>")
         i += 1
     out.append("</body></html>")
     return "\n".join(out) + "\n"
@@ -473,7 +496,8 @@ def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list,
              f"({versions.get('device_name', '-')}); git commit: {versions.get('git_commit')}; "
              f"torch {versions.get('torch')}; config hash {manifest.get('config_hash')}",
              f"- {len(records)} cells; report preset: {preset}", "",
-             "## Results", "", to_markdown(build_blocks(records_frame(records), load_checks(run_dir) or None)),
+             "## Results", "", "Accuracy (%) with its 95% Wilson interval.", "",
+             to_markdown(build_blocks(records_frame(records), load_checks(run_dir) or None), intervals=True),
              "Tables: [markdown](../tables/results.md), [with 95% intervals](../tables/results_ci.md), "
              "[LaTeX](../tables/results.tex), [CSV](../tables/results.csv)", ""]
     if preset_files:
@@ -555,4 +579,7 @@ def write_report(run_dir: Path, preset: str = "all") -> list[Path]:
     written.append(atomic_write_text(out / "index.md", "\n".join(index)))
     html_text = markdown_to_html("\n".join(index), f"Report: {run_dir.name}")
     written.append(atomic_write_text(out / "index.html", html_text))
+    for page in [p for p in written if p.suffix == ".md" and p.name != "index.md"]:  # what the index links to
+        written.append(atomic_write_text(page.with_suffix(".html"), markdown_to_html(
+            page.read_text(encoding="utf-8"), f"{run_dir.name}: {page.stem}")))
     return written

@@ -174,12 +174,15 @@ def test_paper_comparison_finds_tables_2_to_5_and_the_text():
 def test_markdown_to_html_renders_tables_images_and_links():
     from benchmark.reports import markdown_to_html
 
-    md = "# T <x>\n\n| A | B |\n|---|---:|\n| **1** | `c` |\n\n![fig](figures/a.png) [t](../tables/results.md)\n- item"
+    md = ("# T <x>\n\n| A | B |\n|---|---:|\n| **1** | `c` |\n\n![fig](figures/a.png) ([PDF](figures/a.pdf))\n"
+          "[t](../tables/results.md)\n- item\n- two")
     page = markdown_to_html(md, "t")
     assert "<h1>T &lt;x&gt;</h1>" in page
-    assert "<tr><th>A</th><th>B</th></tr>" in page and "<td><b>1</b></td><td><code>c</code></td>" in page
-    assert '<img alt="fig" src="figures/a.png"' in page and '<a href="../tables/results.md">t</a>' in page
-    assert "<li>item</li>" in page and "---" not in page
+    assert "<thead><tr><th class='l'>A</th><th class='r'>B</th></tr></thead><tbody>" in page
+    assert "<td class='l'><b>1</b></td><td class='r'><code>c</code></td>" in page  # the separator's alignment
+    assert "<figure><img alt='fig' src='figures/a.png'" in page and "<figcaption>fig (<a href" in page
+    assert '<a href="../tables/results.html">t</a>' in page  # the rendered page, not the raw Markdown
+    assert "<ul>\n<li>item</li>\n<li>two</li>\n</ul>" in page and "---" not in page
 
 
 def test_adaptive_table_shows_the_zero_gradient_flag():
