@@ -98,17 +98,24 @@ def umap_figure(data: dict, stem: Path, seed: int = 0) -> tuple[list[Path], dict
     k = len(data)
     fig, axes = plt.subplots(1, k, figsize=(3.6 * k, 3.6), squeeze=False)
     scores = {}
+    classes = sorted({int(c) for _, labels in data.values() for c in labels})
     for ax, (name, (feats, labels)) in zip(axes[0], data.items()):
         emb = embed(feats, seed)
         s_feat, s_emb = class_separation(feats, labels), class_separation(emb, labels)
         scores[name] = {"silhouette_features": s_feat, "silhouette_umap": s_emb, "n": int(len(labels))}
-        ax.scatter(emb[:, 0], emb[:, 1], c=labels, cmap="tab10", s=4, alpha=0.8)
+        ax.scatter(emb[:, 0], emb[:, 1], c=labels, cmap="tab10", vmin=0, vmax=9, s=4, alpha=0.8)
         ax.set_title(name)
         ax.text(0.02, 0.02, f"silhouette: {s_feat:.3f} (features), {s_emb:.3f} (UMAP)", transform=ax.transAxes,
                 fontsize=7, va="bottom")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Restored representations under white-box PGD (target's penultimate features)", fontsize=9)
+    cmap = plt.get_cmap("tab10")
+    handles = [plt.Line2D([], [], ls="", marker="o", ms=5, color=cmap(c % 10), label=str(c)) for c in classes]
+    fig.legend(handles=handles, title="class", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
+               title_fontsize=7, frameon=False)
+    n = max(int(len(labels)) for _, labels in data.values())
+    fig.suptitle(f"Restored representations under white-box PGD (target's penultimate features, n = {n} test "
+                 "images): one colour per true class", fontsize=9)
     paths = _save(fig, stem)
     plt.close(fig)
     return paths, scores

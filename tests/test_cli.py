@@ -198,7 +198,7 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     rep = _run("report", str(out_dir), timeout=300)
     assert rep.returncode == 0, rep.stderr[-2000:]
     index = (out_dir / "report" / "index.md").read_text()
-    for part in ("figures/timing.png", "figures/cost_robustness.png", "figures/robust_pgd.png", "| ME-Net |"):
+    for part in ("figures/timing.png", "figures/cost_robustness.png", "figures/robust_worst.png", "| ME-Net |"):
         assert part in index, part
     assert "<table>" in (out_dir / "report" / "index.html").read_text()
     assert "BPDA+EOT" in (out_dir / "report" / "adaptive.md").read_text()

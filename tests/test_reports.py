@@ -109,7 +109,7 @@ def test_timing_table_and_report_files(tmp_path):
 
 
 def test_paper_figures_from_synthetic_records(tmp_path):
-    from benchmark.reports import alpha_figure, noise_discard_figure, robust_bars_figure
+    from benchmark.reports import alpha_figure, noise_discard_figure, worst_bars_figure
 
     discard = []
     for target in ("nat", "at"):
@@ -129,7 +129,7 @@ def test_paper_figures_from_synthetic_records(tmp_path):
             alphas.append(r)
     assert len(alpha_figure(alphas, tmp_path / "fig6a")) == 2
     assert alpha_figure(alphas[:2], tmp_path / "one") == []  # a single alpha: no curve to draw
-    assert len(robust_bars_figure(_frame(RECORDS), tmp_path / "bars")) == 2
+    assert len(worst_bars_figure(_frame(RECORDS), tmp_path / "bars")) == 2
     assert noise_discard_figure(RECORDS, tmp_path / "none") == []
 
 
