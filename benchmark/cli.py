@@ -236,8 +236,9 @@ TRAIN_OPTIONS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    invoked = Path(sys.argv[0]).name
     p = argparse.ArgumentParser(
-        prog="run_benchmark.py",
+        prog=invoked if invoked in ("run_benchmark.py", "purifybench") else "purifybench",
         description="purifybench: benchmark denoising/purification defenses against adaptive attacks. "
         f"With no command, runs {DEFAULT_CONFIG.relative_to(REPO_ROOT)}.",
     )
