@@ -57,10 +57,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 summary = submit(runner, cluster, device=args.device)
             else:
                 summary = runner.run()
+        main = distributed.is_main()  # (under torchrun: known only while the process group exists)
     finally:
         distributed.shutdown()
     md = out / "tables" / "results.md"
-    if md.is_file() and distributed.is_main():
+    if md.is_file() and main:
         print(md.read_text(encoding="utf-8"), end="")
     log.info("done in %.1f s: %d cells planned, %d computed; results in %s", time.perf_counter() - t0,
              summary["planned"], summary["computed"], out)
@@ -69,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "(or this command again) once they finish", len(summary["busy"]), ", ".join(summary["busy"]))
     if summary.get("failed"):
         raise BenchError(f"{len(summary['failed'])} cluster task(s) failed: " + "; ".join(summary["failed"]))
-    if not args.no_report and distributed.is_main() and not summary.get("busy"):
+    if not args.no_report and main and not summary.get("busy"):
         _report_and_hint(out)
     return 0
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -282,7 +283,7 @@ def _save(fig, stem: Path) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = stem.with_suffix(f".{ext}")
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers that finish together write side by side
         # no creation date: the same records give byte-identical figures (published reports do not churn)
         meta = {"CreationDate": None} if ext == "pdf" else {}
         fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight", metadata=meta)
