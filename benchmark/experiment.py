@@ -275,8 +275,8 @@ class ExperimentConfig:
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """The config at ``path``; ``overrides``: {dotted key: value} set first (a list's item by its
     ``name`` or its index: ``defenses.DIR.train.epochs``, ``attacks.0.params.steps``). Training
-    options ``eps`` and ``step_size`` that a target or defense leaves unset follow the config's
-    ``threat``."""
+    options ``eps`` and ``step_size`` that a target or defense leaves unset, and attacks' unset
+    ``step_size``, follow the config's ``threat``."""
     raw = load_yaml(path)
     if raw is None:
         raise ConfigError(f"config {path} is empty")
@@ -284,7 +284,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         raise ConfigError(f"config {path}: the top level must be a mapping")
     for key, value in (overrides or {}).items():
         _override(raw, key, value, f"{path}: override {key}")
-    _threat_train_defaults(raw)
+    _threat_defaults(raw)
     return from_dict(ExperimentConfig, raw, f"{path}:")
 
 
@@ -315,7 +315,7 @@ def _override(raw: dict, key: str, value: Any, where: str) -> None:
             raise ConfigError(f"{where}: {'.'.join(parts[:i])} is a value, not a mapping or a list")
 
 
-def _threat_train_defaults(raw: dict) -> None:
+def _threat_defaults(raw: dict) -> None:
     """Fill the training ``eps`` / ``step_size`` of every target and defense, and the ``step_size`` of
     every attack, that leave them unset (and whose options have them) with the threat's, where that
     differs from the options' own default (so that configs at the default keep their keys)."""

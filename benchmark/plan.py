@@ -262,8 +262,8 @@ class Planner:
             factor = opts.attack_steps / 7 if name == "menet-a" else 1.0
             est.add(epoch, epochs * frac * factor)
             detail = f"{epochs} epochs"
-            if name in ("dir", "dir-official") and opts.pretrain_epochs:
-                fields = DEFENSES.get(name).PRETRAIN_FIELDS
+            fields = getattr(DEFENSES.get(name), "PRETRAIN_FIELDS", None)  # a defense with a shared pre-training
+            if fields and opts.pretrain_epochs:
                 # one pre-training per dataset, target, defense, options and pre-training options
                 shared = json.dumps([ds.name, target, name, spec.options, [getattr(opts, k) for k in fields]],
                                     sort_keys=True, default=str)

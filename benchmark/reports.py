@@ -109,18 +109,16 @@ def _paired(c, with_n: bool = False) -> str:
 
 
 def adaptive_markdown(table: pd.DataFrame) -> str:
-    pct, versus = _pct, _paired
-
     out = ["| Dataset | Target | Defense | PGD (plain white-box) | Strongest adaptive | attack | Drop | "
            "BPDA+EOT: BPDA | BPDA+EOT: exact | Worst | Worst vs none | Zero-gradient flag |",
            "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|---|"]
     for _, r in table.iterrows():
         ci = r["adaptive_ci"]
-        adaptive = pct(r["adaptive"]) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+        adaptive = _pct(r["adaptive"]) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
         flags = r.get("masking_flags")
-        out.append(f"| {r['dataset']} | {r['target']} | {r['defense']} | {pct(r['plain'])} | {adaptive} | "
-                   f"{r['adaptive_attack'] if isinstance(r['adaptive_attack'], str) else '-'} | {pct(r['drop'])} | "
-                   f"{pct(r.get('bpda'))} | {pct(r.get('exact'))} | {pct(r['worst'])} | {versus(r['vs_none'])} | {flags if isinstance(flags, str) else '-'} |")
+        out.append(f"| {r['dataset']} | {r['target']} | {r['defense']} | {_pct(r['plain'])} | {adaptive} | "
+                   f"{r['adaptive_attack'] if isinstance(r['adaptive_attack'], str) else '-'} | {_pct(r['drop'])} | "
+                   f"{_pct(r.get('bpda'))} | {_pct(r.get('exact'))} | {_pct(r['worst'])} | {_paired(r['vs_none'])} | {flags if isinstance(flags, str) else '-'} |")
     out.append("")
     out.append("Strongest adaptive = the lowest accuracy among the attacks built from the defense's declarations "
                f"({', '.join(ADAPTIVE_ATTACKS)}) that the run holds; Drop = PGD minus that, in points. A large drop "
@@ -147,7 +145,7 @@ ABLATION_PAIRS = (("joint-at", "none", "the joint recipe and its KL term (from s
 
 
 def _row_bits(g: pd.DataFrame) -> dict[str, str | None]:
-    """(clean bits, Worst bits) of a row's records."""
+    """{"clean": the clean cell's bits, "worst": the row's Worst bits} (None where missing)."""
     clean = g[g["attack_registered"] == "clean"]
     worst = input_space_worst(g)
     return {"clean": clean["correct"].iloc[0] if len(clean) else None, "worst": worst.bits if worst else None}
@@ -184,19 +182,14 @@ def ablation_table(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def ablation_markdown(rows: pd.DataFrame, diffs: pd.DataFrame) -> str:
-    pct = _pct
-
-    def diff(c) -> str:
-        return _paired(c, with_n=True)
-
     out = ["| Dataset | Target | Row | Defense | n | Natural | Worst |", "|---|---|---|---|---:|---:|---:|"]
     for _, r in rows.iterrows():
         out.append(f"| {r['dataset']} | {r['target']} | {r['defense']} | {r['registered']} | {r['n']} | "
-                   f"{pct(r['clean'])} | {pct(r['worst'])} |")
+                   f"{_pct(r['clean'])} | {_pct(r['worst'])} |")
     out += ["", "| Dataset | Target | Difference | Measures | Natural | Worst |", "|---|---|---|---|---|---|"]
     for _, r in diffs.iterrows():
-        out.append(f"| {r['dataset']} | {r['target']} | {r['comparison']} | {r['measures']} | {diff(r['clean'])} | "
-                   f"{diff(r['worst'])} |")
+        out.append(f"| {r['dataset']} | {r['target']} | {r['comparison']} | {r['measures']} | {_paired(r['clean'], True)} | "
+                   f"{_paired(r['worst'], True)} |")
     out += ["", "DIR as its released code trains it (dir-official: its own classifier from scratch, trained jointly "
             "with the denoiser) against the same joint training without a denoiser (joint-at), the target alone "
             "(none) and the paper's DIR on the frozen target (dir). Worst = per-sample worst case over the row's "

@@ -411,7 +411,7 @@ class DIR(Defense):
         history: list[dict] = []
         t_start = time.perf_counter()
         if cfg.pretrain_epochs > 0:
-            history += self._pretrain_cached(target, data, cfg, context, use_bf16)
+            history += self._pretrain_cached(target, data, cfg, context)
         torch.manual_seed(seed + 1)  # main training draws the same randomness whether or not pre-training ran
         self.seed(seed + 1, device)
         joint = self.own_classifier is not None
@@ -428,20 +428,25 @@ class DIR(Defense):
     PRETRAIN_FIELDS = ("pretrain_epochs", "pretrain_batch_size", "pretrain_lr", "pretrain_weight_decay",
                        "pretrain_warmup_fraction", "pretrain_attack_steps", "eps", "step_size", "augment")
 
-    def _pretrain_cached(self, classifier, data, cfg: DIRTrain, context: TrainContext, use_bf16: bool) -> list[dict]:
-        """Pre-train, or reuse the pre-trained weights of an earlier run with the same architecture,
-        pre-training options, target, data and seed (a stage of ``context.stages``: the ablations
-        over alpha, L_rep or the main-training schedule then share one pre-training)."""
+    LABEL = "DIR"  # names the shared pre-training stage (``dir-pretrain``) and its messages
+
+    def _pretrain_cached(self, classifier, data, cfg, context: TrainContext) -> list[dict]:
+        """Pre-train (:meth:`_pretrain`), or reuse the pre-trained weights of an earlier run with the same
+        architecture, pre-training options, target, data and seed (a stage of ``context.stages``: the
+        ablations over alpha, L_rep or the main-training schedule then share one pre-training)."""
         model = {k: v for k, v in self.config().items() if k != "joint_classifier"}  # the ViT alone
-        key = {"code": self.version, "model": model, "n": len(data), "seed": context.seed, "bf16": use_bf16,
-               "pretrain": {k: getattr(cfg, k) for k in self.PRETRAIN_FIELDS}}
+        key = {"code": self.version, "model": model, "n": len(data), "seed": context.seed,
+               "bf16": cfg.use_bf16(context.device), "pretrain": {k: getattr(cfg, k) for k in self.PRETRAIN_FIELDS}}
+        name = self.LABEL.lower()
 
         def build() -> dict:
-            history = self.pretrain(classifier, data, cfg, context.device, use_bf16, context.seed)
-            return {"defense": "dir", "options": self.config(), "history": history}
+            return {"defense": name, "options": self.config(), "history": self._pretrain(classifier, data, cfg, context)}
 
-        card, reused = stage(context.stages, "dir-pretrain", key, self.net, build, "DIR pre-training stage")
+        card, reused = stage(context.stages, f"{name}-pretrain", key, self.net, build, f"{self.LABEL} pre-training stage")
         return [dict(h, reused=True) for h in card["history"]] if reused else card["history"]
+
+    def _pretrain(self, classifier, data, cfg: DIRTrain, context: TrainContext) -> list[dict]:
+        return self.pretrain(classifier, data, cfg, context.device, cfg.use_bf16(context.device), context.seed)
 
     def pretrain(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int) -> list[dict]:
         """Eq. 2: reconstruct the natural image from each masked view of an adversarial example

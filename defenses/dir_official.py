@@ -79,7 +79,6 @@ from torch import nn
 
 from attacks.pgd import pgd_linf
 from benchmark import distributed
-from benchmark.artifacts import stage
 from benchmark.config import require, subkey
 from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
@@ -356,7 +355,7 @@ class DIROfficial(_OwnClassifier, DIR):
             p.requires_grad_(False)
         torch.manual_seed(context.seed)
         self.seed(context.seed, device)
-        history = self._pretrain_cached(classifier, train, cfg, context) if cfg.pretrain_epochs else []
+        history = self._pretrain_cached(classifier, data, cfg, context) if cfg.pretrain_epochs else []
         torch.manual_seed(context.seed + 1)
         self.seed(context.seed + 1, device)
         history += joint_train(self, self.restore, self.own_classifier, data, cfg, context, "DIR-official main",
@@ -367,29 +366,16 @@ class DIROfficial(_OwnClassifier, DIR):
                        "pretrain_warmup_fraction", "pretrain_attack_steps", "pretrain_step_size", "pretrain_range",
                        "eps")
 
-    def _pretrain_cached(self, target: nn.Module, train, cfg: DIROfficialTrain, context: TrainContext) -> list[dict]:
-        """Pre-train, or reuse an earlier run's pre-trained ViT (same options, target, data, seed)."""
-        model = {k: v for k, v in self.config().items() if k != "decoder_index_bug"}
-        key = {"code": self.version, "model": model, "bug": self.decoder_index_bug, "n": len(train),
-               "seed": context.seed, "bf16": cfg.use_bf16(context.device),
-               "pretrain": {k: getattr(cfg, k) for k in self.PRETRAIN_FIELDS}}
+    LABEL = "DIR-official"  # its pre-training stage: ``dir-official-pretrain``
 
-        def build() -> dict:
-            return {"defense": "dir-official", "options": self.config(),
-                    "history": self.pretrain(target, train, cfg, context)}
-
-        card, reused = stage(context.stages, "dir-official-pretrain", key, self.net, build,
-                             "DIR-official pre-training stage")
-        return [dict(h, reused=True) for h in card["history"]] if reused else card["history"]
-
-    def pretrain(self, target: nn.Module, train, cfg: DIROfficialTrain, context: TrainContext) -> list[dict]:
+    def _pretrain(self, target: nn.Module, data, cfg: DIROfficialTrain, context: TrainContext) -> list[dict]:
         """``pre_training.py``: the fused restoration of fixed adversarial examples against their
-        natural images, both in [-1, 1] (``pretrain_range``); AdamW with a per-epoch warm-up and cosine."""
+        natural images, both in [-1, 1] (``pretrain_range``); AdamW with a per-epoch warm-up and cosine.
+        ``data``: the training split on ``context.device``."""
         device, seed = context.device, context.seed
         crafting = PairTrain(eps=cfg.eps, step_size=cfg.pretrain_step_size, attack_steps=cfg.pretrain_attack_steps,
                              bf16=cfg.bf16, progress=False)
-        adv = static_pairs(target, train, crafting, device, seed, context.stages).to(device)
-        data = train.to(device)
+        adv = static_pairs(target, data, crafting, device, seed, context.stages).to(device)
         opt = distributed.synchronized(torch.optim.AdamW(
             self.net.parameters(), lr=cfg.pretrain_lr * cfg.pretrain_batch_size / 256, betas=(0.9, 0.95),
             weight_decay=cfg.pretrain_weight_decay))
