@@ -3,6 +3,9 @@
 ``version: auto`` runs ``standard`` (APGD-CE, APGD-T, FAB-T, Square) on
 deterministic models and ``rand`` (APGD-CE and APGD-DLR with 20 EOT iterations)
 on models that declare randomness, as AutoAttack's authors prescribe.
+``attacks`` runs only some members of the version's sequence, with the version's
+settings (e.g. ``[apgd-ce, apgd-t]``, the usual cheap subset for small runs); the
+config should then give the attack a label that says so.
 """
 
 from __future__ import annotations
@@ -14,13 +17,29 @@ from typing import Literal
 import torch
 
 from attacks.base import Attack, Threat
+from benchmark.errors import BenchError
 from benchmark.registry import ATTACKS
 
 
 @dataclass
 class AutoAttackParams:
     version: Literal["auto", "standard", "rand", "plus"] = "auto"
+    attacks: list[str] | None = None  # members of the version's sequence to run (None: all of them)
     seed: int = 0
+
+    def validate(self, where: str) -> None:
+        from benchmark.config import require, subkey
+
+        if self.attacks is not None:
+            known = sorted(set().union(*SEQUENCES.values()))
+            bad = [a for a in self.attacks if a not in known]
+            require(not bad and len(self.attacks) > 0, subkey(where, "attacks"),
+                    f"must be a non-empty list of {', '.join(known)}; got {self.attacks}")
+
+
+# each version's attacks, in the order pyautoattack runs them
+SEQUENCES = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "rand": ("apgd-ce", "apgd-dlr"),
+             "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")}
 
 
 def resolve_version(version: str, model) -> str:
@@ -42,6 +61,12 @@ class AutoAttackWrapper(Attack):
         adversary = AutoAttack(model, norm="Linf", eps=threat.eps, version=version, seed=self.params.seed,
                                device=x.device)
         adversary.verbose = False
+        if self.params.attacks is not None:
+            missing = [a for a in self.params.attacks if a not in SEQUENCES[version]]
+            if missing:
+                raise BenchError(f"autoattack params.attacks: {', '.join(missing)} not in the {version} version "
+                                 f"({', '.join(SEQUENCES[version])}) that this defense gets")
+            adversary.attacks_to_run = [a for a in SEQUENCES[version] if a in self.params.attacks]
         with torch.no_grad():
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
         return x_adv.detach()

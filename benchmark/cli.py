@@ -71,20 +71,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.get("failed"):
         raise BenchError(f"{len(summary['failed'])} cluster task(s) failed: " + "; ".join(summary["failed"]))
     if not args.no_report and main and not summary.get("busy"):
-        _report_and_hint(out)
+        _report_and_hint(out, cfg, str(runner.device))
     return 0
 
 
-def _report_and_hint(out: Path) -> None:
-    """The run's report (tables, presets, adaptive table, figures, index.html), and where to look."""
+def _report_and_hint(out: Path, cfg, device: str) -> None:
+    """The run's report (tables, presets, adaptive table, figures, the UMAP of the rows the config's
+    ``report.umap`` names, index.html), and where to look."""
     from benchmark.reports import write_report
 
     t0 = time.perf_counter()
+    if cfg.report.umap:
+        from benchmark.umap_report import write_umap
+
+        write_umap(out, cfg.report.umap, cfg.report.umap_n, device=device)
     write_report(out)
     index = (out / "report" / "index.html").resolve()
     log.info("report written in %.1f s", time.perf_counter() - t0)
-    print(f"\nReport: {index}\nOpen it:  python -m webbrowser {index.as_uri()}\n"
-          f"UMAP of the restored representations (Figure 5): python run_benchmark.py umap {out}")
+    print(f"\nReport: {index}\nOpen it:  python -m webbrowser {index.as_uri()}")
+    if not cfg.report.umap:
+        print(f"UMAP of the restored representations (Figure 5): python run_benchmark.py umap {out}")
 
 
 def _cluster_options(args: argparse.Namespace):

@@ -226,6 +226,19 @@ class EvalSpec:
 
 
 @dataclass
+class ReportSpec:
+    """What the report a run ends with adds to its tables and record figures."""
+
+    # rows whose restored representations the closing report shows as a UMAP (Figure 5); it runs
+    # PGD through each row again, so only the rows named (empty: none; `umap RUN_DIR` makes it later)
+    umap: list[str] = field(default_factory=list)
+    umap_n: int | None = None  # test images for the UMAP (null: at most 500, at most the split)
+
+    def validate(self, where: str) -> None:
+        require(self.umap_n is None or self.umap_n >= 2, subkey(where, "umap_n"), f"must be >= 2 or null, got {self.umap_n}")
+
+
+@dataclass
 class ExperimentConfig:
     name: str
     profile: Literal["smoke", "quick", "paper"] = "smoke"
@@ -237,6 +250,7 @@ class ExperimentConfig:
     attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec(name="clean")])
     threat: ThreatSpec = field(default_factory=ThreatSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
 
     @property
     def draws(self) -> int:
@@ -270,6 +284,8 @@ class ExperimentConfig:
             unknown = sorted(set(a.only or ()) - set(defenses))
             require(not unknown, subkey(where, f"attacks[{i}].only"),
                     f"{unknown} are not defenses of this config; defenses: {defenses}")
+        unknown = sorted(set(self.report.umap) - set(defenses))
+        require(not unknown, subkey(where, "report.umap"), f"{unknown} are not defenses of this config; defenses: {defenses}")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

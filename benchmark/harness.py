@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from attacks.base import Attack, Threat
 from attacks.core import AttackResult
 from attacks.engine import AttackView, EngineOptions, auto_batch_size, prepare_model
-from benchmark import distributed
+from benchmark import distributed, logs
 from benchmark.errors import BenchError
 from benchmark.records import GradientCheck
 
@@ -269,10 +269,11 @@ def run_attack(
     # and torch's global one (restored afterwards). A batch's result then does not depend on the
     # batches before it, so a run sharded over ranks equals a single-process run.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), counter:
-        for start in tqdm(starts, desc=name, disable=not progress, leave=False, dynamic_ncols=True):
+        for i, start in enumerate(tqdm(starts, desc=name, disable=not progress, leave=False, dynamic_ncols=True)):
             x, y = images[start : start + batch_size], labels[start : start + batch_size]
             _attack_batch(attack, model, view, x, y, threat, (seed * 1_000_003 + start) % (2**62), name, draws,
                           tally, start)
+            logs.step("batch", i + 1, len(starts))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0

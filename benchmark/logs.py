@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("purifybench")
@@ -28,3 +32,97 @@ def setup_logging(out: Path | None, quiet: bool = False) -> None:
         fh.setFormatter(fmt)
         log.addHandler(fh)
     log.propagate = False
+
+
+# ----------------------------------------------------------------------------- heartbeat
+# Without progress bars (output to a file or a pipe) a long cell or training would print nothing for
+# minutes. The run names what it is doing (:func:`activity`), loops report their step (:func:`step`),
+# and a daemon thread logs one "still ..." line whenever the log has been quiet for ``every`` seconds.
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.what: str | None = None
+        self.since = 0.0
+        self.step: tuple[str, int, int] | None = None
+        self.last_line = time.monotonic()
+        self.eta: Callable[[], str] | None = None
+
+
+_state = _State()
+
+
+class _Quiet(logging.Filter):
+    """Notes the time of every line the suite's logger emits."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _state.last_line = time.monotonic()
+        return True
+
+
+@contextmanager
+def activity(what: str) -> Iterator[None]:
+    """The run is doing ``what`` (a cell, a row's checks, a training) until the block ends."""
+    with _state.lock:
+        outer = (_state.what, _state.since, _state.step)
+        _state.what, _state.since, _state.step = what, time.monotonic(), None
+    try:
+        yield
+    finally:
+        with _state.lock:
+            _state.what, _state.since, _state.step = outer
+
+
+def step(unit: str, done: int, total: int) -> None:
+    """A loop inside the current activity finished ``done`` of its ``total`` ``unit``s (e.g. batches)."""
+    _state.step = (unit, done, total)
+
+
+def duration(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def heartbeat_line() -> str | None:
+    """The "still ..." line for the current activity, or None when there is none."""
+    with _state.lock:
+        what, since, st = _state.what, _state.since, _state.step
+    if what is None:
+        return None
+    parts = [f"still {what}: {duration(time.monotonic() - since)}"]
+    if st is not None:
+        parts.append(f"{st[0]} {st[1]}/{st[2]} done")
+    if _state.eta is not None:
+        eta = _state.eta()
+        if eta:
+            parts.append(eta)
+    return ", ".join(parts)
+
+
+@contextmanager
+def heartbeat(every: float = 30.0, eta: Callable[[], str] | None = None) -> Iterator[None]:
+    """While the block runs, log a "still ..." line after every ``every`` seconds without a line.
+    ``eta()``: the run's remaining-time text added to each such line."""
+    stop = threading.Event()
+    _state.eta = eta
+    _state.last_line = time.monotonic()
+    quiet = _Quiet()
+    log.addFilter(quiet)
+
+    def beat() -> None:
+        while not stop.wait(min(5.0, every / 2)):
+            if time.monotonic() - _state.last_line >= every:
+                line = heartbeat_line()
+                if line is not None:
+                    log.info("%s", line)
+                else:
+                    _state.last_line = time.monotonic()
+
+    thread = threading.Thread(target=beat, name="purifybench-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        log.removeFilter(quiet)
+        _state.eta = None

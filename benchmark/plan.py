@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class Stage:
     seconds: float
     guess: bool
     detail: str = ""
+    parts: dict[str, float] = field(default_factory=dict)  # a cells stage: each cell's share, by cell id
 
 
 class Estimate:
@@ -223,7 +225,7 @@ class Planner:
                         key, done = self.defense_artifact(ds, spec, target)
                         if not done and key not in keys:
                             keys.add(key)
-                            if getattr(_train_options(spec), "pairs", None) == "static":
+                            if uses_static_pairs(spec):
                                 pairs_needed.add(target.name)
                             out.append(self.defense_stage(ds, spec, frac, images_guess, target.name))
                     out += self.row_stages(ds, target, spec, [c for c in row if c.cell_id in pending])
@@ -307,16 +309,94 @@ class Planner:
             draws = self.cfg.draws if stochastic else 1
             est, names = Estimate(), []
             one = self.pass_seconds(spec, n)
+            parts = {}
             for cell in cells:
+                before = est.seconds
                 est.add(overhead)
                 names.append(cell.attack.name)
                 if cell.attack.registered == "autoattack":
                     est.add(*self.autoattack(n, spec, stochastic))
-                    continue
-                passes, guess = self.attack_passes(cell.attack, stochastic)
-                est.add(Figure(one.value, one.guess or guess), passes + draws / 3)
-            stages.append(Stage("cells", row, est.seconds, est.guess, f"{len(cells)}: {', '.join(names)}"))
+                else:
+                    passes, guess = self.attack_passes(cell.attack, stochastic)
+                    est.add(Figure(one.value, one.guess or guess), passes + draws / 3)
+                parts[cell.cell_id] = est.seconds - before
+            stages.append(Stage("cells", row, est.seconds, est.guess, f"{len(cells)}: {', '.join(names)}", parts))
         return stages
+
+
+def uses_static_pairs(spec: DefenseSpec) -> bool:
+    return getattr(_train_options(spec), "pairs", None) == "static"
+
+
+class RunProgress:
+    """A run's remaining time, weighted by what each stage is expected to cost: the plan's
+    estimates (figures for one H100), scaled by the speed this run has shown so far on stages of
+    the same kind (training, or evaluation: checks and cells), so that a minute-long AutoAttack
+    cell counts for more than a clean one. Stages are keyed as the plan names them; a cell by
+    its id. Stages run one after the other: the time since the previous mark belongs to the
+    stage just finished."""
+
+    TRAINING = ("target", "defense", "pairs")
+
+    def __init__(self, stages: list[Stage], cells: int) -> None:
+        self.left: dict[tuple[str, str], float] = {}
+        for s in stages:
+            if s.kind == "cells":
+                self.left.update({("cell", cid): sec for cid, sec in s.parts.items()})
+            elif s.kind != "data":  # loaded before the run starts
+                self.left[(s.kind, s.what)] = s.seconds
+        self.cells, self.cells_done = cells, 0
+        self.spent = {"train": 0.0, "eval": 0.0}  # seconds measured, per group
+        self.estimated = {"train": 0.0, "eval": 0.0}  # the plan's seconds of what they covered
+        self.t0 = self.mark = time.monotonic()
+
+    @classmethod
+    def of(cls, runner) -> RunProgress | None:
+        """For a run of the whole matrix; None when the plan cannot be estimated (it is only a display)."""
+        try:
+            return cls(Planner(runner).stages(), len(runner.pending()))
+        except Exception:  # noqa: BLE001 - an estimate that fails must not stop the run
+            return None
+
+    @classmethod
+    def group(cls, kind: str) -> str:
+        return "train" if kind in cls.TRAINING else "eval"
+
+    @property
+    def done_estimate(self) -> float:
+        return sum(self.estimated.values())
+
+    def done(self, kind: str, what: str) -> None:
+        now = time.monotonic()
+        if (kind, what) in self.left:
+            g = self.group(kind)
+            self.estimated[g] += self.left.pop((kind, what))
+            self.spent[g] += now - self.mark
+            self.mark = now
+        if kind == "cell":
+            self.cells_done += 1
+
+    def remaining_seconds(self) -> float | None:
+        total_spent = sum(self.spent.values())
+        if self.done_estimate <= 0 or total_spent < 1:
+            return None
+        overall = total_spent / self.done_estimate
+        left = 0.0
+        for (kind, _), sec in self.left.items():
+            g = self.group(kind)
+            left += sec * (self.spent[g] / self.estimated[g] if self.estimated[g] > 0 else overall)
+        return left
+
+    def text(self) -> str:
+        """e.g. "about 3 min 10 s left" ("" until something has finished)."""
+        from benchmark.logs import duration
+
+        left = self.remaining_seconds()
+        return "" if left is None else f"about {duration(left)} left"
+
+    def cell_text(self) -> str:
+        eta = self.text()
+        return f"{self.cells_done}/{self.cells} cells" + (f", {eta}" if eta else "")
 
 
 def format_plan(runner, planner: Planner, config_path: str) -> str:

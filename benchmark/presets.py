@@ -87,8 +87,10 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
     blocks = [b for b in build_blocks(sel, value="mean") if b["kind"] == "results"]
     for block in blocks:
         g = sel[(sel["dataset"] == block["dataset"]) & (sel["target"] == block["target"])]
-        label_of = dict(zip(g["attack_registered"], g["column"]))
-        block["columns"] = [label_of[a] for a in sorted(label_of, key=order.__getitem__)]
+        # every column of the preset's attacks, in the paper's order (a registered attack may hold
+        # several columns, e.g. BPDA+EOT with BPDA and with exact gradients: all of them)
+        firsts = dict(zip(g["column"], g["attack_registered"]))
+        block["columns"] = sorted(firsts, key=lambda c: order[firsts[c]])
         for row in block["rows"]:
             row["cells"].pop("Worst", None)
             gd = g[g["defense"] == row["defense"]]

@@ -437,75 +437,69 @@ def worst_bars_figure(df: pd.DataFrame, stem: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- HTML
-def _inline(text: str) -> str:
-    import html
-    import re
-
-    t = html.escape(text, quote=False)
-    t = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:100%">', t)
-    t = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', t)
-    t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title>
+<style>
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1200px;margin:0 auto;padding:0 1em 3em;
+     line-height:1.45;color:#222}
+nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:.5em 0;font-size:90%;z-index:1}
+nav a{margin-right:1.2em;text-decoration:none}
+table{border-collapse:collapse;margin:1em 0;font-variant-numeric:tabular-nums}
+td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top}
+th{background:#f3f3f3}
+.ci{display:block;font-size:75%;color:#666;white-space:nowrap}
+table + p{font-size:88%;color:#444}
+figure{margin:1.5em 0}
+figure img{max-width:100%}
+figcaption{font-size:90%;color:#444}
+code{background:#f6f6f6;padding:0 .2em}
+</style></head>
+<body>
+{% if nav %}<nav>{% for id, text in nav %}<a href="#{{ id }}">{{ text }}</a>{% endfor %}</nav>{% endif %}
+<main>
+{{ body }}
+</main>
+</body></html>
+"""
 
 
 def markdown_to_html(md: str, title: str) -> str:
-    """The Markdown subset the reports write (headings, lists, pipe tables with their column
-    alignment, images with a caption, links, bold, code), as a self-contained HTML page; links to
-    ``.md`` files point to their ``.html`` renderings. No dependency."""
-    import html
+    """A report page's Markdown as a self-contained HTML page: markdown-it-py (CommonMark with
+    tables) renders it and a jinja2 template adds the style and a navigation bar over the page's
+    sections. Links to ``.md`` files point to their ``.html`` renderings; a line that is an image
+    becomes a figure with its caption; a table cell's trailing interval sits under its value."""
     import re
 
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-           "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.4}"
-           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px}"
-           "th{background:#f3f3f3}.r{text-align:right}.l{text-align:left}"
-           "figure{margin:1.5em 0}figcaption{font-size:90%;color:#444}</style></head><body>"]
+    import jinja2
+    from markdown_it import MarkdownIt
+    from markupsafe import Markup
 
-    def inline(text: str) -> str:
-        return re.sub(r'href="([^"#:]+)\.md"', r'href="\1.html"', _inline(text))
-
-    lines, i = md.split("\n"), 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("|"):
-            rows, align = [], []
-            while i < len(lines) and lines[i].startswith("|"):
-                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
-                if cells and all(c and set(c) <= set("-:") for c in cells):
-                    align = ["r" if c.endswith(":") else "l" for c in cells]
-                else:
-                    rows.append(cells)
-                i += 1
-
-            def row(cells, tag, align=align):
-                return "<tr>" + "".join(
-                    f"<{tag} class='{align[k] if k < len(align) else 'l'}'>{inline(c)}</{tag}>"
-                    for k, c in enumerate(cells)) + "</tr>"
-
-            out.append("<table><thead>" + row(rows[0], "th") + "</thead><tbody>")
-            out += [row(cells, "td") for cells in rows[1:]]
-            out.append("</tbody></table>")
-            continue
-        if line.startswith("- "):
-            out.append("<ul>")
-            while i < len(lines) and lines[i].startswith("- "):
-                out.append(f"<li>{inline(lines[i][2:])}</li>")
-                i += 1
-            out.append("</ul>")
-            continue
-        figure = re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)(.*)", line.strip())
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif figure:
-            alt, src, rest = figure.groups()
-            out.append(f"<figure><img alt='{html.escape(alt)}' src='{html.escape(src)}' style='max-width:100%'>"
-                       f"<figcaption>{html.escape(alt)}{inline(rest)}</figcaption></figure>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-        i += 1
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+    parser = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = parser.parse(md)
+    nav, seen = [], set()
+    for i, tok in enumerate(tokens):
+        if tok.type == "heading_open":
+            text = tokens[i + 1].content
+            slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+            while slug in seen:
+                slug += "-"
+            seen.add(slug)
+            tok.attrSet("id", slug)
+            if tok.tag == "h2":
+                nav.append((slug, re.sub(r"[*`]", "", text)))
+        for child in tok.children or []:
+            href = child.attrGet("href") if child.type == "link_open" else None
+            if href and re.fullmatch(r"[^:#?]+\.md(#.*)?", href):  # a relative link to a page we render
+                child.attrSet("href", re.sub(r"\.md(?=#|$)", ".html", href))
+    body = parser.renderer.render(tokens, parser.options, {})
+    # a paragraph that is an image (and its PDF link): a figure with a caption
+    body = re.sub(r'<p><img src="([^"]+)" alt="([^"]*)" />(.*?)</p>',
+                  r'<figure><img src="\1" alt="\2" loading="lazy"><figcaption>\2\3</figcaption></figure>', body)
+    # "75.00 [63.2, 84.0]" ending a cell: the interval on its own small line
+    body = re.sub(r"(\d) \[([-+\d.]+, [-+\d.]+)\](</strong>)?</td>", r'\1\3<span class="ci">[\2]</span></td>', body)
+    page = jinja2.Environment(autoescape=True).from_string(_PAGE)
+    return page.render(title=title, nav=nav, body=Markup(body))
 
 
 # ----------------------------------------------------------------------------- the report
@@ -547,10 +541,23 @@ def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list,
         index += ["## Against the seed paper", "", parts["paper_comparison.md"]]
     if everything:
         index += ["## Cost", "", "[timing table](timing.md), [CSV](timing.csv)", ""]
-    for f in figures:
-        if f.suffix == ".png":
-            index.append(f"![{f.stem}](figures/{f.name}) ([PDF](figures/{f.stem}.pdf))")
+    pngs = [f for f in figures if f.suffix == ".png"]
+    if pngs:
+        index += ["## Figures", ""]
+    for f in pngs:  # each under its own heading, its caption (what it plots) inside the image
+        index += [f"### {FIGURE_TITLES.get(f.stem, f.stem)}", "",
+                  f"![{f.stem}](figures/{f.name}) ([PDF](figures/{f.stem}.pdf))", ""]
     return index
+
+
+FIGURE_TITLES = {
+    "timing": "Evaluation cost per row, by attack",
+    "cost_robustness": "Evaluation cost against robust accuracy",
+    "robust_worst": "Worst-case robust accuracy per row",
+    "noise_discard": "Noise discard (the seed paper's Figure 2)",
+    "alpha": "The weight of the representation loss (the seed paper's Figure 6b)",
+    "umap_restored": "Restored representations under white-box PGD (UMAP, the seed paper's Figure 5)",
+}
 
 
 def write_report(run_dir: Path, preset: str = "all") -> list[Path]:

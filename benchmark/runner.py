@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,7 +41,9 @@ from benchmark.experiment import (
 from benchmark.harness import run_attack
 from benchmark.io import atomic_write_json
 from benchmark.locks import OwnerLock, owner_info, sweep_stale_locks
+from benchmark.logs import activity, heartbeat
 from benchmark.masking import ChecksRecord, RowKey, run_checks, valid_checks, write_checks
+from benchmark.plan import RunProgress, uses_static_pairs
 from benchmark.records import CellRecord, bit_string, count_string, valid_record, write_record
 from benchmark.registry import ATTACKS, DEFENSES
 from benchmark.runtime import fix_cublas_workspace, resolve_device, versions
@@ -175,8 +177,9 @@ class _Builder:
             r = self.runner
             spec = next(t for t in r.cfg.targets if t.name == name)
             try:
-                self._targets[name] = prepare_target(self.ds, spec, r.cfg, r.device, self.artifacts,
-                                                     progress=r.progress, train=self.train_targets)[:2]
+                with activity(f"preparing target {self.ds.name}/{name}"):
+                    self._targets[name] = prepare_target(self.ds, spec, r.cfg, r.device, self.artifacts,
+                                                         progress=r.progress, train=self.train_targets)[:2]
             except Exception as exc:
                 self._failed[name] = _describe(exc)
                 raise
@@ -189,9 +192,10 @@ class _Builder:
         together = distributed.active() and DEFENSES.get(dspec.registered).data_parallel
 
         def build():
-            return prepare_defense(self.ds, dspec, trained_on, trained_card, r.cfg, r.device, self.artifacts,
-                                   self.train_data, data_shape=(self.eval_set.channels, self.eval_set.image_size[0]),
-                                   progress=r.progress, train=self.train, together=together)
+            with activity(f"preparing defense {self.ds.name}/{dspec.name}"):
+                return prepare_defense(self.ds, dspec, trained_on, trained_card, r.cfg, r.device, self.artifacts,
+                                       self.train_data, data_shape=(self.eval_set.channels, self.eval_set.image_size[0]),
+                                       progress=r.progress, train=self.train, together=together)
 
         return build() if together else _on_main_first(build)
 
@@ -205,6 +209,7 @@ class Runner:
         if any(t.train is not None and t.train.deterministic for t in cfg.targets):
             fix_cublas_workspace()  # before the process's first cuBLAS call
         self.progress = progress
+        self.eta: RunProgress | None = None  # set by run()
         self.config_path = config_path
         self.device = distributed.init_from_env(resolve_device(device or cfg.device))
         # An unexpected error in a defense's training, a row's checks or a cell is logged with its
@@ -277,10 +282,31 @@ class Runner:
         log.info("%d cells planned, %d to compute, %d already recorded", len(self.cells), len(todo),
                  len(self.cells) - len(pending))
         todo_ids = {c.cell_id for c in todo}
-        bar = tqdm(total=len(todo), desc="matrix", disable=not self.progress or not main, dynamic_ncols=True)
-        computed = 0
+        # the remaining time, weighted by each stage's expected cost (a run of the whole matrix)
+        self.eta = RunProgress.of(self) if main and cells is None and rows is None else None
+        bar = tqdm(total=len(todo), desc="matrix", disable=not self.progress or not main, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         busy: list[str] = []
         failures: list[str] = []
+        with ExitStack() as stack:
+            if main and not self.progress:  # no bars: a "still ..." line when a long step is quiet
+                stack.enter_context(heartbeat(eta=self.eta.text if self.eta else None))
+            computed = self._run_matrix(todo_ids, unchecked_rows, manifest, bar, busy, failures, train)
+        bar.close()
+        from benchmark.tables import write_tables
+
+        written = write_tables(self.out) if main and tables else []
+        distributed.barrier()
+        if failures:
+            raise BenchError(f"{len(failures)} failure(s), their cells are missing from the tables "
+                             f"(rerun to retry them): " + "; ".join(failures))
+        return {"planned": len(self.cells), "computed": computed, "busy": busy, "tables": written}
+
+    def _run_matrix(self, todo_ids: set[str], unchecked_rows: set, manifest: dict, bar, busy: list[str],
+                    failures: list[str], train: bool) -> int:
+        """The loop of :meth:`run`: each dataset's targets and rows, built once, then each row's
+        checks and pending cells. Returns the number of cells computed here."""
+        main, computed = distributed.is_main(), 0
         for ds in self.cfg.datasets:
             builder = _Builder(self, ds, train)
             for target in self.cfg.targets:
@@ -294,7 +320,11 @@ class Runner:
                         continue
                     try:
                         classifier, target_card = builder.target(target.name)
+                        self._progressed(bar, "target", f"{ds.name}/{target.name}")
                         defense, defense_card = builder.defense(dspec, target.name)
+                        self._progressed(bar, "defense", f"{ds.name}/{dspec.name}")
+                        if uses_static_pairs(dspec):
+                            self._progressed(bar, "pairs", f"{ds.name}/{dspec.trained_against or target.name}")
                     except Exception as exc:  # one defense that cannot be trained does not stop the others
                         if not isinstance(exc, BenchError) and not self.keep_going:
                             raise
@@ -310,25 +340,26 @@ class Runner:
                         with self._claimed(f"checks__{name}", busy, lambda ds=ds, t=target, d=dspec:
                                            not self.needs_checks(ds, t, d)) as take:
                             if take and main:  # the other ranks wait in the row's first cell
-                                with self._going_on(f"checks of {name}", failures):
+                                with self._going_on(f"checks of {name}", failures), activity(f"checks of {name}"):
                                     self.run_row_checks(ds, target, dspec, defended, data)
+                        self._progressed(bar, "checks", f"{ds.name}/{target.name}/{dspec.name}")
                     for cell in cells_here:
                         with self._claimed(cell.cell_id, busy, lambda cell=cell: valid_record(
                                 self.record_path(cell), cell.cell_hash) is not None) as take:
                             if take:
-                                with self._going_on(cell.cell_id, failures):
+                                with self._going_on(cell.cell_id, failures), activity(cell.cell_id):
                                     self.run_cell(cell, defended, data, manifest, target_card, defense_card)
                                     computed += 1
                         bar.update(1)
-        bar.close()
-        from benchmark.tables import write_tables
+                        if self.eta is not None:
+                            bar.set_postfix_str(self.eta.text(), refresh=False)
+        return computed
 
-        written = write_tables(self.out) if main and tables else []
-        distributed.barrier()
-        if failures:
-            raise BenchError(f"{len(failures)} failure(s), their cells are missing from the tables "
-                             f"(rerun to retry them): " + "; ".join(failures))
-        return {"planned": len(self.cells), "computed": computed, "busy": busy, "tables": written}
+    def _progressed(self, bar, kind: str, what: str) -> None:
+        """A stage of the plan is behind us: the remaining-time estimate (and the bar's) moves on."""
+        if self.eta is not None:
+            self.eta.done(kind, what)
+            bar.set_postfix_str(self.eta.text(), refresh=False)
 
     @contextmanager
     def _going_on(self, what: str, failures: list[str]):
@@ -466,7 +497,10 @@ class Runner:
         if not distributed.is_main():
             return record
         write_record(self.record_path(cell), record)
-        log.info("%s: %.2f%% [%.2f, %.2f] (n=%d, %.1f s%s)", cell.cell_id, 100 * outcome.accuracy, 100 * lo, 100 * hi,
+        if self.eta is not None:
+            self.eta.done("cell", cell.cell_id)
+        log.info("%s: %.2f%% [%.2f, %.2f] (n=%d, %.1f s%s)%s", cell.cell_id, 100 * outcome.accuracy, 100 * lo, 100 * hi,
                  outcome.n, wall, f", all of {outcome.draws} draws; mean over draws "
-                 f"{100 * record.scores['mean'].accuracy:.2f}%" if outcome.draws > 1 else "")
+                 f"{100 * record.scores['mean'].accuracy:.2f}%" if outcome.draws > 1 else "",
+                 f" [{self.eta.cell_text()}]" if self.eta is not None else "")
         return record

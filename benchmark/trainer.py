@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from benchmark import distributed
+from benchmark import distributed, logs
 from benchmark.errors import BenchError
 from benchmark.resume import LoopState
 
@@ -111,10 +111,11 @@ class Trainer:
                   leave=False) as bar:
             for epoch in range(first + 1, self.epochs + 1):
                 self.log.start()
-                for batch in batches(epoch):
+                for i, batch in enumerate(batches(epoch)):
                     self.log.add(len(batch[0]), **step(batch))
                     if self.steps:
                         bar.update(1)
+                        logs.step(f"epoch {epoch}/{self.epochs}, batch", i + 1, self.steps)
                 row = self.log.end(epoch, self.reduce, **(epoch_info() if epoch_info is not None else {}))
                 log.info("%s epoch %d/%d: %s, %.2f s", self.name, epoch, self.epochs, ", ".join(
                     f"{k} {v:.4g}" for k, v in row.items() if k not in ("phase", "epoch", "seconds")

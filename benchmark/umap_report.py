@@ -38,7 +38,8 @@ def class_separation(features: np.ndarray, labels: np.ndarray) -> float:
 def embed(features: np.ndarray, seed: int = 0) -> np.ndarray:
     import umap
 
-    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(features) - 1), min_dist=0.1, random_state=seed)
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(features) - 1), min_dist=0.1, random_state=seed,
+                        n_jobs=1)  # seeded: single-threaded anyway (saying so silences its warning)
     return reducer.fit_transform(features)
 
 

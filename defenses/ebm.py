@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from benchmark import logs
 from benchmark.config import require, subkey
 from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
@@ -198,6 +199,7 @@ class EBM(Defense):
             opt.step()
             sums += torch.stack([loss.detach(), e_pos.detach(), e_neg.detach()])
             bar.update(1)
+            logs.step("iteration", it + 1, cfg.iterations)
             if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
                 k = (it % cfg.log_every) + 1
                 row = {"phase": "train", "iteration": it + 1, "loss": float(sums[0]) / k,

@@ -112,6 +112,28 @@ def test_autoattack_wrapper_equals_a_direct_pyautoattack_call(trained_pair, eval
     assert torch.equal(ours.correct, direct_correct)
 
 
+def test_autoattack_subset_runs_those_members_with_the_version_settings(trained_pair, eval_batch):
+    """``attacks: [apgd-ce, apgd-t]`` is the standard version's settings minus FAB-T and Square:
+    the same images as pyautoattack's standard run stopped after APGD-T."""
+    from pyautoattack import AutoAttack
+
+    from benchmark.config import ConfigError
+    from benchmark.errors import BenchError
+
+    x, y = eval_batch[0][:12], eval_batch[1][:12]
+    ours = _acc(trained_pair, "at", _attack("autoattack", version="auto", attacks=["apgd-ce", "apgd-t"], seed=0), x, y)
+    model = _defended(trained_pair)
+    direct = AutoAttack(model, norm="Linf", eps=THREAT.eps, version="standard", seed=0, device="cpu")
+    direct.attacks_to_run = ["apgd-ce", "apgd-t"]
+    with torch.no_grad():
+        x_adv, _ = direct.run_standard_evaluation(x, y, batch_size=len(x))
+        assert torch.equal(ours.correct, model(x_adv).argmax(1) == y)
+    with pytest.raises(ConfigError, match=r"attack.attacks: must be a non-empty list of apgd-ce, apgd-dlr"):
+        _attack("autoattack", attacks=["apgd-x"])
+    with pytest.raises(BenchError, match=r"apgd-t not in the rand version \(apgd-ce, apgd-dlr\)"):
+        _attack("autoattack", version="rand", attacks=["apgd-t"]).run(model, x, y, THREAT, None)
+
+
 # ----------------------------------------------------------------------------- cross-checks against torchattacks
 needs_torchattacks = pytest.mark.skipif(importlib.util.find_spec("torchattacks") is None,
                                         reason="torchattacks not installed (see the README's test command)")

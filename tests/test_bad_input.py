@@ -78,6 +78,11 @@ CASES = {
     "path traversal in a row name": (lambda t: _run(t, defenses=[{"name": "../../x", "defense": "none"}]),
                                      "is not allowed"),
     "duplicate row names": (lambda t: _run(t, defenses=[{"name": "none"}, {"name": "none"}]), "duplicate names"),
+    "UMAP of a row that is not there": (lambda t: _run(t, report={"umap": ["DIR"]}),
+                                        "report.umap: ['DIR'] are not defenses of this config"),
+    "AutoAttack member that does not exist": (
+        lambda t: _run(t, attacks=[{"name": "autoattack", "params": {"attacks": ["fab-x"]}}]),
+        "attacks[0] (autoattack).params.attacks: must be a non-empty list of"),
     "unknown top-level key": (lambda t: _run(t, thread={"eps": 0.1}), "unknown key 'thread'"),
     "unknown attack parameter": (lambda t: _run(t, attacks=[{"name": "pgd", "params": {"stepz": 3}}]), "stepz"),
     "unknown defense option": (lambda t: _run(t, defenses=[{"name": "dir", "options": {"depthh": 3}}]), "depthh"),

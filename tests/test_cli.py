@@ -191,8 +191,15 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     assert "diagnostics (not robustness of the defended model)" in table and "all R = 4" in table
     assert "| EBM |" in (out_dir / "tables" / "draws.md").read_text()
     assert (out_dir / "run.log").is_file() and "| none |" in r.stdout
+    # not a terminal: no bars or cursor movement, one line per cell with the cost-weighted remaining time
+    assert "\x1b[" not in r.stdout + r.stderr and "\r" not in r.stderr
+    assert f"[{len(records)}/{len(records)} cells, about 0 s left]" in r.stderr
     # the run ends with its report and says where it is
     assert (out_dir / "report" / "index.html").is_file() and "Open it:  python -m webbrowser file://" in r.stdout
+    # with the UMAP of the rows the config's report.umap names (the target alone and DIR)
+    umap_scores = json.loads((out_dir / "report" / "figures" / "umap_restored.json").read_text())
+    assert sorted(umap_scores) == ["DIR", "none"] and "figures/umap_restored.png" in (
+        out_dir / "report" / "index.md").read_text()
     # the report over the smoke run: every table and figure its cells allow, linked from the index
     rep = _run("report", str(out_dir), timeout=300)
     assert rep.returncode == 0, rep.stderr[-2000:]

@@ -44,3 +44,56 @@ def test_target_estimate_has_a_step_floor_and_charges_determinism(tmp_path):
     full = planner.target_estimate(target, 50_000)
     per_epoch = costs["target_epoch_50k"]["at"]["s"]
     assert abs(full.seconds - target.train.epochs * per_epoch * costs["deterministic_factor"]["x"]) < 1e-6
+
+
+def test_run_progress_weights_the_remaining_time_by_each_stage_cost(tmp_path):
+    """The remaining time is the estimate of what is left, scaled by the speed this run has shown
+    on stages of the same kind (training apart from evaluation)."""
+    from benchmark.plan import RunProgress
+
+    planner = _planner(tmp_path)
+    stages = planner.stages()
+    eta = RunProgress(stages, len(planner.runner.pending()))
+    cells = [s for s in stages if s.kind == "cells"]
+    assert all(abs(sum(s.parts.values()) - s.seconds) < 1e-6 for s in cells)  # every cell has its share
+    assert eta.text() == ""  # nothing finished yet: no estimate
+    target = next(s for s in stages if s.kind == "target")
+    eta.mark -= 30.0  # the target took 30 s
+    eta.done("target", target.what)
+    train_rate = 30.0 / target.seconds
+    left = sum(eta.left.values()) * train_rate  # only training measured: everything at its rate
+    assert abs(eta.remaining_seconds() - left) / left < 0.01
+    cell_id, share = next(iter(cells[0].parts.items()))
+    eta.mark -= 10.0  # then a cell took 10 s
+    eta.done("cell", cell_id)
+    eval_rate = 10.0 / share
+    expected = sum(sec * (train_rate if RunProgress.group(k) == "train" else eval_rate)
+                   for (k, _), sec in eta.left.items())
+    assert abs(eta.remaining_seconds() - expected) / expected < 0.01
+    before = eta.done_estimate
+    eta.done("cell", "not-a-cell")  # an unknown stage moves nothing but the count
+    assert eta.done_estimate == before
+    assert eta.cell_text().startswith(f"2/{eta.cells} cells, about ")
+
+
+def test_heartbeat_says_what_is_running_when_the_log_is_quiet(caplog):
+    import logging
+    import time
+
+    from benchmark import logs
+
+    caplog.set_level(logging.INFO, logger="purifybench")
+    propagate, logs.log.propagate = logs.log.propagate, True
+    try:
+        with logs.heartbeat(every=0.2, eta=lambda: "about 1 min 05 s left"), logs.activity("digits__at__EBM__pgd"):
+            logs.step("batch", 1, 4)
+            time.sleep(0.6)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("still ")]
+        assert lines and lines[0].startswith("still digits__at__EBM__pgd: ")
+        assert "batch 1/4 done" in lines[0] and lines[0].endswith("about 1 min 05 s left")
+        caplog.clear()
+        with logs.heartbeat(every=0.2):  # no activity: nothing to say
+            time.sleep(0.4)
+        assert not [r for r in caplog.records if r.getMessage().startswith("still ")]
+    finally:
+        logs.log.propagate = propagate

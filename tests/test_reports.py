@@ -74,6 +74,35 @@ def test_paper_comparison_differences():
     assert other.empty
 
 
+class _Page:
+    """What an HTML page holds, read with the standard library's parser (not by string matching)."""
+
+    def __init__(self, text: str) -> None:
+        from html.parser import HTMLParser
+
+        self.tags, self.tables, self.links, self.images, self.figures = [], [], [], [], 0
+        page = self
+
+        class Reader(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                a = dict(attrs)
+                page.tags.append(tag)
+                if tag == "table":
+                    page.tables.append({"thead_th": 0, "rows": 0})
+                elif tag == "th" and page.tables and "thead" in page.tags[-4:]:
+                    page.tables[-1]["thead_th"] += 1
+                elif tag == "tr" and page.tables:
+                    page.tables[-1]["rows"] += 1
+                elif tag == "a":
+                    page.links.append(a.get("href", ""))
+                elif tag == "img":
+                    page.images.append(a.get("src", ""))
+                elif tag == "figure":
+                    page.figures += 1
+
+        Reader().feed(text)
+
+
 def test_timing_table_and_report_files(tmp_path):
     run = tmp_path / "run"
     (run / "records").mkdir(parents=True)
@@ -106,6 +135,15 @@ def test_timing_table_and_report_files(tmp_path):
     assert "+4.28" in (run / "report" / "paper_comparison.md").read_text()  # 50.00 - 45.72
     assert cli_main(["report", str(run)]) == 0
     assert "ablation.md" not in names  # the block needs joint-at and dir-official rows
+    # every HTML page of the report, parsed: each table has a header row, each image exists
+    pages = sorted((run / "report").rglob("*.html"))
+    assert run / "report" / "index.html" in pages and len(pages) >= 5
+    for html_path in pages:
+        page = _Page(html_path.read_text())
+        assert page.tables and all(t["thead_th"] > 0 for t in page.tables), html_path
+        for src in page.images:
+            assert (html_path.parent / src).is_file(), (html_path, src)
+    assert _Page((run / "report" / "index.html").read_text()).figures >= 2
 
 
 def test_paper_figures_from_synthetic_records(tmp_path):
@@ -174,15 +212,20 @@ def test_paper_comparison_finds_tables_2_to_5_and_the_text():
 def test_markdown_to_html_renders_tables_images_and_links():
     from benchmark.reports import markdown_to_html
 
-    md = ("# T <x>\n\n| A | B |\n|---|---:|\n| **1** | `c` |\n\n![fig](figures/a.png) ([PDF](figures/a.pdf))\n"
-          "[t](../tables/results.md)\n- item\n- two")
-    page = markdown_to_html(md, "t")
-    assert "<h1>T &lt;x&gt;</h1>" in page
-    assert "<thead><tr><th class='l'>A</th><th class='r'>B</th></tr></thead><tbody>" in page
-    assert "<td class='l'><b>1</b></td><td class='r'><code>c</code></td>" in page  # the separator's alignment
-    assert "<figure><img alt='fig' src='figures/a.png'" in page and "<figcaption>fig (<a href" in page
-    assert '<a href="../tables/results.html">t</a>' in page  # the rendered page, not the raw Markdown
-    assert "<ul>\n<li>item</li>\n<li>two</li>\n</ul>" in page and "---" not in page
+    md = ("# T <x>\n\n## Results\n\n| A | B |\n|---|---:|\n| **1** | `c` |\n| y | **75.00 [63.2, 84.0]** |\n\n"
+          "Data: a note.\n\n![fig](figures/a.png) ([PDF](figures/a.pdf))\n\n[t](../tables/results.md) "
+          "[w](https://example.org/a.md)\n\n- item\n- two\n\n## Cost\n")
+    text = markdown_to_html(md, "t")
+    page = _Page(text)
+    assert "<h1 id=\"t-x\">T &lt;x&gt;</h1>" in text  # escaped, with an anchor
+    assert [t["thead_th"] for t in page.tables] == [2] and page.tables[0]["rows"] == 3  # a header row
+    assert '<th style="text-align:right">B</th>' in text  # the separator's alignment
+    assert '<strong>75.00</strong><span class="ci">[63.2, 84.0]</span></td>' in text  # the interval under it
+    assert page.figures == 1 and page.images == ["figures/a.png"] and "<figcaption>fig (<a href" in text
+    assert "../tables/results.html" in page.links  # the rendered page, not the raw Markdown
+    assert "https://example.org/a.md" in page.links  # another site's link is left alone
+    assert page.tags.count("ul") == 1 and page.tags.count("li") == 2 and "---" not in text
+    assert page.links[:2] == ["#results", "#cost"]  # the navigation bar: the page's sections
 
 
 def test_adaptive_table_shows_the_zero_gradient_flag():
