@@ -35,6 +35,19 @@ class AutoAttackParams:
             bad = [a for a in self.attacks if a not in known]
             require(not bad and len(self.attacks) > 0, subkey(where, "attacks"),
                     f"must be a non-empty list of {', '.join(known)}; got {self.attacks}")
+            if self.version != "auto":
+                check_members(self.version, self.attacks, subkey(where, "attacks"))
+
+
+def check_members(version: str, attacks: list[str], where: str, row: str | None = None) -> None:
+    """``attacks`` must all be members of ``version`` (the one a row gets, for ``version: auto``)."""
+    from benchmark.config import ConfigError
+
+    missing = [a for a in attacks if a not in SEQUENCES[version]]
+    if missing:
+        gets = f" that {row} gets" if row else ""
+        raise ConfigError(f"{where}: {', '.join(missing)} not in the {version} version{gets} "
+                          f"({', '.join(SEQUENCES[version])})")
 
 
 # each version's attacks, in the order pyautoattack runs them
@@ -61,11 +74,11 @@ class AutoAttackWrapper(Attack):
         adversary = AutoAttack(model, norm="Linf", eps=threat.eps, version=version, seed=self.params.seed,
                                device=x.device)
         adversary.verbose = False
-        if self.params.attacks is not None:
-            missing = [a for a in self.params.attacks if a not in SEQUENCES[version]]
-            if missing:
-                raise BenchError(f"autoattack params.attacks: {', '.join(missing)} not in the {version} version "
-                                 f"({', '.join(SEQUENCES[version])}) that this defense gets")
+        if self.params.attacks is not None:  # (a config has checked this per row already)
+            try:
+                check_members(version, self.params.attacks, "autoattack params.attacks", "this defense")
+            except Exception as exc:
+                raise BenchError(str(exc)) from None
             adversary.attacks_to_run = [a for a in SEQUENCES[version] if a in self.params.attacks]
         with torch.no_grad():
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))

@@ -71,20 +71,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.get("failed"):
         raise BenchError(f"{len(summary['failed'])} cluster task(s) failed: " + "; ".join(summary["failed"]))
     if not args.no_report and main and not summary.get("busy"):
-        _report_and_hint(out, cfg, str(runner.device))
+        _report_and_hint(out, cfg, str(runner.device), summary.get("computed", 1))
     return 0
 
 
-def _report_and_hint(out: Path, cfg, device: str) -> None:
+def _report_and_hint(out: Path, cfg, device: str, computed: int = 1) -> None:
     """The run's report (tables, presets, adaptive table, figures, the UMAP of the rows the config's
     ``report.umap`` names, index.html), and where to look."""
     from benchmark.reports import write_report
 
     t0 = time.perf_counter()
-    if cfg.report.umap:
+    scores = out / "report" / "figures" / "umap_restored.json"
+    if cfg.report.umap and (computed or not scores.is_file()):  # (a rerun that computed nothing keeps it)
         from benchmark.umap_report import write_umap
 
-        write_umap(out, cfg.report.umap, cfg.report.umap_n, device=device)
+        try:
+            write_umap(out, cfg.report.umap, cfg.report.umap_n, device=device)
+        except Exception as exc:  # noqa: BLE001 - the run is done: its report must still be written
+            log.warning("UMAP of %s not drawn (%s: %s); the rest of the report follows",
+                        ", ".join(cfg.report.umap), type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     write_report(out)
     index = (out / "report" / "index.html").resolve()
     log.info("report written in %.1f s", time.perf_counter() - t0)

@@ -235,7 +235,8 @@ class ReportSpec:
     umap_n: int | None = None  # test images for the UMAP (null: at most 500, at most the split)
 
     def validate(self, where: str) -> None:
-        require(self.umap_n is None or self.umap_n >= 2, subkey(where, "umap_n"), f"must be >= 2 or null, got {self.umap_n}")
+        require(self.umap_n is None or self.umap_n >= 20, subkey(where, "umap_n"),
+                f"must be >= 20 (a neighbourhood graph per class) or null, got {self.umap_n}")
 
 
 @dataclass
@@ -284,6 +285,15 @@ class ExperimentConfig:
             unknown = sorted(set(a.only or ()) - set(defenses))
             require(not unknown, subkey(where, f"attacks[{i}].only"),
                     f"{unknown} are not defenses of this config; defenses: {defenses}")
+        for i, a in enumerate(self.attacks):  # an AutoAttack subset must exist in the version each row gets
+            if a.registered == "autoattack" and a.params.get("attacks") and a.params.get("version", "auto") == "auto":
+                from attacks.autoattack import check_members
+
+                for d in self.defenses:
+                    if a.only is None or d.name in a.only:
+                        stochastic = DEFENSES.get(d.registered).stochastic_with(d.options)
+                        check_members("rand" if stochastic else "standard", a.params["attacks"],
+                                      subkey(where, f"attacks[{i}] ({a.name}).params.attacks"), f"row {d.name!r}")
         unknown = sorted(set(self.report.umap) - set(defenses))
         require(not unknown, subkey(where, "report.umap"), f"{unknown} are not defenses of this config; defenses: {defenses}")
 

@@ -74,7 +74,8 @@ def activity(what: str) -> Iterator[None]:
 
 def step(unit: str, done: int, total: int) -> None:
     """A loop inside the current activity finished ``done`` of its ``total`` ``unit``s (e.g. batches)."""
-    _state.step = (unit, done, total)
+    with _state.lock:
+        _state.step = (unit, done, total)
 
 
 def duration(s: float) -> str:
@@ -92,7 +93,10 @@ def heartbeat_line() -> str | None:
     if st is not None:
         parts.append(f"{st[0]} {st[1]}/{st[2]} done")
     if _state.eta is not None:
-        eta = _state.eta()
+        try:
+            eta = _state.eta()
+        except Exception:  # noqa: BLE001 - an estimate that fails leaves the line without it
+            eta = ""
         if eta:
             parts.append(eta)
     return ", ".join(parts)
@@ -110,12 +114,16 @@ def heartbeat(every: float = 30.0, eta: Callable[[], str] | None = None) -> Iter
 
     def beat() -> None:
         while not stop.wait(min(5.0, every / 2)):
-            if time.monotonic() - _state.last_line >= every:
+            if time.monotonic() - _state.last_line < every:
+                continue
+            try:
                 line = heartbeat_line()
-                if line is not None:
-                    log.info("%s", line)
-                else:
-                    _state.last_line = time.monotonic()
+            except Exception:  # noqa: BLE001 - a display must never end the run, nor itself
+                line = None
+            if line is not None:
+                log.info("%s", line)
+            else:
+                _state.last_line = time.monotonic()
 
     thread = threading.Thread(target=beat, name="purifybench-heartbeat", daemon=True)
     thread.start()

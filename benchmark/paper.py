@@ -29,8 +29,8 @@ def paper_value(ref: dict, row) -> tuple[str, float] | None:
     """The seed paper's number for this cell, and where it comes from (None if it has none)."""
     ds, d, a = str(row["dataset"]), row["defense_registered"], row["attack_registered"]
     family = "svhn" if ds.startswith("svhn") else "cifar10" if "cifar10" in ds else None
-    if family is None:
-        return None
+    if family is None or row.get("gradient") in ("exact", "bpda+exact") or row.get("attack_subset"):
+        return None  # no data of the paper's, or not the paper's attack (exact gradients, part of AutoAttack)
     method = row.get("target_method")
     options = row.get("defense_options") or {}
     if is_depth_variant(d, options):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -315,7 +316,15 @@ class Planner:
                 est.add(overhead)
                 names.append(cell.attack.name)
                 if cell.attack.registered == "autoattack":
-                    est.add(*self.autoattack(n, spec, stochastic))
+                    figure, times = self.autoattack(n, spec, stochastic)
+                    members = cell.attack.params.get("attacks")
+                    if members:  # a subset of the version's attacks: their share of it (a guess)
+                        from attacks.autoattack import SEQUENCES
+
+                        version = cell.attack.params.get("version", "auto")
+                        version = ("rand" if stochastic else "standard") if version == "auto" else version
+                        figure = Figure(figure.value * len(members) / len(SEQUENCES[version]), True)
+                    est.add(figure, times)
                 else:
                     passes, guess = self.attack_passes(cell.attack, stochastic)
                     est.add(Figure(one.value, one.guess or guess), passes + draws / 3)
@@ -332,29 +341,32 @@ class RunProgress:
     """A run's remaining time, weighted by what each stage is expected to cost: the plan's
     estimates (figures for one H100), scaled by the speed this run has shown so far on stages of
     the same kind (training, or evaluation: checks and cells), so that a minute-long AutoAttack
-    cell counts for more than a clean one. Stages are keyed as the plan names them; a cell by
-    its id. Stages run one after the other: the time since the previous mark belongs to the
-    stage just finished."""
+    cell counts for more than a clean one. Stages are keyed as the plan names them (a defense
+    trained for several targets has one entry per training); a cell by its id. Stages run one
+    after the other: the time since the previous mark belongs to the stage just finished, and
+    a stage that failed or was left to another worker is skipped without charging its time."""
 
     TRAINING = ("target", "defense", "pairs")
 
     def __init__(self, stages: list[Stage], cells: int) -> None:
-        self.left: dict[tuple[str, str], float] = {}
+        self.left: dict[tuple[str, str], list[float]] = {}
         for s in stages:
             if s.kind == "cells":
-                self.left.update({("cell", cid): sec for cid, sec in s.parts.items()})
+                for cid, sec in s.parts.items():
+                    self.left.setdefault(("cell", cid), []).append(sec)
             elif s.kind != "data":  # loaded before the run starts
-                self.left[(s.kind, s.what)] = s.seconds
+                self.left.setdefault((s.kind, s.what), []).append(s.seconds)
         self.cells, self.cells_done = cells, 0
         self.spent = {"train": 0.0, "eval": 0.0}  # seconds measured, per group
         self.estimated = {"train": 0.0, "eval": 0.0}  # the plan's seconds of what they covered
-        self.t0 = self.mark = time.monotonic()
+        self.mark = time.monotonic()
+        self.lock = threading.Lock()  # the heartbeat thread reads while the run marks
 
     @classmethod
-    def of(cls, runner) -> RunProgress | None:
+    def of(cls, runner, pending: int) -> RunProgress | None:
         """For a run of the whole matrix; None when the plan cannot be estimated (it is only a display)."""
         try:
-            return cls(Planner(runner).stages(), len(runner.pending()))
+            return cls(Planner(runner).stages(), pending)
         except Exception:  # noqa: BLE001 - an estimate that fails must not stop the run
             return None
 
@@ -366,26 +378,46 @@ class RunProgress:
     def done_estimate(self) -> float:
         return sum(self.estimated.values())
 
+    def _pop(self, kind: str, what: str) -> float | None:
+        queue = self.left.get((kind, what))
+        if not queue:
+            return None
+        sec = queue.pop(0)
+        if not queue:
+            del self.left[(kind, what)]
+        return sec
+
     def done(self, kind: str, what: str) -> None:
-        now = time.monotonic()
-        if (kind, what) in self.left:
-            g = self.group(kind)
-            self.estimated[g] += self.left.pop((kind, what))
-            self.spent[g] += now - self.mark
+        """The stage finished: its time counts towards its group's speed."""
+        with self.lock:
+            now = time.monotonic()
+            sec = self._pop(kind, what)
+            if sec is not None:
+                g = self.group(kind)
+                self.estimated[g] += sec
+                self.spent[g] += now - self.mark
             self.mark = now
-        if kind == "cell":
-            self.cells_done += 1
+            if kind == "cell":
+                self.cells_done += 1
+
+    def skip(self, kind: str, what: str) -> None:
+        """The stage will not run here (failed, or another worker holds it): forget it, time included."""
+        with self.lock:
+            if self._pop(kind, what) is not None and kind == "cell":
+                self.cells_done += 1
+            self.mark = time.monotonic()
 
     def remaining_seconds(self) -> float | None:
-        total_spent = sum(self.spent.values())
-        if self.done_estimate <= 0 or total_spent < 1:
-            return None
-        overall = total_spent / self.done_estimate
-        left = 0.0
-        for (kind, _), sec in self.left.items():
-            g = self.group(kind)
-            left += sec * (self.spent[g] / self.estimated[g] if self.estimated[g] > 0 else overall)
-        return left
+        with self.lock:
+            total_spent = sum(self.spent.values())
+            if self.done_estimate <= 0 or total_spent < 1:
+                return None
+            overall = total_spent / self.done_estimate
+            left = 0.0
+            for (kind, _), queue in self.left.items():
+                g = self.group(kind)
+                left += sum(queue) * (self.spent[g] / self.estimated[g] if self.estimated[g] > 0 else overall)
+            return left
 
     def text(self) -> str:
         """e.g. "about 3 min 10 s left" ("" until something has finished)."""

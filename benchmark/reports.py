@@ -45,6 +45,7 @@ def _frame(records: list[CellRecord | dict]) -> pd.DataFrame:
     df["defense_train_seconds"] = [(r.defense_training or {}).get("seconds") for r in records]
     df["gradient_masked"] = [r.gradient_check is not None and r.gradient_check.masked for r in records]
     df["gradient"] = [gradient_mode(r) for r in records]
+    df["attack_subset"] = [bool((r.attack_params or {}).get("attacks")) for r in records]  # part of AutoAttack
     return df
 
 
@@ -481,9 +482,11 @@ def markdown_to_html(md: str, title: str) -> str:
     for i, tok in enumerate(tokens):
         if tok.type == "heading_open":
             text = tokens[i + 1].content
-            slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
-            while slug in seen:
-                slug += "-"
+            base = slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+            k = 0
+            while slug in seen:  # a repeated heading: "results-1", "results-2", ...
+                k += 1
+                slug = f"{base}-{k}"
             seen.add(slug)
             tok.attrSet("id", slug)
             if tok.tag == "h2":
@@ -520,7 +523,7 @@ def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list,
              "## Results", "", "Accuracy (%) with its 95% Wilson interval.", "",
              to_markdown(build_blocks(records_frame(records), load_checks(run_dir) or None), intervals=True),
              "Tables: [markdown](../tables/results.md), [with 95% intervals](../tables/results_ci.md), "
-             "[LaTeX](../tables/results.tex), [CSV](../tables/results.csv)", ""]
+             "[LaTeX](../tables/results.tex) ([with intervals](../tables/results_ci.tex)), [CSV](../tables/results.csv)", ""]
     if preset_files:
         index += ["## The seed paper's tables", ""]
         for name, paths in preset_files.items():

@@ -283,7 +283,7 @@ class Runner:
                  len(self.cells) - len(pending))
         todo_ids = {c.cell_id for c in todo}
         # the remaining time, weighted by each stage's expected cost (a run of the whole matrix)
-        self.eta = RunProgress.of(self) if main and cells is None and rows is None else None
+        self.eta = RunProgress.of(self, len(todo)) if main and cells is None and rows is None else None
         bar = tqdm(total=len(todo), desc="matrix", disable=not self.progress or not main, dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         busy: list[str] = []
@@ -323,6 +323,8 @@ class Runner:
                         self._progressed(bar, "target", f"{ds.name}/{target.name}")
                         defense, defense_card = builder.defense(dspec, target.name)
                         self._progressed(bar, "defense", f"{ds.name}/{dspec.name}")
+                        if dspec.trained_against:  # trained inside the defense's preparation
+                            self._progressed(bar, "target", f"{ds.name}/{dspec.trained_against}")
                         if uses_static_pairs(dspec):
                             self._progressed(bar, "pairs", f"{ds.name}/{dspec.trained_against or target.name}")
                     except Exception as exc:  # one defense that cannot be trained does not stop the others
@@ -332,6 +334,8 @@ class Runner:
                                   _describe(exc), len(cells_here), exc_info=not isinstance(exc, BenchError))
                         failures.append(f"{ds.name}/{target.name}/{dspec.name}: {_describe(exc)}")
                         bar.update(len(cells_here))
+                        for what in [("defense", f"{ds.name}/{dspec.name}")] + [("cell", c.cell_id) for c in cells_here]:
+                            self._progressed(bar, *what, skip=True)
                         continue
                     defended = DefendedModel.for_defense(defense, classifier)
                     data = builder.eval_set if dspec.eval_n is None else builder.eval_set.head(dspec.eval_n)
@@ -351,14 +355,15 @@ class Runner:
                                     self.run_cell(cell, defended, data, manifest, target_card, defense_card)
                                     computed += 1
                         bar.update(1)
-                        if self.eta is not None:
-                            bar.set_postfix_str(self.eta.text(), refresh=False)
+                        # a cell that failed or that another worker holds: left out of the estimate
+                        self._progressed(bar, "cell", cell.cell_id, skip=True)
         return computed
 
-    def _progressed(self, bar, kind: str, what: str) -> None:
-        """A stage of the plan is behind us: the remaining-time estimate (and the bar's) moves on."""
+    def _progressed(self, bar, kind: str, what: str, skip: bool = False) -> None:
+        """A stage of the plan is behind us (``skip``: it will not run here): the remaining-time
+        estimate, and the bar's, move on."""
         if self.eta is not None:
-            self.eta.done(kind, what)
+            (self.eta.skip if skip else self.eta.done)(kind, what)
             bar.set_postfix_str(self.eta.text(), refresh=False)
 
     @contextmanager

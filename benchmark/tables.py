@@ -333,7 +333,8 @@ def _tex_escape(s: str) -> str:
     return s
 
 
-def to_latex(blocks: list[dict]) -> str:
+def to_latex(blocks: list[dict], intervals: bool = False) -> str:
+    """booktabs tables; ``intervals``: each value followed by its 95% Wilson interval in small type."""
     out = []
     for b in blocks:
         bold = bold_cells(b)
@@ -341,8 +342,10 @@ def to_latex(blocks: list[dict]) -> str:
         def cell(r, col, bold=bold):
             if col not in r["cells"]:
                 return "--"
-            text = f"{100 * r['cells'][col].acc:.2f}"
-            return rf"\textbf{{{text}}}" if (r["defense"], col) in bold else text
+            c = r["cells"][col]
+            text = f"{100 * c.acc:.2f}"
+            text = rf"\textbf{{{text}}}" if (r["defense"], col) in bold else text
+            return text + (rf"\,{{\scriptsize[{100 * c.lo:.1f}, {100 * c.hi:.1f}]}}" if intervals else "")
 
         f = b["footer"]
         caption = f"{block_title(b)}: accuracy (%), n = {', '.join(map(str, f['n']))}, {f['norm']} eps = {f['eps']:.4f}"
@@ -407,6 +410,7 @@ def write_tables(run_dir: Path) -> list[Path]:
         atomic_write_text(tdir / "results.md", to_markdown(blocks)),
         atomic_write_text(tdir / "results_ci.md", to_markdown(blocks, intervals=True)),
         atomic_write_text(tdir / "results.tex", to_latex(blocks)),
+        atomic_write_text(tdir / "results_ci.tex", to_latex(blocks, intervals=True)),
         atomic_write_text(tdir / "results.csv", to_csv_frame(blocks).to_csv(index=False)),
         atomic_write_text(tdir / "draws.md", draws_markdown(records)),
     ]

@@ -130,8 +130,17 @@ def test_autoattack_subset_runs_those_members_with_the_version_settings(trained_
         assert torch.equal(ours.correct, model(x_adv).argmax(1) == y)
     with pytest.raises(ConfigError, match=r"attack.attacks: must be a non-empty list of apgd-ce, apgd-dlr"):
         _attack("autoattack", attacks=["apgd-x"])
-    with pytest.raises(BenchError, match=r"apgd-t not in the rand version \(apgd-ce, apgd-dlr\)"):
-        _attack("autoattack", version="rand", attacks=["apgd-t"]).run(model, x, y, THREAT, None)
+    with pytest.raises(ConfigError, match=r"attack.attacks: apgd-t not in the rand version \(apgd-ce, apgd-dlr\)"):
+        _attack("autoattack", version="rand", attacks=["apgd-t"])
+
+    class Random(torch.nn.Module):  # auto resolves to rand on a stochastic model: checked at run time too
+        stochastic = True
+
+        def forward(self, z):
+            return model(z)
+
+    with pytest.raises(BenchError, match=r"apgd-t not in the rand version that this defense gets"):
+        _attack("autoattack", attacks=["apgd-t"]).run(Random(), x, y, THREAT, None)
 
 
 # ----------------------------------------------------------------------------- cross-checks against torchattacks

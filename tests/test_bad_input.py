@@ -80,6 +80,10 @@ CASES = {
     "duplicate row names": (lambda t: _run(t, defenses=[{"name": "none"}, {"name": "none"}]), "duplicate names"),
     "UMAP of a row that is not there": (lambda t: _run(t, report={"umap": ["DIR"]}),
                                         "report.umap: ['DIR'] are not defenses of this config"),
+    "AutoAttack member a stochastic row's version lacks": (
+        lambda t: _run(t, defenses=[{"name": "none"}, {"name": "ME-Net", "defense": "menet"}],
+                       attacks=[{"name": "autoattack", "params": {"attacks": ["apgd-ce", "apgd-t"]}}]),
+        "attacks[0] (autoattack).params.attacks: apgd-t not in the rand version that row 'ME-Net' gets"),
     "AutoAttack member that does not exist": (
         lambda t: _run(t, attacks=[{"name": "autoattack", "params": {"attacks": ["fab-x"]}}]),
         "attacks[0] (autoattack).params.attacks: must be a non-empty list of"),

@@ -61,19 +61,24 @@ def test_run_progress_weights_the_remaining_time_by_each_stage_cost(tmp_path):
     eta.mark -= 30.0  # the target took 30 s
     eta.done("target", target.what)
     train_rate = 30.0 / target.seconds
-    left = sum(eta.left.values()) * train_rate  # only training measured: everything at its rate
+    left = sum(map(sum, eta.left.values())) * train_rate  # only training measured: everything at its rate
     assert abs(eta.remaining_seconds() - left) / left < 0.01
     cell_id, share = next(iter(cells[0].parts.items()))
     eta.mark -= 10.0  # then a cell took 10 s
     eta.done("cell", cell_id)
     eval_rate = 10.0 / share
-    expected = sum(sec * (train_rate if RunProgress.group(k) == "train" else eval_rate)
-                   for (k, _), sec in eta.left.items())
+    expected = sum(sum(q) * (train_rate if RunProgress.group(k) == "train" else eval_rate)
+                   for (k, _), q in eta.left.items())
     assert abs(eta.remaining_seconds() - expected) / expected < 0.01
     before = eta.done_estimate
-    eta.done("cell", "not-a-cell")  # an unknown stage moves nothing but the count
+    eta.done("cell", "not-a-cell")  # a cell the plan did not list: counted, no estimate moves
     assert eta.done_estimate == before
     assert eta.cell_text().startswith(f"2/{eta.cells} cells, about ")
+    other_id, other_share = list(cells[0].parts.items())[1]
+    eta.mark -= 50.0  # a cell that failed after 50 s: left out, its time not charged to anything
+    eta.skip("cell", other_id)
+    assert eta.cells_done == 3 and ("cell", other_id) not in eta.left
+    assert abs(eta.remaining_seconds() - (expected - other_share * eval_rate)) / expected < 0.01
 
 
 def test_heartbeat_says_what_is_running_when_the_log_is_quiet(caplog):
@@ -85,15 +90,24 @@ def test_heartbeat_says_what_is_running_when_the_log_is_quiet(caplog):
     caplog.set_level(logging.INFO, logger="purifybench")
     propagate, logs.log.propagate = logs.log.propagate, True
     try:
+        def still():
+            return [r.getMessage() for r in caplog.records if r.getMessage().startswith("still ")]
+
         with logs.heartbeat(every=0.2, eta=lambda: "about 1 min 05 s left"), logs.activity("digits__at__EBM__pgd"):
             logs.step("batch", 1, 4)
-            time.sleep(0.6)
-        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("still ")]
+            deadline = time.monotonic() + 10
+            while not still() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        lines = still()
         assert lines and lines[0].startswith("still digits__at__EBM__pgd: ")
         assert "batch 1/4 done" in lines[0] and lines[0].endswith("about 1 min 05 s left")
+        assert logs.heartbeat_line() is None  # the activity ended: nothing to say
         caplog.clear()
-        with logs.heartbeat(every=0.2):  # no activity: nothing to say
-            time.sleep(0.4)
-        assert not [r for r in caplog.records if r.getMessage().startswith("still ")]
+        with logs.heartbeat(every=0.2, eta=lambda: 1 / 0):  # a failing estimate does not stop the beat
+            with logs.activity("training"):
+                deadline = time.monotonic() + 10
+                while not still() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        assert still() and still()[0].startswith("still training: ")
     finally:
         logs.log.propagate = propagate

@@ -81,15 +81,22 @@ class _Page:
         from html.parser import HTMLParser
 
         self.tags, self.tables, self.links, self.images, self.figures = [], [], [], [], 0
+        self.in_thead = False
         page = self
 
         class Reader(HTMLParser):
+            def handle_endtag(self, tag):
+                if tag == "thead":
+                    page.in_thead = False
+
             def handle_starttag(self, tag, attrs):
                 a = dict(attrs)
                 page.tags.append(tag)
+                if tag == "thead":
+                    page.in_thead = True
                 if tag == "table":
                     page.tables.append({"thead_th": 0, "rows": 0})
-                elif tag == "th" and page.tables and "thead" in page.tags[-4:]:
+                elif tag == "th" and page.tables and page.in_thead:
                     page.tables[-1]["thead_th"] += 1
                 elif tag == "tr" and page.tables:
                     page.tables[-1]["rows"] += 1

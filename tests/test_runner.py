@@ -86,6 +86,8 @@ def test_matrix_records_tables_and_artifact_reuse(tmp_path):
     csv = (out / "tables" / "results.csv").read_text().splitlines()
     assert csv[0].startswith("dataset,target,defense,column,accuracy,ci_low,ci_high")
     assert (out / "tables" / "results.tex").read_text().count(r"\toprule") == 1
+    assert r"{\scriptsize[" in (out / "tables" / "results_ci.tex").read_text()  # the intervals in LaTeX
+    assert r"{\scriptsize[" not in (out / "tables" / "results.tex").read_text()
     # same config again: nothing recomputed, nothing retrained
     stamps = _artifacts(out)
     assert _run(_write(tmp_path, BASE), out)["computed"] == 0
