@@ -215,7 +215,7 @@ def work(payload: dict) -> dict:
     import torch
 
     from benchmark.locks import owner_info
-    from benchmark.logs import setup_logging
+    from benchmark.logs import heartbeat, setup_logging
     from benchmark.runner import Runner
 
     setup_logging(None)  # to stderr, which submitit keeps in the job's log
@@ -233,11 +233,13 @@ def work(payload: dict) -> dict:
         runner = Runner(share.cfg, Path(share.out), device=share.device, force=share.force, progress=False,
                         config_path=share.config_path)
         runner.preflight()
-        if share.stage == "targets":
-            out = runner.build_artifacts(targets=[t.row for t in share.tasks])
-            result.built, result.failed = out["built"], out["failed"]
-        elif share.stage == "defenses":
-            out = runner.build_artifacts(rows=[t.row for t in share.tasks], train_targets=False)
+        if share.stage in ("targets", "defenses"):
+            # a "still ..." line in the job's log while a long training is quiet (run() has its own)
+            with heartbeat():
+                if share.stage == "targets":
+                    out = runner.build_artifacts(targets=[t.row for t in share.tasks])
+                else:
+                    out = runner.build_artifacts(rows=[t.row for t in share.tasks], train_targets=False)
             result.built, result.failed = out["built"], out["failed"]
         else:
             cells = {t.cell_id for t in share.tasks if t.kind == "cell"}
