@@ -17,7 +17,6 @@ from typing import Literal
 import torch
 
 from attacks.base import Attack, Threat
-from benchmark.errors import BenchError
 from benchmark.registry import ATTACKS
 
 
@@ -55,10 +54,15 @@ SEQUENCES = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "rand": ("apg
              "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")}
 
 
-def resolve_version(version: str, model) -> str:
+def version_for(version: str, stochastic: bool) -> str:
+    """The version a model gets: ``auto`` is ``rand`` for a stochastic one, else ``standard``."""
     if version != "auto":
         return version
-    return "rand" if getattr(model, "stochastic", False) else "standard"
+    return "rand" if stochastic else "standard"
+
+
+def resolve_version(version: str, model) -> str:
+    return version_for(version, getattr(model, "stochastic", False))
 
 
 @ATTACKS.register("autoattack", label="AA", paper="Croce & Hein, ICML 2020",
@@ -75,10 +79,7 @@ class AutoAttackWrapper(Attack):
                                device=x.device)
         adversary.verbose = False
         if self.params.attacks is not None:  # (a config has checked this per row already)
-            try:
-                check_members(version, self.params.attacks, "autoattack params.attacks", "this defense")
-            except Exception as exc:
-                raise BenchError(str(exc)) from None
+            check_members(version, self.params.attacks, "autoattack params.attacks", "this defense")
             adversary.attacks_to_run = [a for a in SEQUENCES[version] if a in self.params.attacks]
         with torch.no_grad():
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))

@@ -83,13 +83,14 @@ def _report_and_hint(out: Path, cfg, device: str, computed: int = 1) -> None:
     t0 = time.perf_counter()
     scores = out / "report" / "figures" / "umap_restored.json"
     if cfg.report.umap and (computed or not scores.is_file()):  # (a rerun that computed nothing keeps it)
+        from benchmark.runner import describe_error
         from benchmark.umap_report import write_umap
 
         try:
             write_umap(out, cfg.report.umap, cfg.report.umap_n, device=device)
         except Exception as exc:  # noqa: BLE001 - the run is done: its report must still be written
-            log.warning("UMAP of %s not drawn (%s: %s); the rest of the report follows",
-                        ", ".join(cfg.report.umap), type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            log.warning("UMAP of %s not drawn (%s); the rest of the report follows", ", ".join(cfg.report.umap),
+                        describe_error(exc))
     write_report(out)
     index = (out / "report" / "index.html").resolve()
     log.info("report written in %.1f s", time.perf_counter() - t0)

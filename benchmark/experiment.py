@@ -287,12 +287,12 @@ class ExperimentConfig:
                     f"{unknown} are not defenses of this config; defenses: {defenses}")
         for i, a in enumerate(self.attacks):  # an AutoAttack subset must exist in the version each row gets
             if a.registered == "autoattack" and a.params.get("attacks") and a.params.get("version", "auto") == "auto":
-                from attacks.autoattack import check_members
+                from attacks.autoattack import check_members, version_for
 
                 for d in self.defenses:
                     if a.only is None or d.name in a.only:
                         stochastic = DEFENSES.get(d.registered).stochastic_with(d.options)
-                        check_members("rand" if stochastic else "standard", a.params["attacks"],
+                        check_members(version_for("auto", stochastic), a.params["attacks"],
                                       subkey(where, f"attacks[{i}] ({a.name}).params.attacks"), f"row {d.name!r}")
         unknown = sorted(set(self.report.umap) - set(defenses))
         require(not unknown, subkey(where, "report.umap"), f"{unknown} are not defenses of this config; defenses: {defenses}")

@@ -319,10 +319,9 @@ class Planner:
                     figure, times = self.autoattack(n, spec, stochastic)
                     members = cell.attack.params.get("attacks")
                     if members:  # a subset of the version's attacks: their share of it (a guess)
-                        from attacks.autoattack import SEQUENCES
+                        from attacks.autoattack import SEQUENCES, version_for
 
-                        version = cell.attack.params.get("version", "auto")
-                        version = ("rand" if stochastic else "standard") if version == "auto" else version
+                        version = version_for(cell.attack.params.get("version", "auto"), stochastic)
                         figure = Figure(figure.value * len(members) / len(SEQUENCES[version]), True)
                     est.add(figure, times)
                 else:

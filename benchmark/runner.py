@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -145,7 +145,7 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
     return cells
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """One line for an error: the message of ours, the type and first line of anything else."""
     if isinstance(exc, BenchError):
         return str(exc)
@@ -181,7 +181,7 @@ class _Builder:
                     self._targets[name] = prepare_target(self.ds, spec, r.cfg, r.device, self.artifacts,
                                                          progress=r.progress, train=self.train_targets)[:2]
             except Exception as exc:
-                self._failed[name] = _describe(exc)
+                self._failed[name] = describe_error(exc)
                 raise
         return self._targets[name]
 
@@ -288,9 +288,8 @@ class Runner:
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         busy: list[str] = []
         failures: list[str] = []
-        with ExitStack() as stack:
-            if main and not self.progress:  # no bars: a "still ..." line when a long step is quiet
-                stack.enter_context(heartbeat(eta=self.eta.text if self.eta else None))
+        no_bars = main and not self.progress  # then a "still ..." line whenever a long step is quiet
+        with heartbeat(eta=self.eta.text if self.eta else None) if no_bars else nullcontext():
             computed = self._run_matrix(todo_ids, unchecked_rows, manifest, bar, busy, failures, train)
         bar.close()
         from benchmark.tables import write_tables
@@ -331,8 +330,8 @@ class Runner:
                         if not isinstance(exc, BenchError) and not self.keep_going:
                             raise
                         log.error("defense %s/%s: %s; its %d cells are skipped", ds.name, dspec.name,
-                                  _describe(exc), len(cells_here), exc_info=not isinstance(exc, BenchError))
-                        failures.append(f"{ds.name}/{target.name}/{dspec.name}: {_describe(exc)}")
+                                  describe_error(exc), len(cells_here), exc_info=not isinstance(exc, BenchError))
+                        failures.append(f"{ds.name}/{target.name}/{dspec.name}: {describe_error(exc)}")
                         bar.update(len(cells_here))
                         for what in [("defense", f"{ds.name}/{dspec.name}")] + [("cell", c.cell_id) for c in cells_here]:
                             self._progressed(bar, *what, skip=True)
@@ -375,8 +374,8 @@ class Runner:
         except Exception as exc:
             if not self.keep_going:
                 raise
-            log.error("%s failed: %s", what, _describe(exc), exc_info=True)
-            failures.append(f"{what}: {_describe(exc)}")
+            log.error("%s failed: %s", what, describe_error(exc), exc_info=True)
+            failures.append(f"{what}: {describe_error(exc)}")
 
     @contextmanager
     def _claimed(self, name: str, busy: list[str], done):
