@@ -104,6 +104,20 @@ class DefenseSpec:
     def registered(self) -> str:
         return self.defense or self.name
 
+    def train_config(self, where: str | None = None) -> Any:
+        """The row's ``train:`` as its defense's ``TrainConfig`` dataclass, checked (None for a defense
+        that has none). Read once, when the config is validated; ``where`` names it in errors."""
+        cls = getattr(DEFENSES.get(self.registered), "TrainConfig", None)
+        if cls is None:
+            if self.train:
+                raise ConfigError(f"{where or f'defense {self.name!r}.train'}: defense {self.registered!r} "
+                                  "takes no training options")
+            return None
+        parsed = self.__dict__.get("_train_config")  # not a field: configs are serialized field by field
+        if parsed is None:
+            parsed = self.__dict__["_train_config"] = from_dict(cls, self.train, where or f"defense {self.name!r}.train")
+        return parsed
+
     def validate(self, where: str) -> None:
         if self.registered not in DEFENSES:
             raise ConfigError(f"{subkey(where, 'defense' if self.defense else 'name')}: "
@@ -155,11 +169,7 @@ def check_defense(spec: DefenseSpec, where: str = "defense") -> None:
                 "the signature before the training context: write fit(self, classifier, train, context, "
                 "config=None) and read context.device and context.seed (README: Writing a defense)")
     cls.read_options(spec.options, subkey(where, "options"))
-    train_cls = getattr(cls, "TrainConfig", None)
-    if train_cls is not None:
-        from_dict(train_cls, spec.train, subkey(where, "train"))
-    elif spec.train:
-        raise ConfigError(f"{subkey(where, 'train')}: defense {spec.registered!r} takes no training options")
+    spec.train_config(subkey(where, "train"))
 
 
 def build_defense(spec: DefenseSpec, where: str = "defense", data_shape: tuple[int, int] | None = None):
@@ -508,8 +518,7 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
 def _train_defense(ds: DatasetSpec, spec: DefenseSpec, defense, classifier: torch.nn.Module, target_card: dict,
                    cfg: ExperimentConfig, device: torch.device, artifacts: Path, train_data, key: str, stem: Path,
                    progress: bool, together: bool) -> tuple[Any, dict]:
-    train_cfg = from_dict(type(defense).TrainConfig, spec.train, f"defense {spec.name!r} train") \
-        if type(defense).TrainConfig is not None else None
+    train_cfg = spec.train_config()
     if train_cfg is not None and hasattr(train_cfg, "progress"):
         train_cfg = replace(train_cfg, progress=train_cfg.progress and progress)
     classifier.eval()

@@ -5,7 +5,9 @@ The estimate multiplies counts the config fixes (epochs, training images, evalua
 steps, EOT samples, scoring draws) by the per-unit figures of ``benchmark/costs.yaml``, each of which
 says whether it was measured (and where) or is a guess; a stage whose estimate uses a guess is marked.
 It is for sizing a job (does this part fit a 10-minute slot?), not a promise: small batches, compile
-and a different GPU move the real figure.
+and a different GPU move the real figure. On a CPU each stage's estimate is scaled by a factor
+measured on the default smoke run (``cpu_*`` in ``costs.yaml``): good at smoke sizes, and what a
+CPU run's remaining time starts from.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ import json
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 import yaml
 
-from benchmark.config import from_dict
 from benchmark.errors import BenchError
 from benchmark.experiment import (
     AttackSpec,
@@ -71,6 +72,16 @@ class Stage:
     guess: bool
     detail: str = ""
     parts: dict[str, float] = field(default_factory=dict)  # a cells stage: each cell's share, by cell id
+    about: str = ""  # what the stage's CPU factor is keyed by: the row's defense, the target's method
+
+    def on_cpu(self, costs: Costs) -> Stage:
+        """The stage on a 2-core CPU: its H100 seconds times the factor ``costs.yaml`` gives its kind
+        and defense (or target method), measured on the default smoke run (``cpu_*`` sections)."""
+        if f"cpu_{self.kind}" not in costs.table:
+            return self
+        factor = costs.get(f"cpu_{self.kind}", self.about or "default", "x")
+        return replace(self, seconds=self.seconds * factor.value, guess=self.guess or factor.guess,
+                       parts={k: v * factor.value for k, v in self.parts.items()})
 
 
 class Estimate:
@@ -90,15 +101,10 @@ class Estimate:
         return self
 
 
-def _train_options(spec: DefenseSpec):
-    cls = DEFENSES.get(spec.registered)
-    return from_dict(cls.TrainConfig, spec.train, f"defense {spec.name!r}.train") if cls.TrainConfig else None
-
-
 class Planner:
     def __init__(self, runner, costs: Costs | None = None) -> None:
         self.runner, self.cfg, self.costs = runner, runner.cfg, costs or Costs()
-        self.pretrainings: set[str] = set()  # DIR rows with one architecture and pre-training share it
+        self.pretrainings: set[str] = set()  # DIR rows with one architecture and pre-training share it (per plan)
         self._cards: dict[tuple[str, str], dict | None] = {}
 
     # -- counts ---------------------------------------------------------------------------
@@ -192,8 +198,15 @@ class Planner:
         return key, "sha256" in card and any((self.artifacts / "defenses").glob(f"{ds.name}-*-{key}.json"))
 
     # -- stages ---------------------------------------------------------------------------
-    def stages(self) -> list[Stage]:
+    def stages(self, cpu: bool = False) -> list[Stage]:
+        """Every stage the run would go through, in order, with its estimate on one H100 (``cpu``: on
+        a 2-core CPU, see :meth:`Stage.on_cpu`)."""
+        stages = self._stages()
+        return [s.on_cpu(self.costs) for s in stages] if cpu else stages
+
+    def _stages(self) -> list[Stage]:
         cfg, costs = self.cfg, self.costs
+        self.pretrainings = set()  # (each call plans the run afresh)
         pending = {c.cell_id for c in self.runner.pending()}
         out: list[Stage] = []
         for ds in cfg.datasets:
@@ -214,7 +227,8 @@ class Planner:
                 if target.train is not None and self.target_card(ds, target) is None:
                     est = self.target_estimate(target, images)
                     out.append(Stage("target", f"{ds.name}/{target.name}", est.seconds, est.guess or images_guess,
-                                     f"{target.train.method}, {target.train.epochs} epochs, {images:,} images"))
+                                     f"{target.train.method}, {target.train.epochs} epochs, {images:,} images",
+                                     about=target.train.method))
                 for spec in cfg.defenses:
                     row = [c for c in cells_here if c.target is target and c.defense is spec]
                     if not row:
@@ -253,7 +267,7 @@ class Planner:
     def defense_stage(self, ds: DatasetSpec, spec: DefenseSpec, frac: float, images_guess: bool,
                       target: str = "") -> Stage:
         costs, name = self.costs, spec.registered
-        opts = _train_options(spec)
+        opts = spec.train_config()
         epoch = costs.get("defense_epoch_50k", name)
         est = Estimate()
         if name == "ebm":
@@ -278,7 +292,8 @@ class Planner:
                     if name == "dir-official":  # its fixed PGD examples against the target
                         est.add(costs.get("static_pairs_50k"), frac * opts.pretrain_attack_steps / 5)
                     detail = f"{opts.pretrain_epochs} pre-training + {epochs} main epochs"
-        return Stage("defense", f"{ds.name}/{spec.name}", est.seconds, est.guess or images_guess, detail)
+        return Stage("defense", f"{ds.name}/{spec.name}", est.seconds, est.guess or images_guess, detail,
+                     about=name)
 
     def autoattack(self, n: int, spec: DefenseSpec, stochastic: bool) -> tuple[Figure, float]:
         """(seconds figure, times) of one AutoAttack cell on ``n`` images (see costs.yaml)."""
@@ -304,7 +319,7 @@ class Planner:
                 passes += c.steps * 3 * c.eot + c.repeats * c.steps + (c.steps if c.fixed_randomness else 0)
             est = Estimate().add(self.pass_seconds(spec, min(c.n, self.eval_images(ds, spec))), passes)
             est.add(self.costs.get("checks_overhead", "stochastic" if stochastic else "deterministic"))
-            stages.append(Stage("checks", row, est.seconds, est.guess))
+            stages.append(Stage("checks", row, est.seconds, est.guess, about=spec.registered))
         if cells:
             n = self.eval_images(ds, spec)
             draws = self.cfg.draws if stochastic else 1
@@ -328,17 +343,18 @@ class Planner:
                     passes, guess = self.attack_passes(cell.attack, stochastic)
                     est.add(Figure(one.value, one.guess or guess), passes + draws / 3)
                 parts[cell.cell_id] = est.seconds - before
-            stages.append(Stage("cells", row, est.seconds, est.guess, f"{len(cells)}: {', '.join(names)}", parts))
+            stages.append(Stage("cells", row, est.seconds, est.guess, f"{len(cells)}: {', '.join(names)}", parts,
+                                about=spec.registered))
         return stages
 
 
 def uses_static_pairs(spec: DefenseSpec) -> bool:
-    return getattr(_train_options(spec), "pairs", None) == "static"
+    return getattr(spec.train_config(), "pairs", None) == "static"
 
 
 class RunProgress:
     """A run's remaining time, weighted by what each stage is expected to cost: the plan's
-    estimates (figures for one H100), scaled by the speed this run has shown so far on stages of
+    estimates (for one H100; on the CPU, times its factors), scaled by the speed this run has shown so far on stages of
     the same kind (training, or evaluation: checks and cells), so that a minute-long AutoAttack
     cell counts for more than a clean one. Stages are keyed as the plan names them (a defense
     trained for several targets has one entry per training); a cell by its id. Stages run one
@@ -365,7 +381,7 @@ class RunProgress:
     def of(cls, runner, pending: int) -> RunProgress | None:
         """For a run of the whole matrix; None when the plan cannot be estimated (it is only a display)."""
         try:
-            return cls(Planner(runner).stages(), pending)
+            return cls(Planner(runner).stages(cpu=runner.device.type == "cpu"), pending)
         except Exception:  # noqa: BLE001 - an estimate that fails must not stop the run
             return None
 
@@ -447,4 +463,13 @@ def format_plan(runner, planner: Planner, config_path: str) -> str:
     lines += ["", f"total: about {total / 60:.1f} min ({total:,.0f} s) on one H100"
               + (f"; * = uses a guessed figure ({guessed:,.0f} s of it)" if guessed else "")
               + f". Figures: {COSTS.relative_to(COSTS.parents[1])} (measured or guess, each says where from)."]
+    if runner.device.type == "cpu" and runner.cfg.profile == "smoke":
+        on_cpu = [s.on_cpu(planner.costs) for s in stages]
+        cpu = sum(s.seconds for s in on_cpu)
+        lines.append(f"on a 2-core CPU (this run's device): about {cpu / 60:.1f} min ({cpu:,.0f} s)"
+                     + (" *" if any(s.guess for s in on_cpu) else "")
+                     + ", from each stage's CPU factor (measured on the default smoke run)")
+    elif runner.device.type == "cpu":
+        lines.append(f"on a CPU (this run's device): not estimated; the CPU factors hold at smoke sizes only, and a "
+                     f"{runner.cfg.profile} config takes many times its H100 figure there")
     return "\n".join(lines)

@@ -134,12 +134,14 @@ class LoopState:
     ``first, history = state.resume()`` restores the last complete epoch, if any;
     ``state.epoch_done(epoch, epochs, history)`` saves after each epoch but the last. Everything
     the loop draws from must be in ``optimizers``, ``gens`` and ``schedulers``; the defense's
-    own weights (all its submodules) always are."""
+    own weights (all its submodules) always are. ``layout`` (saved with the state) says how the loop
+    counts its epochs when that is not the plain way: a state saved under another layout is refused."""
 
     def __init__(self, defense: nn.Module, name: str, context, *, optimizers: dict[str, torch.optim.Optimizer],
                  gens: dict[str, torch.Generator], schedulers: dict | None = None,
-                 modules: dict[str, nn.Module] | None = None) -> None:
+                 modules: dict[str, nn.Module] | None = None, layout: str | None = None) -> None:
         self.ckpt: EpochCheckpoint | None = context.checkpoint
+        self.layout = layout
         self.hook = context.on_epoch
         self.name = name
         self.state = {"modules": {"defense": defense, **(modules or {})}, "optimizers": optimizers,
@@ -167,12 +169,16 @@ class LoopState:
                  + [f"rng.{g}" for g in self.state["gens"]])
         return (all(any(k.startswith(n) for k in tensors) for n in names)
                 and set(self.state["optimizers"]) <= set(meta.get("optimizers", {}))
-                and set(self.schedulers) <= set(meta.get("schedulers", {})) and "history" in meta)
+                and set(self.schedulers) <= set(meta.get("schedulers", {})) and "history" in meta
+                and meta.get("layout") == self.layout)
 
-    def epoch_done(self, epoch: int, epochs: int, history: list[dict]) -> None:
-        if self.ckpt is not None and epoch < epochs and distributed.is_main():  # data-parallel: rank 0 writes
+    def epoch_done(self, epoch: int, epochs: int, history: list[dict], save: bool = True) -> None:
+        """After each epoch: save the state (unless ``save`` is false, or it was the last epoch) and
+        call the context's ``on_epoch`` with the epoch's history row."""
+        if save and self.ckpt is not None and epoch < epochs and distributed.is_main():  # data-parallel: rank 0
             tensors, meta = pack(**self.state)
-            self.ckpt.save(epoch, tensors, meta | {"history": history, "schedulers": {
+            layout = {} if self.layout is None else {"layout": self.layout}
+            self.ckpt.save(epoch, tensors, meta | layout | {"history": history, "schedulers": {
                 k: s.state_dict() for k, s in self.schedulers.items()}})
         if self.hook is not None and history:
             self.hook(history[-1])

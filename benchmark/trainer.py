@@ -7,6 +7,11 @@ killed training (``context.checkpoint``), the progress bar, the per-epoch histor
 step's metrics weighted by batch size, seconds), the divergence check (a non-finite metric or
 weight ends the training with a one-line error), saving the per-epoch state and calling
 ``context.on_epoch``.
+
+A training counted in iterations rather than epochs (the EBM's) gives ``unit`` ("iteration"): each
+"epoch" of the loop is then a period of ``steps_per_epoch`` iterations (a history row each, the last
+one possibly shorter), ``total_steps`` is the budget, and ``save_every`` periods pass between saved
+states.
 """
 
 from __future__ import annotations
@@ -77,15 +82,19 @@ class Trainer:
     """``epochs`` epochs of ``defense``'s training (``name`` in messages and the progress bar).
     Everything the loop draws from must be in ``optimizers``, ``gens`` and ``schedulers`` (and
     ``modules``, for state outside the defense's own submodules) so that a resumed training is
-    bit-identical to an uninterrupted one."""
+    bit-identical to an uninterrupted one. ``layout`` names how the loop counts (saved with its
+    state: a state saved under another layout is not resumed)."""
 
     def __init__(self, defense: nn.Module, name: str, context, epochs: int, *,
                  optimizers: dict[str, torch.optim.Optimizer], gens: dict[str, torch.Generator],
                  schedulers: dict | None = None, modules: dict[str, nn.Module] | None = None,
                  progress: bool = True, started: float | None = None, steps_per_epoch: int | None = None,
-                 reduce_metrics: bool | None = None, phase: str = "train") -> None:
+                 reduce_metrics: bool | None = None, phase: str = "train", unit: str | None = None,
+                 total_steps: int | None = None, save_every: int = 1) -> None:
         self.defense, self.name, self.epochs, self.progress = defense, name, epochs, progress
         self.steps = steps_per_epoch  # the progress bar counts batches when given, else epochs
+        self.unit, self.save_every = unit, save_every
+        self.total = total_steps or epochs * (steps_per_epoch or 1)
         # Data-parallel with every rank in the loop: metrics over all ranks (default: a defense that
         # trains data-parallel, under torchrun)
         self.reduce = (distributed.active() and bool(getattr(defense, "data_parallel", False))
@@ -93,8 +102,9 @@ class Trainer:
         self.first = 0  # epochs already done when fit started (a resumed training)
         self.started = time.perf_counter() if started is None else started
         self.log = EpochLog(name, defense, context.device, phase)
+        layout = None if unit is None else f"{steps_per_epoch} {unit}s per epoch"
         self.loop = LoopState(defense, name, context, optimizers=optimizers, gens=gens, schedulers=schedulers,
-                              modules=modules)
+                              modules=modules, layout=layout)
 
     def fit(self, batches: Callable[[int], Iterable[tuple]], step: Callable[[tuple], dict[str, torch.Tensor]],
             epoch_info: Callable[[], dict] | None = None):
@@ -107,22 +117,32 @@ class Trainer:
         first, self.log.rows = self.loop.resume()
         self.first = first
         per = self.steps or 1
-        with tqdm(total=self.epochs * per, initial=first * per, desc=self.name.lower(), disable=not self.progress,
-                  leave=False) as bar:
+        with tqdm(total=self.total, initial=min(self.total, first * per), desc=self.name.lower(),
+                  disable=not self.progress, leave=False) as bar:
             for epoch in range(first + 1, self.epochs + 1):
                 self.log.start()
                 for i, batch in enumerate(batches(epoch)):
                     self.log.add(len(batch[0]), **step(batch))
                     if self.steps:
                         bar.update(1)
-                        logs.step(f"epoch {epoch}/{self.epochs}, batch", i + 1, self.steps)
+                        if self.unit:
+                            logs.step(self.unit, (epoch - 1) * per + i + 1, self.total)
+                        else:
+                            logs.step(f"epoch {epoch}/{self.epochs}, batch", i + 1, self.steps)
                 row = self.log.end(epoch, self.reduce, **(epoch_info() if epoch_info is not None else {}))
-                log.info("%s epoch %d/%d: %s, %.2f s", self.name, epoch, self.epochs, ", ".join(
+                log.info("%s %s: %s, %.2f s", self.name, self._period(epoch), ", ".join(
                     f"{k} {v:.4g}" for k, v in row.items() if k not in ("phase", "epoch", "seconds")
                     and isinstance(v, float)), row["seconds"])
-                self.loop.epoch_done(epoch, self.epochs, self.log.rows)
+                self.loop.epoch_done(epoch, self.epochs, self.log.rows, save=epoch % self.save_every == 0)
                 if not self.steps:
                     bar.update(1)
         self.defense.eval()
         return FitResult(seconds=time.perf_counter() - self.started, seconds_per_epoch=self.log.seconds_per_epoch(),
                          epochs=self.epochs, history=self.log.rows)
+
+    def _period(self, epoch: int) -> str:
+        """"epoch 3/10", or "iterations 41-60/70" for a training counted in ``unit``s."""
+        if not self.unit:
+            return f"epoch {epoch}/{self.epochs}"
+        per = self.steps or 1
+        return f"{self.unit}s {(epoch - 1) * per + 1}-{min(epoch * per, self.total)}/{self.total}"

@@ -33,7 +33,7 @@ import inspect
 import typing
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -62,6 +62,12 @@ class TrainContext:
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
+
+    def part(self, name: str) -> TrainContext:
+        """The context of one part of a training that has several (DIR's pre-training): the same
+        device, seed, stages and callback; its per-epoch state in a subfolder ``name`` of this one's."""
+        ckpt = self.checkpoint
+        return replace(self, checkpoint=None if ckpt is None else type(ckpt)(ckpt.folder / name, f"{ckpt.key}:{name}"))
 
 
 @dataclass

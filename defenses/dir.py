@@ -53,14 +53,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from attacks.pgd import pgd_linf, project_linf
 from benchmark import distributed
 from benchmark.artifacts import stage
 from benchmark.config import require, subkey
 from benchmark.data import augment
-from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
 from benchmark.trainer import Trainer
 from defenses.base import Defense, FitResult, TrainContext, TrainOptions, fresh_copy
@@ -233,13 +231,6 @@ class DIRTrain(TrainOptions):
         require(0 < self.step_size <= 1, subkey(where, "step_size"), f"must be in (0, 1], got {self.step_size}")
         require(all(0 < m <= 1 for m in self.milestones), subkey(where, "milestones"),
                 f"must be fractions of training in (0, 1], got {self.milestones}")
-
-
-def _check_finite(row: dict, module: nn.Module) -> None:
-    """Fail loudly (never save a diverged denoiser as an artifact)."""
-    if not math.isfinite(row["loss"]) or not all(torch.isfinite(p).all() for p in module.parameters()):
-        raise BenchError(f"DIR {row['phase']} training diverged in epoch {row['epoch']} (loss {row['loss']}); "
-                         "lower lr or set grad_clip in the defense's train options")
 
 
 @dataclass
@@ -446,46 +437,45 @@ class DIR(Defense):
         return [dict(h, reused=True) for h in card["history"]] if reused else card["history"]
 
     def _pretrain(self, classifier, data, cfg: DIRTrain, context: TrainContext) -> list[dict]:
-        return self.pretrain(classifier, data, cfg, context.device, cfg.use_bf16(context.device), context.seed)
+        return self.pretrain(classifier, data, cfg, context.device, cfg.use_bf16(context.device), context.seed,
+                             context.part("pretrain"))  # a killed pre-training resumes after its last epoch
 
-    def pretrain(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int) -> list[dict]:
+    def pretrain(self, classifier, data, cfg: DIRTrain, device, use_bf16: bool, seed: int,
+                 context: TrainContext | None = None) -> list[dict]:
         """Eq. 2: reconstruct the natural image from each masked view of an adversarial example
-        crafted against the target alone."""
+        crafted against the target alone. ``context``: per-epoch state, as for the main training."""
 
         lr = cfg.pretrain_lr * cfg.pretrain_batch_size / 256
         opt = distributed.synchronized(torch.optim.AdamW(self.net.parameters(), lr=lr, betas=(0.9, 0.95),
                                                          weight_decay=cfg.pretrain_weight_decay))
-        steps = cfg.pretrain_epochs * math.ceil(len(data) / cfg.pretrain_batch_size)
+        per = math.ceil(len(data) / cfg.pretrain_batch_size)
+        steps = cfg.pretrain_epochs * per
         warm = max(1, int(cfg.pretrain_warmup_fraction * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
         gen = torch.Generator().manual_seed(seed)
         aug_gen = torch.Generator(device=device).manual_seed(seed)
-        history = []
-        bar = tqdm(total=steps, desc="dir pretrain", disable=not cfg.progress, leave=False, dynamic_ncols=True)
-        for epoch in range(cfg.pretrain_epochs):
-            self.train()
-            t0, total = time.perf_counter(), torch.zeros((), device=device)
-            for x, y in rank_batches(data, cfg.pretrain_batch_size, cfg, gen, aug_gen):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    x_adv = pgd_linf(classifier, x, y, eps=cfg.eps, step_size=cfg.step_size,
-                                     steps=cfg.pretrain_attack_steps)
-                    views = self.restore_views(x_adv)
-                loss = (views.float() - x[:, None]).pow(2).mean()  # squared error of every masked view
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.detach() * len(x)
-                bar.update(1)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            distributed.all_sum(total)
-            history.append({"phase": "pretrain", "epoch": epoch + 1, "loss": float(total) / len(data),
-                            "seconds": time.perf_counter() - t0})
-            _check_finite(history[-1], self)
-        bar.close()
-        return history
+        trainer = Trainer(self, f"{self.LABEL} pretrain", context or TrainContext(device, seed), cfg.pretrain_epochs,
+                          optimizers={"adamw": opt}, schedulers={"lr": sched},
+                          gens={"shuffle": gen, "augment": aug_gen, "masks": self._gen(device)}, progress=cfg.progress,
+                          steps_per_epoch=per,
+                          phase="pretrain")
+
+        def step(batch) -> dict[str, torch.Tensor]:
+            x, y = batch
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                x_adv = pgd_linf(classifier, x, y, eps=cfg.eps, step_size=cfg.step_size,
+                                 steps=cfg.pretrain_attack_steps)  # its random start: the global generator, saved
+                views = self.restore_views(x_adv)
+            loss = (views.float() - x[:, None]).pow(2).mean()  # squared error of every masked view
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            return {"loss": loss.detach()}
+
+        self.train()
+        return trainer.fit(lambda epoch: rank_batches(data, cfg.pretrain_batch_size, cfg, gen, aug_gen), step).history
 
     def representation_delta(self, classifier, restored: torch.Tensor, cfg: DIRTrain) -> torch.Tensor:
         """Eq. 4 (see :func:`representation_delta`), projected unless ``rep_project`` is off."""

@@ -82,7 +82,6 @@ from benchmark import distributed
 from benchmark.config import require, subkey
 from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
-from benchmark.resume import EpochCheckpoint
 from benchmark.trainer import Trainer
 from defenses.base import Defense, FitResult, TrainContext, TrainOptions, fresh_copy
 from defenses.dir import DIR, MaskedViT, rank_batches, representation_delta
@@ -385,10 +384,7 @@ class DIROfficial(_OwnClassifier, DIR):
                              f"than the training split ({len(data)} images); lower it")
         sched = torch.optim.lr_scheduler.LambdaLR(  # per epoch, stepped per batch
             opt, lambda s: pretrain_lr_factor(s // per, cfg.pretrain_epochs, cfg.pretrain_warmup_fraction))
-        ckpt = context.checkpoint
-        sub = TrainContext(device, seed, checkpoint=None if ckpt is None else EpochCheckpoint(
-            ckpt.folder / "pretrain", f"{ckpt.key}:pretrain"))
-        trainer = Trainer(self, "DIR-official pretrain", sub, cfg.pretrain_epochs, optimizers={"adamw": opt},
+        trainer = Trainer(self, "DIR-official pretrain", context.part("pretrain"), cfg.pretrain_epochs, optimizers={"adamw": opt},
                           schedulers={"lr": sched}, gens={"masks": self._gen(device)}, progress=cfg.progress,
                           steps_per_epoch=per, phase="pretrain")
         use_bf16 = cfg.use_bf16(device)

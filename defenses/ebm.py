@@ -25,19 +25,15 @@ identity) + EOT, never by unrolling the chain.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from benchmark import logs
 from benchmark.config import require, subkey
-from benchmark.errors import BenchError
 from benchmark.registry import DEFENSES
-from benchmark.resume import LoopState
+from benchmark.trainer import Trainer
 from defenses.base import Defense, FitResult, TrainContext
 from defenses.unroll import unroll
 
@@ -164,58 +160,50 @@ class EBM(Defense):
         return ((z + 1) / 2).clamp(0, 1).to(x.dtype)
 
     def fit(self, classifier, train, context: TrainContext, config: EBMTrain | None = None) -> FitResult:
+        """Persistent short-run Langevin training on the shared loop (``benchmark.trainer``): each
+        "epoch" of the loop is ``log_every`` iterations (a history row), a state is saved every
+        ``checkpoint_every`` iterations."""
         device, seed = context.device, context.seed
         cfg = config or EBMTrain()
         torch.manual_seed(seed)
         gen = torch.Generator(device=device).manual_seed(seed)
         data = train.to(device)
         n = len(data)
-        bank = torch.rand((n, *data.images.shape[1:]), device=device, generator=gen) * 2 - 1  # U[-1,1]
+        chains = _Chains(torch.rand((n, *data.images.shape[1:]), device=device, generator=gen) * 2 - 1)  # U[-1,1]
         scale = cfg.tau ** 2 / 2
         adam = torch.optim.Adam(self.energy.parameters(), lr=cfg.lr)
         sgd = torch.optim.SGD(self.energy.parameters(), lr=cfg.lr_sgd * scale)
         switch = int(cfg.switch_fraction * cfg.iterations)
-        chains = _Chains(bank)
-        loop = LoopState(self, "EBM", context, optimizers={"adam": adam, "sgd": sgd}, gens={"ebm": gen},
-                         modules={"chains": chains})
-        chunks = -(-cfg.iterations // cfg.checkpoint_every)
-        first, history = loop.resume()
-        t0, t_log = time.perf_counter(), time.perf_counter()
-        sums = torch.zeros(3, device=device)
-        start = first * cfg.checkpoint_every
-        bar = tqdm(total=cfg.iterations, initial=start, desc="ebm", disable=not cfg.progress, leave=False)
-        self.train()
-        for it in range(start, cfg.iterations):
-            opt = adam if it < switch else sgd
-            idx = torch.randint(0, n, (cfg.batch_size,), device=device, generator=gen)
+        periods = -(-cfg.iterations // cfg.log_every)
+        trainer = Trainer(self, "EBM", context, periods, optimizers={"adam": adam, "sgd": sgd},
+                          gens={"ebm": gen}, modules={"chains": chains}, progress=cfg.progress,
+                          steps_per_epoch=cfg.log_every, unit="iteration", total_steps=cfg.iterations,
+                          save_every=cfg.checkpoint_every // cfg.log_every)
+        done = 0  # iterations finished (kept by each period's batches, so that a resumed training counts on)
+
+        def batches(period: int):
+            nonlocal done
+            done = (period - 1) * cfg.log_every
+            while done < min(period * cfg.log_every, cfg.iterations):
+                yield (torch.randint(0, n, (cfg.batch_size,), device=device, generator=gen),)
+                done += 1
+
+        def step(batch) -> dict[str, torch.Tensor]:
+            (idx,) = batch
+            opt = adam if done < switch else sgd
             pos = data.as_float(idx) * 2 - 1
             pos = pos + cfg.data_noise * torch.randn(pos.shape, device=device, generator=gen)
-            neg = langevin(self.energy, bank[idx], cfg.mcmc_steps, cfg.tau, gen)
-            bank[idx] = neg
+            neg = langevin(self.energy, chains.bank[idx], cfg.mcmc_steps, cfg.tau, gen)
+            chains.bank[idx] = neg
             e_pos, e_neg = self.energy(pos).mean(), self.energy(neg).mean()
             loss = (e_pos - e_neg) / scale
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums += torch.stack([loss.detach(), e_pos.detach(), e_neg.detach()])
-            bar.update(1)
-            logs.step("iteration", it + 1, cfg.iterations)
-            if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
-                k = (it % cfg.log_every) + 1
-                row = {"phase": "train", "iteration": it + 1, "loss": float(sums[0]) / k,
-                       "energy_pos": float(sums[1]) / k, "energy_neg": float(sums[2]) / k,
-                       "seconds": time.perf_counter() - t_log}
-                history.append(row)
-                sums.zero_()
-                t_log = time.perf_counter()
-                if not all(map(torch.isfinite, (loss, e_pos, e_neg))):
-                    raise BenchError(f"EBM training diverged at iteration {it + 1}; lower lr or tau in the "
-                                     "defense's train options")
-            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-                loop.epoch_done(-(-(it + 1) // cfg.checkpoint_every), chunks, history)
-        bar.close()
-        self.eval()
-        seconds = time.perf_counter() - t0
-        per_iter = seconds / cfg.iterations
-        return FitResult(seconds=seconds, seconds_per_epoch=per_iter * n / cfg.batch_size,
-                         epochs=max(1, round(cfg.iterations * cfg.batch_size / n)), history=history)
+            return {"loss": loss, "energy_pos": e_pos, "energy_neg": e_neg}
+
+        self.train()
+        result = trainer.fit(batches, step, lambda: {"iteration": done})
+        per_iter = result.seconds / max(1, cfg.iterations - trainer.first * cfg.log_every)
+        return replace(result, seconds_per_epoch=per_iter * n / cfg.batch_size,
+                       epochs=max(1, round(cfg.iterations * cfg.batch_size / n)))

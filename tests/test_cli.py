@@ -210,6 +210,18 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     assert "BPDA+EOT" in (out_dir / "report" / "adaptive.md").read_text()
     assert "| DIR-official - joint-AT | the released denoiser |" in (out_dir / "report" / "ablation.md").read_text()
     assert "## DIR as released" in index
+    # the CPU factors of costs.yaml measure again from this run: one per stage kind and row
+    import yaml
+
+    factors = subprocess.run([sys.executable, "benchmarks/cpu_factors.py", str(out_dir), "configs/smoke/default.yaml"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert factors.returncode == 0 and "left out" not in factors.stderr, factors.stderr[-2000:]
+    sections = yaml.safe_load(factors.stdout)
+    rows = {"none", "dir", "dir-official", "joint-at", "apegan", "hgd", "nrp", "jatp", "menet", "menet-a", "ebm", "aid"}
+    assert set(sections) == {"cpu_target", "cpu_defense", "cpu_checks", "cpu_cells"}
+    assert set(sections["cpu_cells"]) == set(sections["cpu_checks"]) == rows | {"default"}
+    assert set(sections["cpu_defense"]) == rows - {"none"} | {"default"} and set(sections["cpu_target"]) == {"at", "default"}
+    assert all(v["x"] > 0 for section in sections.values() for v in section.values())
     stamps = {p.name: p.stat().st_mtime_ns for p in records}
     # A rerun finds every cell recorded and recomputes nothing.
     r2 = _run("run", "--no-progress", timeout=600)

@@ -81,6 +81,40 @@ def test_run_progress_weights_the_remaining_time_by_each_stage_cost(tmp_path):
     assert abs(eta.remaining_seconds() - (expected - other_share * eval_rate)) / expected < 0.01
 
 
+def test_on_a_cpu_each_stage_takes_its_measured_factor(tmp_path):
+    """A CPU run's remaining time and the CPU line of --plan: each stage's H100 estimate times the
+    factor costs.yaml gives its kind and defense (a target: its method); a defense without one takes
+    the section's default, marked as a guess."""
+    from benchmark.plan import RunProgress, Stage, format_plan
+
+    planner = _planner(tmp_path)
+    costs = planner.costs.table
+    h100, cpu = planner.stages(), planner.stages(cpu=True)
+    assert [(s.kind, s.what) for s in h100] == [(s.kind, s.what) for s in cpu]
+    for a, b in zip(h100, cpu):
+        section = costs.get(f"cpu_{a.kind}")
+        if section is None:  # the data stage: as on the GPU
+            assert b.seconds == a.seconds
+            continue
+        factor = section[a.about]["x"]
+        assert a.about and abs(b.seconds - a.seconds * factor) < 1e-9
+        assert abs(sum(b.parts.values()) - b.seconds) < 1e-6 if b.parts else True
+    plugin = Stage("cells", "digits/at/mine", 2.0, False, parts={"c": 2.0}, about="my-plugin").on_cpu(planner.costs)
+    assert plugin.guess and plugin.seconds == 2.0 * costs["cpu_cells"]["default"]["x"]
+    eta = RunProgress.of(planner.runner, 5)  # this runner's device is the CPU
+    assert abs(sum(map(sum, eta.left.values())) - sum(s.seconds for s in cpu if s.kind != "data")) < 1e-6
+
+    smoke = Planner(Runner(load_config(ROOT / "configs" / "smoke" / "default.yaml"), tmp_path / "none", device="cpu"))
+    text = format_plan(smoke.runner, smoke, "default.yaml")
+    cpu_total = sum(s.seconds for s in smoke.stages(cpu=True))
+    assert f"on a 2-core CPU (this run's device): about {cpu_total / 60:.1f} min" in text
+    quick = format_plan(planner.runner, planner, "cuda.yaml")  # a CUDA smoke on the CPU: estimated too
+    assert "on a 2-core CPU" in quick
+    big = Planner(Runner(load_config(ROOT / "configs" / "quick" / "cifar10_dir.yaml"), tmp_path / "n", device="cpu"))
+    assert "on a CPU (this run's device): not estimated" in format_plan(big.runner, big, "cifar10_dir.yaml")
+    assert not (tmp_path / "none").exists() and not (tmp_path / "n").exists()
+
+
 def test_heartbeat_says_what_is_running_when_the_log_is_quiet(caplog):
     import logging
     import time

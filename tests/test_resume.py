@@ -1,6 +1,8 @@
 """Per-epoch training checkpoints: a training interrupted after an epoch resumes there and ends
 with exactly the weights of an uninterrupted run (CPU); a state that fails its checks is ignored."""
 
+import json
+
 import pytest
 import torch
 
@@ -109,6 +111,35 @@ def test_dir_main_training_resumes_after_a_kill_with_identical_weights(tmp_path,
         assert torch.equal(v, w), k
 
 
+def test_dir_pretraining_resumes_after_a_kill_with_identical_weights(tmp_path, trained_pair, digits_train):
+    """DIR's pre-training runs in the shared loop too: killed after its first epoch, it resumes there
+    (its state in the row's ``pretrain`` subfolder) and ends with an uninterrupted run's weights."""
+    from defenses.dir import DIR, DIRTrain
+
+    clf = trained_pair["at"][0]
+    data = digits_train.subset(128, seed=0)
+    cfg = DIRTrain(pretrain_epochs=2, pretrain_batch_size=64, epochs=1, batch_size=64, eps=0.1, step_size=0.025,
+                   attack_steps=1, rep_steps=1, augment=True, progress=False)
+
+    def fresh():
+        torch.manual_seed(0)
+        return DIR(image_size=16, in_channels=1, embed_dim=32, depth=1, num_heads=2, decoder_depth=1)
+
+    ref = fresh()
+    ref.fit(clf, data, TrainContext("cpu", 0), cfg)
+    state = EpochCheckpoint(tmp_path / "dir.partial", "dir-k")
+    with pytest.raises(Interrupted):
+        fresh().fit(clf, data, TrainContext("cpu", 0, checkpoint=state, on_epoch=_stop_after(1)), cfg)
+    assert EpochCheckpoint(tmp_path / "dir.partial" / "pretrain", "dir-k:pretrain").load()[0] == 1
+    seen = []
+    resumed = fresh()
+    result = resumed.fit(clf, data, TrainContext("cpu", 0, checkpoint=state, on_epoch=seen.append), cfg)
+    assert [(r["phase"], r["epoch"]) for r in seen] == [("pretrain", 2), ("main", 1)]
+    assert [h["epoch"] for h in result.history if h["phase"] == "pretrain"] == [1, 2]
+    for (k, v), w in zip(resumed.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
 def _baseline(name):
     """A tiny instance of each baseline and a two-"epoch" training config for it."""
     from benchmark.registry import DEFENSES
@@ -155,24 +186,25 @@ def _resume_check(tmp_path, trained_pair, digits_train, name):
         return d, cfg
 
     ref, cfg = fresh()
-    ref.fit(clf, data, TrainContext(dev, 0), cfg)
+    periods = len(ref.fit(clf, data, TrainContext(dev, 0), cfg).history)  # epochs (EBM: periods of log_every)
+    state = EpochCheckpoint(tmp_path / "partial", f"{name}-k")
 
     killed, _ = fresh()
 
-    def stop(row):
-        raise Interrupted
+    def stop(row):  # killed once a state is saved (EBM saves every checkpoint_every iterations, 2 periods)
+        if state.state_path.is_file():
+            raise Interrupted
 
     with pytest.raises(Interrupted):
-        killed.fit(clf, data, TrainContext(dev, 0, checkpoint=EpochCheckpoint(tmp_path / "partial", f"{name}-k"),
-                                           on_epoch=stop), cfg)
-    assert EpochCheckpoint(tmp_path / "partial", f"{name}-k").load()[0] == 1
+        killed.fit(clf, data, TrainContext(dev, 0, checkpoint=state, on_epoch=stop), cfg)
+    saved = state.load()[0]
+    assert saved == (2 if name == "ebm" else 1)
 
     resumed, _ = fresh()
     seen = []
     torch.manual_seed(123)  # whatever ran in between must not matter
-    resumed.fit(clf, data, TrainContext(dev, 0, checkpoint=EpochCheckpoint(tmp_path / "partial", f"{name}-k"),
-                                        on_epoch=seen.append), cfg)
-    assert len(seen) == 1  # only the second epoch ran
+    resumed.fit(clf, data, TrainContext(dev, 0, checkpoint=state, on_epoch=seen.append), cfg)
+    assert len(seen) == periods - saved  # only the epochs after the saved one ran
     ref_state = ref.state_dict()
     assert resumed.state_dict().keys() == ref_state.keys()
     for k, v in resumed.state_dict().items():
@@ -196,3 +228,31 @@ def test_a_state_laid_out_for_another_loop_is_ignored_before_anything_loads(tmp_
     with caplog.at_level("WARNING", logger="purifybench"):
         assert loop.resume() == (0, [])
     assert "laid out for another loop" in caplog.text and torch.equal(net.weight, before)
+
+
+def test_a_state_saved_under_another_counting_is_not_resumed(tmp_path, caplog):
+    """EBM's loop counts periods of iterations: a state saved when its epochs meant something else
+    (an older version, or another ``log_every``) restarts the training."""
+    from benchmark.resume import LoopState, pack
+    from defenses.base import TrainContext
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    ckpt = EpochCheckpoint(tmp_path / "state", "key")
+    saver = LoopState(net, "EBM", TrainContext("cpu", checkpoint=ckpt), optimizers={"sgd": opt}, gens={},
+                      layout="500 iterations per epoch")
+    saver.epoch_done(3, 10, [{"epoch": 3}])
+    assert json.loads(ckpt.state_path.read_text())["layout"] == "500 iterations per epoch"
+    same = LoopState(net, "EBM", TrainContext("cpu", checkpoint=ckpt), optimizers={"sgd": opt}, gens={},
+                     layout="500 iterations per epoch")
+    assert same.resume() == (3, [{"epoch": 3}])
+    for layout in ("20 iterations per epoch", None):
+        other = LoopState(net, "EBM", TrainContext("cpu", checkpoint=ckpt), optimizers={"sgd": opt}, gens={},
+                          layout=layout)
+        with caplog.at_level("WARNING", logger="purifybench"):
+            assert other.resume() == (0, [])
+    assert "laid out for another loop" in caplog.text
+    tensors, meta = pack(modules={"defense": net}, optimizers={"sgd": opt}, gens={})
+    ckpt.save(1, tensors, meta | {"history": [{"iteration": 500}], "schedulers": {}})  # before layouts existed
+    with caplog.at_level("WARNING", logger="purifybench"):
+        assert same.resume() == (0, [])
