@@ -51,9 +51,9 @@ class EpochLog:
             self.sums[k] = self.sums.get(k, 0) + v.detach().float() * n
         self.count += n
 
-    def end(self, epoch: int, reduce: bool = False, **extra) -> dict:
+    def end(self, epoch: int, reduce: bool = False, period: str | None = None, **extra) -> dict:
         """The epoch's history row. ``reduce`` (data-parallel, every rank calling): the averages are
-        over every rank's examples."""
+        over every rank's examples. ``period`` names the epoch in errors (default "epoch N")."""
         count = self.count
         if reduce:
             names = sorted(self.sums)
@@ -69,7 +69,7 @@ class EpochLog:
         self.rows.append(row)
         bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad or not all(torch.isfinite(p).all() for p in self.module.parameters()):
-            raise BenchError(f"{self.name} training diverged in epoch {epoch} ({', '.join(bad) or 'weights'} "
+            raise BenchError(f"{self.name} training diverged in {period or f'epoch {epoch}'} ({', '.join(bad) or 'weights'} "
                              "not finite); lower its lr in its train options")
         return row
 
@@ -82,8 +82,8 @@ class Trainer:
     """``epochs`` epochs of ``defense``'s training (``name`` in messages and the progress bar).
     Everything the loop draws from must be in ``optimizers``, ``gens`` and ``schedulers`` (and
     ``modules``, for state outside the defense's own submodules) so that a resumed training is
-    bit-identical to an uninterrupted one. ``layout`` names how the loop counts (saved with its
-    state: a state saved under another layout is not resumed)."""
+    bit-identical to an uninterrupted one. A loop counted in ``unit``s saves how it counts with its
+    state (e.g. "500 iterations per epoch"): a state saved under another counting is not resumed."""
 
     def __init__(self, defense: nn.Module, name: str, context, epochs: int, *,
                  optimizers: dict[str, torch.optim.Optimizer], gens: dict[str, torch.Generator],
@@ -129,7 +129,8 @@ class Trainer:
                             logs.step(self.unit, (epoch - 1) * per + i + 1, self.total)
                         else:
                             logs.step(f"epoch {epoch}/{self.epochs}, batch", i + 1, self.steps)
-                row = self.log.end(epoch, self.reduce, **(epoch_info() if epoch_info is not None else {}))
+                row = self.log.end(epoch, self.reduce, self._period(epoch),
+                                   **(epoch_info() if epoch_info is not None else {}))
                 log.info("%s %s: %s, %.2f s", self.name, self._period(epoch), ", ".join(
                     f"{k} {v:.4g}" for k, v in row.items() if k not in ("phase", "epoch", "seconds")
                     and isinstance(v, float)), row["seconds"])

@@ -33,7 +33,8 @@ def measured(run: Path, kind: str, what: str) -> float | None:
     """Seconds the run spent on the stage ``kind``/``what`` (as the plan names it), or None."""
     if kind == "target":
         ds, name = what.split("/")
-        cards = sorted((run / "artifacts" / "targets").glob(f"{ds}-{name}-*.json"))
+        cards = [c for c in (run / "artifacts" / "targets").glob(f"{ds}-{name}-*.json")
+                 if re.fullmatch(rf"{re.escape(ds)}-{re.escape(name)}-[0-9a-f]+\.json", c.name)]
         return sum(json.loads(c.read_text())["training"]["seconds"] for c in cards) if cards else None
     if kind == "defense":
         ds, name = what.split("/", 1)
@@ -58,17 +59,21 @@ def main() -> None:
     cfg = load_config(args.config)
     # the plan of the whole run, as a fresh run folder would have it (every stage still to do)
     stages = Planner(Runner(cfg, Path("/nonexistent/plan-only"), device="cpu")).stages()
+    # a stage name can come back (a defense trained for each of several targets): measured once, against
+    # the sum of its estimates
+    planned: dict[tuple[str, str], list] = {}
+    for s in stages:
+        if s.kind in KINDS:
+            planned.setdefault((s.kind, s.what), []).append(s)
     spent: dict[str, dict[str, float]] = {k: defaultdict(float) for k in KINDS}
     estimated: dict[str, dict[str, float]] = {k: defaultdict(float) for k in KINDS}
-    for s in stages:
-        if s.kind not in KINDS:
-            continue
-        sec = measured(args.run, s.kind, s.what)
+    for (kind, what), group in planned.items():
+        sec = measured(args.run, kind, what)
         if sec is None:
-            print(f"# {s.kind} {s.what}: not found in {args.run}; left out", file=sys.stderr)
+            print(f"# {kind} {what}: not found in {args.run}; left out", file=sys.stderr)
             continue
-        spent[s.kind][s.about] += sec
-        estimated[s.kind][s.about] += s.seconds
+        spent[kind][group[0].about] += sec
+        estimated[kind][group[0].about] += sum(s.seconds for s in group)
     for kind in KINDS:
         if not spent[kind]:
             continue

@@ -207,6 +207,11 @@ class Defense(nn.Module):
         return torch.device("cpu")
 
     def _gen(self, device: torch.device) -> torch.Generator:
+        """The defense's generator on ``device`` (seeded from the global generator if it has none there).
+        A bare ``cuda`` means the current GPU, as a generator's device says it (``cuda:0``)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.generator is None or self.generator.device != device:
             self.seed(int(torch.randint(0, 2**31 - 1, (1,))), device)
         return self.generator

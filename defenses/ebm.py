@@ -178,7 +178,7 @@ class EBM(Defense):
         trainer = Trainer(self, "EBM", context, periods, optimizers={"adam": adam, "sgd": sgd},
                           gens={"ebm": gen}, modules={"chains": chains}, progress=cfg.progress,
                           steps_per_epoch=cfg.log_every, unit="iteration", total_steps=cfg.iterations,
-                          save_every=cfg.checkpoint_every // cfg.log_every)
+                          save_every=max(1, cfg.checkpoint_every // cfg.log_every))
         done = 0  # iterations finished (kept by each period's batches, so that a resumed training counts on)
 
         def batches(period: int):

@@ -156,7 +156,7 @@ def _baseline(name):
         "menet": lambda: (cls(), cls.TrainConfig(epochs=2, batch_size=64, lr=0.05, init="target", augment=True,
                                                  eps=0.1, step_size=0.025, progress=False)),
         "ebm": lambda: (cls(in_channels=1, width=8, steps=5, chains=2),
-                        cls.TrainConfig(iterations=40, batch_size=32, mcmc_steps=5, log_every=10,
+                        cls.TrainConfig(iterations=45, batch_size=32, mcmc_steps=5, log_every=10,
                                         checkpoint_every=20, progress=False)),
     }[name]()
 
@@ -186,7 +186,10 @@ def _resume_check(tmp_path, trained_pair, digits_train, name):
         return d, cfg
 
     ref, cfg = fresh()
-    periods = len(ref.fit(clf, data, TrainContext(dev, 0), cfg).history)  # epochs (EBM: periods of log_every)
+    history = ref.fit(clf, data, TrainContext(dev, 0), cfg).history
+    periods = len(history)  # epochs (EBM: periods of log_every iterations, the last one shorter)
+    if name == "ebm":
+        assert [h["iteration"] for h in history] == [10, 20, 30, 40, 45]
     state = EpochCheckpoint(tmp_path / "partial", f"{name}-k")
 
     killed, _ = fresh()
