@@ -108,14 +108,14 @@ class DefenseSpec:
         """The row's ``train:`` as its defense's ``TrainConfig`` dataclass, checked (None for a defense
         that has none). Read once, when the config is validated; ``where`` names it in errors."""
         cls = getattr(DEFENSES.get(self.registered), "TrainConfig", None)
+        where = where or f"defense {self.name!r}.train"
         if cls is None:
             if self.train:
-                raise ConfigError(f"{where or f'defense {self.name!r}.train'}: defense {self.registered!r} "
-                                  "takes no training options")
+                raise ConfigError(f"{where}: defense {self.registered!r} takes no training options")
             return None
         parsed = self.__dict__.get("_train_config")  # not a field: configs are serialized field by field
         if parsed is None:
-            parsed = self.__dict__["_train_config"] = from_dict(cls, self.train, where or f"defense {self.name!r}.train")
+            parsed = self.__dict__["_train_config"] = from_dict(cls, self.train, where)
         return parsed
 
     def validate(self, where: str) -> None:

@@ -129,9 +129,9 @@ class Trainer:
                             logs.step(self.unit, (epoch - 1) * per + i + 1, self.total)
                         else:
                             logs.step(f"epoch {epoch}/{self.epochs}, batch", i + 1, self.steps)
-                row = self.log.end(epoch, self.reduce, self._period(epoch),
-                                   **(epoch_info() if epoch_info is not None else {}))
-                log.info("%s %s: %s, %.2f s", self.name, self._period(epoch), ", ".join(
+                period = self._period(epoch)
+                row = self.log.end(epoch, self.reduce, period, **(epoch_info() if epoch_info is not None else {}))
+                log.info("%s %s: %s, %.2f s", self.name, period, ", ".join(
                     f"{k} {v:.4g}" for k, v in row.items() if k not in ("phase", "epoch", "seconds")
                     and isinstance(v, float)), row["seconds"])
                 self.loop.epoch_done(epoch, self.epochs, self.log.rows, save=epoch % self.save_every == 0)

@@ -457,9 +457,8 @@ class DIR(Defense):
         aug_gen = torch.Generator(device=device).manual_seed(seed)
         trainer = Trainer(self, f"{self.LABEL} pretrain", context or TrainContext(device, seed), cfg.pretrain_epochs,
                           optimizers={"adamw": opt}, schedulers={"lr": sched},
-                          gens={"shuffle": gen, "augment": aug_gen, "masks": self._gen(device)}, progress=cfg.progress,
-                          steps_per_epoch=per,
-                          phase="pretrain")
+                          gens={"shuffle": gen, "augment": aug_gen, "masks": self._gen(device)},
+                          progress=cfg.progress, steps_per_epoch=per, phase="pretrain")
 
         def step(batch) -> dict[str, torch.Tensor]:
             x, y = batch

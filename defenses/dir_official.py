@@ -384,8 +384,8 @@ class DIROfficial(_OwnClassifier, DIR):
                              f"than the training split ({len(data)} images); lower it")
         sched = torch.optim.lr_scheduler.LambdaLR(  # per epoch, stepped per batch
             opt, lambda s: pretrain_lr_factor(s // per, cfg.pretrain_epochs, cfg.pretrain_warmup_fraction))
-        trainer = Trainer(self, "DIR-official pretrain", context.part("pretrain"), cfg.pretrain_epochs, optimizers={"adamw": opt},
-                          schedulers={"lr": sched}, gens={"masks": self._gen(device)}, progress=cfg.progress,
+        trainer = Trainer(self, "DIR-official pretrain", context.part("pretrain"), cfg.pretrain_epochs,
+                          optimizers={"adamw": opt}, schedulers={"lr": sched}, gens={"masks": self._gen(device)}, progress=cfg.progress,
                           steps_per_epoch=per, phase="pretrain")
         use_bf16 = cfg.use_bf16(device)
         lr_used: dict[str, float] = {}
