@@ -1,4 +1,4 @@
-"""AutoAttack (Croce & Hein 2020) through the ``pyautoattack`` package, unchanged.
+"""AutoAttack (Croce & Hein 2020) through the ``pyautoattack`` package.
 
 ``version: auto`` runs ``standard`` (APGD-CE, APGD-T, FAB-T, Square) on
 deterministic models and ``rand`` (APGD-CE and APGD-DLR with 20 EOT iterations)
@@ -6,17 +6,30 @@ on models that declare randomness, as AutoAttack's authors prescribe.
 ``attacks`` runs only some members of the version's sequence, with the version's
 settings (e.g. ``[apgd-ce, apgd-t]``, the usual cheap subset for small runs); the
 config should then give the attack a label that says so.
+
+Where one pass decides (a deterministic row), pyautoattack's ``run_standard_evaluation``
+runs unchanged and its per-sample results are kept (a survivor's image is the clean one:
+it survived every member). On a row whose scoring draws randomness that would score images
+the attack never returned: ``run_standard_evaluation`` keeps an attack's image only for the
+samples its own single check pass misclassifies and returns the *clean* image for the rest,
+which the harness then rescores under its draws. There each member runs directly on every
+sample (pyautoattack's ``attack_single_run``, with the version's settings: iterations, EOT,
+restarts, target classes, seeds) and returns what it produced for every sample: APGD's
+highest-loss point and its last misclassified point, Square's best point; the harness scores
+them all, and a sample counts as robust only if it survives every image under each score.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from attacks.base import Attack, Threat
+from attacks.core import AttackResult, judge_for, run_parts
 from benchmark.registry import ATTACKS
 
 
@@ -70,6 +83,8 @@ def resolve_version(version: str, model) -> str:
 class AutoAttackWrapper(Attack):
     Params = AutoAttackParams
 
+    version = 2  # on random rows: every member's own images for every sample, scored under the draws
+
     def run(self, model, x, y, threat: Threat, generator):
         from pyautoattack import AutoAttack
 
@@ -78,12 +93,73 @@ class AutoAttackWrapper(Attack):
         adversary = AutoAttack(model, norm="Linf", eps=threat.eps, version=version, seed=self.params.seed,
                                device=x.device)
         adversary.verbose = False
+        members = list(SEQUENCES[version])
         if self.params.attacks is not None:  # (a config has checked this per row already)
             check_members(version, self.params.attacks, "autoattack params.attacks", "this defense")
-            adversary.attacks_to_run = [a for a in SEQUENCES[version] if a in self.params.attacks]
-        with torch.no_grad():
-            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
-        return x_adv.detach()
+            members = [a for a in members if a in self.params.attacks]
+        if judge_for(model, x, y).exact:
+            adversary.attacks_to_run = members
+            with torch.no_grad():
+                x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+            return x_adv.detach()
+        parts = [lambda xs, ys, m=m: run_member(adversary, m, xs, ys, self.params.seed) for m in members]
+        return run_parts(parts, model, x, y, generator, fresh=True)
+
+
+def run_member(adversary, member: str, x: torch.Tensor, y: torch.Tensor, seed: int) -> AttackResult:
+    """One AutoAttack member on every sample, with its images for every sample (not only where its own
+    check pass was fooled); torch's global generator seeded as pyautoattack seeds it, and restored."""
+    images: list[torch.Tensor] = []
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if member in ("apgd-ce", "apgd-dlr"):
+            apgd = adversary.apgd
+            apgd.loss, apgd.seed = member.split("-")[1], seed
+            apgd.init_hyperparam(x)
+            for _ in range(apgd.n_restarts):
+                images += _apgd_run(apgd, x, y)
+        elif member == "apgd-t":
+            apgd = adversary.apgd_targeted
+            apgd.seed = seed
+            apgd.init_hyperparam(x)
+            for target_class in range(2, apgd.n_target_classes + 2):
+                for _ in range(apgd.n_restarts):
+                    with torch.no_grad():
+                        apgd.y_target = adversary.model(x).sort(dim=1)[1][:, -target_class]
+                    images += _apgd_run(apgd, x, y)
+        elif member == "square":
+            square = adversary.square
+            square.seed = seed
+            square.init_hyperparam(x)
+            for _ in range(square.n_restarts):
+                with torch.no_grad():
+                    images.append(square.attack_single_run(x, y)[1])
+        elif member in ("fab", "fab-t"):  # FAB returns its image where it succeeded, the clean one elsewhere
+            adversary.fab.targeted, adversary.fab.seed = member == "fab-t", seed
+            images.append(adversary.fab.perturb(x, y))
+        else:
+            raise ValueError(f"unknown AutoAttack member {member!r}")
+    images = [into_ball(i.detach(), x, adversary.epsilon) for i in images]
+    return AttackResult(images[0], candidates=images[1:])
+
+
+def into_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """pyautoattack's images clamped to the ball and [0,1] (its attacks round nothing but may step a
+    hair past the ball in float arithmetic)."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+
+
+def _apgd_run(apgd, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """One APGD run: its highest-loss point and its last point that a pass misclassified (the start
+    where none did)."""
+    if apgd.use_largereps:
+        epss = [3.0 * apgd.eps_orig, 2.0 * apgd.eps_orig, 1.0 * apgd.eps_orig]
+        iters = [math.ceil(0.3 * apgd.n_iter_orig)] * 2
+        iters.append(apgd.n_iter_orig - sum(iters))
+        best, _, _, best_adv = apgd.decr_eps_pgd(x, y, epss, iters)
+    else:
+        best, _, _, best_adv = apgd.attack_single_run(x, y)
+    return [best, best_adv]
 
 
 @dataclass
@@ -109,6 +185,7 @@ class Square(Attack):
 
     Params = SquareParams
     uses_gradients = False
+    version = 2  # on random rows: its best point for every sample
 
     def run(self, model, x, y, threat: Threat, generator):
         from pyautoattack.square import SquareAttack
@@ -118,6 +195,11 @@ class Square(Attack):
                                  n_restarts=p.restarts, seed=p.seed, device=x.device)
         # perturb() reseeds the global generators: keep its seeding from leaking into what follows
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
-            x_adv = adversary.perturb(x, y)
-        # Square rounds nothing but may step a hair past the ball in float arithmetic: clamp to it.
-        return torch.min(torch.max(x_adv.detach(), x - threat.eps), x + threat.eps).clamp(0, 1)
+            if judge_for(model, x, y).exact:
+                images = [adversary.perturb(x, y)]
+            else:  # a random row: its best point for every sample (perturb returns the clean image where
+                adversary.init_hyperparam(x)  # its own single check pass was not fooled)
+                torch.manual_seed(p.seed)
+                images = [adversary.attack_single_run(x, y)[1] for _ in range(p.restarts)]
+        images = [into_ball(i.detach(), x, threat.eps) for i in images]
+        return AttackResult(images[0], candidates=images[1:])

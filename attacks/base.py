@@ -63,8 +63,11 @@ class Attack:
     threat_space: ClassVar[str] = INPUT_SPACE
     # For a diagnostic: what its number measures (the footer of the diagnostics block says it).
     measures: ClassVar[str] = ""
-    # Returns an AttackResult with its own ball centre or scoring (it cannot join a worst-of).
-    own_scoring: ClassVar[bool] = False
+    # Other scorings of an input-space attack's images, reported as diagnostics: name -> what it measures.
+    diagnostic_measures: ClassVar[dict[str, str]] = {}
+    # Its images lie in the eps ball around the clean input and are scored by the defended model (so
+    # it can be a part of a composite attack). False: another ball centre or another scoring model.
+    centred_on_input: ClassVar[bool] = True
     # Bump when a change of the code or of a default changes what the attack computes: a cell's
     # identity includes it (from 2 on), so records of the old behaviour are recomputed.
     version: ClassVar[int] = 1

@@ -14,8 +14,11 @@ ones, 1 otherwise). A config can force either (``bpda: true/false``, ``eot: 1``.
 that declares exact gradients (EBM, AID-Purifier, ME-Net): ``bpda`` (the surrogate, as
 above), ``exact`` (back-propagate through the purification itself with that draw's
 randomness held fixed: ``Defense.purify_exact``, checkpointed), or ``auto``: the BPDA
-attack first, then the exact one on the samples it left robust, keeping per sample the
-image that fools the model. For a defense without exact gradients every choice is ``bpda``.
+attack first, then the exact one (as the parts of :func:`attacks.core.run_parts`: where one pass
+decides, only on the samples the BPDA attack left correct; where the scoring draws randomness, on
+every sample), and the harness keeps per sample the worst of both images under each score, so
+``auto`` is never weaker than either. For a defense without exact gradients every choice is
+``bpda``. ``loss``: ce (default), dlr or margin.
 Registered twice: ``bpda-eot`` (``gradient: bpda`` by default) and ``adaptive`` (every
 choice left to the declarations, ``gradient: auto``). What was used is reported in the
 record (``attack_info.resolved``: bpda, eot, gradient = bpda / direct / exact / bpda+exact;
@@ -27,10 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from attacks.base import Attack, IterativeParams, Threat, defended_of
-from attacks.core import AttackResult, Objective, ce_sum, linf_attack, uniform_start
+from attacks.core import LOSSES, Objective, linf_search, run_parts, uniform_start
+from attacks.pgd import check_loss
 from benchmark.config import require, subkey
 from benchmark.registry import ATTACKS
 
@@ -43,9 +45,11 @@ class BPDAEOTParams(IterativeParams):
     eot: int | str = "auto"
     eot_samples: int = 15  # E used by eot: auto against a stochastic defense
     gradient: Literal["bpda", "exact", "auto"] = "bpda"
+    loss: str = "ce"  # ce, dlr or margin
 
     def validate(self, where: str) -> None:
         super().validate(where)
+        check_loss(self.loss, where)
         require(self.gradient in ("bpda", "exact", "auto"), subkey(where, "gradient"),
                 f"must be bpda, exact or auto, got {self.gradient!r}")
         require(self.bpda in ("auto", True, False), subkey(where, "bpda"), f"must be auto, true or false, got {self.bpda!r}")
@@ -76,6 +80,8 @@ class AdaptiveParams(BPDAEOTParams):
 class BPDAEOT(Attack):
     Params = BPDAEOTParams
 
+    version = 2  # each mode's best iterate scored too; BPDA-then-exact decides with the scoring draws
+
     def run(self, model, x, y, threat: Threat, generator):
         p = self.params
         defended = defended_of(model)
@@ -83,30 +89,26 @@ class BPDAEOT(Attack):
         exact = defended.defense.exact_gradient and p.gradient != "bpda"
         surrogate = "bpda" if bpda or defended.bpda else "direct"  # direct: the plain white-box gradient
         modes = [surrogate, "exact"] if exact and p.gradient == "auto" else ["exact" if exact else surrogate]
-        best = x.clone()
-        todo = torch.arange(len(x), device=x.device)
-        for i, mode in enumerate(modes):
-            with defended.gradients(bpda=bpda if mode != "exact" else None, exact=mode == "exact"):
-                adv = self._pgd(model, x[todo], y[todo], threat, generator, eot)
-            best[todo] = adv
-            if i + 1 < len(modes):  # the next mode only attacks the samples this one left robust
-                with torch.no_grad():  # checked in fp32 on the defended model, not through the engine
-                    fooled = defended(adv).argmax(1) != y[todo]
-                todo = todo[~fooled]
-                if len(todo) == 0:
-                    break
-        resolved = {"bpda": "bpda" in modes, "eot": eot, "gradient": "+".join(modes)}
-        return AttackResult(best, info={"resolved": resolved})
 
-    def _pgd(self, model, x, y, threat: Threat, generator, eot: int) -> torch.Tensor:
+        def part(mode):
+            def attack(xs, ys):
+                with defended.gradients(bpda=bpda if mode != "exact" else None, exact=mode == "exact"):
+                    return self._pgd(model, xs, ys, threat, generator, eot)
+            return attack
+
+        result = run_parts([part(m) for m in modes], model, x, y, generator, fresh=True)
+        result.info["resolved"] = {"bpda": "bpda" in modes, "eot": eot, "gradient": "+".join(modes)}
+        return result
+
+    def _pgd(self, model, x, y, threat: Threat, generator, eot: int):
         p = self.params
         start = uniform_start(x, threat.eps, generator) if p.random_start else None
-        return linf_attack(Objective(model, y, ce_sum, eot), x, eps=threat.eps, step_size=p.step_size,
-                           steps=p.steps, start=start)
+        return linf_search(Objective(model, y, LOSSES[p.loss], eot), x, eps=threat.eps, step_size=p.step_size,
+                           steps=p.steps, start=start).result()
 
 
 @ATTACKS.register("adaptive", label="Adaptive (BPDA+EOT)", paper="Athalye et al., ICML 2018",
                   description="BPDA+EOT with BPDA and EOT chosen from the defense's declarations")
 class Adaptive(BPDAEOT):
     Params = AdaptiveParams
-    version = 2  # gradient: auto by default (exact gradients after BPDA where a defense has them)
+    version = 3  # 2: gradient auto by default (exact gradients after BPDA where a defense has them); 3: as BPDA+EOT's 2

@@ -15,13 +15,16 @@ import torch.nn.functional as F
 
 from attacks.base import Attack, IterativeParams, Threat
 from attacks.core import (  # noqa: F401  (re-exported: the helpers' historical home)
+    LOSSES,
     LossFn,
     Objective,
     ce_sum,
     eot_gradient,
     input_gradient,
     linf_attack,
+    linf_search,
     project_linf,
+    run_parts,
     summed_gradients,
     uniform_start,
 )
@@ -77,33 +80,40 @@ class PGDParams(IterativeParams):
     restarts: int = 1
     random_start: bool = True
     eot: int = 1  # gradient samples per step (EOT); 1 = plain PGD
+    loss: str = "ce"  # ce (cross-entropy), dlr (Croce & Hein's ratio) or margin (Carlini-Wagner)
 
     def validate(self, where: str) -> None:
         super().validate(where)
         require(self.restarts >= 1, subkey(where, "restarts"), f"must be >= 1, got {self.restarts}")
         require(self.eot >= 1, subkey(where, "eot"), f"must be >= 1, got {self.eot}")
+        check_loss(self.loss, where)
+
+
+def check_loss(loss: str, where: str) -> None:
+    require(loss in LOSSES, subkey(where, "loss"), f"must be one of {', '.join(LOSSES)}, got {loss!r}")
 
 
 @ATTACKS.register("pgd", label="PGD", paper="Madry et al., ICLR 2018",
                   description="L-inf PGD: uniform random start, n steps, restarts (robust only if every restart fails)")
 class PGD(Attack):
+    """Each restart keeps per sample its last iterate and its best (the iterate that fooled the most
+    of the passes its gradients took); the harness scores every image, and a sample is robust only
+    if it survives all of them. Restarts run as the parts of :func:`attacks.core.run_parts`: after
+    the first, only on the samples still correct where one pass decides, on every sample where the
+    scoring draws randomness."""
+
     Params = PGDParams
+    version = 2  # the best iterate of each restart is scored too; restarts decide with the scoring draws
 
     def run(self, model, x, y, threat: Threat, generator):
         p = self.params
-        best = x.clone()
-        todo = torch.arange(len(x), device=x.device)  # samples no restart has broken yet
-        for restart in range(p.restarts):
-            xs, ys = x[todo], y[todo]
+        objective_loss = LOSSES[p.loss]
+
+        def once(xs, ys):
             start = uniform_start(xs, threat.eps, generator) if p.random_start else None
-            adv = linf_attack(Objective(model, ys, ce_sum, p.eot), xs, eps=threat.eps, step_size=p.step_size,
-                              steps=p.steps, start=start)
-            best[todo] = adv
-            if restart == p.restarts - 1:  # the harness re-scores the result: no pass of our own
-                break
-            with torch.no_grad():
-                fooled = model(adv).argmax(1) != ys
-            todo = todo[~fooled]
-            if len(todo) == 0:
-                break
-        return best
+            return linf_search(Objective(model, ys, objective_loss, p.eot), xs, eps=threat.eps,
+                               step_size=p.step_size, steps=p.steps, start=start).result()
+
+        if p.restarts == 1:
+            return once(x, y)
+        return run_parts([once] * p.restarts, model, x, y, generator, fresh=False)

@@ -1,20 +1,27 @@
-"""The per-sample worst case over several attacks, with early exit (as AutoAttack runs its four).
+"""The per-sample worst case over several attacks, with early exit where one pass decides (as
+AutoAttack runs its four).
 
-``worst-of`` runs its attacks in order; each later attack only sees the samples that every earlier
-one failed to break, so the cost falls as the defended model's accuracy falls. A sample counts as
-robust only if it survives all of them; its returned image is the first one that fooled the model
-(else the last attack's). The accuracy equals the per-sample AND of the attacks run separately
-(for deterministic attacks exactly; ``tests/test_engine.py`` checks it).
+``worst-of`` runs its attacks in order as the parts of :func:`attacks.core.run_parts`: each starts
+from the batch's starting randomness (so it computes what it computes alone), and every image each
+one returns is a candidate of the result. The harness scores every candidate; a sample counts as
+robust only if it survives all of them, under each score (all draws, mean over draws, majority), so
+``worst-of`` is never above any of its members under any score. On a deterministic row a later
+attack only sees the samples every earlier one left correct, and the accuracy equals the
+per-sample AND of the attacks run separately (``tests/test_engine.py`` checks it); on a row whose
+scoring draws randomness, every member attacks every sample (one misclassifying pass says nothing
+about the scoring draws).
+
+Every registered attack whose images lie in the eps ball around the clean input and are scored by
+the defended model can be a member (composites included); the representation attack, centred on
+the restored image and scored by the classifier alone, cannot.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-from attacks.base import Attack, Threat, defended_of, is_input_space
-from attacks.core import AttackResult
+from attacks.base import Attack, Threat, defended_of
+from attacks.core import run_parts
 from benchmark.config import ConfigError, require, subkey
 from benchmark.registry import ATTACKS
 
@@ -27,10 +34,18 @@ class WorstOfParams:
         require(len(self.attacks) >= 1, subkey(where, "attacks"), "must list at least one attack")
 
 
+def member_allowed(cls: type) -> bool:
+    """Whether an attack class can be a part of a composite: its images are centred on the clean input
+    and scored by the defended model (not the representation attack)."""
+    return bool(getattr(cls, "centred_on_input", True))
+
+
 @ATTACKS.register("worst-of", label="Worst-of",
-                  description="per-sample worst case over a list of attacks; later ones run only on survivors")
+                  description="per-sample worst case over a list of attacks; later ones run only on survivors "
+                              "where one pass decides")
 class WorstOf(Attack):
     Params = WorstOfParams
+    version = 2  # members from the batch's starting randomness; every image scored; no single-draw exits
 
     def __init__(self, where: str = "attack", **params) -> None:
         super().__init__(where, **params)
@@ -43,26 +58,20 @@ class WorstOf(Attack):
             if name not in ATTACKS:
                 raise ConfigError(f"{subkey(at, 'name')}: {ATTACKS.unknown_message(name)}")
             cls = ATTACKS.get(name)
-            if name == "worst-of" or cls.own_scoring or not is_input_space(cls):
-                raise ConfigError(f"{subkey(at, 'name')}: {name!r} cannot be part of worst-of (it scores, "
-                                  "centres its threat ball or measures its own way); give it its own column")
+            if not member_allowed(cls):
+                raise ConfigError(f"{subkey(at, 'name')}: {name!r} cannot be part of worst-of (its threat ball is "
+                                  "centred on another image, or it is scored by another model); give it its own column")
             self.members.append((name, cls(where=subkey(at, "params"), **(spec.get("params") or {}))))
+
+    @classmethod
+    def applies_to(cls, defense_cls: type) -> bool:
+        return True
 
     def describe(self) -> dict:
         return {"attacks": [{"name": n, "params": a.describe()} for n, a in self.members]}
 
     def run(self, model, x, y, threat: Threat, generator):
-        plain = defended_of(model)  # the success check in fp32, not through the engine's options
-        best = x.clone()
-        todo = torch.arange(len(x), device=x.device)
-        survivors = [0] * len(self.members)
-        for i, (_, attack) in enumerate(self.members):
-            if len(todo) == 0:
-                break
-            adv = attack(model, x[todo], y[todo], threat, generator).detach()
-            best[todo] = adv
-            with torch.no_grad():
-                fooled = plain(adv).argmax(1) != y[todo]
-            todo = todo[~fooled]
-            survivors[i] = len(todo)
-        return AttackResult(best, info={"survivors": survivors})
+        defense = type(defended_of(model).defense)
+        members = [(n, a) for n, a in self.members if type(a).applies_to(defense)]  # e.g. mask-adaptive: masks only
+        parts = [lambda xs, ys, a=attack: a(model, xs, ys, threat, generator) for _, attack in members]
+        return run_parts(parts, model, x, y, generator, fresh=True)

@@ -31,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else REPO_ROOT / "results" / cfg.name
     runner = Runner(cfg, out, device=args.device, force=args.force, progress=_progress(args),
-                    config_path=str(args.config), keep_going=args.keep_going)
+                    config_path=str(args.config), keep_going=args.keep_going, replace=args.replace)
     if args.plan:
         from benchmark.plan import Planner, format_plan
 
@@ -129,7 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir[0])
     if not (run_dir / "records").is_dir():
         raise BenchError(f"{run_dir} is not a run folder (no records/ inside)")
-    paths = write_report(run_dir, preset=args.preset)
+    paths = write_report(run_dir, preset=args.preset, include_stale=args.include_stale)
     if not paths:
         raise BenchError(f"{run_dir}/records holds no valid record")
     for p in paths:
@@ -303,6 +303,9 @@ def _add_run(sub) -> None:
                         "--set threat.eps=0.0627 --set defenses.DIR.train.epochs=2; training eps and step size "
                         "left unset follow threat. Give each variant its own --out")
     r.add_argument("--force", action="store_true", help="recompute cells that already have a record")
+    r.add_argument("--replace", action="store_true",
+                   help="run into a folder that holds a run of another configuration, making this one its configuration "
+                        "(cells whose identity changed are recomputed)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--no-report", action="store_true", help="do not write the report (report/index.html) at the end")
     r.add_argument("--plan", action="store_true",
@@ -333,6 +336,8 @@ def _add_report(sub) -> None:
     rp.add_argument("run_dir", nargs="+", help="a run folder; several with --out: merged into one set of tables "
                                                "(refused when a target they share differs)")
     rp.add_argument("--out", help="the folder a merge of runs is written to (records, checks, report)")
+    rp.add_argument("--include-stale", action="store_true",
+                    help="also show records computed under another plan of the run (named as stale in the report)")
     rp.add_argument("--preset", default="all",
                     help="all (default: everything), paper (the seed paper's tables, comparison and figures "
                          "only) or a comma list of table1..table5")

@@ -306,6 +306,19 @@ class ExperimentConfig:
                                       subkey(where, f"attacks[{i}] ({a.name}).params.attacks"), f"row {d.name!r}")
         unknown = sorted(set(self.report.umap) - set(defenses))
         require(not unknown, subkey(where, "report.umap"), f"{unknown} are not defenses of this config; defenses: {defenses}")
+        for i, d in enumerate(self.defenses):  # outputs that depend on the batch's other images
+            if not DEFENSES.get(d.registered).batch_dependent_with(d.options):
+                continue
+            at = subkey(where, f"defenses[{i}] ({d.name})")
+            require(self.eval.batch_size != "auto", at, "its outputs depend on the batch's other images (batch "
+                    "statistics): eval.batch_size must be a number, not auto (it is part of the cell's identity)")
+            for a in self.attacks:
+                if a.only is not None and d.name not in a.only:
+                    continue
+                composite = a.registered == "worst-of" or int(a.params.get("restarts", 1) or 1) > 1
+                require(not composite, at, f"its outputs depend on the batch's other images (batch statistics): "
+                        f"attack {a.name!r} attacks survivors in smaller batches (worst-of, restarts), which changes "
+                        "them; restrict it with 'only' or drop the batch statistics")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -515,6 +528,31 @@ def prepare_defense(ds: DatasetSpec, spec: DefenseSpec, classifier: torch.nn.Mod
     return defense, card
 
 
+COLLAPSE_N = 256  # training images a trained defense's predictions are checked on
+
+
+def training_collapse(defense, classifier: torch.nn.Module, train, stuck: str | None = None) -> str | None:
+    """Why a trained defense is collapsed, or None: every prediction of the defended model on the first
+    training images is one class (a constant output, or one the target maps to one class) where its
+    classifier alone predicts several. Iterative
+    purifiers (``prefers_bpda``: long chains) are not checked here; their rows' checks still flag a
+    degenerate row."""
+    from defenses.base import DefendedModel
+
+    if getattr(defense, "prefers_bpda", False):
+        return None
+    model = DefendedModel.for_defense(defense, classifier)
+    device = defense._device()
+    head = train.head(min(COLLAPSE_N, len(train))).to(device)
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        preds = model(head.as_float()).argmax(1)
+        alone = model.classifier(head.as_float()).argmax(1)
+    if len(preds) < 2 or int(preds.unique().numel()) > 1 or int(alone.unique().numel()) == 1:
+        return None  # (a target that itself predicts one class: nothing the defense's training did)
+    return (f"every prediction on {len(preds)} training images is class {int(preds[0])}, where the classifier alone "
+            f"predicts {int(alone.unique().numel())} classes" + (f"; {stuck}" if stuck else ""))
+
+
 def _train_defense(ds: DatasetSpec, spec: DefenseSpec, defense, classifier: torch.nn.Module, target_card: dict,
                    cfg: ExperimentConfig, device: torch.device, artifacts: Path, train_data, key: str, stem: Path,
                    progress: bool, together: bool) -> tuple[Any, dict]:
@@ -534,6 +572,11 @@ def _train_defense(ds: DatasetSpec, spec: DefenseSpec, defense, classifier: torc
         checkpoint=EpochCheckpoint(stem.with_name(stem.name + ".partial"), key))  # a killed training resumes
     with compiled(defense.compile_modules(training=True), bool(getattr(train_cfg, "compile", False))):
         result = defense.fit(classifier, train_data(), context, config=train_cfg)
+    collapsed = training_collapse(defense, classifier, train_data(), getattr(result, "stuck", None))
+    if collapsed:
+        raise BenchError(f"defense {spec.name!r}: its training collapsed ({collapsed}); nothing was saved. Change "
+                         f"its train options (lr, epochs{', warmup_epochs' if hasattr(train_cfg, 'warmup_epochs') else ''})"
+                         " or the seed")
     card = {
         "kind": "defense", "defense": spec.registered, "name": spec.name, "options": spec.options,
         "train": spec.train, "target_sha256": target_card["sha256"], "artifact_key": key,

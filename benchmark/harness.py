@@ -1,14 +1,17 @@
 """The one place that runs an attack and keeps it honest.
 
-For every batch: the attack returns ``x_adv``; the harness checks that it lies in
-the threat ball (``|x_adv - x|_inf <= eps + 1e-6``) and in [0,1], then re-scores
-it with a fresh forward pass of the defended model. A stochastic defense is scored
-under ``draws`` independent draws of its randomness (each seeded from the batch and
-the draw, so sharded and single runs agree): per sample, how many draws classify it
-correctly, whether the plurality vote of the draws is the true label, and the first
-draw alone. A sample is counted robust (``correct``) only if every draw classifies it
-correctly: an attacker may resubmit the same image. It counts forward and backward
-image-passes, times the cell and records peak GPU memory.
+For every batch: the attack returns ``x_adv`` and possibly candidates (a best iterate,
+the parts of a composite); the harness checks that every image lies in the threat ball
+(``|x_adv - x|_inf <= eps + 1e-6``) and in [0,1], then re-scores each with fresh forward
+passes of the defended model. A stochastic defense is scored under ``draws`` independent
+draws of its randomness (draw r seeded from the batch and r, never from the attack's streams,
+so sharded and single runs agree and every cell of a batch shares its scoring draws): per
+sample, how many draws classify it correctly, whether the plurality vote of the draws is the
+true label, and the first draw alone, each the worst over the sample's images. A sample is
+counted robust (``correct``) only if every draw classifies every image of it correctly: an
+attacker may resubmit. Composite attacks decide with the same scoring
+(:class:`attacks.core.Judge`). It counts forward and backward image-passes, times the cell
+and records peak GPU memory.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.base import Attack, Threat
-from attacks.core import AttackResult
+from attacks.core import Judge, Verdict, as_result, judging
 from attacks.engine import AttackView, EngineOptions, auto_batch_size, prepare_model
 from benchmark import distributed, logs
 from benchmark.errors import BenchError
 from benchmark.records import GradientCheck
 
 BALL_TOLERANCE = 1e-6
+# In every cell's identity: bump when how cells are scored changes (2: scoring draws seeded apart from the
+# attack's streams, every image an attack returns scored, composites decide with the scoring draws)
+SCORING_VERSION = 2
 GRADIENT_CHECK_N = 256  # images of the first batch whose input gradient is checked for masking
 
 
@@ -106,6 +112,7 @@ class AttackOutcome:
     single: torch.Tensor | None = None  # bool (n,): the first draw alone
     score_forwards: int = 0  # image-passes spent on scoring (draws x n); included in ``forwards``
     random_score: bool = False  # whether the scoring drew randomness (a stochastic defense, not held fixed)
+    diagnostics: dict = field(default_factory=dict)  # name -> bool (n,): correct under another scoring of the images
 
     PER_SAMPLE = ("correct", "draw_counts", "majority", "single")
 
@@ -155,35 +162,6 @@ def gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Gradie
 MAX_DRAWS = 35  # per-sample draw counts are stored as one base-36 digit
 
 
-def draw_seed(batch_seed: int, draw: int) -> int:
-    """The defense's seed for scoring draw ``draw`` of a batch (draw 0 keeps the attack's stream)."""
-    return (batch_seed + (draw + 1) * 0x9E3779B97F4A7C15) % (2**62)
-
-
-def score_draws(score, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, draws: int,
-                defense, batch_seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predictions of ``draws`` scoring passes over ``x_adv`` (n, draws) and the plurality-vote
-    correctness (n,), ``score(model, x_adv) -> logits`` giving each pass. Draw 0 continues the
-    defense's generator after the attack (so one draw is the single-pass scoring); draw r > 0
-    reseeds it from (batch, r)."""
-    preds = []
-    with torch.no_grad():
-        for r in range(draws):
-            if r > 0 and defense is not None and hasattr(defense, "seed"):
-                defense.seed(draw_seed(batch_seed, r), device)
-            preds.append(score(model, x_adv).argmax(1))
-    preds = torch.stack(preds, dim=1)
-    classes = int(max(int(preds.max()), int(y.max())) + 1)
-    votes = torch.nn.functional.one_hot(preds, classes).sum(1)  # (n, classes)
-    own = votes.gather(1, y.view(-1, 1)).squeeze(1)
-    others = votes.scatter(1, y.view(-1, 1), -1).amax(1)
-    return preds, own > others  # a tie with another class is not a correct vote
-
-
-def _fresh_pass(model: nn.Module, x_adv: torch.Tensor) -> torch.Tensor:
-    return model(x_adv)
-
-
 class _Tally:
     """Per-sample scores of a cell, filled batch by batch."""
 
@@ -193,36 +171,39 @@ class _Tally:
         self.majority = torch.zeros(n, dtype=torch.bool)
         self.single = torch.zeros(n, dtype=torch.bool)  # the first draw alone
         self.drawn, self.random, self.info, self.score_forwards = 1, False, {}, 0
+        self.diagnostics: dict[str, torch.Tensor] = {}  # name -> per-sample correctness under that scoring
 
-    def add(self, start: int, preds: torch.Tensor, vote: torch.Tensor, y: torch.Tensor) -> None:
-        hits = (preds == y.view(-1, 1)).cpu()
-        rows = slice(start, start + len(y))
-        self.counts[rows], self.single[rows], self.majority[rows] = hits.sum(1), hits[:, 0], vote.cpu()
+    def add(self, start: int, verdict: Verdict) -> None:
+        rows = slice(start, start + len(verdict.counts))
+        self.counts[rows], self.single[rows], self.majority[rows] = (verdict.counts.cpu(), verdict.single.cpu(),
+                                                                     verdict.majority.cpu())
 
 
 def _attack_batch(attack: Attack, model: nn.Module, view: AttackView, x: torch.Tensor, y: torch.Tensor,
                   threat: Threat, batch_seed: int, name: str, draws: int, tally: _Tally, start: int) -> None:
-    """Attack one batch from generators seeded by ``batch_seed``, check its adversarial images and
-    score them with fresh passes of the defended model into ``tally``."""
-    device = x.device
-    gen = torch.Generator(device=device).manual_seed(batch_seed)
-    torch.manual_seed(batch_seed)
-    defense = getattr(model, "defense", None)
-    if defense is not None and hasattr(defense, "seed"):
-        defense.seed(batch_seed, device)
-    result = attack(view, x, y, threat, gen)
-    if not isinstance(result, AttackResult):
-        result = AttackResult(result)
-    x_adv = result.x_adv.detach()
-    check_adversarial(x_adv, x if result.center is None else result.center, threat, name)
+    """Attack one batch from generators seeded by ``batch_seed`` (the defense's derived from it), check
+    every image it returned and score them with fresh passes of the defended model into ``tally``:
+    per sample, the worst of its images under each score (:class:`attacks.core.Verdict`)."""
+    stochastic = bool(getattr(model, "stochastic", False))
+    judge = Judge(model, x, y, draws=draws, random=stochastic, batch_seed=batch_seed)
+    gen = torch.Generator(device=x.device)
+    judge.restart(gen)
+    with judging(judge):
+        result = as_result(attack(view, x, y, threat, gen))
+    centre = x if result.center is None else result.center
+    for img in result.images:
+        check_adversarial(img.detach(), centre, threat, name)
     _merge_info(tally.info, result.info)
-    tally.random = result.random_score if result.random_score is not None else bool(getattr(model, "stochastic",
-                                                                                              False))
+    tally.random = result.random_score if result.random_score is not None else stochastic
     tally.drawn = draws if tally.random else 1
-    before = tally.counter.forwards  # re-score from x_adv with fresh passes of the defended model
-    preds, vote = score_draws(result.score or _fresh_pass, model, x_adv, y, tally.drawn, defense, batch_seed, device)
+    before = tally.counter.forwards  # re-score from the images with fresh passes of the defended model
+    verdict = judge.verdict([img.detach() for img in result.images], score=result.score, draws=tally.drawn)
+    for key, score in result.diagnostics.items():  # other scorings of the same images (e.g. fixed masks)
+        other = judge.verdict([img.detach() for img in result.images], score=score, draws=1)
+        tally.diagnostics.setdefault(key, torch.zeros(len(tally.counts), dtype=torch.bool))[
+            start:start + len(y)] = other.robust.cpu()
     tally.score_forwards += tally.counter.forwards - before
-    tally.add(start, preds, vote, y)
+    tally.add(start, verdict)
 
 
 def run_attack(
@@ -287,7 +268,8 @@ def run_attack(
              **({"attack_info": tally.info} if tally.info else {})}
     outcome = AttackOutcome(tally.counts == tally.drawn, seconds, counter.forwards, counter.backwards, peak,
                             extra=extra, draws=tally.drawn, draw_counts=tally.counts, majority=tally.majority,
-                            single=tally.single, score_forwards=tally.score_forwards, random_score=tally.random)
+                            single=tally.single, score_forwards=tally.score_forwards, random_score=tally.random,
+                            diagnostics=tally.diagnostics)
     if sharded:
         outcome = _gather(outcome, starts, batch_size, len(images))
     return outcome
@@ -301,7 +283,8 @@ def _gather(local: AttackOutcome, starts: list[int], batch_size: int, n: int) ->
     parts = distributed.gather({"rows": rows, **{f: [getattr(local, f)[a:b].tolist() for a, b in rows] for f in fields},
                                 "seconds": local.seconds, "forwards": local.forwards, "backwards": local.backwards,
                                 "score_forwards": local.score_forwards, "peak": local.peak_memory_bytes,
-                                "extra": local.extra, "draws": local.draws, "random": local.random_score})
+                                "extra": local.extra, "draws": local.draws, "random": local.random_score,
+                                "diagnostics": {k: [v[a:b].tolist() for a, b in rows] for k, v in local.diagnostics.items()}})
     joined = {f: torch.zeros(n, dtype=getattr(local, f).dtype) for f in fields}
     covered = torch.zeros(n, dtype=torch.bool)
     for part in parts:
@@ -311,6 +294,11 @@ def _gather(local: AttackOutcome, starts: list[int], batch_size: int, n: int) ->
             covered[a:b] = True
     if not bool(covered.all()):
         raise BenchError("a sharded cell lost rows: the ranks' shares do not cover the evaluation set")
+    diagnostics = {k: torch.zeros(n, dtype=torch.bool) for k in parts[0]["diagnostics"]}
+    for part in parts:
+        for k, chunks in part["diagnostics"].items():
+            for (a, b), chunk in zip(part["rows"], chunks):
+                diagnostics[k][a:b] = torch.tensor(chunk, dtype=torch.bool)
     peaks = [p["peak"] for p in parts if p["peak"] is not None]
     extra = dict(parts[0]["extra"], ranks=len(parts))
     info: dict = {}
@@ -323,4 +311,4 @@ def _gather(local: AttackOutcome, starts: list[int], batch_size: int, n: int) ->
                          backwards=sum(p["backwards"] for p in parts), peak_memory_bytes=max(peaks) if peaks else None,
                          extra=extra, draws=max(p["draws"] for p in parts),
                          random_score=any(p["random"] for p in parts), score_forwards=sum(p["score_forwards"] for p in parts),
-                         **joined)
+                         diagnostics=diagnostics, **joined)

@@ -3,35 +3,52 @@
 The checklist of Carlini et al. (2019, "On evaluating adversarial robustness"),
 automated in the spirit of AutoAttack's ``checks.py``, on the first ``n``
 examples of the row's evaluation subset and on the defended model exactly as the
-row's attacks see it (BPDA where the defense declares it):
+row's attacks see it (BPDA where the defense declares it). Every comparison is
+between attacks on the *same* images, so each is a paired test: the exact McNemar
+test on the per-sample results (:class:`Paired`, 5% two-sided), the test the tables'
+bold uses, not a tolerance for two independent samples. A stochastic row's per-sample
+results are "correct under every scoring draw", and every cell of a batch is scored
+under the same draws. The flags:
 
+* ``degenerate``: the row does not classify: its clean accuracy is within the 95%
+  interval of chance, or all its predictions are one class, or it is below a third of
+  the way from chance to the target's own clean accuracy on the same images (a
+  collapsed training; every other number of such a row is meaningless);
 * ``zero-grad``: zero or non-finite input gradients at the clean images;
-* ``steps``: PGD with more steps must not leave more images robust than PGD with few;
-* ``eps``: robust accuracy must fall as eps grows (a short sweep), towards chance
-  at the largest eps;
-* ``square``: a gradient-free attack (Square, from pyautoattack) must not beat the
-  white-box attacks (the per-sample worst case of the two PGD runs above);
-* ``eot`` (stochastic defenses): doubling the EOT samples must not lower robust
-  accuracy further (if it does, the EOT attacks of the row are not converged). The
-  spread of robust accuracy over repeated evaluations is recorded alongside;
+* ``steps``: PGD with more steps left significantly more images robust than PGD with
+  few (masking); ``unconverged``: significantly fewer (the row's few-step attacks are
+  not converged: more steps are much stronger);
+* ``eps``: robust accuracy rose significantly between two eps of a short sweep, or did
+  not fall to within 10 points of chance at the largest eps;
+* ``fgsm``: one FGSM step beat PGD (a sign of a gradient that misleads iterative steps);
+* ``noise``: uniform random sign noise of size eps beat PGD (the gradient is worse
+  than no gradient);
+* ``square``: a gradient-free attack (Square, from pyautoattack) beat the white-box
+  attacks (the per-sample worst case of the two PGD runs above);
 * ``transfer``: PGD crafted on the classifier alone (and, for a BPDA row whose
   surrogate is not the identity, on classifier(surrogate(x))) and evaluated on the
-  defended model must not beat the white-box attacks: if it does, the white-box
-  gradient is broken;
-* fixed randomness (stochastic defenses, recorded, not flagged): the same PGD with the
-  defense's randomness frozen for the attack and the scoring (the "deterministic
-  white-box" protocol), next to the stochastic result, so that a reader sees how much
-  of a row's robustness is randomness.
+  defended model beat the white-box attacks: the white-box gradient is broken;
+* ``eot`` (stochastic defenses): EOT-PGD with twice the row's own EOT samples (the
+  largest E among its attacks) was significantly stronger than with E: the row's EOT
+  attacks are not converged. The spread over repeated PGD evaluations is recorded;
+* ``randomness`` (stochastic defenses, a diagnostic, not a masking failure): PGD with
+  the defense's randomness frozen for the attack and the scoring (the "deterministic
+  white-box" protocol) left significantly fewer images robust than against the random
+  defense: the row's robustness rests on its randomness, and its EOT attacks are the
+  numbers to read.
 
-Differences are flagged only beyond sampling noise (:func:`tolerance`). Every
-attack goes through the checking harness. The result is one checksummed JSON file
-per row, ``checks/<row>.json``; the results tables show its flags as a column.
+A row declared deterministic is checked to be so before anything is attacked
+(:func:`check_determinism`): two passes over the same images must agree, or the row is
+refused. Every attack goes through the checking harness. The result is one
+checksummed JSON file per row, ``checks/<row>.json``; the results tables show its
+flags as a column (``no flag (n=...)`` when none was raised: the checks found nothing
+on those n images, which is not a proof of robustness).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,21 +58,37 @@ import torch
 from attacks.base import Attack, Threat
 from attacks.pgd import pgd_linf
 from benchmark.config import require, subkey
+from benchmark.errors import BenchError
 from benchmark.harness import gradient_check, run_attack
-from benchmark.records import GradientCheck, RecordError, Typed, read_verified, write_record
+from benchmark.records import (
+    GradientCheck,
+    RecordError,
+    Typed,
+    bit_string,
+    read_verified,
+    write_record,
+)
 from benchmark.registry import ATTACKS
+from benchmark.stats import mcnemar, wilson_interval
 
 log = logging.getLogger("purifybench")
 
-SCHEMA = "purifybench-checks/2"  # 2: typed; the flags are derived from the checks
-OLD_SCHEMAS = ("purifybench-checks/1",)  # the same fields: read, and said so
-FLAGS = ("zero-grad", "steps", "eps", "square", "eot", "transfer")
-LEGEND = ("Checks: gradient-masking checks on the first examples of the subset (Carlini et al. 2019; "
-          "checks.md has the figures): ok = none failed; zero-grad = zero or non-finite input gradients; "
-          "steps = more PGD steps left more images robust; eps = accuracy did not fall towards chance as eps grew; "
-          "square = the gradient-free Square attack beat the white-box attacks; eot = more EOT samples lowered "
-          "accuracy further; transfer = PGD crafted on the classifier alone (or the BPDA surrogate) beat the "
-          "white-box attacks; n/a = not run.")
+CHECKS_VERSION = 2  # in a row's checks identity: bump when what the checks compute changes
+SCHEMA = "purifybench-checks/3"  # 3: paired tests, degenerate / unconverged / fgsm / noise / randomness
+OLD_SCHEMAS: tuple[str, ...] = ()  # older files are recomputed by a run (their row hash differs too)
+ALPHA = 0.05  # significance level of every paired comparison
+FLAGS = ("degenerate", "zero-grad", "steps", "unconverged", "eps", "fgsm", "noise", "square", "transfer", "eot",
+         "randomness")
+LEGEND = ("Checks: gradient-masking checks on the first examples of the subset (Carlini et al. 2019; each a paired "
+          "exact McNemar test at 5% on the same images; checks.md has the figures): no flag (n=...) = none raised "
+          "on those n images (not a proof of robustness); degenerate = the row does not classify (clean accuracy "
+          "at chance, one predicted class, or far below the target's: every number of the row is meaningless); "
+          "zero-grad = zero or non-finite input gradients; steps = more PGD steps left more images robust; "
+          "unconverged = more PGD steps were much stronger; eps = accuracy did not fall towards chance as eps grew; "
+          "fgsm = one FGSM step beat PGD; noise = random noise beat PGD; square = the gradient-free Square attack "
+          "beat the white-box attacks; transfer = PGD crafted on the classifier alone (or the BPDA surrogate) beat "
+          "the white-box attacks; eot = twice the row's EOT samples was stronger; randomness = robustness that "
+          "rests on the defense's randomness (PGD with it frozen was much stronger; a diagnostic); n/a = not run.")
 
 
 @dataclass
@@ -66,7 +99,7 @@ class ChecksSpec(Typed):
     more_steps: int = 50  # ... and of the longer run that must not do worse
     eps_multipliers: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])  # the sweep, times eps (capped at 1)
     square_queries: int = 1000
-    eot: int = 4  # stochastic defenses: EOT-PGD with eot and with 2 * eot samples
+    eot: int | str = "auto"  # stochastic defenses: EOT-PGD with E and 2E samples; auto: the row's own E
     repeats: int = 3  # stochastic defenses: PGD evaluations whose spread is recorded
     transfer: bool = True  # PGD transferred from the classifier alone (and the BPDA surrogate)
     fixed_randomness: bool = True  # stochastic defenses: PGD with the randomness frozen
@@ -79,28 +112,64 @@ class ChecksSpec(Typed):
         require(len(self.eps_multipliers) >= 1 and all(m > 1 for m in self.eps_multipliers),
                 subkey(where, "eps_multipliers"), f"must list numbers > 1, got {self.eps_multipliers}")
         require(self.square_queries >= 1, subkey(where, "square_queries"), "must be >= 1")
-        require(self.eot >= 1, subkey(where, "eot"), f"must be >= 1, got {self.eot}")
+        require(self.eot == "auto" or (isinstance(self.eot, int) and self.eot >= 1), subkey(where, "eot"),
+                f"must be auto (the row's own EOT samples) or an integer >= 1, got {self.eot!r}")
         require(self.repeats >= 1, subkey(where, "repeats"), f"must be >= 1, got {self.repeats}")
 
 
-def tolerance(p1: float, p2: float, m: int, stochastic: bool) -> float:
-    """How far two accuracies on the same m images may differ by chance: two images (random starts
-    of PGD move a few borderline images), plus, for a stochastic defense, 1.96 standard errors of the
-    difference of two independent re-scorings."""
-    tol = max(0.02, 2.0 / m)
-    if stochastic:
-        tol += 1.96 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / m)
-    return tol
+DEFAULT_EOT = 4  # eot: auto on a row none of whose attacks takes EOT samples
 
 
 # -- what a row's checks found (typed: these cross files) -------------------------------------
 @dataclass
+class Paired(Typed):
+    """Two attacks on the same images: their accuracies, how many samples only one of them left
+    correct, and the exact McNemar test's two-sided p-value."""
+
+    names: list[str]
+    accuracy: list[float]
+    only: list[int]
+    p_value: float
+
+    @classmethod
+    def of(cls, a: str, bits_a, b: str, bits_b) -> Paired:
+        sa, sb = bit_string(bits_a), bit_string(bits_b)
+        m = mcnemar(sa, sb)
+        return cls(names=[a, b], accuracy=[sa.count("1") / len(sa), sb.count("1") / len(sb)],
+                   only=[m["only_a"], m["only_b"]], p_value=m["p_value"])
+
+    def first_higher(self) -> bool:
+        """The first left significantly more samples correct than the second."""
+        return self.p_value < ALPHA and self.only[0] > self.only[1]
+
+    def second_higher(self) -> bool:
+        return self.p_value < ALPHA and self.only[1] > self.only[0]
+
+
+@dataclass
+class DegenerateCheck(Typed):
+    """Does the row classify at all: its clean accuracy, the target's on the same images, chance, how
+    many classes it predicts, and why it is degenerate (empty: it is not)."""
+
+    clean: float
+    target_clean: float | None
+    chance: float
+    classes_predicted: int
+    reasons: list[str]
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.reasons)
+
+
+@dataclass
 class StepsCheck(Typed):
-    clean: float  # clean accuracy of the checked examples
     steps: list[int]  # [few, more]
-    accuracy: list[float]  # PGD with few and with more steps
-    tolerance: float
-    failed: bool
+    comparison: Paired  # PGD with few steps vs with more
+    failed: bool  # more steps left significantly more robust (masking)
+    unconverged: bool  # more steps were significantly stronger
+
+    NESTED = {"comparison": Paired}
 
 
 @dataclass
@@ -108,35 +177,43 @@ class EpsCheck(Typed):
     eps: list[float]  # the threat's eps, then each multiple (capped at 1)
     accuracy: list[float]
     chance: float
-    tolerance: float
+    rises: list[Paired]  # each eps against the next
     failed: bool
+
+    NESTED = {"rises": (list, Paired)}
 
 
 @dataclass
-class SquareCheck(Typed):
-    queries: int
-    accuracy: float
-    whitebox_accuracy: float  # per-sample worst case of the two PGD runs
-    beaten_only_by_square: int
-    tolerance: float
+class BaselineCheck(Typed):
+    """An attack that must not beat PGD (FGSM, random noise) or the white-box attacks (Square)."""
+
+    comparison: Paired  # [the baseline, the white-box reference]
     failed: bool
+
+    NESTED = {"comparison": Paired}
+
+
+@dataclass
+class SquareCheck(BaselineCheck):
+    queries: int = 0
 
 
 @dataclass
 class TransferCheck(Typed):
-    accuracy: dict[str, float]  # per source: "classifier", and "surrogate" for a BPDA row
-    whitebox_accuracy: float
-    tolerance: float
+    comparisons: dict[str, Paired]  # per source ("classifier", "surrogate"): [transfer, white-box]
     failed: bool
+
+    NESTED = {"comparisons": (dict, Paired)}
 
 
 @dataclass
 class FixedRandomness(Typed):
-    """Recorded, not flagged: PGD against the stochastic defense, and with its randomness frozen."""
+    """PGD against the stochastic defense, and with its randomness frozen (a diagnostic)."""
 
-    pgd: float
-    fixed_pgd: float
-    from_randomness: float
+    comparison: Paired  # [stochastic, fixed]
+    flagged: bool  # freezing the randomness left significantly fewer robust
+
+    NESTED = {"comparison": Paired}
 
 
 @dataclass
@@ -145,9 +222,10 @@ class EotCheck(Typed):
     spread: float
     std: float
     samples: list[int]  # [E, 2E]
-    accuracy: list[float]  # EOT-PGD with E and with 2E samples
-    tolerance: float
+    comparison: Paired  # EOT-PGD with E vs 2E samples
     failed: bool
+
+    NESTED = {"comparison": Paired}
 
 
 @dataclass
@@ -156,9 +234,12 @@ class CheckResults(Typed):
 
     n: int
     stochastic: bool
+    degenerate: DegenerateCheck
     gradient: GradientCheck
     steps: StepsCheck
     eps: EpsCheck
+    fgsm: BaselineCheck
+    noise: BaselineCheck
     square: SquareCheck
     transfer: TransferCheck | None = None
     fixed: FixedRandomness | None = None
@@ -167,15 +248,19 @@ class CheckResults(Typed):
     forwards: int = 0
     backwards: int = 0
 
-    NESTED = {"gradient": GradientCheck, "steps": StepsCheck, "eps": EpsCheck, "square": SquareCheck,
-              "transfer": TransferCheck, "fixed": FixedRandomness, "eot": EotCheck}
+    NESTED = {"degenerate": DegenerateCheck, "gradient": GradientCheck, "steps": StepsCheck, "eps": EpsCheck,
+              "fgsm": BaselineCheck, "noise": BaselineCheck, "square": SquareCheck, "transfer": TransferCheck,
+              "fixed": FixedRandomness, "eot": EotCheck}
 
     @property
     def flags(self) -> list[str]:
         """The failed checks, in the order of :data:`FLAGS`."""
-        failed = {"zero-grad": self.gradient.masked, "steps": self.steps.failed, "eps": self.eps.failed,
-                  "square": self.square.failed, "eot": self.eot is not None and self.eot.failed,
-                  "transfer": self.transfer is not None and self.transfer.failed}
+        failed = {"degenerate": self.degenerate.failed, "zero-grad": self.gradient.masked,
+                  "steps": self.steps.failed, "unconverged": self.steps.unconverged, "eps": self.eps.failed,
+                  "fgsm": self.fgsm.failed, "noise": self.noise.failed, "square": self.square.failed,
+                  "transfer": self.transfer is not None and self.transfer.failed,
+                  "eot": self.eot is not None and self.eot.failed,
+                  "randomness": self.fixed is not None and self.fixed.flagged}
         return [f for f in FLAGS if failed[f]]
 
 
@@ -228,6 +313,17 @@ class ChecksRecord(Typed):
     def to_json(self) -> dict:
         return {**super().to_json(), "flags": self.flags, "passed": not self.flags}
 
+
+class RandomNoise(Attack):
+    """Uniform random sign noise of size eps (one draw per image): the baseline PGD must beat."""
+
+    uses_gradients = False
+
+    def run(self, model, x, y, threat: Threat, generator):
+        signs = torch.randint(0, 2, x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        return (x + threat.eps * signs).clamp(0.0, 1.0)
+
+
 class Transfer(Attack):
     """PGD crafted on ``source`` (the classifier alone, or classifier(surrogate(x))), evaluated by the
     harness on the defended model: a transfer attack that needs no gradient of the defense."""
@@ -263,76 +359,134 @@ def _pgd(steps: int, eps: float, eot: int = 1):
 
 
 def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: ChecksSpec, *,
-               seed: int = 0, batch_size: int | str = 500, engine=None) -> CheckResults:
-    """Every check on images ``x`` (float in [0,1], on the model's device); ``.flags`` names the failed."""
+               seed: int = 0, batch_size: int | str = 500, engine=None, draws: int = 1, eot: int | None = None,
+               target=None) -> CheckResults:
+    """Every check on images ``x`` (float in [0,1], on the model's device); ``.flags`` names the failed.
+    ``draws``: the row's scoring draws (a stochastic row's per-sample results are "correct under
+    every draw"); ``eot``: the row's own EOT samples (for ``spec.eot: auto``); ``target``: the
+    target classifier whose clean accuracy the row's is compared with (degenerate)."""
     m = len(x)
     stochastic = bool(getattr(model, "stochastic", False))
     t0 = time.perf_counter()
     passes = {"forwards": 0, "backwards": 0}
 
     def attack(a, eps=threat.eps, s=seed):
-        out = run_attack(a, model, x, y, Threat(threat.norm, eps), batch_size=batch_size, seed=s, engine=engine)
+        out = run_attack(a, model, x, y, Threat(threat.norm, eps), batch_size=batch_size, seed=s, engine=engine,
+                         draws=draws)
         passes["forwards"] += out.forwards
         passes["backwards"] += out.backwards
         return out
 
     grad = gradient_check(model, x, y)
-
     clean = attack(ATTACKS.get("clean")())
+    degenerate = degenerate_check(model, x, y, clean.correct, target)
+
     few, more = attack(_pgd(spec.steps, threat.eps)), attack(_pgd(spec.more_steps, threat.eps))
-    tol = tolerance(few.accuracy, more.accuracy, m, stochastic)
-    steps = StepsCheck(clean=clean.accuracy, steps=[spec.steps, spec.more_steps],
-                       accuracy=[few.accuracy, more.accuracy], tolerance=tol, failed=more.accuracy > few.accuracy + tol)
+    pair = Paired.of(f"PGD-{spec.steps}", few.correct, f"PGD-{spec.more_steps}", more.correct)
+    steps = StepsCheck(steps=[spec.steps, spec.more_steps], comparison=pair, failed=pair.second_higher(),
+                       unconverged=pair.first_higher())
 
     whitebox = few.correct & more.correct
-    wb_acc = float(whitebox.float().mean())
-    sweep_eps, sweep_acc = [threat.eps], [few.accuracy]
+    sweep_eps, sweep = [threat.eps], [few.correct]
     for k in spec.eps_multipliers:
         eps_k = min(1.0, threat.eps * k)
         sweep_eps.append(eps_k)
-        sweep_acc.append(attack(_pgd(spec.steps, eps_k), eps=eps_k).accuracy)
-    with torch.no_grad():
-        classes = int(model(x[:1]).shape[1])
-    chance = 1.0 / classes
-    rises = [b - a for a, b in zip(sweep_acc, sweep_acc[1:])]
-    eps_tol = tolerance(sweep_acc[0], sweep_acc[-1], m, stochastic)
-    eps = EpsCheck(eps=sweep_eps, accuracy=sweep_acc, chance=chance, tolerance=eps_tol,
-                   failed=sweep_acc[-1] > chance + 0.1 or any(r > eps_tol for r in rises))
+        sweep.append(attack(_pgd(spec.steps, eps_k), eps=eps_k).correct)
+    chance = degenerate.chance
+    rises = [Paired.of(f"eps {a:g}", sweep[i], f"eps {b:g}", sweep[i + 1])
+             for i, (a, b) in enumerate(zip(sweep_eps, sweep_eps[1:]))]
+    accuracy = [float(c.float().mean()) for c in sweep]
+    eps = EpsCheck(eps=sweep_eps, accuracy=accuracy, chance=chance, rises=rises,
+                   failed=accuracy[-1] > chance + 0.1 or any(r.second_higher() for r in rises))
+
+    fgsm_out = attack(ATTACKS.get("pgd")(where="checks", steps=1, step_size=min(1.0, threat.eps), random_start=False))
+    fgsm = BaselineCheck(comparison=(c := Paired.of("FGSM", fgsm_out.correct, f"PGD-{spec.steps}", few.correct)),
+                         failed=c.second_higher())
+    noise_out = attack(RandomNoise())
+    noise = BaselineCheck(comparison=(c := Paired.of("noise", noise_out.correct, f"PGD-{spec.steps}", few.correct)),
+                          failed=c.second_higher())
 
     sq = attack(ATTACKS.get("square")(where="checks", n_queries=spec.square_queries, seed=seed))
-    sq_tol = tolerance(sq.accuracy, wb_acc, m, stochastic)
-    square = SquareCheck(queries=spec.square_queries, accuracy=sq.accuracy, whitebox_accuracy=wb_acc,
-                         beaten_only_by_square=int((whitebox & ~sq.correct).sum()), tolerance=sq_tol,
-                         failed=sq.accuracy < wb_acc - sq_tol)
+    pair = Paired.of("Square", sq.correct, "white-box", whitebox)
+    square = SquareCheck(comparison=pair, failed=pair.second_higher(), queries=spec.square_queries)
 
     transfer = None
     sources = transfer_sources(model) if spec.transfer else {}
     if sources:
         step_size = min(1.0, 2.5 * threat.eps / spec.steps)
-        accs = {name: attack(Transfer(src, spec.steps, step_size)).accuracy for name, src in sources.items()}
-        lowest = min(accs.values())
-        tr_tol = tolerance(lowest, wb_acc, m, stochastic)
-        transfer = TransferCheck(accuracy=accs, whitebox_accuracy=wb_acc, tolerance=tr_tol,
-                                 failed=lowest < wb_acc - tr_tol)
+        pairs = {name: Paired.of(f"transfer ({name})", attack(Transfer(src, spec.steps, step_size)).correct,
+                                 "white-box", whitebox) for name, src in sources.items()}
+        transfer = TransferCheck(comparisons=pairs, failed=any(p.second_higher() for p in pairs.values()))
 
     fixed = None
     if stochastic and spec.fixed_randomness and hasattr(model, "fixed_randomness"):
         with model.fixed_randomness(seed):
-            fixed_acc = attack(_pgd(spec.steps, threat.eps)).accuracy
-        fixed = FixedRandomness(pgd=few.accuracy, fixed_pgd=fixed_acc, from_randomness=few.accuracy - fixed_acc)
+            frozen = attack(_pgd(spec.steps, threat.eps))
+        pair = Paired.of(f"PGD-{spec.steps}", few.correct, "randomness fixed", frozen.correct)
+        fixed = FixedRandomness(comparison=pair, flagged=pair.first_higher())
 
-    eot = None
+    eot_check = None
     if stochastic:
         repeats = [few.accuracy] + [attack(_pgd(spec.steps, threat.eps), s=seed + r).accuracy
                                     for r in range(1, spec.repeats)]
-        e1 = attack(_pgd(spec.steps, threat.eps, eot=spec.eot)).accuracy
-        e2 = attack(_pgd(spec.steps, threat.eps, eot=2 * spec.eot)).accuracy
-        eot_tol = tolerance(e1, e2, m, stochastic)
-        eot = EotCheck(repeats=repeats, spread=max(repeats) - min(repeats),
-                       std=float(torch.tensor(repeats).std()) if len(repeats) > 1 else 0.0,
-                       samples=[spec.eot, 2 * spec.eot], accuracy=[e1, e2], tolerance=eot_tol, failed=e2 < e1 - eot_tol)
-    return CheckResults(n=m, stochastic=stochastic, gradient=grad, steps=steps, eps=eps, square=square,
-                        transfer=transfer, fixed=fixed, eot=eot, seconds=time.perf_counter() - t0, **passes)
+        e = spec.eot if spec.eot != "auto" else (eot or DEFAULT_EOT)
+        e1 = attack(_pgd(spec.steps, threat.eps, eot=e))
+        e2 = attack(_pgd(spec.steps, threat.eps, eot=2 * e))
+        pair = Paired.of(f"EOT {e}", e1.correct, f"EOT {2 * e}", e2.correct)
+        eot_check = EotCheck(repeats=repeats, spread=max(repeats) - min(repeats),
+                             std=float(torch.tensor(repeats).std()) if len(repeats) > 1 else 0.0,
+                             samples=[e, 2 * e], comparison=pair, failed=pair.first_higher())
+    return CheckResults(n=m, stochastic=stochastic, degenerate=degenerate, gradient=grad, steps=steps, eps=eps,
+                        fgsm=fgsm, noise=noise, square=square, transfer=transfer, fixed=fixed, eot=eot_check,
+                        seconds=time.perf_counter() - t0, **passes)
+
+
+def degenerate_check(model, x: torch.Tensor, y: torch.Tensor, correct: torch.Tensor, target=None) -> DegenerateCheck:
+    """Does the row classify: ``correct`` its clean per-sample results (under every scoring draw),
+    ``target`` the target classifier (its clean accuracy on the same images is the reference)."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        logits = model(x)
+        target_correct = (target(x).argmax(1) == y).cpu() if target is not None else None
+    classes = int(logits.shape[1])
+    chance = 1.0 / classes
+    predicted = int(logits.argmax(1).unique().numel())
+    n, k = len(correct), int(correct.sum())
+    lo, hi = wilson_interval(k, n)
+    reasons = []
+    if lo <= chance <= hi:
+        reasons.append(f"clean accuracy {100 * k / n:.1f}% is within chance ({100 * chance:.0f}%)")
+    if predicted == 1 and n > 1:
+        reasons.append("every prediction is one class")
+    target_clean = None
+    if target_correct is not None:
+        target_clean = float(target_correct.float().mean())
+        floor = chance + (target_clean - chance) / 3
+        pair = Paired.of("row", correct.cpu(), "target", target_correct)
+        if k / n < floor and pair.second_higher():
+            reasons.append(f"clean accuracy {100 * k / n:.1f}% is far below the target's {100 * target_clean:.1f}%")
+    return DegenerateCheck(clean=k / n, target_clean=target_clean, chance=chance, classes_predicted=predicted,
+                           reasons=reasons)
+
+
+def check_determinism(model, x: torch.Tensor, name: str) -> None:
+    """A row whose defense declares ``stochastic = False`` must be deterministic: two passes over the
+    same images (with every random stream moved on between them) must give the same logits up to
+    float noise. Otherwise it would be scored on one draw and attacked without EOT: refused, in one
+    line that says what to declare."""
+    if bool(getattr(model, "stochastic", False)):
+        return
+    with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        first = model(x).float()
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,))) + 1)
+        second = model(x).float()
+    scale = 1.0 + float(first.abs().max())
+    diff = float((first - second).abs().max())
+    changed = int((first.argmax(1) != second.argmax(1)).sum())
+    if diff > 1e-3 * scale or changed:
+        raise BenchError(f"defense {name!r} declares stochastic = False, but two passes over the same {len(x)} "
+                         f"images disagree ({changed} predictions differ, logits by up to {diff:.3g}): it draws "
+                         "randomness at inference; declare stochastic = True (its cells are then attacked with "
+                         "EOT and scored under several draws) or make its purification deterministic")
 
 
 # -- the per-row file --------------------------------------------------------------------------
@@ -368,49 +522,93 @@ def valid_checks(path: Path, row_hash: str | None = None) -> ChecksRecord | None
     return record
 
 
-def load_checks(run_dir: Path) -> dict[RowKey, ChecksRecord]:
-    """Every valid checks file of a run, keyed by its row (dataset, target, defense)."""
-    out = {}
-    for p in sorted((Path(run_dir) / "checks").glob("*.json")):
-        rec = valid_checks(p)
-        if rec is not None:
-            out[rec.row] = rec
-    return out
+class RowChecks(dict):
+    """A run's checks files by row, with ``excluded``: one line per file left out and why."""
+
+    def __init__(self, items=(), excluded: list[str] | None = None) -> None:
+        super().__init__(items)
+        self.excluded = excluded or []
+
+
+def load_checks(run_dir: Path) -> RowChecks:
+    """Every valid checks file of a run, keyed by its row (dataset, target, defense). With a plan that
+    lists the rows' checks hashes, only files of the current plan: a file computed under another
+    plan is stale, one that fails to verify corrupt; both are left out and named in ``excluded``."""
+    run_dir = Path(run_dir)
+    plan_path = run_dir / "plan.json"
+    hashes = {}
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        hashes = {r["row"]: r["checks_hash"] for r in plan.get("rows", [])}
+    out, excluded = {}, []
+    for p in sorted((run_dir / "checks").glob("*.json")):
+        try:
+            rec = read_checks(p)
+        except RecordError as exc:
+            excluded.append(f"corrupt: {exc}; left out (a run of the config recomputes it)")
+            continue
+        if p.stem in hashes and rec.row_hash != hashes[p.stem]:
+            excluded.append(f"stale: checks file {p} was computed under another plan; left out (a run of the config "
+                            "recomputes it)")
+            continue
+        out[rec.row] = rec
+    return RowChecks(out, excluded)
 
 
 def flag_text(check: ChecksRecord | None, cell_masked: bool = False) -> str:
-    """The table's Checks cell: failed checks by name, ``ok``, or ``n/a`` when not run."""
+    """The table's Checks cell: failed checks by name, ``no flag (n=...)`` (none raised on those n
+    images: not a proof of robustness), or ``n/a`` when not run."""
     flags = list(check.flags) if check else []
     if cell_masked and "zero-grad" not in flags:  # a cell's own gradient check (every gradient attack runs one)
         flags.insert(0, "zero-grad")
     if flags:
         return ", ".join(f for f in FLAGS if f in flags)
-    return "ok" if check else "n/a"
+    return f"no flag (n={check.results.n})" if check else "n/a"
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _pair(p: Paired) -> str:
+    """Two accuracies and the paired test's p-value: '62.5 / 50.0 (p 0.03)'."""
+    return f"{_pct(p.accuracy[0])} / {_pct(p.accuracy[1])} (p {p.p_value:.2g})"
 
 
 def checks_markdown(checks: dict[RowKey, ChecksRecord]) -> str:
     """The figures behind the flags, one line per row."""
     out = ["# Gradient-masking checks\n", LEGEND, "",
-           "| Dataset | Target | Defense | n | Flags | Zero grad | PGD few / more | eps sweep | Square / white-box "
-           "| Transfer / white-box | EOT E / 2E | Spread | PGD stochastic / fixed randomness |",
-           "|---|---|---|---:|---|---:|---|---|---|---|---|---:|---|"]
-
-    def pct(v):
-        return f"{100 * v:.1f}"
-
+           "Columns (accuracy in %, on the row's first n evaluation images; a stochastic row's: correct under every "
+           "scoring draw; each pair with the exact McNemar p-value of the paired comparison): Clean / target = the "
+           "row's clean accuracy and the target classifier's alone; Zero grad = share of images with a zero input "
+           "gradient; PGD few / more = PGD with the base and the larger number of steps; eps sweep = PGD at eps "
+           "times each multiplier; FGSM / PGD and Noise / PGD = one FGSM step and random sign noise against PGD; "
+           "Square / white-box = Square against the per-sample worst case of both PGD runs; Transfer / white-box = "
+           "PGD crafted on the classifier alone (or the BPDA surrogate); EOT E / 2E = EOT-PGD with the row's own E "
+           "and twice it; Spread = the largest minus the smallest accuracy over repeated PGD runs with other seeds; "
+           "Random / fixed = PGD against the random defense and with its randomness frozen for attack and scoring.",
+           "",
+           "| Dataset | Target | Defense | n | Flags | Clean / target | Zero grad | PGD few / more | eps sweep "
+           "| FGSM / PGD | Noise / PGD | Square / white-box | Transfer / white-box | EOT E / 2E | Spread "
+           "| Random / fixed |",
+           "|---|---|---|---:|---|---|---:|---|---|---|---|---|---|---|---:|---|"]
     for row, rec in checks.items():
         r = rec.results
-        eot, transfer, fixed = r.eot, r.transfer, r.fixed
+        eot, transfer, fixed, deg = r.eot, r.transfer, r.fixed, r.degenerate
         out.append(" | ".join([
             f"| {row.dataset}", row.target, row.defense, str(r.n), flag_text(rec),
-            pct(r.gradient.zero_gradient_fraction) if r.gradient.finite else "non-finite",
-            " / ".join(pct(a) for a in r.steps.accuracy),
-            " > ".join(f"{pct(a)}" for a in r.eps.accuracy) + f" (eps x1..x{r.eps.eps[-1] / r.eps.eps[0]:g})",
-            f"{pct(r.square.accuracy)} / {pct(r.square.whitebox_accuracy)}",
-            (" / ".join(f"{pct(a)} ({k})" for k, a in transfer.accuracy.items())
-             + f" / {pct(transfer.whitebox_accuracy)}") if transfer else "-",
-            " / ".join(pct(a) for a in eot.accuracy) if eot else "-",
-            pct(eot.spread) if eot else "-",
-            f"{pct(fixed.pgd)} / {pct(fixed.fixed_pgd)}" if fixed else "-",
+            _pct(deg.clean) + (f" / {_pct(deg.target_clean)}" if deg.target_clean is not None else ""),
+            _pct(r.gradient.zero_gradient_fraction) if r.gradient.finite else "non-finite",
+            _pair(r.steps.comparison),
+            " > ".join(_pct(a) for a in r.eps.accuracy) + f" (eps x1..x{r.eps.eps[-1] / r.eps.eps[0]:g})",
+            _pair(r.fgsm.comparison), _pair(r.noise.comparison), _pair(r.square.comparison),
+            "; ".join(f"{_pair(p)} ({k})" for k, p in transfer.comparisons.items()) if transfer else "-",
+            f"{_pair(eot.comparison)}, E = {eot.samples[0]}" if eot else "-",
+            _pct(eot.spread) if eot else "-",
+            _pair(fixed.comparison) if fixed else "-",
         ]) + " |")
+    notes = [f"- {row.defense}: degenerate: {'; '.join(rec.results.degenerate.reasons)}"
+             for row, rec in checks.items() if rec.results.degenerate.failed]
+    if notes:
+        out += ["", *notes]
     return "\n".join(out) + "\n"

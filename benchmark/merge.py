@@ -11,14 +11,18 @@ cell hash; the later run's record is kept when both verify); different ones are 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from benchmark.errors import BenchError
 from benchmark.io import atomic_write_json, atomic_write_text
-from benchmark.records import valid_record
+from benchmark.records import load_records
 from benchmark.runner import row_name
+from benchmark.tables import left_out
+
+log = logging.getLogger("purifybench")
 
 MARK = "merged.json"  # what makes a folder a merge (and so safe to refill)
 
@@ -28,14 +32,13 @@ def _target_hash(record) -> str | None:
 
 
 def _run_records(run: Path) -> dict:
-    """A run's valid records, by cell id: those of its plan when it has one (as a single-run report
-    reads them: cells dropped from the config stay out); else every record in the folder."""
-    plan = run / "plan.json"
-    if plan.is_file():
-        entries = [c["cell_id"] for c in json.loads(plan.read_text())["cells"]]
-    else:
-        entries = [p.stem for p in sorted((run / "records").glob("*.json"))]
-    return {cid: rec for cid in entries if (rec := valid_record(run / "records" / f"{cid}.json")) is not None}
+    """A run's valid records of its current plan, by cell id (as a single-run report reads them: cells
+    dropped from the config stay out; stale and corrupt records are left out and named on the
+    console); without a plan, every valid record in the folder."""
+    records = load_records(run)
+    for line in left_out(records):
+        log.warning("%s: %s", run, line)
+    return {path.stem: rec for path, rec in zip(records.paths, records)}
 
 
 def _agree(seen: dict, key: tuple, sha: str | None, run: Path, what: str, hint: str) -> None:
@@ -73,12 +76,13 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
                 _agree(hashes, (rec.cell.dataset, rec.cell.target, rec.cell.defense), rec.defense_checkpoint_sha256,
                        run, f"defense {what}/{rec.cell.defense}", "keep each trained row's attacks in one part")
             # (rows may differ in n: eval_n evaluates a row on a prefix; the tables print each row's n)
-            setting = {"threat": rec.threat, "seed": (rec.manifest or {}).get("seed"), "data": rec.dataset_copy}
+            setting = {"threat": rec.threat, "seed": (rec.manifest or {}).get("seed"), "data": rec.dataset_copy,
+                       "draws": rec.draws if rec.random_score and rec.draws > 1 else None}
             setting = {k: v for k, v in setting.items() if v is not None}
             if rec.cell.dataset in settings and any(
                     settings[rec.cell.dataset][0].get(k, v) != v for k, v in setting.items()):
                 raise BenchError(f"{rec.cell.dataset}: {settings[rec.cell.dataset][1]} and {run} differ in threat, "
-                                 f"seed or data copy ({settings[rec.cell.dataset][0]} vs "
+                                 f"seed, data copy or scoring draws ({settings[rec.cell.dataset][0]} vs "
                                  f"{setting}): their numbers cannot share a table")
             settings.setdefault(rec.cell.dataset, (setting, run))
             if cell_id in cells and cells[cell_id][0].cell_hash != rec.cell_hash:

@@ -176,7 +176,8 @@ def preset_frame(preset: Preset, blocks: list[dict]) -> pd.DataFrame:
                                  "paper": paper,
                                  "difference": None if ours is None or paper is None else ours - paper})
                 elif col in r["cells"]:
-                    acc, lo, hi, n, paper, _ = r["cells"][col]
+                    c = r["cells"][col]
+                    acc, lo, hi, n, paper = c.acc, c.lo, c.hi, c.n, c.paper
                     rows.append({"preset": preset.name, "dataset": b["dataset"], "target": b["target"],
                                  "defense": r["defense"], "column": col, "value": 100 * acc,
                                  "ci_low": 100 * lo, "ci_high": 100 * hi, "unit": "percent", "n": n, "paper": paper,

@@ -49,10 +49,11 @@ def checksum(record: dict) -> str:
 class Typed:
     """A dataclass that crosses files as JSON: ``to_json`` gives plain data, ``from_json`` builds it
     back, checking it (:class:`RecordError` names ``where`` and what is wrong). Fields holding other
-    :class:`Typed` classes are listed in ``NESTED`` (field -> class); ``None`` is allowed there only
-    where the field's default is ``None``. ``where`` names the file, ending in ':' (``file.json:``)."""
+    :class:`Typed` classes are listed in ``NESTED`` (field -> class, or ``(list, class)`` /
+    ``(dict, class)`` for a list or a mapping of them); ``None`` is allowed there only where the
+    field's default is ``None``. ``where`` names the file, ending in ':' (``file.json:``)."""
 
-    NESTED: ClassVar[dict[str, type]] = {}
+    NESTED: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def from_json(cls, data: Any, where: str = "file:"):
@@ -67,9 +68,10 @@ class Typed:
             raise RecordError(f"{at} unknown field(s) {', '.join(map(str, unknown))}")
         kw = {}
         for k, v in data.items():
-            if v is None and k in cls.NESTED and fields[k].default is not None:
+            kind = cls.NESTED.get(k)
+            if v is None and kind is not None and fields[k].default is not None:
                 raise RecordError(f"{subkey(where, k)}: must not be null")
-            kw[k] = cls.NESTED[k].from_json(v, subkey(where, k)) if k in cls.NESTED and v is not None else v
+            kw[k] = v if kind is None or v is None else _nested(kind, v, subkey(where, k))
         try:
             return cls(**kw)
         except TypeError as exc:
@@ -79,6 +81,18 @@ class Typed:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _nested(kind, value: Any, where: str):
+    """``value`` read as ``kind``: a Typed class, or (list, class) / (dict, class)."""
+    if not isinstance(kind, tuple):
+        return kind.from_json(value, where)
+    container, item = kind
+    if not isinstance(value, container):
+        raise RecordError(f"{where}: expected a {container.__name__}, got {type(value).__name__}")
+    if container is list:
+        return [item.from_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return {k: item.from_json(v, subkey(where, str(k))) for k, v in value.items()}
 
 
 def write_record(path: Path, record: dict[str, Any] | Typed | CellRecord, schema: str = SCHEMA) -> Path:
@@ -189,6 +203,9 @@ class CellRecord:
     correct_majority: str | None = None
     correct_single: str | None = None
     random_score: bool | None = None  # None: a record from before it was stored
+    # Other scorings of the same images, reported beside the cell (e.g. ``fixed-masks``: with the masks
+    # the mask-adaptive attacker fixed): name -> {"correct": '0'/'1' string, n_correct, accuracy, ci95}
+    diagnostic_scores: dict = field(default_factory=dict)
     sample_indices: list[int] | None = None
     seconds: float | None = None
     attack_seconds: float | None = None
@@ -304,18 +321,53 @@ def valid_record(path: Path, cell_hash: str | None = None) -> CellRecord | None:
     return record
 
 
-def load_records(run_dir: Path) -> list[CellRecord]:
-    """Every valid record of a run, in the order of the run's plan when there is one."""
+class RunRecords(list):
+    """A run's records (a list of :class:`CellRecord`), with ``excluded``: one line per record file
+    left out and why (stale: computed under another plan; corrupt: fails its checksum or does not
+    parse), and ``off_plan``: how many records belong to cells no longer in the plan."""
+
+    def __init__(self, records=(), excluded: list[str] | None = None, off_plan: int = 0,
+                 paths: list[Path] | None = None) -> None:
+        super().__init__(records)
+        self.excluded = excluded or []
+        self.off_plan = off_plan
+        self.paths = paths or []  # each record's file
+
+
+RERUN = "a run of the config recomputes it"
+
+
+def load_records(run_dir: Path, include_stale: bool = False) -> RunRecords:
+    """Every valid record of a run whose cell hash matches the run's plan (``plan.json``), in the
+    plan's order. A record computed under another plan (a changed eps, steps or draws whose rerun
+    was interrupted or failed) is stale and a record that fails its checksum or does not parse is
+    corrupt: both are left out and named in ``excluded`` (``include_stale``: stale ones are kept,
+    and still named). Without a plan: every valid record of the folder."""
     run_dir = Path(run_dir)
     plan_path = run_dir / "plan.json"
+    excluded: list[str] = []
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        paths = [run_dir / "records" / f"{c['cell_id']}.json" for c in plan["cells"]]
+        entries = [(run_dir / "records" / f"{c['cell_id']}.json", c.get("cell_hash")) for c in plan["cells"]]
+        planned = {p.name for p, _ in entries}
+        off_plan = sum(1 for p in (run_dir / "records").glob("*.json") if p.name not in planned)
     else:
-        paths = sorted((run_dir / "records").glob("*.json"))
-    out = []
-    for p in paths:
-        rec = valid_record(p)
-        if rec is not None:
-            out.append(rec)
-    return out
+        entries = [(p, None) for p in sorted((run_dir / "records").glob("*.json"))]
+        off_plan = 0
+    out, paths = [], []
+    for path, cell_hash in entries:
+        if not path.is_file():
+            continue
+        try:
+            rec = read_record(path)
+        except RecordError as exc:
+            excluded.append(f"corrupt: {exc}; left out ({RERUN})")
+            continue
+        if cell_hash is not None and rec.cell_hash != cell_hash:
+            excluded.append(f"stale: record {path} was computed under another plan (its cell's config, scoring "
+                            f"or attack changed since); {'shown, as asked' if include_stale else 'left out'} ({RERUN})")
+            if not include_stale:
+                continue
+        out.append(rec)
+        paths.append(path)
+    return RunRecords(out, excluded, off_plan, paths)

@@ -26,8 +26,11 @@ from benchmark.paper import DIR_ALPHA, paper_value, reference_numbers
 from benchmark.records import CellRecord, as_record, load_records
 from benchmark.stats import mcnemar
 from benchmark.tables import (
+    attack_columns,
     build_blocks,
     input_space_worst,
+    left_out,
+    left_out_markdown,
     records_frame,
     to_markdown,
     write_tables,
@@ -40,12 +43,14 @@ PLAIN = "pgd"
 def _frame(records: list[CellRecord | dict]) -> pd.DataFrame:
     records = [as_record(r) for r in records]
     df = records_frame(records)
-    df["defense_options"] = [r.defense_options or {} for r in records]
-    df["defense_seconds_per_epoch"] = [(r.defense_training or {}).get("seconds_per_epoch") for r in records]
-    df["defense_train_seconds"] = [(r.defense_training or {}).get("seconds") for r in records]
-    df["gradient_masked"] = [r.gradient_check is not None and r.gradient_check.masked for r in records]
-    df["gradient"] = [gradient_mode(r) for r in records]
-    df["attack_subset"] = [bool((r.attack_params or {}).get("attacks")) for r in records]  # part of AutoAttack
+    df = df[df["scoring"].isna()].reset_index(drop=True)  # one row per cell: other scorings are the tables' business
+    of = [records[i] for i in df["record"]]
+    df["defense_options"] = [r.defense_options or {} for r in of]
+    df["defense_seconds_per_epoch"] = [(r.defense_training or {}).get("seconds_per_epoch") for r in of]
+    df["defense_train_seconds"] = [(r.defense_training or {}).get("seconds") for r in of]
+    df["gradient_masked"] = [r.gradient_check is not None and r.gradient_check.masked for r in of]
+    df["gradient"] = [gradient_mode(r) for r in of]
+    df["attack_subset"] = [bool((r.attack_params or {}).get("attacks")) for r in of]  # part of AutoAttack
     return df
 
 
@@ -88,8 +93,12 @@ def adaptive_table(df: pd.DataFrame) -> pd.DataFrame:
             row["worst"] = worst.acc if worst else None
             row["vs_none"] = None
             if worst and none_worst and defense not in set(none["defense"]):
-                m = min(len(worst.bits), len(none_worst.bits))
-                row["vs_none"] = mcnemar(worst.bits[:m], none_worst.bits[:m])
+                # over the attacks both rows faced: a Worst over fewer attacks is not comparable
+                shared = attack_columns(g) & attack_columns(none)
+                ours, theirs = input_space_worst(g, shared), input_space_worst(none, shared)
+                if ours and theirs:
+                    m = min(len(ours.bits), len(theirs.bits))
+                    row["vs_none"] = mcnemar(ours.bits[:m], theirs.bits[:m]) | {"attacks": len(shared)}
             masked = g[g["gradient_masked"]] if "gradient_masked" in g else g.iloc[:0]
             row["masking_flags"] = ", ".join(dict.fromkeys(masked["column"])) or None
             rows.append(row)
@@ -106,7 +115,8 @@ def _paired(c, with_n: bool = False) -> str:
         return "-"
     p = f"p = {c['p_value']:.3f}" if c["p_value"] >= 0.001 else "p < 0.001"
     n = f" (n = {c['n']})" if with_n else ""
-    return f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], {p}{n}"
+    k = f", k = {c['attacks']}" if "attacks" in c else ""
+    return f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], {p}{k}{n}"
 
 
 def adaptive_markdown(table: pd.DataFrame) -> str:
@@ -128,7 +138,7 @@ def adaptive_markdown(table: pd.DataFrame) -> str:
                "draw's randomness held fixed), for the defenses that declare exact gradients. Worst = per-sample worst case over the row's input-space "
                "attacks (diagnostics such as the representation attack excluded; a stochastic defense's samples "
                "count only if correct under every scoring draw). Worst vs none = the row's Worst minus the target "
-               "alone's Worst on the same samples, in points, with Newcombe's 95% interval for paired proportions "
+               "alone's Worst on the same samples, both over the attacks the two rows faced (their number after k), in points, with Newcombe's 95% interval for paired proportions "
                "and the exact McNemar p-value: an interval that contains 0 shows no significant gain. "
                "Zero-gradient flag: the attacks (columns) whose input "
                "gradient at the clean images was zero for at least half of them, or not finite (gradient masking: "
@@ -515,13 +525,15 @@ def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list,
     if (run_dir / "manifest.json").is_file():
         manifest = json.loads((run_dir / "manifest.json").read_text())
     versions = manifest.get("versions", {})
+    checks = load_checks(run_dir)
     index = [f"# Report: {manifest.get('config', {}).get('name', run_dir.name)}", "",
              f"- profile: {manifest.get('profile')}; device: {manifest.get('device')} "
              f"({versions.get('device_name', '-')}); git commit: {versions.get('git_commit')}; "
              f"torch {versions.get('torch')}; config hash {manifest.get('config_hash')}",
              f"- {len(records)} cells; report preset: {preset}", "",
+             left_out_markdown(left_out(records, checks)),
              "## Results", "", "Accuracy (%) with its 95% Wilson interval.", "",
-             to_markdown(build_blocks(records_frame(records), load_checks(run_dir) or None), intervals=True),
+             to_markdown(build_blocks(records_frame(records), checks or None), intervals=True),
              "Tables: [markdown](../tables/results.md), [with 95% intervals](../tables/results_ci.md), "
              "[LaTeX](../tables/results.tex) ([with intervals](../tables/results_ci.tex)), [CSV](../tables/results.csv)", ""]
     if preset_files:
@@ -563,22 +575,24 @@ FIGURE_TITLES = {
 }
 
 
-def write_report(run_dir: Path, preset: str = "all") -> list[Path]:
+def write_report(run_dir: Path, preset: str = "all", include_stale: bool = False) -> list[Path]:
     """Write ``<run>/report/``: the result tables, the seed paper's table presets
     (``report/presets/``), the paper comparison and figures, and with ``preset="all"`` also the
     adaptive table, the timing report and the cost figures; ``index.md`` / ``index.html`` link them.
-    ``preset`` is ``all``, ``paper`` or a comma list of preset names (then only those tables)."""
+    ``preset`` is ``all``, ``paper`` or a comma list of preset names (then only those tables).
+    Stale and corrupt records are left out (stale ones kept with ``include_stale``) and named at the
+    top of the index."""
     from benchmark.presets import resolve_presets, write_presets
 
     run_dir = Path(run_dir)
     presets = resolve_presets(preset)  # bad names fail before anything is written
     everything, paper = preset == "all", preset in ("all", "paper")
-    records = load_records(run_dir)
+    records = load_records(run_dir, include_stale=include_stale)
     if not records:
         return []
     out = run_dir / "report"
     df = _frame(records)
-    written = list(write_tables(run_dir))
+    written = list(write_tables(run_dir, include_stale=include_stale))
     reference = reference_numbers()
     preset_files = write_presets(df, out / "presets", presets, reference)
     for paths in preset_files.values():

@@ -10,6 +10,7 @@ and matches the cell's hash (``force=True`` recomputes).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -38,11 +39,19 @@ from benchmark.experiment import (
     train_split,
     verify_checkpoints,
 )
-from benchmark.harness import run_attack
+from benchmark.harness import SCORING_VERSION, run_attack
 from benchmark.io import atomic_write_json
 from benchmark.locks import OwnerLock, owner_info, sweep_stale_locks
 from benchmark.logs import activity, heartbeat
-from benchmark.masking import ChecksRecord, RowKey, run_checks, valid_checks, write_checks
+from benchmark.masking import (
+    CHECKS_VERSION,
+    ChecksRecord,
+    RowKey,
+    check_determinism,
+    run_checks,
+    valid_checks,
+    write_checks,
+)
 from benchmark.plan import RunProgress, uses_static_pairs
 from benchmark.records import CellRecord, bit_string, count_string, valid_record, write_record
 from benchmark.registry import ATTACKS, DEFENSES
@@ -99,6 +108,9 @@ def row_description(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, 
         "defense": {k: v for k, v in asdict(defense).items() if k != "targets" and not (k == "eval_n" and v is None)},
         "threat": asdict(cfg.threat), "n": cfg.eval.n, "seed": cfg.seed,
         **({"engine": engine} if (engine := cfg.eval.engine.changes_results()) else {}),
+        # a defense whose outputs depend on the batch's other images: the batch is part of the identity
+        **({"batch_size": cfg.eval.batch_size}
+           if DEFENSES.get(defense.registered).batch_dependent_with(defense.options) else {}),
         **({"trained_against": target_identity(next(t for t in cfg.targets if t.name == defense.trained_against))}
            if defense.trained_against else {}),
     }
@@ -119,7 +131,8 @@ def row_id(ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
 
 
 def checks_hash(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
-    return artifact_key(row_description(cfg, ds, target, defense) | {"checks": asdict(cfg.eval.checks)})
+    return artifact_key(row_description(cfg, ds, target, defense) | {"checks": asdict(cfg.eval.checks)}
+                        | {"scoring": SCORING_VERSION, "checks_version": CHECKS_VERSION})
 
 
 def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
@@ -140,7 +153,8 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
                     cell_hash = artifact_key(row_description(cfg, ds, target, defense) | {
                         "attack": {k: v for k, v in asdict(attack).items() if k != "only"}}
                         | ({"draws": draws} if (draws := row_draws(cfg, defense)) > 1 else {})
-                        | ({"attack_version": v} if (v := getattr(ATTACKS.get(attack.registered), "version", 1)) > 1 else {}))
+                        | ({"attack_version": v} if (v := getattr(ATTACKS.get(attack.registered), "version", 1)) > 1 else {})
+                        | {"scoring": SCORING_VERSION})
                     cells.append(Cell(ds, target, defense, attack, cell_id, cell_hash))
     return cells
 
@@ -202,10 +216,12 @@ class _Builder:
 
 class Runner:
     def __init__(self, cfg: ExperimentConfig, out: Path, *, device: str | None = None, force: bool = False,
-                 progress: bool = True, config_path: str | None = None, keep_going: bool = False) -> None:
+                 progress: bool = True, config_path: str | None = None, keep_going: bool = False,
+                 replace: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(out)
         self.force = force
+        self.replace = replace  # a folder that holds a run of another configuration becomes this one's
         if any(t.train is not None and t.train.deterministic for t in cfg.targets):
             fix_cublas_workspace()  # before the process's first cuBLAS call
         self.progress = progress
@@ -223,6 +239,7 @@ class Runner:
 
     # -- preflight: everything that can fail on bad input, before anything is written ------
     def preflight(self) -> None:
+        self.check_folder()
         verify_checkpoints(self.cfg)
         for ds in self.cfg.datasets:
             test = load_dataset(ds.name, "test", root=ds.root, download=ds.download, **ds.options)
@@ -234,6 +251,27 @@ class Runner:
                 if d.eval_n is not None and d.eval_n > len(self.eval_sets[ds.name]):
                     raise BenchError(f"defense {d.name!r}: eval_n={d.eval_n} is larger than the evaluation subset "
                                      f"of {ds.name} ({len(self.eval_sets[ds.name])} examples, eval.n)")
+
+    def check_folder(self) -> None:
+        """A run goes into an empty folder or one of the same configuration; a folder whose manifest
+        holds another configuration (another eps, steps, rows) is refused in one line, unless
+        ``replace``: its records of cells whose identity changed are then recomputed, and the
+        tables leave out (and name) whatever a stopped rerun leaves stale."""
+        path = self.out / "manifest.json"
+        if self.replace or not path.is_file():
+            return
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # an unreadable manifest: rewritten by this run
+        new = artifact_key(asdict(self.cfg))
+        if old.get("config_hash") not in (None, new):
+            name = (old.get("config") or {}).get("name")
+            where = old.get("config_path")
+            raise BenchError(f"{self.out} holds a run of another configuration ({name}{f' from {where}' if where else ''}, "
+                             f"config hash {str(old.get('config_hash'))[:12]}; this one: {new[:12]}): give --out "
+                             "another folder, or --replace to make this configuration the folder's (cells whose "
+                             "identity changed are recomputed, the others kept)")
 
     def record_path(self, cell: Cell) -> Path:
         return self.out / "records" / f"{cell.cell_id}.json"
@@ -257,7 +295,9 @@ class Runner:
         manifest = self.manifest()
         atomic_write_json(self.out / "manifest.json", manifest)
         atomic_write_json(self.out / "plan.json", {"cells": [
-            {"cell_id": c.cell_id, "cell_hash": c.cell_hash, **c.key()} for c in self.cells]})
+            {"cell_id": c.cell_id, "cell_hash": c.cell_hash, **c.key()} for c in self.cells], "rows": [
+            {"row": row_id(ds, t, d), "checks_hash": checks_hash(self.cfg, ds, t, d)}
+            for ds in self.cfg.datasets for t in self.cfg.targets for d in self.cfg.defenses]})
         sweep_stale_locks(self.out)
         return manifest
 
@@ -338,13 +378,21 @@ class Runner:
                         continue
                     defended = DefendedModel.for_defense(defense, classifier)
                     data = builder.eval_set if dspec.eval_n is None else builder.eval_set.head(dspec.eval_n)
+                    refused = self._undeclared_randomness(defended, data, dspec)
+                    if refused:  # a row declared deterministic must be: never scored once and attacked without EOT
+                        log.error("%s/%s/%s refused: %s", ds.name, target.name, dspec.name, refused)
+                        failures.append(f"{ds.name}/{target.name}/{dspec.name}: {refused}")
+                        bar.update(len(cells_here))
+                        for c in cells_here:
+                            self._progressed(bar, "cell", c.cell_id, skip=True)
+                        continue
                     if dspec in unchecked:
                         name = row_id(ds, target, dspec)
                         with self._claimed(f"checks__{name}", busy, lambda ds=ds, t=target, d=dspec:
                                            not self.needs_checks(ds, t, d)) as take:
                             if take and main:  # the other ranks wait in the row's first cell
                                 with self._going_on(f"checks of {name}", failures), activity(f"checks of {name}"):
-                                    self.run_row_checks(ds, target, dspec, defended, data)
+                                    self.run_row_checks(ds, target, dspec, defended, data, classifier)
                         self._progressed(bar, "checks", f"{ds.name}/{target.name}/{dspec.name}")
                     for cell in cells_here:
                         with self._claimed(cell.cell_id, busy, lambda cell=cell: valid_record(
@@ -357,6 +405,18 @@ class Runner:
                         # a cell that failed or that another worker holds: left out of the estimate
                         self._progressed(bar, "cell", cell.cell_id, skip=True)
         return computed
+
+    @staticmethod
+    def _undeclared_randomness(defended: DefendedModel, data: ImageData, dspec: DefenseSpec) -> str | None:
+        """Why a row that declares itself deterministic is refused (two passes disagree), or None. A
+        defense that fails to run at all is not refused here: its checks and cells report the error."""
+        try:
+            check_determinism(defended, data.head(min(64, len(data))).as_float(), dspec.name)
+        except BenchError as exc:
+            return str(exc)
+        except Exception:
+            return None
+        return None
 
     def _progressed(self, bar, kind: str, what: str, skip: bool = False) -> None:
         """A stage of the plan is behind us (``skip``: it will not run here): the remaining-time
@@ -441,12 +501,29 @@ class Runner:
             return True
         return valid_checks(self.checks_path(ds, target, defense), checks_hash(self.cfg, ds, target, defense)) is None
 
+    def row_eot(self, defense: DefenseSpec) -> int | None:
+        """The largest EOT sample count among the row's attacks (the EOT check doubles it), None when none
+        of them takes EOT samples."""
+        stochastic = DEFENSES.get(defense.registered).stochastic_with(defense.options)
+        counts = []
+        for spec in self.cfg.attacks:
+            if spec.only is not None and defense.name not in spec.only:
+                continue
+            params = build_attack(spec, f"attack {spec.name!r}").params
+            eot = getattr(params, "eot", None)
+            if eot == "auto":
+                eot = getattr(params, "eot_samples", None) if stochastic else None
+            if isinstance(eot, int) and eot > 1:
+                counts.append(eot)
+        return max(counts) if counts else None
+
     def run_row_checks(self, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec, defended: DefendedModel,
-                       data: ImageData) -> ChecksRecord:
+                       data: ImageData, classifier=None) -> ChecksRecord:
         spec = self.cfg.eval.checks
         rows = data.head(min(spec.n, len(data)))
         results = run_checks(defended, rows.as_float(), rows.labels, self.threat, spec, seed=self.cfg.seed,
-                             batch_size=self.cfg.eval.batch_size, engine=self.cfg.eval.engine)
+                             batch_size=self.cfg.eval.batch_size, engine=self.cfg.eval.engine,
+                             draws=row_draws(self.cfg, defense), eot=self.row_eot(defense), target=classifier)
         record = ChecksRecord(
             row=RowKey(ds.name, target.name, defense.name), row_hash=checks_hash(self.cfg, ds, target, defense),
             results=results, spec=spec, threat={"norm": self.threat.norm, "eps": self.threat.eps},
@@ -455,7 +532,10 @@ class Runner:
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_checks(self.checks_path(ds, target, defense), record)
         log.info("checks %s/%s/%s: %s (%.1f s)", ds.name, target.name, defense.name,
-                 ", ".join(record.flags) or "ok", results.seconds)
+                 ", ".join(record.flags) or f"no flag (n={results.n})", results.seconds)
+        if results.degenerate.failed:
+            log.warning("%s/%s/%s is degenerate (%s): every number of this row is meaningless; look at its "
+                        "training", ds.name, target.name, defense.name, "; ".join(results.degenerate.reasons))
         return record
 
     def run_cell(self, cell: Cell, defended: DefendedModel, data: ImageData, manifest: dict,
@@ -486,6 +566,10 @@ class Runner:
             **({"correct_draws": count_string(outcome.draw_counts), "correct_majority": bit_string(outcome.majority),
                 "correct_single": bit_string(outcome.single)} if outcome.draws > 1 else {}),
             "score_forwards": outcome.score_forwards, "random_score": outcome.random_score,
+            "diagnostic_scores": {name: {"correct": bit_string(bits), "n_correct": int(bits.sum()),
+                                         "accuracy": float(bits.float().mean()),
+                                         "ci95": list(wilson_interval(int(bits.sum()), len(bits)))}
+                                  for name, bits in outcome.diagnostics.items()},
             "threat_space": type(attack).threat_space,
             "sample_indices": data.indices.tolist() if data.indices is not None else None,
             "seconds": wall, "attack_seconds": outcome.seconds,

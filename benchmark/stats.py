@@ -56,3 +56,19 @@ def mcnemar(a: str, b: str) -> dict:
     hi = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
     return {"n": n, "only_a": only_a, "only_b": only_b, "difference": d, "ci95": [max(-1.0, lo), min(1.0, hi)],
             "p_value": p}
+
+
+def paired_p(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of a paired comparison of per-sample scores in [0,1] over the same samples:
+    the exact McNemar test when both are 0/1 (correct or not), else the Wilcoxon signed-rank test on
+    the per-sample differences (a mean over scoring draws per sample), zero differences dropped."""
+    if len(a) != len(b) or not a:
+        raise ValueError("a paired comparison needs two non-empty results over the same samples")
+    if all(v in (0, 1) for v in a) and all(v in (0, 1) for v in b):
+        return mcnemar("".join(str(int(v)) for v in a), "".join(str(int(v)) for v in b))["p_value"]
+    diffs = [u - v for u, v in zip(a, b) if u != v]
+    if not diffs:
+        return 1.0
+    from scipy.stats import wilcoxon
+
+    return float(wilcoxon(diffs, zero_method="wilcox", alternative="two-sided").pvalue)

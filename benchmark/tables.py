@@ -9,8 +9,15 @@ of them), computed from the per-sample flags, not from the column minima; and,
 when the run has any, a separate diagnostics block for attacks that perturb or
 score something else (DIR's representation attack, the noise-discard probe).
 A stochastic defense's cells show "correct under all R scoring draws".
-A column's best value is bold only when it is significantly better (exact McNemar
-test, 5%) than the runner-up on the same samples.
+A column's best value is bold only when it is significantly better than every other
+row on the same samples (5%, two-sided: the exact McNemar test on correct/incorrect,
+the Wilcoxon signed-rank test on per-sample means over draws), ranked by the same
+score the test compares. When the rows of a table faced different attack sets (an
+attack run on some rows only), ``Worst`` is not comparable across rows: the table
+adds ``Worst (shared)`` over the attacks every row faced, marks the rows whose own
+Worst rests on fewer attacks, and bolds only the shared one. Every footer value (data
+copy, profile, threat, scoring draws) is read from all the table's records; a mix is
+refused.
 """
 
 from __future__ import annotations
@@ -22,16 +29,20 @@ from typing import NamedTuple
 import pandas as pd
 
 from attacks.base import INPUT_SPACE
+from benchmark.errors import BenchError
 from benchmark.io import atomic_write_text
 from benchmark.masking import LEGEND, RowKey, checks_markdown, flag_text, load_checks
 from benchmark.records import OLD_SCHEMAS, CellRecord, as_record, load_records
-from benchmark.stats import mcnemar, wilson_interval
+from benchmark.stats import paired_p, wilson_interval
 
 log = logging.getLogger("purifybench")
 
 NATURAL = "clean"
+DIAGNOSTIC_SCORING = "scoring"  # the space of a cell's other scoring (e.g. mask-adaptive with its fixed masks)
 WORST = "Worst"
+SHARED = "Worst (shared)"
 ALPHA = 0.05  # significance level of the bold
+FEWER = "\u2020"  # marks a Worst over fewer attacks than another row's
 
 
 class TableCell(NamedTuple):
@@ -40,7 +51,15 @@ class TableCell(NamedTuple):
     hi: float
     n: int
     paper: float | None = None  # the seed paper's number (presets)
-    bits: str | None = None  # per-sample correctness behind ``acc`` (for paired tests)
+    bits: str | None = None  # per-sample correctness behind the cell ('0'/'1')
+    scores: tuple | None = None  # per-sample values whose mean is ``acc``, what the bold's paired test compares
+    mark: str = ""  # shown after the value (FEWER)
+
+    def tested(self) -> tuple | None:
+        """The per-sample values the paired tests compare: ``scores``, else the bits."""
+        if self.scores is not None:
+            return self.scores
+        return tuple(int(b) for b in self.bits) if self.bits is not None else None
 
 
 def threat_space(record: CellRecord) -> str:
@@ -65,9 +84,10 @@ def random_score(record: CellRecord) -> bool:
 
 def records_frame(records: list[CellRecord | dict]) -> pd.DataFrame:
     rows = []
-    for r in map(as_record, records):
+    for i, r in enumerate(map(as_record, records)):
         mean = r.scores["mean"]
         rows.append({
+            "record": i,  # the record a row comes from (a record's diagnostic scorings add rows)
             "dataset": r.cell.dataset, "target": r.cell.target, "defense": r.cell.defense,
             "attack": r.cell.attack, "column": r.column, "attack_registered": r.attack,
             "defense_registered": r.defense, "space": threat_space(r), "draws": r.draws,
@@ -76,14 +96,22 @@ def records_frame(records: list[CellRecord | dict]) -> pd.DataFrame:
             "n": r.n, "n_correct": r.n_correct, "accuracy": r.accuracy,
             "ci_low": r.ci95[0], "ci_high": r.ci95[1], "correct": r.correct,
             "mean_accuracy": mean.accuracy, "mean_low": mean.ci95[0], "mean_high": mean.ci95[1],
-            "single": r.single_draw_bits(),
+            "single": r.single_draw_bits(), "per_sample_mean": tuple(c / r.draws for c in r.draw_counts()),
             "copy": r.dataset_copy, "profile": r.profile, "eps": r.threat["eps"],
             "norm": r.threat["norm"], "seconds": r.seconds,
             "images_per_second": r.images_per_second, "forwards": r.forwards,
             "backwards": r.backwards, "peak_gpu_memory_mb": r.peak_gpu_memory_mb,
             "target_arch": r.target.get("arch"), "target_method": r.target.get("method"),
             "grad_masked": r.gradient_check is not None and r.gradient_check.masked,
+            "scoring": None,
         })
+        for name, d in (r.diagnostic_scores or {}).items():  # another scoring of the cell's images: a diagnostic
+            bits = d["correct"]
+            rows.append(dict(rows[-1], column=f"{r.column} ({name})", space=DIAGNOSTIC_SCORING, scoring=name,
+                             draws=1, random_score=False, n_correct=d["n_correct"], accuracy=d["accuracy"],
+                             ci_low=d["ci95"][0], ci_high=d["ci95"][1], correct=bits, mean_accuracy=d["accuracy"],
+                             mean_low=d["ci95"][0], mean_high=d["ci95"][1], single=bits,
+                             per_sample_mean=tuple(int(b) for b in bits), grad_masked=False))
     return pd.DataFrame(rows)
 
 
@@ -100,11 +128,19 @@ def and_bits(bits: list[str]) -> str:
     return "".join("1" if all(b[i] == "1" for b in bits) else "0" for i in range(n))
 
 
-def input_space_worst(g: pd.DataFrame) -> TableCell | None:
+def attack_columns(g: pd.DataFrame) -> set[str]:
+    """The input-space adversarial columns of one row's records (Natural excluded)."""
+    inputs = g[(g["space"] == INPUT_SPACE) & (g["attack_registered"] != NATURAL)]
+    return set(inputs["column"])
+
+
+def input_space_worst(g: pd.DataFrame, columns: set[str] | None = None) -> TableCell | None:
     """``Worst`` of one row's records: the per-sample AND over its input-space attacks (Natural
-    included) of each cell's headline bits (all draws correct, for a stochastic defense); None when
-    the row has no input-space adversarial attack."""
+    included; only ``columns`` of them when given) of each cell's headline bits (all draws correct,
+    for a stochastic defense); None when the row has no input-space adversarial attack."""
     inputs = g[g["space"] == INPUT_SPACE]
+    if columns is not None:
+        inputs = inputs[(inputs["attack_registered"] == NATURAL) | inputs["column"].isin(columns)]
     if not (inputs["attack_registered"] != NATURAL).any():
         return None
     bits = and_bits(list(inputs["correct"]))
@@ -122,33 +158,59 @@ def _ordered_columns(g: pd.DataFrame) -> list[str]:
     return columns
 
 
+def consistent(g: pd.DataFrame, where: str) -> dict:
+    """The values a table's footer states, read from all its records: one data copy, profile, norm and
+    eps, and one R among the rows scored under several draws; a mix is refused (one line)."""
+    out = {}
+    for key, what in (("copy", "data copies"), ("profile", "profiles"), ("norm", "norms"), ("eps", "eps")):
+        values = list(dict.fromkeys(v for v in g[key] if not (isinstance(v, float) and pd.isna(v))))
+        if len(values) > 1:
+            raise BenchError(f"{where}: the records mix {what} ({', '.join(map(str, values))}): their numbers "
+                             "cannot share a table; rerun the config (records of another plan are left out) or "
+                             "report the runs apart")
+        out[key] = values[0] if values else None
+    draws = sorted(set(int(v) for v in g.loc[g["random_score"] & (g["draws"] > 1), "draws"]))
+    if len(draws) > 1:
+        raise BenchError(f"{where}: the stochastic rows' records were scored under different numbers of draws "
+                         f"({', '.join(map(str, draws))}): rerun them under one eval.draws")
+    return out
+
+
 def build_blocks(df: pd.DataFrame, checks: dict | None = None, value: str = "headline") -> list[dict]:
     """Per (dataset, target): a headline block of input-space attacks with ``Worst``, then (if any)
     a diagnostics block (``kind``: "results" / "diagnostics"). With ``checks``
     (:func:`benchmark.masking.load_checks`), each headline row also gets its gradient-masking flags.
     ``value``: "headline" (a stochastic defense's cells: correct under every scoring draw) or
-    "mean" (the mean over draws, the expected single-draw accuracy; paired tests on one draw)."""
+    "mean" (the mean over draws, the expected single-draw accuracy, compared per sample)."""
     blocks = []
     for (dataset, target), g in df.groupby(["dataset", "target"], sort=False):
         first = g.iloc[0]
-        footer = {"copy": first["copy"], "profile": first["profile"], "n": sorted(set(int(v) for v in g["n"])),
+        same = consistent(g, f"{dataset}/{target}")
+        footer = {"copy": same["copy"], "profile": same["profile"], "n": sorted(set(int(v) for v in g["n"])),
                   "target": f"{target} ({first['target_arch']}, {first['target_method']})",
-                  "eps": float(first["eps"]), "norm": first["norm"], "value": value}
+                  "eps": float(same["eps"]), "norm": same["norm"], "value": value}
         for kind, part in (("results", g[g["space"] == INPUT_SPACE]), ("diagnostics", g[g["space"] != INPUT_SPACE])):
             if part.empty:
                 continue
             rows = []
+            sets = {d: attack_columns(gd) for d, gd in part.groupby("defense", sort=False)}
+            shared = set.intersection(*sets.values()) if sets else set()
+            union = set.union(*sets.values()) if sets else set()
+            uneven = kind == "results" and len(sets) > 1 and shared != union
             for defense, gd in part.groupby("defense", sort=False):
                 cells = {}
                 for _, r in gd.iterrows():
                     if value == "mean":
                         cells[r["column"]] = TableCell(r["mean_accuracy"], r["mean_low"], r["mean_high"], r["n"],
-                                                       bits=r["single"])
+                                                       bits=r["single"], scores=r["per_sample_mean"])
                     else:
                         cells[r["column"]] = TableCell(r["accuracy"], r["ci_low"], r["ci_high"], r["n"],
                                                        bits=r["correct"])
                 if kind == "results" and len(gd) > 1 and (worst := input_space_worst(gd)) is not None:
-                    cells[WORST] = worst
+                    fewer = uneven and any(sets[defense] < other for other in sets.values())
+                    cells[WORST] = worst._replace(mark=FEWER if fewer else "")
+                    if uneven and shared and (common := input_space_worst(gd, shared)) is not None:
+                        cells[SHARED] = common
                 row = {"defense": defense, "cells": cells}
                 if checks is not None and kind == "results":
                     masked = bool(gd["grad_masked"].any()) if "grad_masked" in gd else False
@@ -157,39 +219,63 @@ def build_blocks(df: pd.DataFrame, checks: dict | None = None, value: str = "hea
             columns = _ordered_columns(part)
             if any(WORST in r["cells"] for r in rows):
                 columns.append(WORST)
+            if any(SHARED in r["cells"] for r in rows):
+                columns.append(SHARED)
             notes = component_notes(part) + subset_notes(part)
             if kind == "results":
-                notes = draw_notes(part, value) + notes + ([LEGEND] if checks is not None else [])
+                notes = draw_notes(part, value) + (worst_notes(sets, shared, union) if uneven else []) + notes \
+                    + ([LEGEND] if checks is not None else [])
             else:
                 notes = diagnostic_notes(part) + notes
             blocks.append({"dataset": dataset, "target": target, "kind": kind, "columns": columns, "rows": rows,
-                           "footer": dict(footer, notes=notes)})
+                           "footer": dict(footer, notes=notes), "uneven": uneven})
     return blocks
+
+
+def worst_notes(sets: dict[str, set], shared: set[str], union: set[str]) -> list[str]:
+    """Why a table's rows' Worst values do not compare, and what does."""
+    only = {c: sorted(d for d, cols in sets.items() if c in cols) for c in sorted(union - shared)}
+    some = "; ".join(f"{c} only on {', '.join(ds)}" for c, ds in only.items())
+    fewer = [d for d, cols in sets.items() if any(cols < other for other in sets.values())]
+    marked = f" {FEWER} marks a Worst over a strict subset of another row's attacks ({', '.join(fewer)})." if fewer else ""
+    return [f"The rows faced different attacks ({some}): each row's Worst is over its own attacks and is not "
+            f"compared across rows (no bold).{marked} {SHARED} is the per-sample worst case over the attacks every "
+            f"row faced ({', '.join(sorted(shared)) or 'none'}): the one to compare."]
 
 
 def bold_cells(block: dict) -> set[tuple[str, str]]:
     """(defense, column) of each column's best value, kept only where it is significantly better than
-    the runner-up (exact McNemar test at ``ALPHA`` on the samples both were scored on)."""
+    every other row of the column (a paired test at ``ALPHA`` on the samples both were scored on, of
+    the per-sample values the ranking uses). Never in a Worst column whose rows faced different attacks."""
     out = set()
     if len(block["rows"]) < 2:
         return out
     for col in block["columns"]:
+        if col == WORST and block.get("uneven"):
+            continue
         ranked = sorted(((r["cells"][col], r["defense"]) for r in block["rows"] if col in r["cells"]),
                         key=lambda t: -t[0].acc)
         if len(ranked) < 2 or ranked[0][0].acc == ranked[1][0].acc:
             continue
-        (best, name), (second, _) = ranked[0], ranked[1]
-        if best.bits is None or second.bits is None:
+        (best, name), others = ranked[0], ranked[1:]
+        ours = best.tested()
+        if ours is None or any(o.tested() is None for o, _ in others):
             continue
-        m = min(len(best.bits), len(second.bits))  # a row with eval_n: the same subset's first examples
-        if mcnemar(best.bits[:m], second.bits[:m])["p_value"] < ALPHA and \
-                best.bits[:m].count("1") > second.bits[:m].count("1"):
+        wins = True
+        for other, _ in others:
+            theirs = other.tested()
+            m = min(len(ours), len(theirs))  # a row with eval_n: the same subset's first examples
+            if not (sum(ours[:m]) > sum(theirs[:m]) and paired_p(list(ours[:m]), list(theirs[:m])) < ALPHA):
+                wins = False
+                break
+        if wins:
             out.add((name, col))
     return out
 
 
-BOLD_NOTE = ("Bold: best in its column and better than the runner-up at 5% (exact McNemar test on the "
-             "same samples); a column without bold has no significant winner.")
+BOLD_NOTE = ("Bold: best in its column and better than every other row at 5% (paired tests on the same "
+             "samples: exact McNemar on correct/incorrect, Wilcoxon signed-rank on per-sample means over draws); "
+             "a column without bold has no significant winner.")
 
 
 def draw_notes(g: pd.DataFrame, value: str) -> list[str]:
@@ -221,9 +307,11 @@ def diagnostic_notes(g: pd.DataFrame) -> list[str]:
     from benchmark.registry import ATTACKS
 
     notes = ["Diagnostics: not in the threat model of the headline table and never part of its Worst."]
-    for name, column in dict.fromkeys(zip(g["attack_registered"], g["column"])):
+    scorings = g["scoring"] if "scoring" in g else [None] * len(g)
+    for name, column, scoring in dict.fromkeys(zip(g["attack_registered"], g["column"], scorings)):
         try:
-            measures = ATTACKS.get(name).measures
+            cls = ATTACKS.get(name)
+            measures = cls.diagnostic_measures.get(scoring, "") if isinstance(scoring, str) else cls.measures
         except Exception:
             measures = ""
         notes.append(f"{column}: {measures or 'a diagnostic outside the input threat space'}.")
@@ -321,14 +409,15 @@ def to_markdown(blocks: list[dict], intervals: bool = False) -> str:
                 return "-"
             c = r["cells"][col]
             text = f"{100 * c.acc:.2f}" + (f" [{100 * c.lo:.1f}, {100 * c.hi:.1f}]" if intervals else "")
-            return f"**{text}**" if (r["defense"], col) in bold else text
+            return (f"**{text}**" if (r["defense"], col) in bold else text) + c.mark
 
         out += markdown_block(b, cell, footer_text(b))
     return "\n".join(out)
 
 
 def _tex_escape(s: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                 (FEWER, r"$^\dagger$")):
         s = s.replace(a, b)
     return s
 
@@ -345,6 +434,7 @@ def to_latex(blocks: list[dict], intervals: bool = False) -> str:
             c = r["cells"][col]
             text = f"{100 * c.acc:.2f}"
             text = rf"\textbf{{{text}}}" if (r["defense"], col) in bold else text
+            text += r"$^\dagger$" if c.mark else ""
             return text + (rf"\,{{\scriptsize[{100 * c.lo:.1f}, {100 * c.hi:.1f}]}}" if intervals else "")
 
         f = b["footer"]
@@ -392,22 +482,42 @@ def draws_markdown(records: list[CellRecord]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_tables(run_dir: Path) -> list[Path]:
+def left_out(records, checks=None) -> list[str]:
+    """One line per record or checks file a run's tables leave out, and why (stale, corrupt)."""
+    lines = list(getattr(records, "excluded", []))
+    lines += list(getattr(checks, "excluded", []) if checks is not None else [])
+    off = getattr(records, "off_plan", 0)
+    if off:
+        lines.append(f"{off} record(s) of cells no longer in the run's plan: left out (kept on disk)")
+    return lines
+
+
+def left_out_markdown(lines: list[str]) -> str:
+    if not lines:
+        return ""
+    return "\n".join(["**Left out of these tables** (each line: what and why):", ""] + [f"- {x}" for x in lines]) + "\n\n"
+
+
+def write_tables(run_dir: Path, include_stale: bool = False) -> list[Path]:
     """Write ``<run>/tables/results.{md,tex,csv}`` (and ``checks.md``, ``draws.md``) from the run's
-    records; return the paths."""
+    records; return the paths. Stale and corrupt records and checks files are left out (stale ones
+    kept with ``include_stale``), each named on the console and at the top of ``results.md``."""
     run_dir = Path(run_dir)
-    records = load_records(run_dir)
+    records = load_records(run_dir, include_stale=include_stale)
+    checks = load_checks(run_dir)
+    excluded = left_out(records, checks)
+    for line in excluded:
+        log.warning("%s", line)
     if not records:
         return []
     old = sum(1 for r in records if r.old_schema)
     if old:
         log.warning("%s: %d record(s) predate per-draw scoring (schema %s): a stochastic defense's cells in them "
                     "rest on one draw; rerun to rescore", run_dir, old, ", ".join(OLD_SCHEMAS))
-    checks = load_checks(run_dir)
     blocks = build_blocks(records_frame(records), checks if checks else None)
     tdir = run_dir / "tables"
     paths = [
-        atomic_write_text(tdir / "results.md", to_markdown(blocks)),
+        atomic_write_text(tdir / "results.md", left_out_markdown(excluded) + to_markdown(blocks)),
         atomic_write_text(tdir / "results_ci.md", to_markdown(blocks, intervals=True)),
         atomic_write_text(tdir / "results.tex", to_latex(blocks)),
         atomic_write_text(tdir / "results_ci.tex", to_latex(blocks, intervals=True)),

@@ -30,6 +30,7 @@ from benchmark.errors import BenchError
 from benchmark.resume import LoopState
 
 log = logging.getLogger("purifybench")
+STUCK = 0.02  # a loss that ends within this fraction of its first step's value has not trained
 
 
 class EpochLog:
@@ -78,6 +79,21 @@ class EpochLog:
         return secs[len(secs) // 2] if secs else 0.0
 
 
+def stuck_loss(rows: list[dict]) -> str | None:
+    """Whether a training's loss (the first metric its step returned) ended within :data:`STUCK` of its
+    value at the first step, over at least two epochs (periods); None when it moved, or cannot tell."""
+    if len(rows) < 2:
+        return None
+    starts = [k for k in rows[0] if k.startswith("start_")]
+    if not starts:
+        return None
+    name = starts[0][len("start_"):]
+    first, last = rows[0][starts[0]], rows[-1].get(name)
+    if not isinstance(last, float) or abs(last - first) > STUCK * abs(first):
+        return None
+    return f"its {name} stayed at its starting value ({first:.4g} at the first step, {last:.4g} in the last epoch)"
+
+
 class Trainer:
     """``epochs`` epochs of ``defense``'s training (``name`` in messages and the progress bar).
     Everything the loop draws from must be in ``optimizers``, ``gens`` and ``schedulers`` (and
@@ -121,8 +137,12 @@ class Trainer:
                   disable=not self.progress, leave=False) as bar:
             for epoch in range(first + 1, self.epochs + 1):
                 self.log.start()
+                start: dict = {}
                 for i, batch in enumerate(batches(epoch)):
-                    self.log.add(len(batch[0]), **step(batch))
+                    metrics = step(batch)
+                    if epoch == 1 and i == 0:  # the loss at the start (kept in the history: a resume keeps it)
+                        start = {f"start_{k}": float(v) for k, v in list(metrics.items())[:1]}
+                    self.log.add(len(batch[0]), **metrics)
                     if self.steps:
                         bar.update(1)
                         if self.unit:
@@ -130,16 +150,20 @@ class Trainer:
                         else:
                             logs.step(f"epoch {epoch}/{self.epochs}, batch", i + 1, self.steps)
                 period = self._period(epoch)
-                row = self.log.end(epoch, self.reduce, period, **(epoch_info() if epoch_info is not None else {}))
+                row = self.log.end(epoch, self.reduce, period, **(epoch_info() if epoch_info is not None else {}),
+                                   **start)
                 log.info("%s %s: %s, %.2f s", self.name, period, ", ".join(
                     f"{k} {v:.4g}" for k, v in row.items() if k not in ("phase", "epoch", "seconds")
-                    and isinstance(v, float)), row["seconds"])
+                    and not k.startswith("start_") and isinstance(v, float)), row["seconds"])
                 self.loop.epoch_done(epoch, self.epochs, self.log.rows, save=epoch % self.save_every == 0)
                 if not self.steps:
                     bar.update(1)
         self.defense.eval()
+        stuck = stuck_loss(self.log.rows)
+        if stuck:
+            log.warning("%s training: %s: it may have collapsed", self.name, stuck)
         return FitResult(seconds=time.perf_counter() - self.started, seconds_per_epoch=self.log.seconds_per_epoch(),
-                         epochs=self.epochs, history=self.log.rows)
+                         epochs=self.epochs, history=self.log.rows, stuck=stuck)
 
     def _period(self, epoch: int) -> str:
         """"epoch 3/10", or "iterations 41-60/70" for a training counted in ``unit``s."""

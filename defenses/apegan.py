@@ -96,6 +96,10 @@ class APEGAN(Defense):
     data_shape_options = ("in_channels",)
     inference_options = ("bn_batch_stats",)
 
+    @classmethod
+    def batch_dependent_with(cls, options: dict) -> bool:
+        return bool((options or {}).get("bn_batch_stats", False))
+
     def __init__(self, **options: Any) -> None:
         super().__init__()
         o = self.options = self.read_options(options)

@@ -100,6 +100,7 @@ class FitResult:
     seconds_per_epoch: float | None = None
     epochs: int = 0
     history: list[dict] | None = None
+    stuck: str | None = None  # the Trainer's note when the loss never left its starting value
 
 
 _SIGNATURE_OPTIONS: dict[type, type] = {}
@@ -250,6 +251,13 @@ class Defense(nn.Module):
             if "stochastic" in klass.__dict__:
                 declared = klass.__dict__["stochastic"]
                 return True if isinstance(declared, property) else bool(declared)
+        return False
+
+    @classmethod
+    def batch_dependent_with(cls, options: dict) -> bool:
+        """Whether a defense built with these options purifies an image differently depending on the
+        batch's other images (batch statistics at inference): the evaluation batch size is then part
+        of a cell's identity, and attacks that re-batch survivors are refused."""
         return False
 
     def declarations(self) -> dict:

@@ -9,7 +9,8 @@ ImageNet release uses 23).
 Training (ESRGAN-style, as the author points to BasicSR): lambda_feat * L1 of target
 features + gamma * L1 of pixels + alpha * relativistic-average GAN loss, with
 lambda = 1, gamma = 1e-2, alpha = 5e-3; Adam 1e-4, betas (0.9, 0.999), batch 128, 30
-epochs. The feature extractor is the frozen target's ``layer3`` (ImageNet VGG16 cannot
+epochs, the first ``warmup_epochs`` (1) on the pixel L1 loss alone, ESRGAN's PSNR-oriented
+start (without it a random purifier can lock onto an output the target maps to one class). The feature extractor is the frozen target's ``layer3`` (ImageNet VGG16 cannot
 be downloaded here: a deviation from NRP, which uses VGG16 relu3_3). Data: the seed
 paper's static PGD-5 pairs; ``pairs: ssp`` trains on SSP examples crafted on the fly
 on the same feature extractor (NRP's own recipe). The discriminator is a VGG-style
@@ -117,9 +118,18 @@ class NRPTrain(PairTrain):
     source: Literal["pgd", "ssp"] = "pgd"  # training inputs: the PGD pairs, or SSP on the fly (NRP's own)
     ssp_steps: int = 100
     ssp_step_size: float = 0.01
+    # ESRGAN's start (Wang et al. 2018, whose BasicSR recipe NRP follows): the purifier's first
+    # epochs train on the pixel L1 loss alone (a PSNR-oriented model) before the feature and GAN
+    # losses join. From a random start the feature loss alone can lock onto an output that the
+    # target maps to one class (measured on the smoke digits target: feature loss flat at 0.50,
+    # every prediction one class, for 2 of 5 seeds); from a near-identity purifier it cannot (5 of 5
+    # trained). One epoch by default: a thirtieth of the paper recipe's 30.
+    warmup_epochs: int = 1
 
     def validate(self, where: str) -> None:
         super().validate(where)
+        require(0 <= self.warmup_epochs < self.epochs, subkey(where, "warmup_epochs"),
+                f"must be >= 0 and below epochs ({self.epochs}), got {self.warmup_epochs}")
         require(self.source in ("pgd", "ssp"), subkey(where, "source"), f"must be 'pgd' or 'ssp', got {self.source!r}")
         for key in ("feature_weight", "pixel_weight", "gan_weight"):
             require(getattr(self, key) >= 0, subkey(where, key), "must be >= 0")
@@ -137,8 +147,10 @@ def relativistic_losses(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.T
 @DEFENSES.register("nrp", paper="Naseer et al., CVPR 2020",
                    description="NRP: RRDB purifier (feature + pixel + relativistic GAN loss); standard or dynamic")
 class NRP(Defense):
-    note = "feature loss on the target's layer3, not NRP's ImageNet VGG16 (no offline weights)"
+    note = ("feature loss on the target's layer3, not NRP's ImageNet VGG16 (no offline weights); the first "
+            "epoch on the pixel loss alone (ESRGAN's PSNR-oriented start)")
     trainable = True
+    version = 2  # 2: warmup_epochs (ESRGAN's pixel-loss start), 1 by default
     data_parallel = True
     TrainConfig = NRPTrain
     data_shape_options = ("in_channels",)
@@ -184,25 +196,32 @@ class NRP(Defense):
         bf16, device = cfg.use_bf16(context.device), context.device
         gen = torch.Generator(device=device).manual_seed(context.seed + 5)
 
+        epoch_now = [0]  # the epoch being trained (set by the batches; a resumed training sets it too)
+
         def step(batch) -> dict:
             x, x_adv, _ = batch
             self.train()
+            warmup = epoch_now[0] <= cfg.warmup_epochs  # pixel loss alone (ESRGAN's PSNR-oriented start)
+            gan = cfg.gan_weight > 0 and not warmup
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 restored = g(x_adv)
                 with torch.no_grad():
                     ref = classifier.feature_map(x, cfg.layer).float()
                 feat = (classifier.feature_map(restored, cfg.layer).float() - ref).abs().mean()
                 pix = (restored.float() - x).abs().mean()
-                if cfg.gan_weight > 0:
+                if gan:
                     gan_g, _ = relativistic_losses(d(x).float(), d(restored).float())
                 else:
                     gan_g = torch.zeros((), device=device)
-            loss_g = cfg.feature_weight * feat + cfg.pixel_weight * pix + cfg.gan_weight * gan_g
+            if warmup:
+                loss_g = pix
+            else:
+                loss_g = cfg.feature_weight * feat + cfg.pixel_weight * pix + cfg.gan_weight * gan_g
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
             loss_d = torch.zeros((), device=device)
-            if cfg.gan_weight > 0:
+            if gan:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     _, loss_d = relativistic_losses(d(x).float(), d(restored.detach()).float())
                 opt_d.zero_grad(set_to_none=True)
@@ -210,7 +229,12 @@ class NRP(Defense):
                 opt_d.step()
             return {"loss_g": loss_g, "feature": feat, "pixel": pix, "loss_d": loss_d}
 
-        batches = source.epoch if cfg.source == "pgd" else self._ssp_batches(source, classifier, cfg, gen)
+        epochs = source.epoch if cfg.source == "pgd" else self._ssp_batches(source, classifier, cfg, gen)
+
+        def batches(epoch: int):
+            epoch_now[0] = epoch
+            yield from epochs(epoch)
+
         trainer = Trainer(self, "NRP", context, cfg.epochs, optimizers={"g": opt_g, "d": opt_d},
                           gens={**source.generators(), "ssp": gen}, progress=cfg.progress, started=t_start,
                           steps_per_epoch=-(-len(train) // cfg.batch_size))

@@ -127,3 +127,38 @@ class LeavesTheBall(Attack):
 class LeavesTheRange(Attack):
     def run(self, model, x, y, threat, generator):
         return x + threat.eps  # inside the ball, but above 1 for bright pixels
+
+
+class NoisePurifier(Defense):
+    """Adds Gaussian noise (std ``sigma``) and clips: a defense whose only "robustness" is input
+    noise (only for tests: the review's probe of composite attacks and early exits)."""
+
+    stochastic = True
+
+    def __init__(self, sigma: float = 0.15) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def purify(self, x, masks=None):
+        noise = torch.randn(x.shape, generator=self._gen(x.device), device=x.device)
+        return (x + self.sigma * noise).clamp(0, 1)
+
+
+class MaskedNoise(NoisePurifier):
+    """NoisePurifier whose noise is a mask an attacker can draw and fix (``uses_masks``)."""
+
+    uses_masks = True
+
+    def sample_masks(self, x):
+        return torch.randn(x.shape, generator=self._gen(x.device), device=x.device)
+
+    def purify(self, x, masks=None):
+        noise = self.sample_masks(x) if masks is None else masks
+        return (x + self.sigma * noise).clamp(0, 1)
+
+
+class SecretlyRandom(NoisePurifier):
+    """Random at inference but declares ``stochastic = False``: the plugin mistake the determinism
+    check exists for (only for tests)."""
+
+    stochastic = False

@@ -57,9 +57,10 @@ def test_pgd_breaks_a_natural_model_and_at_helps(trained_pair, eval_batch):
     nat = _acc(trained_pair, "natural", _attack("pgd", steps=20, step_size=0.025), x, y)
     at = _acc(trained_pair, "at", _attack("pgd", steps=20, step_size=0.025), x, y)
     assert at.accuracy > nat.accuracy + 0.3
-    # forward/backward bookkeeping: 20 gradient steps per image and one re-score (no check after the last restart)
+    # forward/backward bookkeeping: 20 gradient steps per image and the re-scoring of its two images
+    # (the last iterate and the best one)
     assert at.backwards == 20 * len(x)
-    assert at.forwards == 21 * len(x)
+    assert at.forwards == 22 * len(x) and at.score_forwards == 2 * len(x)
 
 
 def test_restarts_only_ever_lower_robust_accuracy(trained_pair, eval_batch):

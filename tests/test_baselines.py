@@ -64,8 +64,9 @@ def test_training_lowers_its_own_loss_and_keeps_the_target_frozen(name, trained_
     clf = trained_pair["at"][0]
     before = {k: v.clone() for k, v in clf.state_dict().items()}
     d = build(name)
+    extra = {"lr": 1e-3} if name == "nrp" else {}  # (its 1e-4 barely moves a tiny RRDB in 24 steps)
     cfg = DEFENSES.get(name).TrainConfig(epochs=3, batch_size=64, eps=0.1, step_size=0.025, augment=False,
-                                         progress=False)
+                                         progress=False, **extra)
     result = d.fit(clf, digits_train.subset(512, seed=0), TrainContext("cpu", 0), cfg)
     losses = [h[LOSS_KEY[name]] for h in result.history]
     assert losses[-1] < losses[0], losses
@@ -155,7 +156,7 @@ def test_nrp_and_nrp_dynamic_share_one_training(tmp_path):
     from benchmark.runner import Runner
 
     nrp = {"defense": "nrp", "options": {"width": 8, "blocks": 1, "growth": 4, "critic_width": 8},
-           "train": {"epochs": 1, "batch_size": 64, "eps": 0.1, "step_size": 0.025, "augment": False}}
+           "train": {"epochs": 3, "batch_size": 32, "lr": 0.002, "eps": 0.1, "step_size": 0.025, "augment": False}}
     dyn = json.loads(json.dumps(nrp))
     dyn["options"]["mode"] = "dynamic"
     cfg = {"name": "nrp-share", "profile": "smoke", "device": "cpu",

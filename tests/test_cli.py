@@ -166,7 +166,10 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
             assert rec["draws"] == 4 and len(rec["correct_draws"]) == rec["n"], (d, a)
             assert s["all"]["accuracy"] <= min(s["single"]["accuracy"], s["mean"]["accuracy"]), (d, a)
         assert recs[d, "representation"]["draws"] == 1  # scored on the classifier alone
-    assert recs["DIR", "mask-adaptive"]["draws"] == 1 and recs["HGD", "pgd"]["draws"] == 1
+    # mask-adaptive is scored under fresh masks (4 draws); with the masks it fixed is a diagnostic beside it
+    assert recs["DIR", "mask-adaptive"]["draws"] == 4 and recs["HGD", "pgd"]["draws"] == 1
+    fixed = recs["DIR", "mask-adaptive"]["diagnostic_scores"]["fixed-masks"]
+    assert len(fixed["correct"]) == recs["DIR", "mask-adaptive"]["n"]
     # Worst = the per-sample AND over the row's input-space cells (all-draws bits), never a diagnostic
     csv = {(row["defense"], row["column"]): row for row in
            csv_module.DictReader(io.StringIO((out_dir / "tables" / "results.csv").read_text()))}
@@ -175,6 +178,7 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
         worst = sum(all(b[i] == "1" for b in bits) for i in range(len(bits[0]))) / len(bits[0])
         assert abs(float(csv[d, "Worst"]["accuracy"]) - worst) < 1e-9, d
         assert csv[d, "Representation"]["block"] == "diagnostics"
+    assert csv["DIR", "Mask-adaptive (fixed-masks)"]["block"] == "diagnostics"
     assert recs["none", "pgd"]["accuracy"] < recs["none", "clean"]["accuracy"]
     for d in defenses:  # every defense keeps most clean images (DIR-official, 3 epochs from scratch: some); PGD hurts
         assert recs[d, "clean"]["accuracy"] > (0.3 if d == "DIR-official" else 0.8), d

@@ -51,7 +51,9 @@ def test_bpda_fails_and_exact_gradients_succeed_on_an_iterative_purifier():
     bpda = run_attack(ATTACKS.get("bpda-eot")(**kw), model, x, y, threat, batch_size=n)
     exact = run_attack(ATTACKS.get("bpda-eot")(gradient="exact", **kw), model, x, y, threat, batch_size=n)
     auto = run_attack(ATTACKS.get("adaptive")(**kw), model, x, y, threat, batch_size=n)
-    assert bpda.accuracy == 1.0  # the identity surrogate pushes every image the wrong way
+    # the identity surrogate pushes every image the wrong way: only a random start that happens to cross
+    # the boundary (an image the attack produced, scored as such) fools one
+    assert bpda.accuracy >= 0.9
     assert exact.accuracy == 0.0  # eps 0.1 covers every level's distance to the boundary
     assert auto.accuracy == 0.0
     assert model.bpda and not model.exact  # the attacks restored the defended model's switches

@@ -5,22 +5,27 @@ import copy
 import json
 
 import pytest
+import torch
 
 from attacks.base import Threat
 from benchmark.config import ConfigError
 from benchmark.harness import run_attack
+from benchmark.errors import BenchError
 from benchmark.masking import (
+    BaselineCheck,
     CheckResults,
     ChecksRecord,
     ChecksSpec,
+    DegenerateCheck,
     EpsCheck,
+    Paired,
     RowKey,
     SquareCheck,
     StepsCheck,
+    check_determinism,
     flag_text,
     read_checks,
     run_checks,
-    tolerance,
     valid_checks,
     write_checks,
 )
@@ -46,9 +51,10 @@ def _checks(model, rows):
 def test_the_at_target_alone_passes_every_check(trained_pair, rows):
     r = _checks(DefendedModel(NoDefense(), copy.deepcopy(trained_pair["at"][0])), rows)
     assert r.flags == [], r
-    assert r.steps.accuracy[1] <= r.steps.accuracy[0] + r.steps.tolerance
+    assert not r.steps.comparison.second_higher() and not r.steps.unconverged
     assert r.eps.accuracy[-1] <= 0.2  # falls towards chance as eps grows
-    assert r.square.accuracy >= r.square.whitebox_accuracy - r.square.tolerance
+    assert not r.square.failed and not r.fgsm.failed and not r.noise.failed and not r.degenerate.failed
+    assert r.degenerate.target_clean is None and r.degenerate.classes_predicted == 10
     assert r.eot is None and r.fixed is None  # deterministic: no EOT check, no randomness to fix
     assert r.backwards > 0 and r.forwards > r.backwards
 
@@ -76,10 +82,20 @@ def test_menet_without_bpda_is_flagged(trained_pair, rows):
     assert len(bpda.eot.repeats) == SPEC.repeats and bpda.fixed is not None
 
 
-def test_tolerance_grows_with_randomness_and_shrinks_with_n():
-    assert tolerance(0.5, 0.5, 100, False) == 0.02
-    assert tolerance(0.5, 0.5, 10, False) == 0.2
-    assert tolerance(0.5, 0.5, 100, True) > tolerance(0.5, 0.5, 1000, True) > 0.02
+def test_paired_comparisons_have_power_where_independent_tolerances_had_none():
+    """Two runs on the same 100 images that differ on 10 of them, all one way: the paired test sees
+    it (an independent-proportions tolerance of about 16 points at n=100 did not)."""
+    a = [1] * 60 + [0] * 40
+    b = [1] * 50 + [0] * 50
+    pair = Paired.of("few", a, "more", b)
+    assert pair.accuracy == [0.6, 0.5] and pair.only == [10, 0] and pair.p_value < 0.01
+    assert pair.first_higher() and not pair.second_higher()
+    noisy = Paired.of("few", [1, 0] * 50, "more", [0, 1] * 50)  # same accuracy, every sample discordant
+    assert noisy.p_value == 1.0 and not noisy.first_higher() and not noisy.second_higher()
+
+
+def _pair(a=0.5, b=0.5) -> Paired:
+    return Paired(names=["a", "b"], accuracy=[a, b], only=[0, 0], p_value=1.0)
 
 
 def _results(**failed) -> CheckResults:
@@ -87,10 +103,12 @@ def _results(**failed) -> CheckResults:
     grad = GradientCheck(n=10, zero_gradient_fraction=0.0, finite=True, masked=failed.get("zero_grad", False))
     return CheckResults(
         n=10, stochastic=False, gradient=grad,
-        steps=StepsCheck(clean=0.9, steps=[5, 20], accuracy=[0.5, 0.5], tolerance=0.2, failed=failed.get("steps", False)),
-        eps=EpsCheck(eps=[0.1, 0.3], accuracy=[0.5, 0.1], chance=0.1, tolerance=0.2, failed=False),
-        square=SquareCheck(queries=30, accuracy=0.6, whitebox_accuracy=0.5, beaten_only_by_square=0, tolerance=0.2,
-                           failed=failed.get("square", False)))
+        degenerate=DegenerateCheck(clean=0.9, target_clean=0.9, chance=0.1, classes_predicted=10,
+                                   reasons=["x"] if failed.get("degenerate") else []),
+        steps=StepsCheck(steps=[5, 20], comparison=_pair(), failed=failed.get("steps", False), unconverged=False),
+        eps=EpsCheck(eps=[0.1, 0.3], accuracy=[0.5, 0.1], chance=0.1, rises=[_pair(0.5, 0.1)], failed=False),
+        fgsm=BaselineCheck(comparison=_pair(), failed=False), noise=BaselineCheck(comparison=_pair(), failed=False),
+        square=SquareCheck(comparison=_pair(0.6, 0.5), failed=failed.get("square", False), queries=30))
 
 
 def _record(results: CheckResults) -> ChecksRecord:
@@ -100,8 +118,9 @@ def _record(results: CheckResults) -> ChecksRecord:
 
 def test_flag_text():
     assert flag_text(None) == "n/a" and flag_text(None, cell_masked=True) == "zero-grad"
-    assert flag_text(_record(_results())) == "ok"
+    assert flag_text(_record(_results())) == "no flag (n=10)"  # what ok is: nothing raised on those 10 images
     assert flag_text(_record(_results(square=True, zero_grad=True))) == "zero-grad, square"
+    assert flag_text(_record(_results(degenerate=True, steps=True))) == "degenerate, steps"
 
 
 def test_checks_file_round_trips_and_older_or_bad_files_say_so(tmp_path, caplog):
@@ -109,20 +128,20 @@ def test_checks_file_round_trips_and_older_or_bad_files_say_so(tmp_path, caplog)
     rec = _record(_results(steps=True))
     write_checks(path, rec)
     data = json.loads(path.read_text())
-    assert data["schema"] == "purifybench-checks/2" and data["flags"] == ["steps"] and data["passed"] is False
+    assert data["schema"] == "purifybench-checks/3" and data["flags"] == ["steps"] and data["passed"] is False
     back = read_checks(path)
     assert back.results == rec.results and back.row == rec.row and back.flags == ["steps"] and not back.old_schema
+    assert isinstance(back.results.eps.rises[0], Paired) and isinstance(back.results.square, SquareCheck)
     assert valid_checks(path, row_hash="abc") is not None and valid_checks(path, row_hash="other") is None
-    # a schema-1 file (the same fields) is read, and the log says so in one line
-    old = dict(data, schema="purifybench-checks/1")
+    # a file of an older schema (its checks without paired tests) is not trusted: a run recomputes it
+    old = dict(data, schema="purifybench-checks/2")
     old["checksum"] = checksum(old)
     path.write_text(json.dumps(old))
-    with caplog.at_level("WARNING", logger="purifybench"):
-        assert read_checks(path).results == rec.results and read_checks(path).old_schema
-    assert "purifybench-checks/1" in caplog.text and "typed" in caplog.text
-    assert caplog.text.count("purifybench-checks/1") == 1  # once per file, not on every read
+    with pytest.raises(RecordError, match="is not a purifybench-checks/3 file"):
+        read_checks(path)
     # a field this version does not know, or a missing one: one line naming the file and the field
     for change, message in ((lambda d: d["results"]["square"].update(queries_typo=3), "queries_typo"),
+                            (lambda d: d["results"]["eps"]["rises"][0].update(p=3), r"eps.rises\[0\]: unknown"),
                             (lambda d: d["results"].pop("steps"), "steps"),
                             (lambda d: d["results"].update(gradient=None), "results.gradient: must not be null"),
                             (lambda d: d.update(flags=[]), "flags \\[\\] disagree"),
@@ -145,6 +164,37 @@ def test_square_attack_stays_in_the_ball_and_is_counted_without_backwards(traine
     out = run_attack(ATTACKS.get("square")(n_queries=300), model, x, y, THREAT, batch_size=64)
     assert out.backwards == 0 and out.forwards > 64
     assert out.accuracy < clean.accuracy - 0.2, (out.accuracy, clean.accuracy)  # breaks a natural model
+
+
+def test_a_random_defense_declared_deterministic_is_refused(trained_pair, rows):
+    from purifybench_testing import SecretlyRandom
+
+    x, _ = rows
+    target = copy.deepcopy(trained_pair["at"][0])
+    with pytest.raises(BenchError, match=r"defense 'plugin' declares stochastic = False, but two passes over the same "
+                                         r"64 images disagree \(\d+ predictions differ"):
+        check_determinism(DefendedModel(SecretlyRandom(sigma=0.3), target), x, "plugin")
+    check_determinism(DefendedModel(NoDefense(), target), x, "none")  # deterministic: passes
+
+
+def test_a_collapsed_row_is_degenerate_and_randomness_is_a_diagnostic(trained_pair, rows):
+    from purifybench_testing import NoisePurifier
+
+    class Constant(NoDefense):  # a collapsed purifier: one grey image for every input
+        def purify(self, x, masks=None):
+            return torch.full_like(x, 0.5)
+
+    target = copy.deepcopy(trained_pair["at"][0])
+    spec = ChecksSpec(n=64, steps=2, more_steps=4, eps_multipliers=[4.0], square_queries=10, eot="auto",
+                      repeats=2, transfer=False)
+    x, y = rows
+    dead = run_checks(DefendedModel(Constant(), target), x, y, THREAT, spec, batch_size=64, target=target)
+    assert dead.flags[0] == "degenerate" and dead.degenerate.classes_predicted == 1
+    assert "every prediction is one class" in dead.degenerate.reasons and dead.degenerate.target_clean > 0.9
+    noisy = run_checks(DefendedModel(NoisePurifier(sigma=0.5), target), x, y, THREAT, spec, batch_size=64,
+                       draws=2, eot=3, target=target)
+    assert noisy.stochastic and noisy.eot.samples == [3, 6]  # the row's own E and twice it
+    assert noisy.fixed is not None and noisy.fixed.comparison.names[1] == "randomness fixed"
 
 
 def test_bad_checks_config_is_one_line_error():

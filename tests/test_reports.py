@@ -243,9 +243,10 @@ def test_adaptive_table_shows_the_zero_gradient_flag():
     from benchmark.reports import adaptive_markdown
 
     md = adaptive_markdown(t.reset_index())
-    # Worst 25% (pgd AND bpda-eot); against none's 50% on the same samples: -25 points, p = 1
-    assert "| 100.00 | 25.00 [0.0, 100.0] | bpda-eot | 75.00 | - | - | 25.00 | -25.00 [" in md and "nan" not in md
-    assert "p = 1.000 | pgd |" in md
+    # Worst 25% (pgd AND bpda-eot); against none over the attacks both faced (pgd alone: none never faced
+    # bpda-eot): 100% against 50% on the same samples, +50 points, p = 0.5 (two discordant samples)
+    assert "| 100.00 | 25.00 [0.0, 100.0] | bpda-eot | 75.00 | - | - | 25.00 | +50.00 [" in md and "nan" not in md
+    assert "p = 0.500, k = 1 | pgd |" in md
 
 
 def test_adaptive_table_shows_bpda_and_exact_gradients_side_by_side():

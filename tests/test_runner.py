@@ -99,7 +99,9 @@ def test_matrix_records_tables_and_artifact_reuse(tmp_path):
     plan = _plan(_write(tmp_path, changed, "cfg2.yaml"), out)  # says so before running
     assert "cells: 6 planned, 2 to compute, 4 already recorded\nto train: defense digits/den-b (2 epochs)" in plan
     assert "| cells | digits/at/den-b |" in plan and "| cells | digits/at/none |" not in plan
-    summary = _run(_write(tmp_path, changed, "cfg2.yaml"), out)
+    with pytest.raises(BenchError, match="holds a run of another configuration"):  # not silently
+        _run(_write(tmp_path, changed, "cfg2.yaml"), out)
+    summary = _run(_write(tmp_path, changed, "cfg2.yaml"), out, replace=True)
     assert summary["computed"] == 2
     after = _artifacts(out)
     kept = {k: v for k, v in after.items() if k in stamps}

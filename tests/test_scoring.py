@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from attacks.base import Threat
-from benchmark.harness import run_attack, score_draws
+from attacks.core import Judge, Verdict
+from benchmark.harness import run_attack
 from benchmark.records import (
     RecordError,
     bit_string,
@@ -65,7 +66,7 @@ def test_several_draws_give_counts_and_the_three_accuracies():
     # reproducible, and independent of the batching: every batch's draws are seeded from (seed, row)
     again = run_attack(clean, model, x, y, THREAT, batch_size=16, seed=3, draws=6)
     assert torch.equal(again.draw_counts, out.draw_counts)
-    # one draw: the single-pass scoring of before (draw 0 continues the attack's stream)
+    # one draw is the first of several: every draw is seeded from (batch, draw), not from the attack's stream
     one = run_attack(clean, model, x, y, THREAT, batch_size=16, seed=3, draws=1)
     assert one.draws == 1 and torch.equal(one.correct, out.single)
 
@@ -76,7 +77,7 @@ def test_deterministic_scoring_takes_one_draw():
                      batch_size=16, draws=8)
     assert out.draws == 1 and out.score_forwards == 16
     # an attack whose scoring draws no randomness (the representation attack scores the classifier
-    # alone; mask-adaptive scores with the masks it fixed) is scored once
+    # alone) is scored once
     rep = run_attack(ATTACKS.get("representation")(steps=2, step_size=0.02),
                      DefendedModel(Jitter(), MeanClassifier()), x, y, THREAT, batch_size=16, draws=8)
     assert rep.draws == 1 and rep.score_forwards == 16
@@ -101,8 +102,10 @@ def test_majority_is_a_plurality_vote_and_a_tie_is_not_correct():
     y = torch.tensor([0, 1, 2, 3])
     # draws (rows) x samples (columns)
     script = [[0, 1, 0, 3], [1, 2, 1, 0], [2, 2, 2, 1], [0, 3, 1, 2]]
-    preds, vote = score_draws(Scripted(script), None, torch.zeros(4, 1), y, 4, None, 0, torch.device("cpu"))
+    judge = Judge(None, torch.zeros(4, 1), y, draws=4, random=True)
+    preds = judge.predictions(torch.zeros(4, 1), score=Scripted(script))
     assert preds.tolist() == [list(col) for col in zip(*script)]
+    vote = Verdict.of(preds, y).majority
     # sample 0: 0 twice (plurality, correct); 1: 2 twice beats 1 once; 2: 2 once vs 0 once, 1 twice; 3: a four-way tie
     assert vote.tolist() == [True, False, False, False]
     counts = (preds == y.view(-1, 1)).sum(1)
