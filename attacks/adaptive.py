@@ -21,7 +21,15 @@ from typing import Literal
 import torch
 
 from attacks.base import Attack, IterativeParams, Threat, defended_of
-from attacks.core import AttackResult, Objective, as_result, linf_attack, linf_search, uniform_start
+from attacks.core import (
+    AttackResult,
+    Objective,
+    as_result,
+    batch_noise,
+    linf_attack,
+    linf_search,
+    uniform_start,
+)
 from attacks.momentum import MIFGSM, MIParams
 from attacks.pgd import PGD, PGDParams
 from benchmark.config import require, subkey
@@ -141,5 +149,5 @@ class NoiseDiscard(Attack):
             base = MIFGSM(**{k: getattr(p, k) for k in MIParams.__dataclass_fields__})
         adv = as_result(base.run(model, x, y, threat, generator)).x_adv  # its last iterate
         # per pixel (all channels together), keep the noise with probability 1 - fraction
-        keep = torch.rand((x.shape[0], 1, *x.shape[2:]), device=x.device, generator=generator) >= p.fraction
+        keep = batch_noise((x.shape[0], 1, *x.shape[2:]), x, generator) >= p.fraction
         return (x + (adv - x) * keep).clamp(0.0, 1.0)

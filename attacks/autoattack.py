@@ -16,7 +16,9 @@ which the harness then rescores under its draws. There each member runs directly
 sample (pyautoattack's ``attack_single_run``, with the version's settings: iterations, EOT,
 restarts, target classes, seeds) and returns what it produced for every sample: APGD's
 highest-loss point and its last misclassified point, Square's best point; the harness scores
-them all, and a sample counts as robust only if it survives every image under each score.
+them all, and a sample counts as robust only if it survives every image under each score. (FAB,
+in the standard and plus versions forced onto a random row, has no such point: its image is the
+clean one where it failed, which adds nothing; the rand version has no FAB.)
 """
 
 from __future__ import annotations

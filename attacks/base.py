@@ -80,6 +80,11 @@ class Attack:
         """Whether this attack can run against a defense of this class (read from its declarations)."""
         return True
 
+    def applies(self, defense_cls: type) -> bool:
+        """Whether this attack, with its parameters, runs against a defense of this class (a composite:
+        whether some part does)."""
+        return type(self).applies_to(defense_cls)
+
     def describe(self) -> dict:
         return dataclasses.asdict(self.params)
 

@@ -46,8 +46,23 @@ def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
+def batch_noise(shape, like: torch.Tensor, generator: torch.Generator | None = None,
+                normal: bool = False) -> torch.Tensor:
+    """Uniform [0,1) (or standard normal) noise of ``shape`` (first dimension: the images being
+    attacked), drawn as for the whole batch the harness attacks and sliced to these images' rows
+    when a composite attacks only some of them (its survivors): a sample then gets the same noise,
+    and the generator ends in the same state, as when the part attacks the whole batch alone."""
+    draw = torch.randn if normal else torch.rand
+    judge = _JUDGE.get()
+    rows = getattr(judge, "idx", None)
+    if rows is not None and len(rows) == shape[0]:
+        full = draw((judge.parent.n, *shape[1:]), device=like.device, dtype=like.dtype, generator=generator)
+        return full[rows]
+    return draw(tuple(shape), device=like.device, dtype=like.dtype, generator=generator)
+
+
 def uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    noise = batch_noise(x.shape, x, generator)
     return (x + (2.0 * noise - 1.0) * eps).clamp_(0.0, 1.0)
 
 
@@ -205,8 +220,8 @@ class VarianceTuned:
         grad = objective.gradient(x + self.step_size * self.decay * self.g)  # Nesterov look-ahead
         self.g = self.decay * self.g + mean_normalize(grad + self.v)
         # gradient variance around x_t: the draws in a fixed order, the passes batched by the engine
-        around = [x + (torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=self.generator) * 2 - 1)
-                  * self.radius for _ in range(self.neighbors)]
+        around = [x + (batch_noise(x.shape, x, self.generator) * 2 - 1) * self.radius
+                  for _ in range(self.neighbors)]
         self.v = objective.summed(around) / self.neighbors - grad
         return self.g.sign()
 
@@ -407,9 +422,10 @@ class Judge:
                 self._seed_defense(draw_seed(self.batch_seed, r))
                 logits = score(self.model, batch) if score is not None else self.model(batch)
                 preds.append(logits.argmax(1) if idx is None else logits.argmax(1)[idx])
-        if gen is not None:
-            self.defense.generator = gen
-            gen.set_state(saved)
+        if self.defense is not None and hasattr(self.defense, "seed"):
+            self.defense.generator = gen  # as before scoring (None included: never a scoring draw's stream)
+            if gen is not None:
+                gen.set_state(saved)
         return torch.stack(preds, dim=1)
 
     def verdict(self, images: list[torch.Tensor], idx: torch.Tensor | None = None, *, score=None,
@@ -482,7 +498,9 @@ def run_parts(parts: list[Callable], model, x: torch.Tensor, y: torch.Tensor, ge
     per-sample worst case over all their images (each part's images are candidates of the result).
 
     Where the scoring is exact (one pass decides: a deterministic row), a part only sees the samples
-    every earlier part left correct (AutoAttack's early exit). Where it draws randomness, one
+    every earlier part left correct (AutoAttack's early exit); its random draws come from
+    :func:`batch_noise`, so each of those samples gets what it gets when the part attacks the whole
+    batch. Where it draws randomness, one
     misclassifying pass says nothing about the scoring draws, and no image can be called the
     winner for every score at once (all draws, the mean over draws, the vote): every part attacks
     every sample, and the harness keeps the per-sample worst of all the images under each score,
@@ -492,6 +510,8 @@ def run_parts(parts: list[Callable], model, x: torch.Tensor, y: torch.Tensor, ge
 
     ``info["survivors"]``: after each part, the samples still correct under every draw of every
     image so far (for exact scoring, the samples the next part attacks)."""
+    if not parts:
+        raise ValueError("a composite attack needs at least one part")
     if len(parts) == 1:
         return as_result(parts[0](x, y))
     judge = judge_for(model, x, y)

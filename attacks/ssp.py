@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from attacks.base import Attack, IterativeParams, Threat, defended_of
-from attacks.core import Objective, linf_attack
+from attacks.core import Objective, batch_noise, linf_attack
 from benchmark.registry import ATTACKS
 
 
@@ -31,7 +31,7 @@ def ssp_linf(features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     x = x.detach()
     with torch.no_grad():
         ref = features(x).float()
-    start = torch.randn(x.shape, device=x.device, generator=generator).to(x.dtype)  # not projected first
+    start = batch_noise(x.shape, x, generator, normal=True)  # not projected first
 
     def distortion(f: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         return (f - reference).pow(2).mean()

@@ -63,15 +63,19 @@ class WorstOf(Attack):
                                   "centred on another image, or it is scored by another model); give it its own column")
             self.members.append((name, cls(where=subkey(at, "params"), **(spec.get("params") or {}))))
 
-    @classmethod
-    def applies_to(cls, defense_cls: type) -> bool:
-        return True
+    def applies(self, defense_cls: type) -> bool:
+        return any(attack.applies(defense_cls) for _, attack in self.members)
+
+    def member_versions(self) -> list:
+        """Each member's code version (and its members'), part of the composite cell's identity."""
+        return [[name, getattr(a, "version", 1), *([a.member_versions()] if isinstance(a, WorstOf) else [])]
+                for name, a in self.members]
 
     def describe(self) -> dict:
         return {"attacks": [{"name": n, "params": a.describe()} for n, a in self.members]}
 
     def run(self, model, x, y, threat: Threat, generator):
         defense = type(defended_of(model).defense)
-        members = [(n, a) for n, a in self.members if type(a).applies_to(defense)]  # e.g. mask-adaptive: masks only
+        members = [(n, a) for n, a in self.members if a.applies(defense)]  # e.g. mask-adaptive: masks only
         parts = [lambda xs, ys, a=attack: a(model, xs, ys, threat, generator) for _, attack in members]
         return run_parts(parts, model, x, y, generator, fresh=True)

@@ -315,10 +315,12 @@ class ExperimentConfig:
             for a in self.attacks:
                 if a.only is not None and d.name not in a.only:
                     continue
-                composite = a.registered == "worst-of" or int(a.params.get("restarts", 1) or 1) > 1
+                gradient = a.params.get("gradient", "auto" if a.registered == "adaptive" else "bpda")
+                composite = (a.registered in ("worst-of", "autoattack") or int(a.params.get("restarts", 1) or 1) > 1
+                             or (a.registered in ("bpda-eot", "adaptive") and gradient == "auto"))
                 require(not composite, at, f"its outputs depend on the batch's other images (batch statistics): "
-                        f"attack {a.name!r} attacks survivors in smaller batches (worst-of, restarts), which changes "
-                        "them; restrict it with 'only' or drop the batch statistics")
+                        f"attack {a.name!r} attacks survivors in smaller batches (worst-of, restarts, AutoAttack, "
+                        "BPDA-then-exact), which changes them; restrict it with 'only' or drop the batch statistics")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -294,7 +294,7 @@ def _gather(local: AttackOutcome, starts: list[int], batch_size: int, n: int) ->
             covered[a:b] = True
     if not bool(covered.all()):
         raise BenchError("a sharded cell lost rows: the ranks' shares do not cover the evaluation set")
-    diagnostics = {k: torch.zeros(n, dtype=torch.bool) for k in parts[0]["diagnostics"]}
+    diagnostics = {k: torch.zeros(n, dtype=torch.bool) for part in parts for k in part["diagnostics"]}
     for part in parts:
         for k, chunks in part["diagnostics"].items():
             for (a, b), chunk in zip(part["rows"], chunks):

@@ -482,7 +482,7 @@ def check_determinism(model, x: torch.Tensor, name: str) -> None:
     scale = 1.0 + float(first.abs().max())
     diff = float((first - second).abs().max())
     changed = int((first.argmax(1) != second.argmax(1)).sum())
-    if diff > 1e-3 * scale or changed:
+    if diff > 1e-3 * scale:  # (an argmax flip within float noise is a near-tie, not randomness)
         raise BenchError(f"defense {name!r} declares stochastic = False, but two passes over the same {len(x)} "
                          f"images disagree ({changed} predictions differ, logits by up to {diff:.3g}): it draws "
                          "randomness at inference; declare stochastic = True (its cells are then attacked with "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from benchmark.errors import BenchError
 from benchmark.io import atomic_write_json, atomic_write_text
+from benchmark.masking import load_checks
 from benchmark.records import load_records
 from benchmark.runner import row_name
 from benchmark.tables import left_out
@@ -59,7 +60,7 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
         raise BenchError(f"report --out {out} holds a run's records (no {MARK}): give a new folder, a merge "
                          "never overwrites a run")
     hashes: dict[tuple, tuple[str, Path]] = {}  # (dataset, target[, defense]) -> checkpoint hash, run
-    settings: dict[str, tuple[dict, Path]] = {}  # dataset -> threat, seed, data copy
+    settings: dict[tuple, tuple[object, Path]] = {}  # (dataset, what) -> its value, the run it came from
     cells: dict[str, tuple[object, Path]] = {}
     for run in runs:
         run = Path(run)
@@ -76,15 +77,17 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
                 _agree(hashes, (rec.cell.dataset, rec.cell.target, rec.cell.defense), rec.defense_checkpoint_sha256,
                        run, f"defense {what}/{rec.cell.defense}", "keep each trained row's attacks in one part")
             # (rows may differ in n: eval_n evaluates a row on a prefix; the tables print each row's n)
-            setting = {"threat": rec.threat, "seed": (rec.manifest or {}).get("seed"), "data": rec.dataset_copy,
-                       "draws": rec.draws if rec.random_score and rec.draws > 1 else None}
-            setting = {k: v for k, v in setting.items() if v is not None}
-            if rec.cell.dataset in settings and any(
-                    settings[rec.cell.dataset][0].get(k, v) != v for k, v in setting.items()):
-                raise BenchError(f"{rec.cell.dataset}: {settings[rec.cell.dataset][1]} and {run} differ in threat, "
-                                 f"seed, data copy or scoring draws ({settings[rec.cell.dataset][0]} vs "
-                                 f"{setting}): their numbers cannot share a table")
-            settings.setdefault(rec.cell.dataset, (setting, run))
+            setting = {"threat": rec.threat, "seed": (rec.manifest or {}).get("seed"), "data copy": rec.dataset_copy,
+                       "profile": rec.profile,
+                       "scoring draws": rec.draws if rec.random_score and rec.draws > 1 else None}
+            for what, value in setting.items():  # each compared on its own (a deterministic row has no draws)
+                if value is None:
+                    continue
+                key = (rec.cell.dataset, what)
+                if key in settings and settings[key][0] != value:
+                    raise BenchError(f"{rec.cell.dataset}: {settings[key][1]} and {run} differ in {what} "
+                                     f"({settings[key][0]} vs {value}): their numbers cannot share a table")
+                settings.setdefault(key, (value, run))
             if cell_id in cells and cells[cell_id][0].cell_hash != rec.cell_hash:
                 raise BenchError(f"cell {cell_id} was computed differently in {cells[cell_id][1]} and {run} "
                                  "(different configs for one cell): drop it from one run or report the runs apart")
@@ -97,14 +100,19 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
     for cell_id, (_, run) in cells.items():
         written.append(atomic_write_text(out / "records" / f"{cell_id}.json",
                                          (run / "records" / f"{cell_id}.json").read_text(encoding="utf-8")))
-    # a row's checks: from a run whose cells of that row are in the merge (same target and defense)
+    # a row's checks: from a run whose cells of that row are in the merge (same target and defense), only
+    # a checks file of that run's current plan (as its own report reads them)
     rows = {row_name(r.cell.dataset, r.cell.target, r.cell.defense): run for r, run in cells.values()}
+    current = {run: {row_name(k.dataset, k.target, k.defense): rec for k, rec in load_checks(run).items()}
+               for run in set(rows.values())}
+    checks_rows = []
     for row, run in rows.items():
-        path = run / "checks" / f"{row}.json"
-        if path.is_file():
-            atomic_write_text(out / "checks" / path.name, path.read_text(encoding="utf-8"))
+        rec = current[run].get(row)
+        if rec is not None:
+            atomic_write_text(out / "checks" / f"{row}.json", (run / "checks" / f"{row}.json").read_text(encoding="utf-8"))
+            checks_rows.append({"row": row, "checks_hash": rec.row_hash})
     plan = {"cells": [{"cell_id": cid, "cell_hash": rec.cell_hash, **asdict(rec.cell)}
-                      for cid, (rec, _) in cells.items()]}
+                      for cid, (rec, _) in cells.items()], "rows": checks_rows}
     atomic_write_json(out / "plan.json", plan)
     manifests = []
     for run in runs:

@@ -4,7 +4,9 @@ A preset picks the records that belong to one of the paper's tables (by the targ
 method, the registered defense and its options, the registered attack), lays them out with the
 paper's columns, and prints the paper's number beside ours with the difference. Each preset is
 written as Markdown, LaTeX (booktabs) and CSV; a column's best value in bold when it is
-significantly better than the runner-up; a footer states the data copy, profile, n, target and
+significantly better than every other row (ranked by, and tested on, the per-sample mean over
+the scoring draws: the Wilcoxon signed-rank test; exact McNemar where every value is 0/1); a
+footer states the data copy, profile, n, target and
 eps (the same footer as every other table of the suite). A stochastic defense's cells show the
 mean accuracy over the scoring draws (the expected single-draw accuracy, which is what the seed
 paper measured), and the footer says so.

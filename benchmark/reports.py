@@ -176,18 +176,23 @@ def ablation_table(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         for defense, gd in g[g["defense_registered"].isin(ABLATION)].groupby("defense", sort=False):
             b = _row_bits(gd)
             kind = gd["defense_registered"].iloc[0]
-            bits.setdefault(kind, []).append((defense, b))
+            bits.setdefault(kind, []).append((defense, b, gd))
             rows.append({"dataset": ds, "target": target, "defense": defense, "registered": kind,
                          "clean": None if b["clean"] is None else b["clean"].count("1") / len(b["clean"]),
                          "worst": None if b["worst"] is None else b["worst"].count("1") / len(b["worst"]),
                          "n": int(gd["n"].max())})
         for a, b, meaning in ABLATION_PAIRS:
-            for name_a, bits_a in bits.get(a, []):
-                for name_b, bits_b in bits.get(b, []):
+            for name_a, bits_a, g_a in bits.get(a, []):
+                for name_b, bits_b, g_b in bits.get(b, []):
                     row = {"dataset": ds, "target": target, "comparison": f"{name_a} - {name_b}", "measures": meaning}
-                    for col in ("clean", "worst"):
-                        u, v = bits_a[col], bits_b[col]
-                        row[col] = mcnemar(u[:min(len(u), len(v))], v[:min(len(u), len(v))]) if u and v else None
+                    u, v = bits_a["clean"], bits_b["clean"]
+                    row["clean"] = mcnemar(u[:min(len(u), len(v))], v[:min(len(u), len(v))]) if u and v else None
+                    shared = attack_columns(g_a) & attack_columns(g_b)  # Worst over the attacks both faced
+                    wa, wb = input_space_worst(g_a, shared), input_space_worst(g_b, shared)
+                    row["worst"] = None
+                    if shared and wa and wb:
+                        m = min(len(wa.bits), len(wb.bits))
+                        row["worst"] = mcnemar(wa.bits[:m], wb.bits[:m]) | {"attacks": len(shared)}
                     diffs.append(row)
     return pd.DataFrame(rows), pd.DataFrame(diffs)
 
@@ -206,9 +211,9 @@ def ablation_markdown(rows: pd.DataFrame, diffs: pd.DataFrame) -> str:
             "(none) and the paper's DIR on the frozen target (dir). Worst = per-sample worst case over the row's "
             "input-space attacks (a stochastic row's sample counts only if correct under every scoring draw). "
             "Differences in points on the same samples, with Newcombe's 95% interval for paired proportions and "
-            "the exact McNemar p-value: an interval that contains 0 shows no significant difference. The rows "
-            "must share their attacks for the Worst columns to compare (a mask-adaptive column exists only for "
-            "the masked rows, which makes their Worst stricter)."]
+            "the exact McNemar p-value: an interval that contains 0 shows no significant difference. A difference "
+            "of Worst is over the attacks both rows faced (their number after k; a mask-adaptive column exists only "
+            "for the masked rows), so that it compares like with like."]
     return "\n".join(out) + "\n"
 
 

@@ -132,18 +132,56 @@ def row_id(ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
 
 def checks_hash(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
     return artifact_key(row_description(cfg, ds, target, defense) | {"checks": asdict(cfg.eval.checks)}
-                        | {"scoring": SCORING_VERSION, "checks_version": CHECKS_VERSION})
+                        | {"scoring": SCORING_VERSION, "checks_version": CHECKS_VERSION,
+                           "draws": row_draws(cfg, defense), "eot": row_eot(cfg, defense)})
+
+
+def _eot_counts(attack, stochastic: bool) -> list[int]:
+    """The EOT sample counts an attack (a built one; a composite's parts too) takes against a row."""
+    members = getattr(attack, "members", None)
+    if members is not None:
+        return [e for _, member in members for e in _eot_counts(member, stochastic)]
+    params = attack.params
+    if type(attack).__name__ == "AutoAttackWrapper":  # the rand version's APGD: 20 EOT iterations
+        from attacks.autoattack import version_for
+
+        return [20] if version_for(params.version, stochastic) == "rand" else []
+    eot = getattr(params, "eot", None)
+    if eot == "auto":
+        eot = getattr(params, "eot_samples", None) if stochastic else None
+    return [eot] if isinstance(eot, int) and eot > 1 else []
+
+
+def row_eot(cfg: ExperimentConfig, defense: DefenseSpec) -> int | None:
+    """The largest EOT sample count among a row's attacks (the EOT check doubles it), None when none of
+    them takes EOT samples."""
+    stochastic = DEFENSES.get(defense.registered).stochastic_with(defense.options)
+    counts = [e for spec in cfg.attacks if spec.only is None or defense.name in spec.only
+              for e in _eot_counts(build_attack(spec, f"attack {spec.name!r}"), stochastic)]
+    return max(counts) if counts else None
+
+
+def same_config(old, new, top: bool = True) -> bool:
+    """Whether a folder's configuration (its manifest's ``config``) is ``new``: equal wherever both say
+    something (a field a newer version added, with its default, is no difference), the report's
+    options aside (they change no number)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(same_config(old[k], new[k], False) for k in old.keys() & new.keys() if not (top and k == "report"))
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(same_config(a, b, False) for a, b in zip(old, new))
+    return old == new
 
 
 def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
     """Every (dataset, target, defense, attack) whose attack applies to the defense (e.g. the
     mask-adaptive attack only to defenses that declare masks)."""
     cells = []
+    attacks = [build_attack(a, f"attack {a.name!r}") for a in cfg.attacks]
     for ds in cfg.datasets:
         for target in cfg.targets:
             for defense in cfg.defenses:
-                for attack in cfg.attacks:
-                    if not ATTACKS.get(attack.registered).applies_to(DEFENSES.get(defense.registered)):
+                for attack, built in zip(cfg.attacks, attacks):
+                    if not built.applies(DEFENSES.get(defense.registered)):
                         continue
                     if attack.only is not None and defense.name not in attack.only:
                         continue
@@ -154,6 +192,7 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
                         "attack": {k: v for k, v in asdict(attack).items() if k != "only"}}
                         | ({"draws": draws} if (draws := row_draws(cfg, defense)) > 1 else {})
                         | ({"attack_version": v} if (v := getattr(ATTACKS.get(attack.registered), "version", 1)) > 1 else {})
+                        | ({"members": built.member_versions()} if hasattr(built, "member_versions") else {})
                         | {"scoring": SCORING_VERSION})
                     cells.append(Cell(ds, target, defense, attack, cell_id, cell_hash))
     return cells
@@ -265,7 +304,7 @@ class Runner:
         except (OSError, ValueError):
             return  # an unreadable manifest: rewritten by this run
         new = artifact_key(asdict(self.cfg))
-        if old.get("config_hash") not in (None, new):
+        if old.get("config_hash") not in (None, new) and not same_config(old.get("config") or {}, asdict(self.cfg)):
             name = (old.get("config") or {}).get("name")
             where = old.get("config_path")
             raise BenchError(f"{self.out} holds a run of another configuration ({name}{f' from {where}' if where else ''}, "
@@ -501,29 +540,13 @@ class Runner:
             return True
         return valid_checks(self.checks_path(ds, target, defense), checks_hash(self.cfg, ds, target, defense)) is None
 
-    def row_eot(self, defense: DefenseSpec) -> int | None:
-        """The largest EOT sample count among the row's attacks (the EOT check doubles it), None when none
-        of them takes EOT samples."""
-        stochastic = DEFENSES.get(defense.registered).stochastic_with(defense.options)
-        counts = []
-        for spec in self.cfg.attacks:
-            if spec.only is not None and defense.name not in spec.only:
-                continue
-            params = build_attack(spec, f"attack {spec.name!r}").params
-            eot = getattr(params, "eot", None)
-            if eot == "auto":
-                eot = getattr(params, "eot_samples", None) if stochastic else None
-            if isinstance(eot, int) and eot > 1:
-                counts.append(eot)
-        return max(counts) if counts else None
-
     def run_row_checks(self, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec, defended: DefendedModel,
                        data: ImageData, classifier=None) -> ChecksRecord:
         spec = self.cfg.eval.checks
         rows = data.head(min(spec.n, len(data)))
         results = run_checks(defended, rows.as_float(), rows.labels, self.threat, spec, seed=self.cfg.seed,
                              batch_size=self.cfg.eval.batch_size, engine=self.cfg.eval.engine,
-                             draws=row_draws(self.cfg, defense), eot=self.row_eot(defense), target=classifier)
+                             draws=row_draws(self.cfg, defense), eot=row_eot(self.cfg, defense), target=classifier)
         record = ChecksRecord(
             row=RowKey(ds.name, target.name, defense.name), row_hash=checks_hash(self.cfg, ds, target, defense),
             results=results, spec=spec, threat={"norm": self.threat.norm, "eps": self.threat.eps},

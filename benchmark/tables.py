@@ -163,7 +163,7 @@ def consistent(g: pd.DataFrame, where: str) -> dict:
     eps, and one R among the rows scored under several draws; a mix is refused (one line)."""
     out = {}
     for key, what in (("copy", "data copies"), ("profile", "profiles"), ("norm", "norms"), ("eps", "eps")):
-        values = list(dict.fromkeys(v for v in g[key] if not (isinstance(v, float) and pd.isna(v))))
+        values = list(dict.fromkeys(v for v in g[key] if not pd.isna(v)))
         if len(values) > 1:
             raise BenchError(f"{where}: the records mix {what} ({', '.join(map(str, values))}): their numbers "
                              "cannot share a table; rerun the config (records of another plan are left out) or "

@@ -227,7 +227,8 @@ class NRP(Defense):
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
-            return {"loss_g": loss_g, "feature": feat, "pixel": pix, "loss_d": loss_d}
+            # the feature loss first: the loss the Trainer's stuck check watches (the same in warm-up and after)
+            return {"feature": feat, "loss_g": loss_g, "pixel": pix, "loss_d": loss_d}
 
         epochs = source.epoch if cfg.source == "pgd" else self._ssp_batches(source, classifier, cfg, gen)
 

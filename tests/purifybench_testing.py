@@ -162,3 +162,6 @@ class SecretlyRandom(NoisePurifier):
     check exists for (only for tests)."""
 
     stochastic = False
+if "test-secretly-random" not in DEFENSES:
+    DEFENSES.add("test-secretly-random", SecretlyRandom,
+                 description="test-only: random at inference, declares stochastic = False")

@@ -164,3 +164,36 @@ def test_every_registered_attack_runs_as_a_worst_of_member(noisy):
                                                  {"name": name, "params": INPUT_SPACE_MEMBERS[name]}])
         out = _score(worst, model, x[:8], y[:8], draws=2)
         assert out.n == 8, name
+
+
+def test_worst_of_with_random_starts_on_a_deterministic_row_is_never_above_a_member(trained_pair, digits_test):
+    """Where one pass decides, later members attack only the survivors; their random starts are drawn as
+    for the whole batch, so a member inside the composite gets the starts it gets alone."""
+    from defenses.base import NoDefense
+
+    clf = copy.deepcopy(trained_pair["at"][0])
+    model = DefendedModel(NoDefense(), clf)
+    x, y = digits_test.as_float()[:96], digits_test.labels[:96]
+    members = [{"name": "pgd", "params": {"steps": 2, "step_size": 0.01}},  # weak: leaves survivors
+               {"name": "pgd", "params": {"steps": 4, "step_size": 0.03}},
+               {"name": "vni-fgsm", "params": {"steps": 3, "neighbors": 2}}]
+    worst = run_attack(ATTACKS.get("worst-of")(attacks=members), model, x, y, THREAT, batch_size=96, seed=2)
+    for m in members:
+        alone = run_attack(ATTACKS.get(m["name"])(**m["params"]), model, x, y, THREAT, batch_size=96, seed=2)
+        assert bool((worst.correct <= alone.correct).all()), m
+    survivors = worst.extra["attack_info"]["survivors"]
+    assert survivors[0] > survivors[-1]  # the early exit happened
+
+
+def test_a_worst_of_whose_members_do_not_apply_is_not_planned():
+    from benchmark.config import from_dict
+    from benchmark.experiment import ExperimentConfig  # noqa: F401  (config built below)
+    from benchmark.runner import plan_cells
+
+    cfg = from_dict(ExperimentConfig, {
+        "name": "t", "datasets": [{"name": "digits"}], "targets": [{"name": "t", "arch": "small-cnn",
+                                                                    "train": {"epochs": 1}}],
+        "defenses": [{"name": "none"}],
+        "attacks": [{"name": "masked-only", "attack": "worst-of", "params": {"attacks": [{"name": "mask-adaptive"}]}},
+                    {"name": "pgd"}]}, "config")
+    assert [c.attack.name for c in plan_cells(cfg)] == ["pgd"]

@@ -171,3 +171,15 @@ def test_exact_gradients_through_the_attack_on_ebm_aid_and_menet(trained_pair, d
         assert out.extra["attack_info"]["resolved"]["gradient"] == "exact"
         assert out.extra["gradient_check"].finite
         assert out.backwards > 0 and not model.exact
+
+
+def test_the_exact_gradient_cell_of_a_random_purifier_is_reproducible(trained_pair, digits_test):
+    """An EBM's exact-gradient BPDA+EOT cell, run twice from the same seeds, gives the same per-sample
+    draw counts (the chain's noise in the re-run segments is replayed, the scoring draws are seeded)."""
+    torch.manual_seed(0)
+    d = DEFENSES.get("ebm")(in_channels=1, width=4, steps=3, chains=2).eval()
+    model = DefendedModel.for_defense(d, trained_pair["at"][0])
+    x, y = digits_test.as_float()[:24], digits_test.labels[:24]
+    attack = ATTACKS.get("bpda-eot")(steps=3, step_size=0.03, eot_samples=2, gradient="exact")
+    runs = [run_attack(attack, model, x, y, Threat("linf", 0.1), batch_size=12, seed=4, draws=3) for _ in range(2)]
+    assert runs[0].draws == 3 and torch.equal(runs[0].draw_counts, runs[1].draw_counts)

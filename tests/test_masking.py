@@ -9,8 +9,8 @@ import torch
 
 from attacks.base import Threat
 from benchmark.config import ConfigError
-from benchmark.harness import run_attack
 from benchmark.errors import BenchError
+from benchmark.harness import run_attack
 from benchmark.masking import (
     BaselineCheck,
     CheckResults,

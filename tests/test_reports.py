@@ -58,7 +58,10 @@ def test_ablation_block_pairs_the_released_dir_with_its_control():
     assert d.loc["joint-AT - none", "worst"]["difference"] == 0.25
     assert d.loc["DIR-official - joint-AT", "worst"]["difference"] == -0.25
     assert d.loc["DIR-official - joint-AT", "clean"]["difference"] == -0.25
-    assert d.loc["DIR - none", "worst"]["only_b"] == 1  # paired: sample 2 survives only without DIR
+    # paired, over the attacks both rows faced (PGD: none never faced DIR's EOT-PGD and mask-adaptive):
+    # sample 2 survives PGD only with DIR
+    assert d.loc["DIR - none", "worst"]["only_a"] == 1 and d.loc["DIR - none", "worst"]["only_b"] == 0
+    assert d.loc["DIR - none", "worst"]["attacks"] == 1
     text = ablation_markdown(rows, diffs)
     assert "| DIR-official - joint-AT | the released denoiser | -25.00 [" in text
 

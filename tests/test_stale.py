@@ -123,3 +123,16 @@ def test_a_run_into_a_folder_of_another_configuration_is_refused(small_run, tmp_
                                          r"hash .*: give --out another folder, or --replace"):
         _run(other, run)
     assert json.loads((run / "manifest.json").read_text())["config_path"] == str(path)  # nothing written
+
+
+def test_a_row_that_hides_its_randomness_is_refused_and_the_others_run(small_run, tmp_path):
+    import purifybench_testing  # noqa: F401  (registers test-secretly-random)
+
+    _, _, cfg = small_run
+    cfg = json.loads(json.dumps(cfg))
+    cfg["defenses"] = [{"name": "none"}, {"name": "plugin", "defense": "test-secretly-random"}]
+    out = tmp_path / "run"
+    with pytest.raises(BenchError, match=r"1 failure\(s\).*digits/at/plugin: defense 'plugin' declares stochastic = "
+                                         r"False, but two passes over the same 40 images disagree"):
+        _run(_write(tmp_path, cfg), out)
+    assert {r.cell.defense for r in load_records(out)} == {"none"}  # never scored once without EOT
