@@ -545,7 +545,8 @@ def load_checks(run_dir: Path) -> RowChecks:
         try:
             rec = read_checks(p)
         except RecordError as exc:
-            excluded.append(f"corrupt: {exc}; left out (a run of the config recomputes it)")
+            excluded.append(f"{'corrupt' if 'checksum' in str(exc) else 'unreadable'}: {exc}; left out (a run of the "
+                            "config recomputes it)")
             continue
         if p.stem in hashes and rec.row_hash != hashes[p.stem]:
             excluded.append(f"stale: checks file {p} was computed under another plan; left out (a run of the config "

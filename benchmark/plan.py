@@ -312,11 +312,16 @@ class Planner:
         overhead = self.costs.get("cell_overhead")
         row = f"{ds.name}/{target.name}/{spec.name}"
         if self.runner.needs_checks(ds, target, spec):
+            from benchmark.masking import DEFAULT_EOT
+            from benchmark.runner import row_eot
+
             c = self.cfg.eval.checks
-            passes = c.steps + c.more_steps + c.steps * len(c.eps_multipliers) + c.square_queries / 3
+            # PGD few and more, the eps sweep, Square, one FGSM step, the noise baseline (a forward)
+            passes = c.steps + c.more_steps + c.steps * len(c.eps_multipliers) + c.square_queries / 3 + 1 + 1 / 3
             passes += c.steps if c.transfer else 0
-            if stochastic:
-                passes += c.steps * 3 * c.eot + c.repeats * c.steps + (c.steps if c.fixed_randomness else 0)
+            if stochastic:  # EOT-PGD with the row's own E and 2E, repeats, PGD with the randomness fixed
+                e = c.eot if c.eot != "auto" else (row_eot(self.cfg, spec) or DEFAULT_EOT)
+                passes += c.steps * 3 * e + c.repeats * c.steps + (c.steps if c.fixed_randomness else 0)
             est = Estimate().add(self.pass_seconds(spec, min(c.n, self.eval_images(ds, spec))), passes)
             est.add(self.costs.get("checks_overhead", "stochastic" if stochastic else "deterministic"))
             stages.append(Stage("checks", row, est.seconds, est.guess, about=spec.registered))

@@ -361,7 +361,7 @@ def load_records(run_dir: Path, include_stale: bool = False) -> RunRecords:
         try:
             rec = read_record(path)
         except RecordError as exc:
-            excluded.append(f"corrupt: {exc}; left out ({RERUN})")
+            excluded.append(f"{'corrupt' if 'checksum' in str(exc) else 'unreadable'}: {exc}; left out ({RERUN})")
             continue
         if cell_hash is not None and rec.cell_hash != cell_hash:
             excluded.append(f"stale: record {path} was computed under another plan (its cell's config, scoring "

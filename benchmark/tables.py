@@ -408,8 +408,9 @@ def to_markdown(blocks: list[dict], intervals: bool = False) -> str:
             if col not in r["cells"]:
                 return "-"
             c = r["cells"][col]
-            text = f"{100 * c.acc:.2f}" + (f" [{100 * c.lo:.1f}, {100 * c.hi:.1f}]" if intervals else "")
-            return (f"**{text}**" if (r["defense"], col) in bold else text) + c.mark
+            text = f"{100 * c.acc:.2f}"
+            text = (f"**{text}**" if (r["defense"], col) in bold else text) + c.mark
+            return text + (f" [{100 * c.lo:.1f}, {100 * c.hi:.1f}]" if intervals else "")
 
         out += markdown_block(b, cell, footer_text(b))
     return "\n".join(out)
