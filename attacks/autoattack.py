@@ -86,6 +86,7 @@ class AutoAttackWrapper(Attack):
     Params = AutoAttackParams
 
     version = 2  # on random rows: every member's own images for every sample, scored under the draws
+    batch_independent = False  # pyautoattack draws from torch's generator in the batch's shape
 
     def run(self, model, x, y, threat: Threat, generator):
         from pyautoattack import AutoAttack
@@ -188,6 +189,7 @@ class Square(Attack):
     Params = SquareParams
     uses_gradients = False
     version = 2  # on random rows: its best point for every sample
+    batch_independent = False  # pyautoattack draws from torch's generator in the batch's shape
 
     def run(self, model, x, y, threat: Threat, generator):
         from pyautoattack.square import SquareAttack

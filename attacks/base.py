@@ -68,6 +68,9 @@ class Attack:
     # Its images lie in the eps ball around the clean input and are scored by the defended model (so
     # it can be a part of a composite attack). False: another ball centre or another scoring model.
     centred_on_input: ClassVar[bool] = True
+    # Its random draws for a sample do not depend on the other images of the batch (drawn through
+    # attacks.core.batch_noise): a composite may give it only its survivors. False: every sample.
+    batch_independent: ClassVar[bool] = True
     # Bump when a change of the code or of a default changes what the attack computes: a cell's
     # identity includes it (from 2 on), so records of the old behaviour are recomputed.
     version: ClassVar[int] = 1

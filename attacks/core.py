@@ -478,18 +478,41 @@ def judging(judge: Judge):
 FALLBACK_DRAWS = 4  # an attack called outside the harness on a stochastic model decides on this many draws
 
 
-def judge_for(model, x: torch.Tensor, y: torch.Tensor) -> Judge:
+class _FallbackJudge(Judge):
+    """The judge of an attack called outside the harness: its scoring draws seeded from torch's
+    initial seed; :meth:`restart` puts the caller's generator, torch's global one and the
+    defense's back where they were when the composite began (not the harness's batch seed)."""
+
+    def __init__(self, model, x, y, generator, **kwargs) -> None:
+        super().__init__(model, x, y, **kwargs)
+        self.generator, self.gen_state = generator, generator.get_state() if generator is not None else None
+        self.global_state = torch.get_rng_state()
+        gen = getattr(self.defense, "generator", None)
+        self.defense_gen = gen
+        self.defense_state = gen.get_state() if gen is not None else None
+
+    def restart(self, generator) -> None:
+        if generator is not None and generator is self.generator:
+            generator.set_state(self.gen_state)
+        torch.set_rng_state(self.global_state)
+        if self.defense is not None and hasattr(self.defense, "seed"):
+            self.defense.generator = self.defense_gen
+            if self.defense_gen is not None:
+                self.defense_gen.set_state(self.defense_state)
+
+
+def judge_for(model, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> Judge:
     """The judge of the batch ``x`` being attacked: the harness's (or a composite's restriction of
     it); outside the harness, one over the defended model behind ``model`` (one pass for a
-    deterministic model, :data:`FALLBACK_DRAWS` draws for a stochastic one, seeded from the
-    generator's state)."""
+    deterministic model, :data:`FALLBACK_DRAWS` draws for a stochastic one, seeded from torch's
+    initial seed), whose restarts return to the streams' states at this call."""
     judge = _JUDGE.get()
     if judge is not None and judge.n == len(x) and torch.equal(judge.y, y):
         return judge
     plain = getattr(model, "defended", model)
     random = bool(getattr(model, "stochastic", False))
-    return Judge(plain, x, y, draws=FALLBACK_DRAWS if random else 1, random=random,
-                 batch_seed=int(torch.initial_seed()) % (2**62))
+    return _FallbackJudge(plain, x, y, generator, draws=FALLBACK_DRAWS if random else 1, random=random,
+                          batch_seed=int(torch.initial_seed()) % (2**62))
 
 
 def run_parts(parts: list[Callable], model, x: torch.Tensor, y: torch.Tensor, generator, *,
@@ -500,7 +523,8 @@ def run_parts(parts: list[Callable], model, x: torch.Tensor, y: torch.Tensor, ge
     Where the scoring is exact (one pass decides: a deterministic row), a part only sees the samples
     every earlier part left correct (AutoAttack's early exit); its random draws come from
     :func:`batch_noise`, so each of those samples gets what it gets when the part attacks the whole
-    batch. Where it draws randomness, one
+    batch. A part whose draws depend on the batch it is given (``part.whole_batch``: pyautoattack's
+    attacks draw from torch's generator in the batch's shape) attacks every sample. Where it draws randomness, one
     misclassifying pass says nothing about the scoring draws, and no image can be called the
     winner for every score at once (all draws, the mean over draws, the vote): every part attacks
     every sample, and the harness keeps the per-sample worst of all the images under each score,
@@ -514,7 +538,7 @@ def run_parts(parts: list[Callable], model, x: torch.Tensor, y: torch.Tensor, ge
         raise ValueError("a composite attack needs at least one part")
     if len(parts) == 1:
         return as_result(parts[0](x, y))
-    judge = judge_for(model, x, y)
+    judge = judge_for(model, x, y, generator)
     n = len(x)
     images: list[torch.Tensor] = []
     todo = torch.arange(n, device=x.device)
@@ -527,9 +551,12 @@ def run_parts(parts: list[Callable], model, x: torch.Tensor, y: torch.Tensor, ge
             continue
         if fresh:
             judge.restart(generator)
-        sub = judge if len(todo) == n else judge.restricted(todo)
+        rows = todo
+        if getattr(part, "whole_batch", False):  # draws that depend on the batch (pyautoattack's): all rows
+            rows = torch.arange(n, device=x.device)
+        sub = judge if len(rows) == n else judge.restricted(rows)
         with judging(sub):
-            res = as_result(part(x[todo], y[todo]))
+            res = as_result(part(x[rows], y[rows]))
         if res.center is not None or res.score is not None:
             raise TypeError("a part of a composite attack must be scored by the defended model around the clean input")
         for k, v in res.info.items():
@@ -537,7 +564,7 @@ def run_parts(parts: list[Callable], model, x: torch.Tensor, y: torch.Tensor, ge
         new = []  # each image of the part over the whole batch (rows it did not attack: broken, the clean image)
         for img in res.images:
             full = x.clone()
-            full[todo] = img.detach()
+            full[rows] = img.detach()
             new.append(full)
         images += new
         v = judge.verdict(new)

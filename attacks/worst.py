@@ -66,6 +66,10 @@ class WorstOf(Attack):
     def applies(self, defense_cls: type) -> bool:
         return any(attack.applies(defense_cls) for _, attack in self.members)
 
+    @property
+    def batch_independent(self) -> bool:  # type: ignore[override]
+        return all(a.batch_independent for _, a in self.members)
+
     def member_versions(self) -> list:
         """Each member's code version (and its members'), part of the composite cell's identity."""
         return [[name, getattr(a, "version", 1), *([a.member_versions()] if isinstance(a, WorstOf) else [])]
@@ -77,5 +81,10 @@ class WorstOf(Attack):
     def run(self, model, x, y, threat: Threat, generator):
         defense = type(defended_of(model).defense)
         members = [(n, a) for n, a in self.members if a.applies(defense)]  # e.g. mask-adaptive: masks only
-        parts = [lambda xs, ys, a=attack: a(model, xs, ys, threat, generator) for _, attack in members]
+        parts = []
+        for _, attack in members:
+            def part(xs, ys, a=attack):
+                return a(model, xs, ys, threat, generator)
+            part.whole_batch = not attack.batch_independent
+            parts.append(part)
         return run_parts(parts, model, x, y, generator, fresh=True)

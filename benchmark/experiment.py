@@ -316,7 +316,8 @@ class ExperimentConfig:
                 if a.only is not None and d.name not in a.only:
                     continue
                 gradient = a.params.get("gradient", "auto" if a.registered == "adaptive" else "bpda")
-                composite = (a.registered in ("worst-of", "autoattack") or int(a.params.get("restarts", 1) or 1) > 1
+                composite = (a.registered in ("worst-of", "autoattack", "square")
+                             or int(a.params.get("restarts", 1) or 1) > 1
                              or (a.registered in ("bpda-eot", "adaptive") and gradient == "auto"))
                 require(not composite, at, f"its outputs depend on the batch's other images (batch statistics): "
                         f"attack {a.name!r} attacks survivors in smaller batches (worst-of, restarts, AutoAttack, "

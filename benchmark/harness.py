@@ -32,8 +32,9 @@ from benchmark.records import GradientCheck
 
 BALL_TOLERANCE = 1e-6
 # In every cell's identity: bump when how cells are scored changes (2: scoring draws seeded apart from the
-# attack's streams, every image an attack returns scored, composites decide with the scoring draws)
-SCORING_VERSION = 2
+# attack's streams, every image an attack returns scored, composites decide with the scoring draws;
+# 3: a composite's parts on survivors draw as for the whole batch)
+SCORING_VERSION = 3
 GRADIENT_CHECK_N = 256  # images of the first batch whose input gradient is checked for masking
 
 

@@ -102,12 +102,17 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
                                          (run / "records" / f"{cell_id}.json").read_text(encoding="utf-8")))
     # a row's checks: from a run whose cells of that row are in the merge (same target and defense), only
     # a checks file of that run's current plan (as its own report reads them)
-    rows = {row_name(r.cell.dataset, r.cell.target, r.cell.defense): run for r, run in cells.values()}
+    rows: dict[str, list[Path]] = {}
+    for r, run in cells.values():
+        runs_of_row = rows.setdefault(row_name(r.cell.dataset, r.cell.target, r.cell.defense), [])
+        if run not in runs_of_row:
+            runs_of_row.append(run)
     current = {run: {row_name(k.dataset, k.target, k.defense): rec for k, rec in load_checks(run).items()}
-               for run in set(rows.values())}
+               for runs_of_row in rows.values() for run in runs_of_row}
     checks_rows = []
-    for row, run in rows.items():
-        rec = current[run].get(row)
+    for row, runs_of_row in rows.items():
+        run = next((r for r in reversed(runs_of_row) if row in current[r]), None)  # a run with current checks
+        rec = current[run][row] if run is not None else None
         if rec is not None:
             atomic_write_text(out / "checks" / f"{row}.json", (run / "checks" / f"{row}.json").read_text(encoding="utf-8"))
             checks_rows.append({"row": row, "checks_hash": rec.row_hash})

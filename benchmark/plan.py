@@ -321,7 +321,7 @@ class Planner:
             passes += c.steps if c.transfer else 0
             if stochastic:  # EOT-PGD with the row's own E and 2E, repeats, PGD with the randomness fixed
                 e = c.eot if c.eot != "auto" else (row_eot(self.cfg, spec) or DEFAULT_EOT)
-                passes += c.steps * 3 * e + c.repeats * c.steps + (c.steps if c.fixed_randomness else 0)
+                passes += c.steps * 3 * e + (c.repeats - 1) * c.steps + (c.steps if c.fixed_randomness else 0)
             est = Estimate().add(self.pass_seconds(spec, min(c.n, self.eval_images(ds, spec))), passes)
             est.add(self.costs.get("checks_overhead", "stochastic" if stochastic else "deterministic"))
             stages.append(Stage("checks", row, est.seconds, est.guess, about=spec.registered))

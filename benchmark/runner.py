@@ -132,8 +132,9 @@ def row_id(ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
 
 def checks_hash(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
     return artifact_key(row_description(cfg, ds, target, defense) | {"checks": asdict(cfg.eval.checks)}
-                        | {"scoring": SCORING_VERSION, "checks_version": CHECKS_VERSION,
-                           "draws": row_draws(cfg, defense), "eot": row_eot(cfg, defense)})
+                        | {"scoring": SCORING_VERSION, "checks_version": CHECKS_VERSION, "draws": row_draws(cfg, defense)}
+                        | ({"eot": row_eot(cfg, defense)} if cfg.eval.checks.eot == "auto" and row_draws(cfg, defense) > 1
+                           and DEFENSES.get(defense.registered).stochastic_with(defense.options) else {}))
 
 
 def _eot_counts(attack, stochastic: bool) -> list[int]:
@@ -155,10 +156,15 @@ def _eot_counts(attack, stochastic: bool) -> list[int]:
 def row_eot(cfg: ExperimentConfig, defense: DefenseSpec) -> int | None:
     """The largest EOT sample count among a row's attacks (the EOT check doubles it), None when none of
     them takes EOT samples."""
-    stochastic = DEFENSES.get(defense.registered).stochastic_with(defense.options)
-    counts = [e for spec in cfg.attacks if spec.only is None or defense.name in spec.only
-              for e in _eot_counts(build_attack(spec, f"attack {spec.name!r}"), stochastic)]
+    cls = DEFENSES.get(defense.registered)
+    stochastic = cls.stochastic_with(defense.options)
+    built = [build_attack(spec, f"attack {spec.name!r}") for spec in cfg.attacks
+             if spec.only is None or defense.name in spec.only]
+    counts = [e for attack in built if attack.applies(cls) for e in _eot_counts(attack, stochastic)]
     return max(counts) if counts else None
+
+
+FREE_FORM = ("params", "options", "train", "arch_options")  # config mappings with no fixed fields
 
 
 def same_config(old, new, top: bool = True) -> bool:
@@ -166,7 +172,15 @@ def same_config(old, new, top: bool = True) -> bool:
     something (a field a newer version added, with its default, is no difference), the report's
     options aside (they change no number)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return all(same_config(old[k], new[k], False) for k in old.keys() & new.keys() if not (top and k == "report"))
+        for k in old.keys() & new.keys():
+            if top and k == "report":
+                continue
+            if k in FREE_FORM:  # a user's own mapping (an attack's params, a defense's options): whole
+                if old[k] != new[k]:
+                    return False
+            elif not same_config(old[k], new[k], False):
+                return False
+        return True
     if isinstance(old, list) and isinstance(new, list):
         return len(old) == len(new) and all(same_config(a, b, False) for a, b in zip(old, new))
     return old == new

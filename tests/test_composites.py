@@ -197,3 +197,20 @@ def test_a_worst_of_whose_members_do_not_apply_is_not_planned():
         "attacks": [{"name": "masked-only", "attack": "worst-of", "params": {"attacks": [{"name": "mask-adaptive"}]}},
                     {"name": "pgd"}]}, "config")
     assert [c.attack.name for c in plan_cells(cfg)] == ["pgd"]
+
+
+def test_a_composite_outside_the_harness_restarts_from_the_callers_streams(noisy):
+    """Called directly (a script, a test), worst-of starts each member where the caller's generator was,
+    and leaves torch's global generator as a plain call would: not at the harness's batch seed."""
+    from defenses.base import NoDefense
+
+    clf, x, y = noisy
+    model = DefendedModel(NoDefense(), clf)
+    pgd = {"name": "pgd", "params": {"steps": 2, "step_size": 0.03}}
+    worst = ATTACKS.get("worst-of")(attacks=[pgd])
+    alone = ATTACKS.get("pgd")(**pgd["params"])
+    a = alone(model, x[:8], y[:8], THREAT, torch.Generator().manual_seed(11))
+    b = worst(model, x[:8], y[:8], THREAT, torch.Generator().manual_seed(11))
+    assert torch.equal(a.x_adv, b.x_adv)
+    two = ATTACKS.get("worst-of")(attacks=[pgd, pgd])(model, x[:8], y[:8], THREAT, torch.Generator().manual_seed(11))
+    assert torch.equal(two.images[0], a.x_adv)  # the first member from the caller's stream
