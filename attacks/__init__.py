@@ -1,5 +1,8 @@
-"""Attacks. Each module registers its attacks in ``benchmark.registry.ATTACKS``."""
+"""Attacks. Each module registers its attacks in ``benchmark.registry.ATTACKS``; every module saved
+in this folder is imported (a new attack needs no other line), names starting with ``_`` aside."""
 
-from attacks import adaptive, autoattack, base, bpda_eot, engine, momentum, pgd, ssp, worst  # noqa: F401
 from attacks.base import Attack, Threat  # noqa: F401
 from attacks.pgd import pgd_linf, project_linf, trades_kl_linf  # noqa: F401
+from benchmark.registry import discover
+
+discover(__name__, __path__, ["base", "adaptive", "autoattack", "bpda_eot", "engine", "momentum", "pgd", "ssp", "worst"])

@@ -127,6 +127,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         run_dir = Path(args.out)
     else:
         run_dir = Path(args.run_dir[0])
+    if not run_dir.exists():
+        raise BenchError(f"{run_dir} does not exist (give the folder a run wrote, e.g. results/smoke-default)")
     if not (run_dir / "records").is_dir():
         raise BenchError(f"{run_dir} is not a run folder (no records/ inside)")
     paths = write_report(run_dir, preset=args.preset, include_stale=args.include_stale)
@@ -169,8 +171,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     }.items() if v is not None}
     cfg = from_dict(TrainConfig, train_opts, "train (command line)")
     ds_opts = {"size": args.size} if args.size is not None else {}
-    train = load_dataset(args.dataset, "train", n=args.n_train, seed=args.seed, root=args.root, **ds_opts)
-    test = load_dataset(args.dataset, "test", root=args.root, **ds_opts)
+    train = load_dataset(args.dataset, "train", n=args.n_train, seed=args.seed, root=args.root,
+                         download=args.download, **ds_opts)
+    test = load_dataset(args.dataset, "test", root=args.root, download=args.download, **ds_opts)
     model = create_model(args.arch, num_classes=train.num_classes, in_channels=train.channels,
                          mean=train.mean, std=train.std)
     setup_logging(None)
@@ -210,7 +213,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trained = card.get("train_config") or {}
     eps = args.eps if args.eps is not None else trained.get("eps", 8 / 255)
     step_size = args.step_size if args.step_size is not None else trained.get("step_size", 2 / 255)
-    test = load_dataset(dataset, "test", root=args.root, **ds_opts)
+    test = load_dataset(dataset, "test", root=args.root, download=args.download, **ds_opts)
     n = args.n_eval if args.n_eval is not None else min(1000, len(test))  # default: at most the split
     test = test.subset(n, args.seed)
     m = evaluate_classifier(model, test, device, eps=eps, step_size=step_size, steps=args.pgd_steps,
@@ -236,9 +239,20 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 # `train`'s options beyond dataset, model and method: (flag, type, help); unset ones keep TrainConfig's defaults
+def _number(text: str) -> float:
+    """A command-line number; a fraction such as 8/255 is accepted."""
+    from benchmark.config import fraction
+
+    try:
+        return fraction(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
+
+
 TRAIN_OPTIONS = [
     ("--epochs", int, None), ("--batch-size", int, None), ("--lr", float, None),
-    ("--eps", float, "L-inf budget for AT and evaluation (default 8/255)"), ("--step-size", float, None),
+    ("--eps", _number, "L-inf budget for AT and evaluation (default 8/255; 8/255 is accepted)"),
+    ("--step-size", _number, None),
     ("--attack-steps", int, "PGD steps during training (default 5)"), ("--beta", float, "TRADES/MART beta (default 6)"),
     ("--pgd-steps", int, "PGD steps for the final evaluation (default 20)"),
     ("--n-train", int, "train on a deterministic subset"),
@@ -364,6 +378,7 @@ def _add_train(sub) -> None:
     t.add_argument("--schedule", choices=["onecycle", "step", "constant"])
     for flag, kind, text in TRAIN_OPTIONS:
         t.add_argument(flag, type=kind, help=text)
+    t.add_argument("--download", action="store_true", help="fetch the dataset when it is missing (cifar10, svhn)")
     t.add_argument("--device", default="auto")
     t.add_argument("--out", help="checkpoint stem to write (<out>.safetensors + <out>.json)")
     t.add_argument("--no-progress", action="store_true")
@@ -376,9 +391,11 @@ def _add_eval(sub) -> None:
     e.add_argument("--pretrained", action="store_true", help="CHECKPOINT is a pretrained name")
     e.add_argument("--dataset", help="default: the checkpoint's")
     e.add_argument("--root")
+    e.add_argument("--download", action="store_true", help="fetch the dataset when it is missing (cifar10, svhn)")
     e.add_argument("--size", type=int, help="image size (default: the checkpoint's dataset options)")
-    e.add_argument("--eps", type=float, help="L-inf budget (default: the checkpoint's training eps, else 8/255)")
-    e.add_argument("--step-size", type=float, help="PGD step (default: the checkpoint's, else 2/255)")
+    e.add_argument("--eps", type=_number, help="L-inf budget, e.g. 8/255 (default: the checkpoint's training eps, "
+                   "else 8/255)")
+    e.add_argument("--step-size", type=_number, help="PGD step, e.g. 2/255 (default: the checkpoint's, else 2/255)")
     e.add_argument("--pgd-steps", type=int, default=20, help="default: 20")
     e.add_argument("--n-eval", type=int, help="test examples (default: 1000, or the whole split if smaller)")
     e.add_argument("--batch-size", type=int, default=500, help="default: 500")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -28,7 +29,7 @@ class ConfigError(BenchError):
 def load_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config {path} not found")
+        raise ConfigError(f"config {path} not found{_close_path(path)}")
     try:
         with open(path, encoding="utf-8") as fh:
             return yaml.safe_load(fh)
@@ -39,6 +40,35 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"config {path}: YAML syntax error{where}: {problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config {path}: not a UTF-8 text file") from None
+
+
+FRACTION = re.compile(r"[0-9]+(\.[0-9]*)?\s*/\s*[0-9]+(\.[0-9]*)?")
+
+
+def fraction(text: str) -> float:
+    """``"8/255"`` -> 8/255 (a plain number is read as one): eps and step sizes as researchers write them."""
+    text = text.strip()
+    if FRACTION.fullmatch(text):
+        num, den = (float(part) for part in text.split("/"))
+        if den == 0:
+            raise ValueError(f"{text!r}: division by zero")
+        return num / den
+    return float(text)
+
+
+def _close_path(path: Path) -> str:
+    """`` (did you mean 'configs/smoke/default.yaml'?)`` for a mistyped config path, or ""."""
+    folder = path.parent
+    while not folder.is_dir() and folder != folder.parent:  # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        return ""
+    try:
+        found = [str(c) for depth in ("*", "*/*", "*/*/*") for c in sorted(folder.glob(depth + ".y*ml"))][:2000]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(str(path), found, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _type_name(tp: Any) -> str:
@@ -96,6 +126,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str) and FRACTION.fullmatch(value.strip()):  # 8/255, as researchers write eps
+            value = fraction(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(float(value)):
                 raise ConfigError(f"{where}: expected a finite number, got {value!r}")

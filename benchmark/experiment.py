@@ -11,6 +11,7 @@ rerun reuses them and a changed spec retrains only what it changes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import logging
 import re
@@ -23,7 +24,7 @@ import torch
 from benchmark import distributed
 from benchmark.artifacts import StageStore, get_or_build, save
 from benchmark.checkpoint import load_checkpoint, load_pretrained, read_card
-from benchmark.config import ConfigError, from_dict, load_yaml, require, subkey
+from benchmark.config import FRACTION, ConfigError, fraction, from_dict, load_yaml, require, subkey
 from benchmark.data import load_dataset
 from benchmark.errors import BenchError
 from benchmark.harness import MAX_DRAWS
@@ -254,6 +255,9 @@ class ExperimentConfig:
     name: str
     profile: Literal["smoke", "quick", "paper"] = "smoke"
     seed: int = 0
+    # modules imported before anything else is read (each registers its defenses, attacks, ...): a
+    # module name (``my_pkg.defense``) or a Python file (relative to the config's folder)
+    plugins: list[str] = field(default_factory=list)
     device: str = "auto"
     datasets: list[DatasetSpec] = field(default_factory=list)
     targets: list[TargetSpec] = field(default_factory=list)
@@ -336,8 +340,45 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         raise ConfigError(f"config {path}: the top level must be a mapping")
     for key, value in (overrides or {}).items():
         _override(raw, key, value, f"{path}: override {key}")
+    import_plugins(raw.get("plugins"), Path(path).parent, f"{path}: plugins")
     _threat_defaults(raw)
     return from_dict(ExperimentConfig, raw, f"{path}:")
+
+
+def import_plugins(plugins: Any, folder: Path, where: str) -> None:
+    """Import a config's ``plugins`` (module names or ``.py`` files, relative to ``folder`` or the
+    working directory) so that what they register is known before the config is checked."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if plugins is None:
+        return
+    if not isinstance(plugins, list) or not all(isinstance(p, str) and p for p in plugins):
+        raise ConfigError(f"{where}: expected a list of module names or .py files, got {plugins!r}")
+    for i, plugin in enumerate(plugins):
+        at = f"{where}[{i}] ({plugin})"
+        if plugin.endswith(".py"):
+            candidates = [Path(plugin)] if Path(plugin).is_absolute() else [folder / plugin, Path(plugin)]
+            file = next((c for c in candidates if c.is_file()), None)
+            if file is None:
+                raise ConfigError(f"{at}: no such file (looked in {', '.join(str(c) for c in candidates)})")
+            module = "purifybench_plugin_" + "".join(c if c.isalnum() else "_" for c in str(file.resolve()))
+            if module in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(module, file)
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[module] = loaded
+            try:
+                spec.loader.exec_module(loaded)
+            except Exception as exc:
+                del sys.modules[module]
+                raise ConfigError(f"{at}: importing it failed: {type(exc).__name__}: {exc}") from None
+        else:
+            try:
+                importlib.import_module(plugin)
+            except Exception as exc:
+                raise ConfigError(f"{at}: importing it failed: {type(exc).__name__}: {exc}") from None
 
 
 def _override(raw: dict, key: str, value: Any, where: str) -> None:
@@ -352,7 +393,9 @@ def _override(raw: dict, key: str, value: Any, where: str) -> None:
             elif part in names:
                 index = names.index(part)
             else:
-                raise ConfigError(f"{where}: no item {part!r} in {'.'.join(parts[:i]) or 'the config'}; "
+                close = difflib.get_close_matches(part, [n for n in names if isinstance(n, str)], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{where}: no item {part!r} in {'.'.join(parts[:i]) or 'the config'}{hint}; "
                                   f"items: {names or list(range(len(node)))}")
             if last:
                 node[index] = value
@@ -392,6 +435,8 @@ def _threat_defaults(raw: dict) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         for key in keys:
             value = threat.get(key)
+            if isinstance(value, str) and FRACTION.fullmatch(value.strip()):  # eps: 8/255
+                value = fraction(value)
             valid = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
             if key in defaults and key not in given and valid and value != defaults[key]:
                 given[key] = value  # (a bad threat value stays where it is, for its own error)

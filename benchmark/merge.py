@@ -64,6 +64,8 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
     cells: dict[str, tuple[object, Path]] = {}
     for run in runs:
         run = Path(run)
+        if not run.exists():
+            raise BenchError(f"{run} does not exist (give the folders the runs wrote)")
         if not (run / "records").is_dir():
             raise BenchError(f"{run} is not a run folder (no records/ inside)")
         records = _run_records(run)

@@ -451,12 +451,30 @@ class RunProgress:
         return f"{self.cells_done}/{self.cells} cells" + (f", {eta}" if eta else "")
 
 
+def data_line(ds) -> str:
+    """Where a config's dataset entry reads from, and whether the data is there (nothing is read)."""
+    from benchmark.registry import DATASETS
+
+    meta = DATASETS.metadata(ds.name)
+    label = f"data {ds.name}" + (f" ({meta['copy']})" if meta.get("copy") else "")
+    locate = meta.get("locate")
+    if locate is None:
+        return f"{label}: a dataset without a known location; its presence is not checked"
+    where, present = locate(ds.root, ds.download)
+    if present:
+        return f"{label}: reads {where} (present)"
+    if ds.download:
+        return f"{label}: reads {where} (missing: download: true fetches it, needs internet)"
+    return f"{label}: reads {where} (MISSING: the run stops there; download: true fetches what can be downloaded)"
+
+
 def format_plan(runner, planner: Planner, config_path: str) -> str:
     stages = planner.stages()
     cells, pending = runner.cells, runner.pending()
     lines = [f"plan: {config_path} -> {runner.out} (profile {runner.cfg.profile}; nothing is loaded, trained or "
              f"written)",
              f"cells: {len(cells)} planned, {len(pending)} to compute, {len(cells) - len(pending)} already recorded"]
+    lines += [data_line(ds) for ds in runner.cfg.datasets]
     trains = [s for s in stages if s.kind in ("target", "defense", "pairs")]
     lines.append("to train: " + ("; ".join(f"{s.kind} {s.what} ({s.detail})" if s.detail else f"{s.kind} {s.what}"
                                            for s in trains) or "nothing (every artifact is in the run folder)"))

@@ -17,10 +17,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import pkgutil
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
+from pathlib import Path
 from typing import Any
 
 from benchmark.errors import BenchError, UnknownNameError
@@ -138,6 +140,24 @@ class Registry:
         close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(valid) or '(none)'}"
+
+
+def discover(package: str, path: Iterable[str], builtins: Iterable[str]) -> None:
+    """Import every module of ``package`` (its folder ``path``): the built-in ones, then any other
+    module saved there (a researcher's ``defenses/my_defense.py`` registers itself when imported).
+    Modules whose names start with ``_`` are skipped. A built-in module that fails to import is an
+    error; another module's failure is a warning naming its file, and the rest of the suite loads."""
+    builtins = tuple(builtins)
+    for name in builtins:
+        importlib.import_module(f"{package}.{name}")
+    for info in sorted(pkgutil.iter_modules(list(path)), key=lambda m: m.name):
+        if info.name in builtins or info.name.startswith("_"):
+            continue
+        try:
+            importlib.import_module(f"{package}.{info.name}")
+        except Exception as exc:  # a researcher's module must not break the suite
+            where = Path(getattr(info.module_finder, "path", "")) / f"{info.name}.py"
+            warnings.warn(f"{where} was not loaded: {type(exc).__name__}: {exc}", stacklevel=2)
 
 
 def _entry_points(group: str) -> list[Any]:

@@ -141,7 +141,8 @@ class Trainer:
                 for i, batch in enumerate(batches(epoch)):
                     metrics = step(batch)
                     if epoch == 1 and i == 0:  # the loss at the start (kept in the history: a resume keeps it)
-                        start = {f"start_{k}": float(v) for k, v in list(metrics.items())[:1]}
+                        start = {f"start_{k}": float(v.detach() if torch.is_tensor(v) else v)
+                                 for k, v in list(metrics.items())[:1]}
                     self.log.add(len(batch[0]), **metrics)
                     if self.steps:
                         bar.update(1)

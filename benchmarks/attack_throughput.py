@@ -7,7 +7,7 @@ Model (``--model``): by default a PGD-AT ResNet-18 the script trains first (4 ep
 about a minute on an H100; cached for the next call), so that robust accuracy is far from 0 and
 the accuracies of the contenders can be compared; ``--model autoattack`` takes the naturally
 trained ResNet-18 in pyautoattack's wheel (under every PGD it is at 0%). Data: the CIFAR-10 JPEG
-copy (``.gpu/data`` or ``../shared/data/cifar10-jpeg``) or ``--dataset/--root``. ``--through
+copy (``$PURIFYBENCH_CIFAR10_JPEG``, ``.gpu/data`` or the data folder) or ``--dataset/--root``. ``--through
 dir`` puts an (untrained, full-size) DIR in front of the model: only its cost matters there. Prints one table: seconds (median of the repeats after a
 warm-up), images x steps per second, the ratio to torchattacks, the robust accuracy of each
 (fp32 re-scoring), and the achieved TFLOP/s from a FLOP count of one attack step
@@ -195,7 +195,7 @@ def speed_figures(rows: list[tuple], trained: dict, *, n: int, steps: int, batch
 
 
 def verdicts(figures: dict, conditions: dict, *, n: int, steps: int, device: torch.device) -> None:
-    """The issue's targets for the ``none`` rows (from :func:`speed_figures`): PGD-20 on 10,000
+    """The speed targets for the ``none`` rows (from :func:`speed_figures`): PGD-20 on 10,000
     images <= 3 s and >= 5x torchattacks on one H100, robust accuracy within 0.3 points of our fp32 run."""
     if "pgd20_resnet18_10k_seconds" not in figures:
         return

@@ -42,11 +42,19 @@ for module in torchattacks pyautoattack; do
 done
 
 if [ "$smoke" = 1 ]; then
+  # The CUDA smoke reads the original CIFAR-10 (download: true); a machine without it or internet runs it on
+  # the offline JPEG copy where that is present (its tables say so).
+  offline=()
+  if ! "$py" -c "import sys; from benchmark.registry import DATASETS as D
+sys.exit(0 if D.metadata('cifar10')['locate'](None, False)[1] or not D.metadata('cifar10-jpeg')['locate'](None, False)[1] else 1)"; then
+    offline=(--set datasets.cifar10.name=cifar10-jpeg)
+    echo "-- the original CIFAR-10 is not here: the CUDA smoke runs on the offline JPEG copy (${offline[*]})"
+  fi
   echo "== cuda-smoke: run configs/smoke/cuda.yaml"
   rm -rf "$out/smoke-cuda"  # from scratch: its time is the whole run's
   t0=$SECONDS
   timeout --signal=INT --kill-after=10 "${SMOKE_LIMIT:-300}" \
-    "$py" run_benchmark.py run configs/smoke/cuda.yaml --out "$out/smoke-cuda" --no-progress --keep-going 2>&1 | tee "$out/cuda-smoke.log"
+    "$py" run_benchmark.py run configs/smoke/cuda.yaml "${offline[@]}" --out "$out/smoke-cuda" --no-progress --keep-going 2>&1 | tee "$out/cuda-smoke.log"
   rc=${PIPESTATUS[0]}
   if [ "$rc" = 0 ]; then
     echo "{\"figures\": {\"cuda_smoke_seconds\": $((SECONDS - t0))}, \"conditions\": {\"cuda_smoke_seconds\": {\"config\": \"configs/smoke/cuda.yaml\", \"what\": \"whole run, data decode and training included\"}}}" > "$out/cuda-smoke.json"

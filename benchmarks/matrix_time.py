@@ -5,7 +5,7 @@
 Training: every target and defense artifact the run made (their cards' ``seconds``; an artifact
 reused from an earlier call counts where it was made); evaluation: the cells' wall seconds
 (records), per attack and in all. With ``console.log`` from ``benchmarks/quick_run.sh`` the
-run's whole wall time is printed too (data decoding and start-up are the remainder). The issue's
+run's whole wall time is printed too (data decoding and start-up are the remainder). The speed
 target for the quick Table 1 profile on one H100: <= 25 minutes, training included.
 """
 

@@ -5,7 +5,7 @@ training (Algorithm 1), on the CIFAR-10 JPEG copy.
 
 ``--n`` images per epoch (default: 50,000 on CUDA, 1,024 on a CPU); times are scaled to a
 50,000-image epoch (``s/epoch @50k``) so CPU and GPU figures read alike. The paper's DIR epoch:
-527 s (its Table 4); this issue's targets on one H100: PGD-5 AT <= 6 s, DIR main >= 10x faster
+527 s (its Table 4); the speed targets on one H100: PGD-5 AT <= 6 s, DIR main >= 10x faster
 than 527 s. Each phase is timed over ``--epochs`` epochs, median reported, the first epoch
 (warm-up) dropped when more than one ran.
 """

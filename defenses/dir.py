@@ -8,9 +8,8 @@ defended model ``h(g(.))``, a cross-entropy loss on the restoration, and a
 representation-robustness term (Eqs. 4-7) weighted by ``alpha``. Only the
 denoiser is updated; the target classifier ``h`` stays frozen.
 
-Defaults follow the paper where it and the official code differ (see
-``../shared/docs/defenses.md`` §1(f)); the code's behaviour is available as
-options: ``rep_project: false`` (the code never projects the representation
+Defaults follow the paper where it and the released code (chenyyyykun/DIR) differ;
+the code's behaviour is available as options: ``rep_project: false`` (the code never projects the representation
 perturbation), ``rep_grad: target`` (the code's L_rep gradient flows only through
 h(x~)), ``mask_mode: zero`` (pixels zeroed instead of tokens dropped),
 ``alpha: 1``, ``head: token-conv`` (the code's output layer: a Conv1d whose channels

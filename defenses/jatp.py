@@ -4,8 +4,8 @@ feature-similarity adversarial risk, a pixel-wise loss and a misclassification-a
 weight; the target stays frozen.
 
 **This is a reconstruction.** No public code exists and the paper's text beyond its
-abstract was not available; every choice below is the benchmark's (see
-``../shared/docs/defenses.md`` §5), and tables label the row as such:
+abstract was not available; every choice below is the benchmark's, and tables label the row as
+such:
 
 * Denoiser: the CIFAR DUNET of HGD (the same group's CIFAR denoiser of that period),
   predicting an additive correction.

@@ -80,9 +80,13 @@ def test_plan_lists_cells_artifacts_and_costs_and_writes_nothing(tmp_path, capsy
 
     out = tmp_path / "run"
     assert main(["run", "configs/smoke/cuda.yaml", "--plan", "--device", "cpu", "--out", str(out)]) == 0
+    assert "\ndata cifar10: reads " in capsys.readouterr().out  # the original, by default; present or not
+    offline = ["--set", "datasets.cifar10.name=cifar10-jpeg"]  # the README's override for the offline copy
+    assert main(["run", "configs/smoke/cuda.yaml", "--plan", "--device", "cpu", "--out", str(out), *offline]) == 0
     text = capsys.readouterr().out
     assert not out.exists()  # nothing written, not even the folder
-    cfg = load_config(ROOT / "configs" / "smoke" / "cuda.yaml")
+    assert "\ndata cifar10-jpeg (CIFAR-10 JPEG copy" in text
+    cfg = load_config(ROOT / "configs" / "smoke" / "cuda.yaml", {"datasets.cifar10.name": "cifar10-jpeg"})
     assert "cells: 136 planned, 136 to compute, 0 already recorded" in text
     train = text.split("to train: ")[1].splitlines()[0]
     assert "target cifar10-jpeg/at-resnet18 (at, 8 epochs, 4,096 images)" in train
@@ -232,3 +236,27 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     assert r2.returncode == 0
     assert "0 to compute" in r2.stderr
     assert {p.name: p.stat().st_mtime_ns for p in records} == stamps
+
+
+def test_eps_as_a_fraction_and_did_you_mean_for_paths_rows_and_folders(tmp_path, capsys):
+    from benchmark.config import fraction
+    from benchmark.experiment import load_config
+
+    assert fraction("8/255") == 8 / 255 and fraction(" 2 / 255 ") == 2 / 255 and fraction("0.5") == 0.5
+    text = (ROOT / "configs" / "smoke" / "default.yaml").read_text()
+    assert "threat: {norm: linf, eps: 0.1," in text
+    (tmp_path / "frac.yaml").write_text(text.replace("eps: 0.1,", "eps: 8/255,", 1))
+    cfg = load_config(tmp_path / "frac.yaml")
+    assert cfg.threat.eps == 8 / 255 and cfg.targets[0].train.eps == 8 / 255  # training eps follows the threat
+    assert load_config(ROOT / "configs" / "smoke" / "default.yaml", {"threat.eps": "16/255"}).threat.eps == 16 / 255
+    for argv, expected in [
+        (["run", "configs/smoke/defualt.yaml", "--plan"], "not found (did you mean 'configs/smoke/default.yaml'?)"),
+        (["run", "--plan", "--set", "defenses.HDG.train.epochs=2"], "no item 'HDG' in defenses (did you mean 'HGD'?)"),
+        (["report", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} does not exist"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+    with pytest.raises(SystemExit):
+        main(["eval", "x", "--eps", "8/2x55"])
+    assert "expected a number or a fraction such as 8/255" in capsys.readouterr().err

@@ -4,6 +4,9 @@ bit-identically through the shared Trainer, and a config names it like any other
 import copy
 import json
 import re
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,14 +20,67 @@ from defenses.base import TrainContext
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _code() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Writing a defense"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
 def _example():
     """The class the README's code block defines (registered once per process)."""
     if "residual-denoiser" not in DEFENSES:
-        text = (ROOT / "README.md").read_text(encoding="utf-8")
-        section = text[text.index("## Writing a defense"):]
-        code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-        exec(compile(code, "README.md (Writing a defense)", "exec"), {"__name__": "readme_example"})
+        exec(compile(_code(), "README.md (Writing a defense)", "exec"), {"__name__": "readme_example"})
     return DEFENSES.get("residual-denoiser")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run_benchmark.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_readme_defense_saved_in_defenses_is_found():
+    """The README says: put it in ``defenses/``. A fresh process finds it there, with no other line."""
+    file = ROOT / "defenses" / f"readme_example_{uuid.uuid4().hex[:8]}.py"
+    file.write_text(_code(), encoding="utf-8")
+    try:
+        out = _cli("list", "defenses")
+    finally:
+        file.unlink()
+    assert out.returncode == 0, out.stderr
+    assert "residual-denoiser" in out.stdout and "README example" in out.stdout
+
+
+def test_a_broken_module_in_defenses_warns_and_the_rest_loads():
+    file = ROOT / "defenses" / f"broken_{uuid.uuid4().hex[:8]}.py"
+    file.write_text("raise RuntimeError('half-written')\n", encoding="utf-8")
+    try:
+        out = _cli("list", "defenses")
+    finally:
+        file.unlink()
+    assert out.returncode == 0, out.stderr
+    assert f"{file.name} was not loaded: RuntimeError: half-written" in out.stderr
+    assert "dir-official" in out.stdout
+
+
+def test_a_config_imports_its_plugins_before_it_is_checked(tmp_path):
+    from test_runner import BASE, _write
+
+    from benchmark.experiment import load_config
+
+    (tmp_path / "my_defense.py").write_text(_code().replace('"residual-denoiser"', '"plugged-denoiser"'),
+                                            encoding="utf-8")
+    cfg = json.loads(json.dumps(BASE))
+    cfg["plugins"] = ["my_defense.py"]
+    cfg["defenses"] = [{"name": "mine", "defense": "plugged-denoiser", "options": {"width": 4}}]
+    loaded = load_config(_write(tmp_path, cfg))
+    assert loaded.plugins == ["my_defense.py"] and "plugged-denoiser" in DEFENSES
+    cfg["plugins"] = ["no_such_module_here"]
+    with pytest.raises(Exception, match=r"plugins\[0\] \(no_such_module_here\): importing it failed: "
+                                        "ModuleNotFoundError"):
+        load_config(_write(tmp_path, cfg))
+    cfg["plugins"] = ["missing.py"]
+    with pytest.raises(Exception, match=r"plugins\[0\] \(missing.py\): no such file"):
+        load_config(_write(tmp_path, cfg))
 
 
 class Killed(Exception):

@@ -44,6 +44,7 @@ def _resize_channels(images: torch.Tensor, size: int | None, channels: int | Non
 
 # ----------------------------------------------------------------------------- digits
 @DATASETS.register("digits", num_classes=10, channels=1, size=8, embedded=True,
+                   locate=lambda root, download: ("scikit-learn's bundled copy", True),
                    description="scikit-learn's bundled 8x8 handwritten digits (1797 images; fixed stratified split: 1438 train, 359 test)")
 def digits(split: str, root=None, download: bool = False, size: int | None = 16,
            channels: int | None = None, test_fraction: float = 0.2) -> ImageData:
@@ -113,7 +114,13 @@ def _find_idx(roots: list[Path], stem: str) -> Path | None:
     return None
 
 
-@DATASETS.register("fashion-mnist", num_classes=10, channels=1, size=28,
+def _locate_fashion(root: str | None, download: bool) -> tuple[str, bool]:
+    roots = [Path(root).expanduser()] if root else [Path(p) for p in FASHION_ROOTS] + [data_dir() / "fashion-mnist"]
+    found = _find_idx(roots, "t10k-images-idx3-ubyte")
+    return (str(found.parent), True) if found else (", ".join(map(str, roots)), False)
+
+
+@DATASETS.register("fashion-mnist", num_classes=10, channels=1, size=28, locate=_locate_fashion,
                    description="Fashion-MNIST from IDX files (Debian dataset-fashion-mnist or torchvision raw layout)")
 def fashion_mnist(split: str, root: str | None = None, download: bool = False,
                   size: int | None = None, channels: int | None = None) -> ImageData:
@@ -182,7 +189,12 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 
-@DATASETS.register("cifar10", num_classes=10, channels=3, size=32,
+def _locate_cifar10(root: str | None, download: bool) -> tuple[str, bool]:
+    folder = (Path(root).expanduser() if root else data_dir() / "cifar10") / "cifar-10-batches-py"
+    return str(folder), (folder / "test_batch").is_file()
+
+
+@DATASETS.register("cifar10", num_classes=10, channels=3, size=32, locate=_locate_cifar10,
                    description="original CIFAR-10 (python batches; download: true fetches it)")
 def cifar10(split: str, root: str | None = None, download: bool = False) -> ImageData:
     base = Path(root).expanduser() if root else data_dir() / "cifar10"
@@ -199,7 +211,7 @@ def cifar10(split: str, root: str | None = None, download: bool = False) -> Imag
     if missing:
         raise DataError(
             f"cifar10: {folder / missing[0]} not found (expected the python batches in {folder}; "
-            "pass download: true with internet, or use the offline 'cifar10-jpeg' copy)"
+            "pass download: true with internet, or put the batches there: root or $PURIFYBENCH_DATA)"
         )
     parts = [_read_cifar_batch(folder / n) for n in names]
     images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
@@ -209,7 +221,12 @@ def cifar10(split: str, root: str | None = None, download: bool = False) -> Imag
 
 
 # ----------------------------------------------------------------------------- SVHN (.mat)
-@DATASETS.register("svhn", num_classes=10, channels=3, size=32,
+def _locate_svhn(root: str | None, download: bool) -> tuple[str, bool]:
+    base = Path(root).expanduser() if root else data_dir() / "svhn"
+    return str(base), (base / "test_32x32.mat").is_file()
+
+
+@DATASETS.register("svhn", num_classes=10, channels=3, size=32, locate=_locate_svhn,
                    description="SVHN cropped digits (train_32x32.mat / test_32x32.mat; download: true fetches them)")
 def svhn(split: str, root: str | None = None, download: bool = False) -> ImageData:
     from scipy.io import loadmat
@@ -248,7 +265,8 @@ def _split_source(base: Path, split: str) -> tuple[Path, str | None]:
     raise DataError(f"image folder {base}: neither {base / split}/ nor {base / split}.tar.xz/.tar/.zip found")
 
 
-@DATASETS.register("imagefolder", description="any <root>/<split>/<class>/<image> tree or <root>/<split>.tar.xz archive")
+@DATASETS.register("imagefolder", locate=lambda root, download: (
+                       str(root), bool(root) and Path(root).expanduser().exists()), description="any <root>/<split>/<class>/<image> tree or <root>/<split>.tar.xz archive")
 def imagefolder(split: str, root: str | None = None, download: bool = False,
                 title: str = "imagefolder", subdir: str | None = "auto",
                 mean: list[float] | None = None, std: list[float] | None = None) -> ImageData:
@@ -281,7 +299,14 @@ def cifar10_jpeg_candidates() -> list[Path]:
     return cands
 
 
+def _locate_cifar10_jpeg(root: str | None, download: bool) -> tuple[str, bool]:
+    cands = [Path(root).expanduser()] if root else cifar10_jpeg_candidates()
+    found = next((c for c in cands if (c / "test.tar.xz").is_file() or (c / "test").is_dir()), None)
+    return (str(found), True) if found else (", ".join(map(str, cands)), False)
+
+
 @DATASETS.register("cifar10-jpeg", num_classes=10, channels=3, size=32, copy=CIFAR10_JPEG_COPY,
+                   locate=_locate_cifar10_jpeg,
                    description="offline CIFAR-10 copy re-encoded as JPEG (differs from the original; labelled so)")
 def cifar10_jpeg(split: str, root: str | None = None, download: bool = False) -> ImageData:
     cands = [Path(root).expanduser()] if root else cifar10_jpeg_candidates()
