@@ -23,6 +23,7 @@ clean one where it failed, which adds nothing; the rand version has no FAB.)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -102,11 +103,41 @@ class AutoAttackWrapper(Attack):
             members = [a for a in members if a in self.params.attacks]
         if judge_for(model, x, y).exact:
             adversary.attacks_to_run = members
-            with torch.no_grad():
+            with torch.no_grad(), _robust_after() as after:
                 x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
-            return x_adv.detach()
+            # robust samples after each member, as AutoAttack's own log gives them (a member it skipped
+            # because nothing was left: 0)
+            counts = {k: round(v * len(x)) for k, v in after.items()}
+            info = {f"{ROBUST_AFTER}{m}": counts.get(m, 0) for m in ["clean", *members]}
+            return AttackResult(x_adv.detach(), info=info)
         parts = [lambda xs, ys, m=m: run_member(adversary, m, xs, ys, self.params.seed) for m in members]
-        return run_parts(parts, model, x, y, generator, fresh=True)
+        result = run_parts(parts, model, x, y, generator, fresh=True)
+        # robust after each member under every scoring draw (a single member: the cell's own accuracy)
+        result.info.update({f"{ROBUST_AFTER}{m}": int(k) for m, k in zip(members, result.info.get("survivors", []))})
+        return result
+
+
+ROBUST_AFTER = "robust_after:"  # attack_info keys: samples still robust after each member, summed over batches
+
+
+@contextlib.contextmanager
+def _robust_after():
+    """pyautoattack's own robust accuracy after each member (the fractions its log prints), caught where
+    ``run_standard_evaluation`` hands them to its Square sanity check."""
+    from pyautoattack import autoattack as module
+
+    seen: dict = {}
+    original = module.checks.check_square_sr
+
+    def catch(acc_dict, *args, **kwargs):
+        seen.update(acc_dict)
+        return original(acc_dict, *args, **kwargs)
+
+    module.checks.check_square_sr = catch
+    try:
+        yield seen
+    finally:
+        module.checks.check_square_sr = original
 
 
 def run_member(adversary, member: str, x: torch.Tensor, y: torch.Tensor, seed: int) -> AttackResult:

@@ -137,7 +137,7 @@ def plan_stages(runner) -> dict[str, list[Task]]:
                    if (ds.name, t.name, d.name) in rows]  # in plan order
     needed = {(ds, name) for ds, t, d in rows_sorted for name in (t, by_name[d].trained_against) if name}
     stage_targets = [Task("target", ds.name, t.name) for ds in cfg.datasets for t in cfg.targets
-                     if (ds.name, t.name) in needed and t.pretrained is None and t.checkpoint is None]
+                     if (ds.name, t.name) in needed and t.train is not None]
     stage_defenses = [Task("defense", *row) for row in rows_sorted
                       if by_name[row[2]].checkpoint is None and DEFENSES.get(by_name[row[2]].registered).trainable]
     stage_cells: list[Task] = []

@@ -74,10 +74,17 @@ class TargetSpec:
     train: TrainConfig | None = None
     checkpoint: str | None = None
     pretrained: str | None = None
+    # a RobustBench model by its name (the `zoo` extra), e.g. Carmon2019Unlabeled: its weights are read
+    # from model_dir (default ./models, RobustBench's layout), downloaded by RobustBench when missing
+    robustbench: str | None = None
+    model_dir: str | None = None
 
     def validate(self, where: str) -> None:
-        sources = [s for s in ("train", "checkpoint", "pretrained") if getattr(self, s) is not None]
-        require(len(sources) == 1, where, f"give exactly one of train, checkpoint, pretrained (got {sources or 'none'})")
+        sources = [s for s in ("train", "checkpoint", "pretrained", "robustbench") if getattr(self, s) is not None]
+        require(len(sources) == 1, where,
+                f"give exactly one of train, checkpoint, pretrained, robustbench (got {sources or 'none'})")
+        require(self.model_dir is None or self.robustbench is not None, subkey(where, "model_dir"),
+                "is the folder of a robustbench model's weights: give robustbench too")
         if self.train is not None and self.arch not in MODELS:
             raise ConfigError(f"{subkey(where, 'arch')}: {MODELS.unknown_message(self.arch)}")
 
@@ -468,6 +475,9 @@ def target_identity(target: TargetSpec) -> dict:
     out = asdict(target)
     if out.get("train") is not None and not out["train"].get("deterministic"):
         out["train"].pop("deterministic", None)
+    for key in ("robustbench", "model_dir"):  # (identities of targets from before these keys stay the same)
+        if out.get(key) is None:
+            out.pop(key, None)
     return out
 
 
@@ -479,6 +489,34 @@ def target_key(ds: DatasetSpec, target: TargetSpec, seed: int) -> str:
     })
 
 
+def _state_sha256(model: torch.nn.Module) -> str:
+    """A hash of a model's weights (names, shapes, values), for a model whose file is not at hand."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_robustbench_target(ds: DatasetSpec, target: TargetSpec, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """A RobustBench model as the target, with a card that names it and the hash of its weights file."""
+    from benchmark.checkpoint import sha256_file
+    from benchmark.models.zoo import load_robustbench
+
+    family = "cifar10" if ds.name.startswith("cifar10") else ds.name
+    model_dir = target.model_dir or "models"
+    model = load_robustbench(target.robustbench, dataset=family, threat_model="Linf", model_dir=model_dir)
+    weights = Path(model_dir) / family / "Linf" / f"{target.robustbench}.pt"
+    card = {"arch": f"robustbench:{target.robustbench}", "num_classes": 10, "dataset": family,
+            "method": "robustbench", "mean": [0.0] * 3, "std": [1.0] * 3,
+            "sha256": sha256_file(weights) if weights.is_file() else _state_sha256(model),
+            "source": f"RobustBench model {target.robustbench} (Linf, {family}) from {model_dir}"}
+    return model.to(device).eval(), card
+
+
 def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, device: torch.device,
                    artifacts: Path, progress: bool = True, train: bool = True) -> tuple[torch.nn.Module, dict, bool]:
     """Train, or load from the artifact folder, the target ``target`` on ``ds``. Returns
@@ -486,6 +524,8 @@ def prepare_target(ds: DatasetSpec, target: TargetSpec, cfg: ExperimentConfig, d
     if target.pretrained is not None:
         model, card = load_pretrained(target.pretrained, device)
         return model, card, True
+    if target.robustbench is not None:
+        return *load_robustbench_target(ds, target, device), True
     if target.checkpoint is not None:
         model, card = load_checkpoint(target.checkpoint, device)
         return model, card, True

@@ -580,14 +580,21 @@ def checks_markdown(checks: dict[RowKey, ChecksRecord]) -> str:
     """The figures behind the flags, one line per row."""
     out = ["# Gradient-masking checks\n", LEGEND, "",
            "Columns (accuracy in %, on the row's first n evaluation images; a stochastic row's: correct under every "
-           "scoring draw; each pair with the exact McNemar p-value of the paired comparison): Clean / target = the "
-           "row's clean accuracy and the target classifier's alone; Zero grad = share of images with a zero input "
-           "gradient; PGD few / more = PGD with the base and the larger number of steps; eps sweep = PGD at eps "
-           "times each multiplier; FGSM / PGD and Noise / PGD = one FGSM step and random sign noise against PGD; "
-           "Square / white-box = Square against the per-sample worst case of both PGD runs; Transfer / white-box = "
-           "PGD crafted on the classifier alone (or the BPDA surrogate); EOT E / 2E = EOT-PGD with the row's own E "
-           "and twice it; Spread = the largest minus the smallest accuracy over repeated PGD runs with other seeds; "
-           "Random / fixed = PGD against the random defense and with its randomness frozen for attack and scoring.",
+           "scoring draw; each pair with the exact McNemar p-value of the paired comparison):", "",
+           "- **Clean / target**: the row's clean accuracy and the target classifier's alone.",
+           "- **Zero grad**: share of images with a zero input gradient.",
+           "- **PGD few / more**: PGD with the base and the larger number of steps (`checks.steps`, `more_steps`).",
+           "- **eps sweep**: PGD at eps times each multiplier of the config's `checks.eps_multipliers` (default "
+           "x2, x4, x8; a smoke config shortens it), which must fall towards chance.",
+           "- **FGSM / PGD**, **Noise / PGD**: one FGSM step, and random sign noise, against PGD.",
+           "- **Square / white-box**: the gradient-free Square attack against the per-sample worst case of both PGD "
+           "runs.",
+           "- **Transfer / white-box**: PGD crafted on the classifier alone (or the BPDA surrogate) against the same.",
+           "- **EOT E / 2E**: EOT-PGD with the row's own E (the largest among its attacks) and with twice it.",
+           "- **Spread**: the largest minus the smallest accuracy over repeated PGD runs with other seeds (how much "
+           "one evaluation of this random row varies).",
+           "- **Random / fixed**: PGD against the random defense, and with its randomness frozen for attack and "
+           "scoring (a deterministic white-box attacker).",
            "",
            "| Dataset | Target | Defense | n | Flags | Clean / target | Zero grad | PGD few / more | eps sweep "
            "| FGSM / PGD | Noise / PGD | Square / white-box | Transfer / white-box | EOT E / 2E | Spread "

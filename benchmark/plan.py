@@ -474,10 +474,10 @@ def format_plan(runner, planner: Planner, config_path: str) -> str:
     lines = [f"plan: {config_path} -> {runner.out} (profile {runner.cfg.profile}; nothing is loaded, trained or "
              f"written)",
              f"cells: {len(cells)} planned, {len(pending)} to compute, {len(cells) - len(pending)} already recorded"]
-    lines += [data_line(ds) for ds in runner.cfg.datasets]
     trains = [s for s in stages if s.kind in ("target", "defense", "pairs")]
     lines.append("to train: " + ("; ".join(f"{s.kind} {s.what} ({s.detail})" if s.detail else f"{s.kind} {s.what}"
                                            for s in trains) or "nothing (every artifact is in the run folder)"))
+    lines += [data_line(ds) for ds in runner.cfg.datasets]
     lines += ["", "| stage | what | estimate (s, one H100) | counts |", "|---|---|---:|---|"]
     for s in stages:
         lines.append(f"| {s.kind} | {s.what} | {s.seconds:,.0f}{' *' if s.guess else ''} | {s.detail} |")

@@ -31,6 +31,7 @@ from benchmark.tables import (
     TableCell,
     bold_cells,
     build_blocks,
+    definitions,
     footer_text,
     latex_block,
     markdown_block,
@@ -56,16 +57,13 @@ def _not_depth_variant(df: pd.DataFrame) -> pd.Series:
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("table1", "Table 1: defenses in front of the adversarially trained target",
-           ("clean", "pgd", "autoattack", "mi-fgsm", "vni-fgsm"),
-           lambda df: (df["target_method"] == "at") & _not_depth_variant(df)),
+           ("clean", "pgd", "autoattack", "mi-fgsm", "vni-fgsm"), lambda df: df["target_method"] == "at"),
     Preset("table2", "Table 2: denoisers in front of TRADES and MART targets",
-           ("clean", "pgd", "autoattack"),
-           lambda df: df["target_method"].isin(["trades", "mart"]) & _not_depth_variant(df)),
+           ("clean", "pgd", "autoattack"), lambda df: df["target_method"].isin(["trades", "mart"])),
     Preset("table3", "Table 3: BPDA+EOT against random and non-differentiable defenses",
-           ("clean", "pgd", "bpda-eot"), lambda df: _not_depth_variant(df), need="bpda-eot"),
+           ("clean", "pgd", "bpda-eot"), lambda df: pd.Series(True, index=df.index), need="bpda-eot"),
     Preset("table4", "Table 4: the naturally trained target, robust accuracy and training cost",
-           ("clean", "pgd"), lambda df: (df["target_method"] == "natural") & _not_depth_variant(df),
-           training_time=True),
+           ("clean", "pgd"), lambda df: df["target_method"] == "natural", training_time=True),
     Preset("table5", "Table 5: DIR encoder / decoder depth",
            ("clean", "pgd"), lambda df: (df["defense_registered"] == "dir") & (df["target_method"] == "at")),
 )}
@@ -76,9 +74,23 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
     the paper's number (or None) as a fifth element."""
 
     chosen = preset.select(df)
+    if preset.name != "table5":
+        # DIR at other depths than the paper's belongs in Table 5; where a block has no DIR at the paper's
+        # depth (the smoke profile's shallower DIR), it stands in, its depth in its name, without the
+        # paper's numbers (they are for 8-2)
+        variant = ~_not_depth_variant(df)
+        paper_dir = {(d, t) for d, t in zip(df.loc[chosen & ~variant & (df["defense_registered"] == "dir"), "dataset"],
+                                            df.loc[chosen & ~variant & (df["defense_registered"] == "dir"), "target"])}
+        has_paper_dir = pd.Series([(d, t) in paper_dir for d, t in zip(df["dataset"], df["target"])], index=df.index)
+        stand_in = chosen & variant & ~has_paper_dir
+        chosen_all = chosen
+        chosen = chosen & (~variant | stand_in)
+    else:
+        stand_in = pd.Series(False, index=df.index)
+        chosen_all = chosen
     sel = df[chosen & df["attack_registered"].isin(preset.attacks)]
     # rows left out as Table 5 depth variants (which the preset would otherwise hold), named in the footer
-    left_out = df[~chosen & ~_not_depth_variant(df) & df["attack_registered"].isin(preset.attacks)]
+    left_out = df[chosen_all & ~chosen & df["attack_registered"].isin(preset.attacks)]
     if preset.need is not None:
         left_out = left_out[left_out["defense"].isin(set(df.loc[df["attack_registered"] == preset.need, "defense"]))]
         keep = set(sel.loc[sel["attack_registered"] == preset.need, "defense"])
@@ -86,18 +98,20 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
     if sel.empty:
         return []
     order = {a: i for i, a in enumerate(preset.attacks)}
-    blocks = [b for b in build_blocks(sel, value="mean") if b["kind"] == "results"]
+    blocks = [b for b in build_blocks(sel, value="mean", worst=False) if b["kind"] == "results"]
     for block in blocks:
         g = sel[(sel["dataset"] == block["dataset"]) & (sel["target"] == block["target"])]
         # every column of the preset's attacks, in the paper's order (a registered attack may hold
         # several columns, e.g. BPDA+EOT with BPDA and with exact gradients: all of them)
         firsts = dict(zip(g["column"], g["attack_registered"]))
         block["columns"] = sorted(firsts, key=lambda c: order[firsts[c]])
+        standing = set(sel.loc[stand_in[sel.index] & (sel["dataset"] == block["dataset"])
+                               & (sel["target"] == block["target"]), "defense"])
         for row in block["rows"]:
             row["cells"].pop("Worst", None)
             gd = g[g["defense"] == row["defense"]]
             for _, r in gd.iterrows():
-                hit = paper_value(reference, r)
+                hit = None if row["defense"] in standing else paper_value(reference, r)
                 row["cells"][r["column"]] = row["cells"][r["column"]]._replace(paper=hit[1] if hit else None)
             if preset.training_time:
                 spe = gd["defense_seconds_per_epoch"].dropna()
@@ -111,6 +125,15 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
                              dict(zip(out["defense"], (dir_depths(o) for o in out["defense_options"]))).items())
             block["footer"]["notes"] = block["footer"]["notes"] + [
                 f"Not in this table: {rows}, DIR at depths other than the paper's 8-2 (Table 5 holds it)."]
+        if standing:
+            depths = dict(zip(g["defense"], g["defense_options"]))
+            for row in block["rows"]:
+                if row["defense"] in standing:
+                    e, k = dir_depths(depths[row["defense"]])
+                    row["defense"] = f"{row['defense']} (depth {e}-{k})"
+            block["footer"]["notes"] = block["footer"]["notes"] + [
+                f"{', '.join(sorted(standing))}: DIR at encoder-decoder depth other than the paper's 8-2 (this run "
+                "has no DIR at the paper's depth); the paper's numbers, for 8-2, are not shown beside it."]
         if preset.name == "table5":  # the depths are what the table compares: in the row names
             names = dict(zip(g["defense"], g["defense_options"]))
             for row in block["rows"]:
@@ -143,15 +166,30 @@ def _cell_text(row: dict, col: str, best: set, compare: bool, intervals: bool,
 
 LEGEND = ("Cells: ours / the seed paper's number (ours minus paper, points). "
           "The paper used the original data, 91-epoch targets and its full training budgets.")
+NO_PAPER = ("Cells: ours only: the seed paper has no number for these cells (its numbers are for CIFAR-10 and "
+            "SVHN at its settings).")
 
 
-def preset_markdown(preset: Preset, blocks: list[dict], compare: bool = True, intervals: bool = False) -> str:
+def legend(block: dict, compare: bool) -> str:
+    """What a preset's cells show: ours beside the paper's number where the paper has one."""
+    if not compare:
+        return ""
+    papers = any(c.paper is not None for r in block["rows"] for c in r["cells"].values()) or any(
+        r.get("seconds_per_epoch", (None, None))[1] is not None for r in block["rows"])
+    return " " + (LEGEND if papers else NO_PAPER)
+
+
+def preset_markdown(preset: Preset, blocks: list[dict], compare: bool = True, intervals: bool = False,
+                    defined: bool = True) -> str:
+    """A preset's tables, each with its own footer; with ``defined`` the definitions they share, once."""
     out = [f"## {preset.title}", ""]
     for b in blocks:
         best = bold_cells(b)
         out += markdown_block(
             b, lambda r, c, best=best: _cell_text(r, c, best, compare, intervals, lambda t: f"**{t}**", "-"),
-            footer_text(b) + (" " + LEGEND if compare else ""))
+            footer_text(b, full=False) + legend(b, compare))
+    if defined and blocks:
+        out += ["#### Definitions", "", *definitions(blocks), ""]
     return "\n".join(out)
 
 
@@ -162,7 +200,7 @@ def preset_latex(preset: Preset, blocks: list[dict], compare: bool = True) -> st
         caption = f"{preset.title}. {b['dataset']}, target {b['target']}"
         out += latex_block(
             b, lambda r, c, best=best: _cell_text(r, c, best, compare, False, lambda t: rf"\textbf{{{t}}}", "--"),
-            caption, footer_text(b) + (" " + LEGEND if compare else ""))
+            caption, footer_text(b) + legend(b, compare))
     return "\n".join(out)
 
 

@@ -28,6 +28,7 @@ from benchmark.stats import mcnemar
 from benchmark.tables import (
     attack_columns,
     build_blocks,
+    definitions,
     input_space_worst,
     left_out,
     left_out_markdown,
@@ -287,7 +288,11 @@ def timing_markdown(cells: pd.DataFrame, training: pd.DataFrame) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
-def _save(fig, stem: Path) -> list[Path]:
+def _save(fig, stem: Path, caption: str) -> list[Path]:
+    """The figure as PNG and PDF (no caption inside: a paper sets its own), its caption as text (the HTML
+    report shows it under the image) and as a LaTeX figure snippet (``\\input`` it beside the PDF)."""
+    from benchmark.tables import _tex_escape
+
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in ("png", "pdf"):
@@ -298,16 +303,17 @@ def _save(fig, stem: Path) -> list[Path]:
         fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight", metadata=meta)
         tmp.replace(path)
         paths.append(path)
+    paths.append(atomic_write_text(stem.parent / f"{stem.name}.txt", caption + "\n"))
+    paths.append(atomic_write_text(stem.parent / f"{stem.name}.tex", "\n".join([
+        r"\begin{figure}[t]", r"\centering", rf"\includegraphics[width=\linewidth]{{figures/{stem.name}.pdf}}",
+        r"\caption{" + _tex_escape(caption) + "}", rf"\label{{fig:{stem.name}}}", r"\end{figure}", ""])))
     return paths
 
 
-def _caption(fig, text: str) -> None:
-    """A caption under the figure, below the tick labels (as the x label of its lowest axes): what is plotted."""
-    import textwrap
-
-    ax = fig.axes[0]
-    width = max(60, int(fig.get_figwidth() * 17))  # characters per line at 7 pt
-    ax.set_xlabel(textwrap.fill(text, width), fontsize=7, loc="left", labelpad=8)
+def caption_of(png: Path) -> str:
+    """A figure's caption (written beside it by :func:`_save`), or "" for a figure without one."""
+    text = png.with_suffix(".txt")
+    return text.read_text(encoding="utf-8").strip() if text.is_file() else ""
 
 
 def timing_figure(cells: pd.DataFrame, stem: Path) -> list[Path]:
@@ -319,9 +325,10 @@ def timing_figure(cells: pd.DataFrame, stem: Path) -> list[Path]:
     per = per.reindex(list(dict.fromkeys(cells["defense"]))).fillna(0.0)
     fig, ax = plt.subplots(figsize=(max(4.5, 0.6 * len(per) + 3), 3.4))
     bottom = pd.Series(0.0, index=per.index)
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")  # ten distinct hues, then the same hues hatched: no two segments look alike
     for k, col in enumerate(per.columns):
-        ax.bar(range(len(per)), per[col].values, bottom=bottom.values, color=cmap(k % 20), label=col)
+        ax.bar(range(len(per)), per[col].values, bottom=bottom.values, color=cmap(k % 10), label=col,
+               hatch=("", "///", "...", "xxx")[(k // 10) % 4], edgecolor="white", linewidth=0.3)
         bottom += per[col]
     ax.set_xticks(range(len(per)), per.index, rotation=45, ha="right")
     ax.set_ylabel("evaluation wall time (s)")
@@ -329,32 +336,44 @@ def timing_figure(cells: pd.DataFrame, stem: Path) -> list[Path]:
     ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     n = ", ".join(map(str, sorted(set(int(v) for v in cells["n"])))) if "n" in cells else "-"
-    _caption(fig, f"Wall time of each evaluation cell (attack and scoring) on n = {n} images; a segment is "
-                  "missing where the row did not run that attack.")
-    paths = _save(fig, stem)
+    paths = _save(fig, stem, f"Wall time of each evaluation cell (attack and scoring) on n = {n} images, stacked "
+                             "by attack; a segment is missing where the row did not run that attack.")
     plt.close(fig)
     return paths
 
 
-def cost_robustness_figure(df: pd.DataFrame, adaptive: pd.DataFrame, stem: Path) -> list[Path]:
-    plt = _plt()
+def cost_robustness_figure(df: pd.DataFrame, stem: Path) -> list[Path]:
+    """Each row's evaluation cost against its Worst, the results table's headline (first dataset and target)."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
 
+    g = df[(df["dataset"] == df["dataset"].iloc[0]) & (df["target"] == df["target"].iloc[0])]
     # cost over the attacks every row has (an attack run on some rows only would skew the comparison)
-    common = set.intersection(*[set(g["attack"]) for _, g in df.groupby("defense", sort=False)])
-    shared = df[df["attack"].isin(common)]
+    common = set.intersection(*[set(gd["attack"]) for _, gd in g.groupby("defense", sort=False)])
+    shared = g[g["attack"].isin(common)]
     cost = shared.groupby("defense", sort=False).apply(
-        lambda g: 1000 * g["seconds"].fillna(0).sum() / max(1, g["n"].max()), include_groups=False)
-    robust = adaptive.set_index("defense")[["plain", "adaptive"]].min(axis=1)
-    names = [d for d in cost.index if d in robust.index and pd.notna(robust[d])]
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+        lambda gd: 1000 * gd["seconds"].fillna(0).sum() / max(1, gd["n"].max()), include_groups=False)
+    worst = {d: input_space_worst(gd) for d, gd in g.groupby("defense", sort=False)}
+    names = [d for d in cost.index if worst.get(d) is not None and cost[d] > 0]
+    if not names:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for d in names:
-        ax.scatter(cost[d], 100 * robust[d], s=30)
-        ax.annotate(d, (cost[d], 100 * robust[d]), textcoords="offset points", xytext=(4, 3), fontsize=8)
-    ax.set_xscale("symlog")
+        ax.scatter(cost[d], 100 * worst[d].acc, s=30)
+        ax.annotate(d, (cost[d], 100 * worst[d].acc), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    low, high = min(cost[d] for d in names), max(cost[d] for d in names)
+    if high / low > 20:  # a log axis with ticks at 1, 2 and 5 of every decade, written as plain numbers
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel(f"evaluation seconds per 1000 images ({len(common)} attacks every row has)")
-    ax.set_ylabel("robust accuracy, worst of PGD and adaptive (%)")
+    ax.set_ylabel("Worst (%)")
     ax.grid(alpha=0.3)
-    paths = _save(fig, stem)
+    first = g.iloc[0]
+    paths = _save(fig, stem, f"Evaluation cost against robustness, {first['dataset']}, target {first['target']}: "
+                             "x, the wall time of the attacks every row faced, per 1000 images; y, the row's Worst "
+                             "as in the results table (per-sample worst case over its input-space attacks).")
     plt.close(fig)
     return paths
 
@@ -370,13 +389,13 @@ def _plt():
     return plt
 
 
-def _finish_lines(plt, fig, ax, xlabel: str, stem: Path) -> list[Path]:
+def _finish_lines(plt, fig, ax, xlabel: str, stem: Path, caption: str) -> list[Path]:
     """Common look of the accuracy-curve figures; saves PNG and PDF."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths = _save(fig, stem)
+    paths = _save(fig, stem, caption)
     plt.close(fig)
     return paths
 
@@ -393,7 +412,9 @@ def noise_discard_figure(records: list[CellRecord], stem: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for (target, base), g in df.groupby(["target", "base"]):
         ax.plot(100 * g["fraction"], 100 * g["accuracy"], marker="o", label=f"{target}, {base}")
-    return _finish_lines(plt, fig, ax, "noise discarded (% of pixels)", stem)
+    return _finish_lines(plt, fig, ax, "noise discarded (% of pixels)", stem,
+                         "Robust accuracy against the share of the adversarial noise discarded before the "
+                         "classifier (the seed paper's Figure 2 probe), one line per target and base attack.")
 
 
 def alpha_figure(records: list[CellRecord], stem: Path) -> list[Path]:
@@ -413,7 +434,9 @@ def alpha_figure(records: list[CellRecord], stem: Path) -> list[Path]:
     for attack, label in (("clean", "natural"), ("pgd", "PGD")):
         g = df[df["attack"] == attack]
         ax.plot(g["alpha"], 100 * g["accuracy"], marker="o", label=label)
-    return _finish_lines(plt, fig, ax, "alpha (weight of L_rep)", stem)
+    return _finish_lines(plt, fig, ax, "alpha (weight of L_rep)", stem,
+                         "Natural and PGD accuracy of the DIR rows against alpha, the weight of the "
+                         "representation loss (the seed paper's Figure 6a); rows with the same alpha averaged.")
 
 
 def worst_bars_figure(df: pd.DataFrame, stem: Path) -> list[Path]:
@@ -440,14 +463,14 @@ def worst_bars_figure(df: pd.DataFrame, stem: Path) -> list[Path]:
         ax.legend(fontsize=8)
     ax.set_xticks(range(len(rows)), rows, rotation=45, ha="right")
     ax.set_ylabel("worst-case accuracy (%)")
-    ax.set_title(f"{ds} / target {target}", fontsize=9)
+    ax.set_title(f"{ds}, target: {target}", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     first = g.iloc[0]
-    _caption(fig, f"Bars: per-sample worst case over each row's input-space attacks (a stochastic row's image "
-                  f"counts only if correct under every scoring draw), n = {max(w.n for w in worst.values())}, "
-                  f"{first['norm']} eps = {float(first['eps']):.4f}; error bars: 95% Wilson interval. Rows that ran "
-                  "different attacks are worst cases over different sets (tables/results.md lists them).")
-    paths = _save(fig, stem)
+    paths = _save(fig, stem, f"Bars: per-sample worst case over each row's input-space attacks (a stochastic row's "
+                             f"image counts only if correct under every scoring draw), n = "
+                             f"{max(w.n for w in worst.values())}, {first['norm']} eps = {float(first['eps']):.4f}; "
+                             "error bars: 95% Wilson interval; dashed: the target alone. Rows that ran different "
+                             "attacks are worst cases over different sets (the results table lists them).")
     plt.close(fig)
     return paths
 
@@ -457,12 +480,20 @@ _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{{ title }}</title>
 <style>
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1200px;margin:0 auto;padding:0 1em 3em;
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1400px;margin:0 auto;padding:0 1em 3em;
      line-height:1.45;color:#222}
-nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:.5em 0;font-size:90%;z-index:1}
-nav a{margin-right:1.2em;text-decoration:none}
+nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:.5em 0;font-size:90%;z-index:1;
+    white-space:nowrap;overflow-x:auto}
+nav a{margin-right:1em;text-decoration:none}
+.wide{overflow-x:auto;max-width:100%;margin:1em 0}
+#how-to-read-this + ul{background:#f4f7fb;border:1px solid #d5dde8;border-radius:4px;padding:.6em 1em .6em 2.2em}
+.wide table{margin:0}
+.wide td:first-child,.wide th:first-child{position:sticky;left:0;background:#fff;white-space:nowrap}
+.wide th:first-child{background:#f3f3f3}
 table{border-collapse:collapse;margin:1em 0;font-variant-numeric:tabular-nums}
-td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top}
+td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}
+.wide table{font-size:92%}
+main > p,main > ul,main > ol,h1,h2,h3,h4{max-width:1100px}
 th{background:#f3f3f3}
 .ci{display:block;font-size:75%;color:#666;white-space:nowrap}
 table + p{font-size:88%;color:#444}
@@ -478,6 +509,19 @@ code{background:#f6f6f6;padding:0 .2em}
 </main>
 </body></html>
 """
+
+
+NAV_LABELS = {"How to read this": "Reading", "The seed paper's tables": "Paper tables",
+              "Adaptive evaluation": "Adaptive", "Against the seed paper": "vs paper", "Left out": "Left out"}
+
+
+def nav_label(heading: str) -> str:
+    """A short label for the navigation bar: "Table 1: defenses in ..." -> "Table 1"."""
+    if heading in NAV_LABELS:
+        return NAV_LABELS[heading]
+    head = heading.split(":")[0].strip()
+    words = head.split()
+    return " ".join(words[:3]) if len(words) > 3 else head
 
 
 def markdown_to_html(md: str, title: str) -> str:
@@ -505,12 +549,14 @@ def markdown_to_html(md: str, title: str) -> str:
             seen.add(slug)
             tok.attrSet("id", slug)
             if tok.tag == "h2":
-                nav.append((slug, re.sub(r"[*`]", "", text)))
+                nav.append((slug, nav_label(re.sub(r"[*`]", "", text))))
         for child in tok.children or []:
             href = child.attrGet("href") if child.type == "link_open" else None
             if href and re.fullmatch(r"[^:#?]+\.md(#.*)?", href):  # a relative link to a page we render
                 child.attrSet("href", re.sub(r"\.md(?=#|$)", ".html", href))
     body = parser.renderer.render(tokens, parser.options, {})
+    # a table wider than the window scrolls on its own, never cut off
+    body = body.replace("<table>", '<div class="wide"><table>').replace("</table>", "</table></div>")
     # a paragraph that is an image (and its PDF link): a figure with a caption
     body = re.sub(r'<p><img src="([^"]+)" alt="([^"]*)" />(.*?)</p>',
                   r'<figure><img src="\1" alt="\2" loading="lazy"><figcaption>\2\3</figcaption></figure>', body)
@@ -528,8 +574,81 @@ SMOKE_NOTE = ("A smoke run shows that every path runs and how the rows order, no
               "per cell, one image of 64; 90% of cells within 6.3 points). Compare rows within one run.")
 
 
+def autoattack_members_markdown(records: list) -> str:
+    """AutoAttack's robust accuracy after each member, per cell, as AutoAttack's own log reports it (a
+    deterministic row: pyautoattack's count; a random row: correct under every scoring draw of every
+    image so far), beside the cell's accuracy; "" when no cell has them."""
+    from attacks.autoattack import ROBUST_AFTER
+
+    rows, members = [], []
+    for r in map(as_record, records):
+        after = {k.removeprefix(ROBUST_AFTER): v for k, v in (r.attack_info or {}).items()
+                 if k.startswith(ROBUST_AFTER)}
+        if not after:
+            continue
+        members += [m for m in after if m not in members]
+        rows.append((r, after))
+    if not rows:
+        return ""
+    head = ["Dataset", "Target", "Defense", "Column", "n", *(("clean" if m == "clean" else f"after {m.upper()}")
+                                                               for m in members), "cell"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
+    for r, after in rows:
+        out.append(f"| {r.cell.dataset} | {r.cell.target} | {r.cell.defense} | {r.column} | {r.n} | "
+                   + " | ".join(f"{100 * after[m] / r.n:.2f}" if m in after else "-" for m in members)
+                   + f" | {100 * r.accuracy:.2f} |")
+    return "\n".join(out) + ("\n\nRobust accuracy (%) after each AutoAttack member in turn, as AutoAttack's own "
+                             "log reports it (a random row: correct under every scoring draw of every image so "
+                             "far); `cell` is the cell's accuracy, scored again from the returned images.\n")
+
+
+PROFILES = {
+    "smoke": SMOKE_NOTE,
+    "quick": "A quick run: the paper's rows and attacks with short training on one GPU; it says how the rows "
+             "order at that budget, not the paper's numbers.",
+    "paper": "A paper run: the seed paper's settings (the footers name each departure).",
+}
+
+
+def how_to_read(df: pd.DataFrame, blocks: list[dict], profile: str | None, checks: dict) -> list[str]:
+    """The box at the top of a report: the profile, which column is the headline, how random rows are
+    scored here and in the presets (with this run's own example), what the Checks column says, and where
+    the definitions every table's footer would otherwise repeat are."""
+    from benchmark.tables import INPUT_SPACE
+
+    out = ["## How to read this", ""]
+    if profile in PROFILES:
+        out.append(f"- **Profile: {profile}.** {PROFILES[profile]}")
+    out.append("- **The headline** is `Worst` in Results: per row, the per-sample worst case over every "
+               "input-space attack it faced. Where rows faced different attacks, compare `Worst (shared)`.")
+    many = df[(df["draws"] > 1) & (df["space"] == INPUT_SPACE) & (df["attack_registered"] != "clean")]
+    if len(many):
+        rows = ", ".join(dict.fromkeys(many["defense"]))
+        shown = many[many["attack_registered"].isin(("pgd", "autoattack", "mi-fgsm", "vni-fgsm", "bpda-eot"))]
+        pool = shown if len(shown) else many  # a cell the paper's tables show too, where the two differ most
+        r = pool.loc[(pool["mean_accuracy"] - pool["accuracy"]).idxmax()]
+        out.append(f"- **Random defenses** ({rows}) are scored under R = {int(r['draws'])} draws of their "
+                   "randomness per adversarial image. Results and `Worst` count an image only if every draw "
+                   "classifies it correctly; the seed paper's tables below give the mean over draws, as the paper "
+                   f"measured, so the same cell reads higher there (here: {r['defense']} under {r['column']}, "
+                   f"{100 * r['accuracy']:.2f} in Results, {100 * r['mean_accuracy']:.2f} as a mean over draws). "
+                   "Every score of every such cell: [draws](../tables/draws.md).")
+    if checks:
+        n = sorted({c.results.n for c in checks.values()})
+        on = f" on the first {', '.join(map(str, n))} images" if n else ""
+        out.append(f"- **Checks** runs the gradient-masking checks per row{on}: `no flag (n=...)` means none of "
+                   "them raised a flag on those images, not that the row is robust; a flag names what failed. "
+                   "Figures: [checks](../tables/checks.md).")
+    out.append("- **Every adversarial input** of every cell was verified inside the threat ball (L-inf distance "
+               "to its clean image at most eps) and inside [0, 1] before it was scored; accuracies are "
+               "recomputed from those images.")
+    out.append("- **Terms** every table uses (Worst, bold, the Checks flags, each row's caveats): "
+               "[Definitions](#definitions), at the end.")
+    return out + [""]
+
+
 def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list, preset_files: dict,
-                 parts: dict[str, str], figures: list[Path]) -> list[str]:
+                 parts: dict[str, str], figures: list[Path], preset_texts: dict | None = None) -> list[str]:
     """The report index (Markdown lines): what ran, the result blocks, the presets, the adaptive
     evaluation and the comparison with the seed paper (where ``parts`` holds them), the figures."""
     everything, paper = "adaptive.md" in parts, "paper_comparison.md" in parts
@@ -538,17 +657,23 @@ def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list,
         manifest = json.loads((run_dir / "manifest.json").read_text())
     versions = manifest.get("versions", {})
     checks = load_checks(run_dir)
+    frame = records_frame(records)
+    blocks = build_blocks(frame, checks or None)
     index = [f"# Report: {manifest.get('config', {}).get('name', run_dir.name)}", "",
              f"- profile: {manifest.get('profile')}; device: {manifest.get('device')} "
              f"({versions.get('device_name', '-')}); git commit: {versions.get('git_commit')}; "
              f"torch {versions.get('torch')}; config hash {manifest.get('config_hash')}",
              f"- {len(records)} cells; report preset: {preset}", "",
-             *([SMOKE_NOTE, ""] if manifest.get("profile") == "smoke" else []),
              left_out_markdown(left_out(records, checks)),
+             *how_to_read(frame, blocks, manifest.get("profile"), checks),
              "## Results", "", "Accuracy (%) with its 95% Wilson interval.", "",
-             to_markdown(build_blocks(records_frame(records), checks or None), intervals=True),
+             to_markdown(blocks, intervals=True, defined=False),
              "Tables: [markdown](../tables/results.md), [with 95% intervals](../tables/results_ci.md), "
-             "[LaTeX](../tables/results.tex) ([with intervals](../tables/results_ci.tex)), [CSV](../tables/results.csv)", ""]
+             "[LaTeX](../tables/results.tex) ([with intervals](../tables/results_ci.tex)), [CSV](../tables/results.csv); "
+             "[gradient-masking checks](../tables/checks.md); [scores per draw](../tables/draws.md)", ""]
+    members = autoattack_members_markdown(records)
+    if members:
+        index += ["### AutoAttack, member by member", "", members]
     if preset_files:
         index += ["## The seed paper's tables", ""]
         for name, paths in preset_files.items():
@@ -556,8 +681,8 @@ def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list,
                               f"(presets/{p.name})" for p in paths)
             index.append(f"- {name}: {links}")
         index.append("")
-        for paths in preset_files.values():
-            index.append(paths[0].read_text())
+        for name, paths in preset_files.items():
+            index.append((preset_texts or {}).get(name) or paths[0].read_text())
     elif presets:
         index += ["## The seed paper's tables", "",
                   "No record of this run fits a preset (" + ", ".join(p.name for p in presets) + ").", ""]
@@ -572,10 +697,13 @@ def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list,
     pngs = [f for f in figures if f.suffix == ".png"]
     if pngs:
         index += ["## Figures", ""]
-    for f in pngs:  # each under its own heading, its caption (what it plots) inside the image
+    for f in pngs:  # each under its own heading, its caption (what it plots) under the image
+        caption = caption_of(f) or FIGURE_TITLES.get(f.stem, f.stem)
+        other = ", ".join(f"[{kind}](figures/{f.stem}{ext})" for kind, ext in (("PDF", ".pdf"), ("LaTeX", ".tex"))
+                          if f.with_suffix(ext).is_file())
         index += [f"### {FIGURE_TITLES.get(f.stem, f.stem)}", "",
-                  f"![{f.stem}](figures/{f.name}) ([PDF](figures/{f.stem}.pdf))", ""]
-    return index
+                  f"![{caption}](figures/{f.name})" + (f" ({other})" if other else ""), ""]
+    return index + ["## Definitions", "", *definitions(blocks), ""]
 
 
 FIGURE_TITLES = {
@@ -629,7 +757,7 @@ def write_report(run_dir: Path, preset: str = "all", include_stale: bool = False
     if everything:
         figures += timing_figure(cells, out / "figures" / "timing")
         if len(adaptive):
-            figures += cost_robustness_figure(df, adaptive, out / "figures" / "cost_robustness")
+            figures += cost_robustness_figure(df, out / "figures" / "cost_robustness")
         figures += worst_bars_figure(df, out / "figures" / "robust_worst")
     if paper:
         figures += noise_discard_figure(records, out / "figures" / "noise_discard")
@@ -638,7 +766,11 @@ def write_report(run_dir: Path, preset: str = "all", include_stale: bool = False
     umap_png = out / "figures" / "umap_restored.png"
     if paper and umap_png.is_file():  # made by `run_benchmark.py umap RUN_DIR` (needs the models, not only records)
         figures.append(umap_png)
-    index = _index_lines(run_dir, records, preset, presets, preset_files, parts, figures)
+    from benchmark.presets import PRESETS, preset_blocks, preset_markdown
+
+    preset_texts = {name: preset_markdown(PRESETS[name], preset_blocks(df, PRESETS[name], reference), defined=False)
+                    for name in preset_files}
+    index = _index_lines(run_dir, records, preset, presets, preset_files, parts, figures, preset_texts)
     index.append("")
     written.append(atomic_write_text(out / "index.md", "\n".join(index)))
     html_text = markdown_to_html("\n".join(index), f"Report: {run_dir.name}")

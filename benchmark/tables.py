@@ -176,18 +176,20 @@ def consistent(g: pd.DataFrame, where: str) -> dict:
     return out
 
 
-def build_blocks(df: pd.DataFrame, checks: dict | None = None, value: str = "headline") -> list[dict]:
+def build_blocks(df: pd.DataFrame, checks: dict | None = None, value: str = "headline",
+                 worst: bool = True) -> list[dict]:
     """Per (dataset, target): a headline block of input-space attacks with ``Worst``, then (if any)
     a diagnostics block (``kind``: "results" / "diagnostics"). With ``checks``
     (:func:`benchmark.masking.load_checks`), each headline row also gets its gradient-masking flags.
     ``value``: "headline" (a stochastic defense's cells: correct under every scoring draw) or
-    "mean" (the mean over draws, the expected single-draw accuracy, compared per sample)."""
+    "mean" (the mean over draws, the expected single-draw accuracy, compared per sample). ``worst``:
+    add the Worst columns (the paper presets, which have none, pass False)."""
     blocks = []
     for (dataset, target), g in df.groupby(["dataset", "target"], sort=False):
         first = g.iloc[0]
         same = consistent(g, f"{dataset}/{target}")
         footer = {"copy": same["copy"], "profile": same["profile"], "n": sorted(set(int(v) for v in g["n"])),
-                  "target": f"{target} ({first['target_arch']}, {first['target_method']})",
+                  "target": f"{target} ({first['target_arch']}, {METHODS.get(first['target_method'], first['target_method'])})",
                   "eps": float(same["eps"]), "norm": same["norm"], "value": value}
         for kind, part in (("results", g[g["space"] == INPUT_SPACE]), ("diagnostics", g[g["space"] != INPUT_SPACE])):
             if part.empty:
@@ -196,7 +198,7 @@ def build_blocks(df: pd.DataFrame, checks: dict | None = None, value: str = "hea
             sets = {d: attack_columns(gd) for d, gd in part.groupby("defense", sort=False)}
             shared = set.intersection(*sets.values()) if sets else set()
             union = set.union(*sets.values()) if sets else set()
-            uneven = kind == "results" and len(sets) > 1 and shared != union
+            uneven = worst and kind == "results" and len(sets) > 1 and shared != union
             for defense, gd in part.groupby("defense", sort=False):
                 cells = {}
                 for _, r in gd.iterrows():
@@ -206,9 +208,9 @@ def build_blocks(df: pd.DataFrame, checks: dict | None = None, value: str = "hea
                     else:
                         cells[r["column"]] = TableCell(r["accuracy"], r["ci_low"], r["ci_high"], r["n"],
                                                        bits=r["correct"])
-                if kind == "results" and len(gd) > 1 and (worst := input_space_worst(gd)) is not None:
+                if worst and kind == "results" and len(gd) > 1 and (least := input_space_worst(gd)) is not None:
                     fewer = uneven and any(sets[defense] < other for other in sets.values())
-                    cells[WORST] = worst._replace(mark=FEWER if fewer else "")
+                    cells[WORST] = least._replace(mark=FEWER if fewer else "")
                     if uneven and shared and (common := input_space_worst(gd, shared)) is not None:
                         cells[SHARED] = common
                 row = {"defense": defense, "cells": cells}
@@ -221,14 +223,15 @@ def build_blocks(df: pd.DataFrame, checks: dict | None = None, value: str = "hea
                 columns.append(WORST)
             if any(SHARED in r["cells"] for r in rows):
                 columns.append(SHARED)
-            notes = component_notes(part) + subset_notes(part)
+            components = component_notes(part)
+            notes = subset_notes(part)
             if kind == "results":
-                notes = draw_notes(part, value) + (worst_notes(sets, shared, union) if uneven else []) + notes \
-                    + ([LEGEND] if checks is not None else [])
+                notes = draw_notes(part, value) + (worst_notes(sets, shared, union) if uneven else []) + notes
             else:
                 notes = diagnostic_notes(part) + notes
             blocks.append({"dataset": dataset, "target": target, "kind": kind, "columns": columns, "rows": rows,
-                           "footer": dict(footer, notes=notes), "uneven": uneven})
+                           "footer": dict(footer, notes=notes, components=components), "uneven": uneven,
+                           "checked": checks is not None and kind == "results"})
     return blocks
 
 
@@ -292,7 +295,8 @@ def draw_notes(g: pd.DataFrame, value: str) -> list[str]:
         else:
             notes.append(f"Stochastic rows ({rows}): a sample counts as correct only if all R = {r} independent "
                          "draws of the defense's randomness classify it correctly (robust against resubmission); "
-                         "tables/draws.md has the mean over draws and the majority vote.")
+                         "the seed paper's tables (presets) show the mean over draws, as the paper measured, hence "
+                         "higher numbers there; tables/draws.md has the mean, the majority vote and the first draw.")
     once = g[(g["draws"] == 1) & g["random_score"] & (g["space"] == INPUT_SPACE)]
     if len(once):
         rows = ", ".join(dict.fromkeys(once["defense"]))
@@ -345,21 +349,54 @@ def subset_notes(g: pd.DataFrame) -> list[str]:
     return [f"Evaluated on the first examples of the same subset only: {rows}; their intervals are wider."]
 
 
-def footer_text(block: dict) -> str:
+ACCURACY_NOTE = "Accuracy in %; 95% Wilson intervals in results_ci.md and results.csv."
+WORST_NOTE = "Worst = per-sample worst case over the row's input-space attacks (a sample counts if it survived all)."
+
+
+def footer_text(block: dict, full: bool = True) -> str:
+    """What a table rests on (data copy, profile, n, target, threat) and its own notes; ``full``: also what
+    every table's footer says (accuracy, Worst, bold, the Checks legend), for a table that stands alone
+    (LaTeX). A Markdown file or page says those once: :func:`definitions`."""
     f = block["footer"]
     eps = f["eps"]
     eps_str = f"{eps * 255:.0f}/255" if abs(eps * 255 - round(eps * 255)) < 1e-6 else f"{eps:.4f}"
     n = ", ".join(map(str, f["n"]))
-    worst = ("; Worst = per-sample worst case over the row's input-space attacks"
-             if WORST in block["columns"] else "")
+    common = ""
+    if full:
+        common = (f" {ACCURACY_NOTE}" + (f" {WORST_NOTE}" if WORST in block["columns"] else "") + f" {BOLD_NOTE}"
+                  + (f" {LEGEND}" if block.get("checked") else ""))
+    notes = f.get("notes", []) + (f.get("components", []) if full else [])
     return (f"Data: {f['copy']}. Profile: {f['profile']}. n = {n} evaluation examples. Target: {f['target']}. "
-            f"Threat: {f['norm']} eps = {eps_str}. Accuracy in %; 95% Wilson intervals in results_ci.md and "
-            f"results.csv{worst}. {BOLD_NOTE}"
-            + "".join(" " + n for n in f.get("notes", [])))
+            f"Threat: {f['norm']} eps = {eps_str}.{common}" + "".join(" " + n for n in notes))
+
+
+def definitions(blocks: list[dict]) -> list[str]:
+    """What every table's footer would repeat, said once: a Markdown definition list (bold term, its meaning)."""
+    items = [("Accuracy", "% of the n evaluation examples classified correctly; in brackets, or in results_ci.md "
+                          "and results.csv, its 95% Wilson interval.")]
+    columns = {c for b in blocks for c in b["columns"]}
+    if WORST in columns:
+        items.append(("Worst", "the per-sample worst case over the row's input-space attacks: a sample counts only "
+                               "if it survived every one of them (computed from the per-sample results, not from "
+                               "the column minima). The headline number."))
+    if SHARED in columns:
+        items.append((SHARED, "the same over the attacks every row of the table faced: compare rows on this one "
+                              f"when they faced different attacks ({FEWER} marks a Worst over fewer attacks)."))
+    items.append(("Bold", BOLD_NOTE.removeprefix("Bold: ")))
+    if any(b.get("checked") for b in blocks):
+        items.append(("Checks", LEGEND.removeprefix("Checks: ")))
+    for note in dict.fromkeys(n for b in blocks for n in b["footer"].get("components", [])):
+        rows, _, text = note.partition(": ")  # what a row's defense (or a column's attack) declares about itself
+        items.append((rows, text))
+    return [f"- **{term}**: {text}" for term, text in items]
+
+
+METHODS = {"at": "PGD-AT", "trades": "TRADES", "mart": "MART", "natural": "natural training"}
 
 
 def block_title(block: dict) -> str:
-    title = f"{block['dataset']} / target {block['target']}"
+    target = block.get("footer", {}).get("target", block["target"])
+    title = f"{block['dataset']}, target: {target}"
     return title + (": diagnostics (not robustness of the defended model)" if block.get("kind") == "diagnostics"
                     else "")
 
@@ -399,7 +436,9 @@ def latex_block(block: dict, cell, caption: str, notes: str = "") -> list[str]:
     return out + [rf"\end{{{env}}}", ""]
 
 
-def to_markdown(blocks: list[dict], intervals: bool = False) -> str:
+def to_markdown(blocks: list[dict], intervals: bool = False, defined: bool = True) -> str:
+    """The blocks as Markdown tables, each with its own footer; then, with ``defined``, the definitions
+    every footer shares, once (a page that states them elsewhere passes False)."""
     out = []
     for b in blocks:
         bold = bold_cells(b)
@@ -412,7 +451,9 @@ def to_markdown(blocks: list[dict], intervals: bool = False) -> str:
             text = (f"**{text}**" if (r["defense"], col) in bold else text) + c.mark
             return text + (f" [{100 * c.lo:.1f}, {100 * c.hi:.1f}]" if intervals else "")
 
-        out += markdown_block(b, cell, footer_text(b))
+        out += markdown_block(b, cell, footer_text(b, full=False))
+    if defined and blocks:
+        out += ["#### Definitions", "", *definitions(blocks), ""]
     return "\n".join(out)
 
 

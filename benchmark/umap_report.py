@@ -115,9 +115,9 @@ def umap_figure(data: dict, stem: Path, seed: int = 0) -> tuple[list[Path], dict
     fig.legend(handles=handles, title="class", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
                title_fontsize=7, frameon=False)
     n = max(int(len(labels)) for _, labels in data.values())
-    fig.suptitle(f"Restored representations under white-box PGD (target's penultimate features, n = {n} test "
-                 "images): one colour per true class", fontsize=9)
-    paths = _save(fig, stem)
+    paths = _save(fig, stem, f"Restored representations under white-box PGD (the target's penultimate features of "
+                             f"the defended images, n = {n} test images, embedded by UMAP): one colour per true class; "
+                             "silhouette scores in the features and in the embedding.")
     plt.close(fig)
     return paths, scores
 

@@ -214,3 +214,27 @@ def test_a_composite_outside_the_harness_restarts_from_the_callers_streams(noisy
     assert torch.equal(a.x_adv, b.x_adv)
     two = ATTACKS.get("worst-of")(attacks=[pgd, pgd])(model, x[:8], y[:8], THREAT, torch.Generator().manual_seed(11))
     assert torch.equal(two.images[0], a.x_adv)  # the first member from the caller's stream
+
+
+def test_autoattack_reports_robust_accuracy_after_each_member_as_its_log_does():
+    """Standard version on a deterministic model: pyautoattack's own count after each member, which never
+    rises, ends where the harness's re-scoring of the returned images ends, and is shown in the report."""
+    from attacks.autoattack import ROBUST_AFTER
+    from benchmark.reports import autoattack_members_markdown
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).eval()
+    x = torch.rand(24, 3, 8, 8)
+    y = net(x).argmax(1)
+    y[:4] = (y[:4] + 1) % 10  # four clean mistakes
+    result = ATTACKS.get("autoattack")(attacks=["apgd-ce", "apgd-t"]).run(net, x, y, Threat("linf", 0.02),
+                                                                          torch.Generator().manual_seed(0))
+    after = [result.info[f"{ROBUST_AFTER}{m}"] for m in ("clean", "apgd-ce", "apgd-t")]
+    assert after[0] == 20 and after[0] >= after[1] >= after[2], after
+    with torch.no_grad():
+        assert after[2] == int((net(result.x_adv).argmax(1) == y).sum())
+    from test_presets import rec
+
+    record = dict(rec("none", "autoattack", "1" * after[2] + "0" * (24 - after[2])), attack_info=dict(result.info))
+    md = autoattack_members_markdown([record])
+    assert "after APGD-CE" in md and f"| {100 * after[1] / 24:.2f} | {100 * after[2] / 24:.2f} |" in md

@@ -56,7 +56,7 @@ def test_table1_layout_values_bold_and_paper_differences():
     md = preset_markdown(PRESETS["table1"], blocks)
     # four samples: no difference is significant, so nothing is bold
     assert "| DIR | 75.00 / 85.11 (-10.11) | 75.00 / 54.27 (+20.73) | 50.00 / 51.34 (-1.34) |" in md
-    assert "| none | 100.00 / 85.20 (+14.80) | 50.00 / 45.72 (+4.28) |" in md and "**" not in md
+    assert "| none | 100.00 / 85.20 (+14.80) | 50.00 / 45.72 (+4.28) |" in md and "**" not in md.split("#### Definitions")[0]
     assert "Data: copy X. Profile: quick. n = 4" in md
     tex = preset_latex(PRESETS["table1"], blocks)
     assert r"\toprule" in tex and "75.00 / 54.27 (+20.73)" in tex and r"\textbf" not in tex
@@ -137,3 +137,23 @@ def test_the_papers_dir_settings_are_the_defense_defaults():
 
     assert (DIROptions().depth, DIROptions().decoder_depth) == DIR_DEPTHS
     assert DIRTrain().alpha == DIR_ALPHA
+
+
+def test_a_run_without_dir_at_the_papers_depth_shows_its_dir_in_table1_with_its_depth():
+    ref = reference_numbers()
+    records = [r for r in RECORDS if r["cell"]["defense"] != "DIR"]
+    blocks = preset_blocks(_frame(records), PRESETS["table1"], ref)
+    rows = {r["defense"]: r["cells"] for r in blocks[0]["rows"]}
+    assert "DIR-4-1 (depth 4-1)" in rows  # the paper's own method is in its table, its depth named
+    assert all(c.paper is None for c in rows["DIR-4-1 (depth 4-1)"].values())  # the 8-2 numbers do not apply
+    assert rows["none"]["clean"].paper == ref["table1"]["cifar10"]["none"]["clean"]
+    notes = " ".join(blocks[0]["footer"]["notes"])
+    assert "DIR-4-1: DIR at encoder-decoder depth other than the paper's 8-2" in notes
+    assert "Not in this table" not in notes
+    md = preset_markdown(PRESETS["table1"], blocks)
+    assert "Cells: ours / the seed paper's number" in md
+    digits = [dict(r, cell=dict(r["cell"], dataset="digits")) for r in records]
+    md = preset_markdown(PRESETS["table1"], preset_blocks(_frame(digits), PRESETS["table1"], ref))
+    assert "### digits, target: t (resnet18, PGD-AT)" in md
+    assert " / " not in md.split("Data:")[0] and "Cells: ours only" in md  # the footer says what the cells show
+

@@ -168,16 +168,19 @@ def test_paper_figures_from_synthetic_records(tmp_path):
                 r["attack_params"] = {"base": base, "fraction": f}
                 discard.append(r)
     paths = noise_discard_figure(discard, tmp_path / "fig2")
-    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
+    assert [p.suffix for p in paths] == [".png", ".pdf", ".txt", ".tex"] and all(p.stat().st_size > 1000
+                                                                               for p in paths[:2])
+    caption = paths[2].read_text()  # the caption beside the figure, not inside it (a paper sets its own)
+    assert "Figure 2" in caption and f"\\caption{{{caption.strip()}}}" in paths[3].read_text()
     alphas = []
     for a in (0.0, 1.0, 2.0):
         for attack, bits in (("clean", "1111"), ("pgd", "1000" if a else "1100")):
             r = rec(f"dir-alpha{int(a)}", attack, bits, reg_def="dir")
             r["defense_train"] = {"alpha": a}
             alphas.append(r)
-    assert len(alpha_figure(alphas, tmp_path / "fig6a")) == 2
+    assert len(alpha_figure(alphas, tmp_path / "fig6a")) == 4
     assert alpha_figure(alphas[:2], tmp_path / "one") == []  # a single alpha: no curve to draw
-    assert len(worst_bars_figure(_frame(RECORDS), tmp_path / "bars")) == 2
+    assert len(worst_bars_figure(_frame(RECORDS), tmp_path / "bars")) == 4
     assert noise_discard_figure(RECORDS, tmp_path / "none") == []
 
 
@@ -192,7 +195,7 @@ def test_umap_figure_and_class_separation(tmp_path):
     mixed = rng.normal(size=(240, 16))
     assert class_separation(separated, labels) > 0.5 > class_separation(mixed, labels)
     paths, scores = umap_figure({"good": (separated, labels), "bad": (mixed, labels)}, tmp_path / "umap")
-    assert [p.suffix for p in paths] == [".png", ".pdf"] and paths[0].stat().st_size > 5000
+    assert [p.suffix for p in paths] == [".png", ".pdf", ".txt", ".tex"] and paths[0].stat().st_size > 5000
     assert scores["good"]["silhouette_features"] > scores["bad"]["silhouette_features"]
     assert scores["good"]["n"] == 240
 

@@ -131,7 +131,7 @@ def test_worst_case_and_bold_best():
     assert rows["a"]["Worst"][0] == 0.25 and rows["b"]["Worst"][0] == 0.5  # per-sample AND, not column minima
     md = to_markdown(blocks)
     assert "| a | 100.00 | 50.00 | 50.00 | 25.00 |" in md  # four samples: no difference is significant
-    assert "| b | 75.00 | 75.00 | 50.00 | 50.00 |" in md and "**" not in md
+    assert "| b | 75.00 | 75.00 | 50.00 | 50.00 |" in md and "**" not in md.split("#### Definitions")[0]
     assert "copy X" in md and "eps = 8/255" in md and "n = 4" in md and "no significant winner" in md
     assert worst_case(["101", "110"]) == (1, 3)
     # 40 samples: a beats b on pgd in 16 discordant pairs to 0 (McNemar p < 0.001): bold; clean 40 vs
@@ -158,7 +158,7 @@ def test_worst_ignores_diagnostics():
     assert head["rows"][0]["cells"]["Worst"].acc == 5 / 8  # pgd AND bpda-eot, not 0 from representation
     assert diag["columns"] == ["representation", "noise-discard"] and "Worst" not in diag["rows"][0]["cells"]
     md = to_markdown(blocks)
-    assert "### d / target t: diagnostics (not robustness of the defended model)" in md
+    assert "### d, target: t (small-cnn, PGD-AT): diagnostics (not robustness of the defended model)" in md
     assert "never part of its Worst" in md and "restored image" in md
     csv = to_csv_frame(blocks)
     assert set(csv[csv["block"] == "diagnostics"]["column"]) == {"representation", "noise-discard"}
