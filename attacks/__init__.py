@@ -5,4 +5,5 @@ from attacks.base import Attack, Threat  # noqa: F401
 from attacks.pgd import pgd_linf, project_linf, trades_kl_linf  # noqa: F401
 from benchmark.registry import discover
 
-discover(__name__, __path__, ["base", "adaptive", "autoattack", "bpda_eot", "engine", "momentum", "pgd", "ssp", "worst"])
+discover(__name__, __path__, ["base", "core", "engine", "adaptive", "autoattack", "bpda_eot", "momentum", "pgd", "ssp",
+                              "worst"])

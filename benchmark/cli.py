@@ -378,7 +378,7 @@ def _add_train(sub) -> None:
     t.add_argument("--schedule", choices=["onecycle", "step", "constant"])
     for flag, kind, text in TRAIN_OPTIONS:
         t.add_argument(flag, type=kind, help=text)
-    t.add_argument("--download", action="store_true", help="fetch the dataset when it is missing (cifar10, svhn)")
+    t.add_argument("--download", action="store_true", help="fetch the dataset when it is missing (cifar10, svhn, fashion-mnist)")
     t.add_argument("--device", default="auto")
     t.add_argument("--out", help="checkpoint stem to write (<out>.safetensors + <out>.json)")
     t.add_argument("--no-progress", action="store_true")
@@ -391,7 +391,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--pretrained", action="store_true", help="CHECKPOINT is a pretrained name")
     e.add_argument("--dataset", help="default: the checkpoint's")
     e.add_argument("--root")
-    e.add_argument("--download", action="store_true", help="fetch the dataset when it is missing (cifar10, svhn)")
+    e.add_argument("--download", action="store_true", help="fetch the dataset when it is missing (cifar10, svhn, fashion-mnist)")
     e.add_argument("--size", type=int, help="image size (default: the checkpoint's dataset options)")
     e.add_argument("--eps", type=_number, help="L-inf budget, e.g. 8/255 (default: the checkpoint's training eps, "
                    "else 8/255)")

@@ -34,9 +34,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmark.config import ConfigError, from_dict, subkey
+from benchmark.config import ConfigError, subkey
 from benchmark.errors import BenchError
-from benchmark.experiment import ExperimentConfig
+from benchmark.experiment import ExperimentConfig, config_from_dict
 from benchmark.io import atomic_write_json
 from benchmark.records import RecordError, Typed
 from benchmark.registry import DEFENSES
@@ -189,7 +189,7 @@ class Share(Typed):
         try:
             tasks = [Task.from_json(t, subkey(where, f"tasks[{i}]")) for i, t in enumerate(data.get("tasks") or [])]
             # validated again in the worker: a checkpoint file that changed since the submission is caught
-            cfg = from_dict(ExperimentConfig, data.get("cfg"), subkey(where, "cfg"))
+            cfg = config_from_dict(data.get("cfg"), subkey(where, "cfg"))
         except ConfigError as exc:
             raise RecordError(str(exc)) from None
         return super().from_json(dict(data, tasks=tasks, cfg=cfg), where)

@@ -347,22 +347,50 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         raise ConfigError(f"config {path}: the top level must be a mapping")
     for key, value in (overrides or {}).items():
         _override(raw, key, value, f"{path}: override {key}")
-    import_plugins(raw.get("plugins"), Path(path).parent, f"{path}: plugins")
+    if raw.get("plugins") is not None:
+        raw["plugins"] = import_plugins(raw["plugins"], Path(path).parent, f"{path}: plugins")
+    _fractions(raw)
     _threat_defaults(raw)
     return from_dict(ExperimentConfig, raw, f"{path}:")
 
 
-def import_plugins(plugins: Any, folder: Path, where: str) -> None:
+def config_from_dict(data: Any, where: str) -> ExperimentConfig:
+    """A config as a run stored it (a manifest, a cluster job's share): its plugins imported first."""
+    if isinstance(data, dict):
+        import_plugins(data.get("plugins"), Path.cwd(), f"{where} plugins")
+    return from_dict(ExperimentConfig, data, where)
+
+
+def _fractions(node: Any) -> Any:
+    """Every value written as a fraction (``8/255``) as the number it is, wherever it stands (typed
+    fields would read it so anyway; free-form options and parameters, and the hashes of both, too)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            node[k] = _fractions(v)
+    elif isinstance(node, list):
+        node[:] = [_fractions(v) for v in node]
+    elif isinstance(node, str) and FRACTION.fullmatch(node.strip()):
+        try:
+            return fraction(node)
+        except ValueError:  # 1/0: left as written, for the key's own error
+            return node
+    return node
+
+
+def import_plugins(plugins: Any, folder: Path, where: str) -> Any:
     """Import a config's ``plugins`` (module names or ``.py`` files, relative to ``folder`` or the
-    working directory) so that what they register is known before the config is checked."""
+    working directory) so that what they register is known before the config is checked; returns the
+    list with each file as its absolute path (what a manifest keeps, so a worker finds it again)."""
+    import hashlib
     import importlib
     import importlib.util
     import sys
 
     if plugins is None:
-        return
+        return plugins
     if not isinstance(plugins, list) or not all(isinstance(p, str) and p for p in plugins):
         raise ConfigError(f"{where}: expected a list of module names or .py files, got {plugins!r}")
+    resolved = list(plugins)
     for i, plugin in enumerate(plugins):
         at = f"{where}[{i}] ({plugin})"
         if plugin.endswith(".py"):
@@ -370,14 +398,18 @@ def import_plugins(plugins: Any, folder: Path, where: str) -> None:
             file = next((c for c in candidates if c.is_file()), None)
             if file is None:
                 raise ConfigError(f"{at}: no such file (looked in {', '.join(str(c) for c in candidates)})")
-            module = "purifybench_plugin_" + "".join(c if c.isalnum() else "_" for c in str(file.resolve()))
-            if module in sys.modules:
+            file = file.resolve()
+            resolved[i] = str(file)
+            loaded = {Path(m.__file__).resolve() for m in list(sys.modules.values())
+                      if isinstance(getattr(m, "__file__", None), str)}
+            if file in loaded:  # imported already (by an earlier config, or as a module of defenses/)
                 continue
+            module = f"purifybench_plugin_{file.stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:12]}"
             spec = importlib.util.spec_from_file_location(module, file)
-            loaded = importlib.util.module_from_spec(spec)
-            sys.modules[module] = loaded
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[module] = mod
             try:
-                spec.loader.exec_module(loaded)
+                spec.loader.exec_module(mod)
             except Exception as exc:
                 del sys.modules[module]
                 raise ConfigError(f"{at}: importing it failed: {type(exc).__name__}: {exc}") from None
@@ -386,6 +418,7 @@ def import_plugins(plugins: Any, folder: Path, where: str) -> None:
                 importlib.import_module(plugin)
             except Exception as exc:
                 raise ConfigError(f"{at}: importing it failed: {type(exc).__name__}: {exc}") from None
+    return resolved
 
 
 def _override(raw: dict, key: str, value: Any, where: str) -> None:
@@ -469,21 +502,27 @@ def train_split(ds: DatasetSpec, cfg: ExperimentConfig):
                         **ds.options)
 
 
+def data_identity(ds: DatasetSpec) -> dict:
+    """A dataset entry as hashes see it: where it is read from (``root``) and whether a missing copy
+    is fetched (``download``) change no number."""
+    return asdict(ds) | {"root": None, "download": False}
+
+
 def target_identity(target: TargetSpec) -> dict:
     """``asdict(target)`` as the artifact and cell hashes see it: ``train.deterministic`` only when
     on (the keys of targets trained before the option existed stay what they were)."""
     out = asdict(target)
     if out.get("train") is not None and not out["train"].get("deterministic"):
         out["train"].pop("deterministic", None)
-    for key in ("robustbench", "model_dir"):  # (identities of targets from before these keys stay the same)
-        if out.get(key) is None:
-            out.pop(key, None)
+    out.pop("model_dir", None)  # where the weights are read from: no number depends on it
+    if out.get("robustbench") is None:  # (identities of targets from before the key stay the same)
+        out.pop("robustbench", None)
     return out
 
 
 def target_key(ds: DatasetSpec, target: TargetSpec, seed: int) -> str:
     return artifact_key({
-        "v": ARTIFACT_VERSION, "dataset": asdict(ds) | {"root": None}, "arch": target.arch,
+        "v": ARTIFACT_VERSION, "dataset": data_identity(ds), "arch": target.arch,
         "arch_options": target.arch_options, "train": target_identity(target)["train"] | {"progress": None,
         "eval_n": None, "eval_pgd_steps": None, "eval_batch_size": None}, "seed": seed,
     })
@@ -571,7 +610,7 @@ def defense_key(ds: DatasetSpec, spec: DefenseSpec, target_sha: str, seed: int) 
         "options": {k: v for k, v in spec.options.items() if k not in getattr(cls, "inference_options", ())},
         "train": {k: v for k, v in spec.train.items() if k != "progress"},
         "target": target_sha,
-        "dataset": asdict(ds) | {"root": None}, "seed": seed,
+        "dataset": data_identity(ds), "seed": seed,
     })
 
 

@@ -463,9 +463,11 @@ def data_line(ds) -> str:
     where, present = locate(ds.root, ds.download)
     if present:
         return f"{label}: reads {where} (present)"
+    if not meta.get("downloadable"):
+        return f"{label}: reads {where} (MISSING: the run stops there; this copy cannot be downloaded)"
     if ds.download:
         return f"{label}: reads {where} (missing: download: true fetches it, needs internet)"
-    return f"{label}: reads {where} (MISSING: the run stops there; download: true fetches what can be downloaded)"
+    return f"{label}: reads {where} (MISSING: the run stops there; download: true fetches it)"
 
 
 def format_plan(runner, planner: Planner, config_path: str) -> str:

@@ -79,8 +79,11 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
         # depth (the smoke profile's shallower DIR), it stands in, its depth in its name, without the
         # paper's numbers (they are for 8-2)
         variant = ~_not_depth_variant(df)
-        paper_dir = {(d, t) for d, t in zip(df.loc[chosen & ~variant & (df["defense_registered"] == "dir"), "dataset"],
-                                            df.loc[chosen & ~variant & (df["defense_registered"] == "dir"), "target"])}
+        shown = df["attack_registered"].isin(preset.attacks)
+        if preset.need is not None:  # a row the preset keeps: one that ran the attack the preset needs
+            shown &= df["defense"].isin(set(df.loc[df["attack_registered"] == preset.need, "defense"]))
+        at_depth = df[chosen & shown & ~variant & (df["defense_registered"] == "dir")]
+        paper_dir = set(zip(at_depth["dataset"], at_depth["target"]))
         has_paper_dir = pd.Series([(d, t) in paper_dir for d, t in zip(df["dataset"], df["target"])], index=df.index)
         stand_in = chosen & variant & ~has_paper_dir
         chosen_all = chosen
@@ -115,7 +118,8 @@ def preset_blocks(df: pd.DataFrame, preset: Preset, reference: dict) -> list[dic
                 row["cells"][r["column"]] = row["cells"][r["column"]]._replace(paper=hit[1] if hit else None)
             if preset.training_time:
                 spe = gd["defense_seconds_per_epoch"].dropna()
-                paper = reference.get("table4", {}).get(gd["defense_registered"].iloc[0], {}).get("seconds_per_epoch")
+                paper = None if row["defense"] in standing else reference.get("table4", {}).get(
+                    gd["defense_registered"].iloc[0], {}).get("seconds_per_epoch")
                 row["seconds_per_epoch"] = (float(spe.iloc[0]) if len(spe) else None, paper)
         if preset.training_time:
             block["columns"].append(SECONDS)

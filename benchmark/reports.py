@@ -610,7 +610,8 @@ PROFILES = {
 }
 
 
-def how_to_read(df: pd.DataFrame, blocks: list[dict], profile: str | None, checks: dict) -> list[str]:
+def how_to_read(df: pd.DataFrame, blocks: list[dict], profile: str | None, checks: dict,
+                presets: bool = True) -> list[str]:
     """The box at the top of a report: the profile, which column is the headline, how random rows are
     scored here and in the presets (with this run's own example), what the Checks column says, and where
     the definitions every table's footer would otherwise repeat are."""
@@ -627,9 +628,11 @@ def how_to_read(df: pd.DataFrame, blocks: list[dict], profile: str | None, check
         shown = many[many["attack_registered"].isin(("pgd", "autoattack", "mi-fgsm", "vni-fgsm", "bpda-eot"))]
         pool = shown if len(shown) else many  # a cell the paper's tables show too, where the two differ most
         r = pool.loc[(pool["mean_accuracy"] - pool["accuracy"]).idxmax()]
-        out.append(f"- **Random defenses** ({rows}) are scored under R = {int(r['draws'])} draws of their "
+        draws = ", ".join(map(str, sorted({int(v) for v in many["draws"]})))
+        where = "the seed paper's tables below give" if presets else "the seed paper's table layouts (`--preset`) give"
+        out.append(f"- **Random defenses** ({rows}) are scored under R = {draws} draws of their "
                    "randomness per adversarial image. Results and `Worst` count an image only if every draw "
-                   "classifies it correctly; the seed paper's tables below give the mean over draws, as the paper "
+                   f"classifies it correctly; {where} the mean over draws, as the paper "
                    f"measured, so the same cell reads higher there (here: {r['defense']} under {r['column']}, "
                    f"{100 * r['accuracy']:.2f} in Results, {100 * r['mean_accuracy']:.2f} as a mean over draws). "
                    "Every score of every such cell: [draws](../tables/draws.md).")
@@ -665,7 +668,7 @@ def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list,
              f"torch {versions.get('torch')}; config hash {manifest.get('config_hash')}",
              f"- {len(records)} cells; report preset: {preset}", "",
              left_out_markdown(left_out(records, checks)),
-             *how_to_read(frame, blocks, manifest.get("profile"), checks),
+             *how_to_read(frame, blocks, manifest.get("profile"), checks, presets=bool(preset_files)),
              "## Results", "", "Accuracy (%) with its 95% Wilson interval.", "",
              to_markdown(blocks, intervals=True, defined=False),
              "Tables: [markdown](../tables/results.md), [with 95% intervals](../tables/results_ci.md), "
@@ -756,8 +759,7 @@ def write_report(run_dir: Path, preset: str = "all", include_stale: bool = False
     figures: list[Path] = []
     if everything:
         figures += timing_figure(cells, out / "figures" / "timing")
-        if len(adaptive):
-            figures += cost_robustness_figure(df, out / "figures" / "cost_robustness")
+        figures += cost_robustness_figure(df, out / "figures" / "cost_robustness")
         figures += worst_bars_figure(df, out / "figures" / "robust_worst")
     if paper:
         figures += noise_discard_figure(records, out / "figures" / "noise_discard")

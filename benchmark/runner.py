@@ -33,6 +33,7 @@ from benchmark.experiment import (
     TargetSpec,
     artifact_key,
     build_attack,
+    data_identity,
     prepare_defense,
     prepare_target,
     target_identity,
@@ -103,7 +104,7 @@ def _on_main_first(build):
 def row_description(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> dict:
     """What a row's results depend on (a cell adds its attack): the cell and checks hashes."""
     return {
-        "v": ARTIFACT_VERSION, "dataset": asdict(ds) | {"root": None},
+        "v": ARTIFACT_VERSION, "dataset": data_identity(ds),
         "target": target_identity(target),
         "defense": {k: v for k, v in asdict(defense).items() if k != "targets" and not (k == "eval_n" and v is None)},
         "threat": asdict(cfg.threat), "n": cfg.eval.n, "seed": cfg.seed,
@@ -167,13 +168,16 @@ def row_eot(cfg: ExperimentConfig, defense: DefenseSpec) -> int | None:
 FREE_FORM = ("params", "options", "train", "arch_options")  # config mappings with no fixed fields
 
 
+LOCATIONS = {"root", "download", "model_dir"}  # where data and weights are read from: no number depends on it
+
+
 def same_config(old, new, top: bool = True) -> bool:
     """Whether a folder's configuration (its manifest's ``config``) is ``new``: equal wherever both say
     something (a field a newer version added, with its default, is no difference), the report's
     options aside (they change no number)."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in old.keys() & new.keys():
-            if top and k == "report":
+            if (top and k == "report") or k in LOCATIONS:
                 continue
             if k in FREE_FORM:  # a user's own mapping (an attack's params, a defense's options): whole
                 if old[k] != new[k]:

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from attacks.pgd import pgd_linf
-from benchmark.config import from_dict
 from benchmark.data import load_dataset
 from benchmark.errors import BenchError
-from benchmark.experiment import ExperimentConfig, prepare_defense, prepare_target
+from benchmark.experiment import config_from_dict, prepare_defense, prepare_target
 from benchmark.runtime import resolve_device
 from defenses.base import DefendedModel
 
@@ -47,7 +46,7 @@ def restored_features(run_dir: Path, defenses: list[str] | None, n: int | None, 
                       device: str = "auto", dataset: str | None = None, target: str | None = None) -> dict:
     """{defense name: (features, labels)} from the run's artifacts; PGD through the defended model."""
     manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
-    cfg = from_dict(ExperimentConfig, manifest["config"], f"{run_dir}/manifest.json config")
+    cfg = config_from_dict(manifest["config"], f"{run_dir}/manifest.json config")
     dev = resolve_device(device if device != "auto" else cfg.device)
     ds = next((d for d in cfg.datasets if dataset in (None, d.name)), None)
     tspec = next((t for t in cfg.targets if target in (None, t.name)), None)

@@ -45,8 +45,9 @@ if [ "$smoke" = 1 ]; then
   # The CUDA smoke reads the original CIFAR-10 (download: true); a machine without it or internet runs it on
   # the offline JPEG copy where that is present (its tables say so).
   offline=()
-  if ! "$py" -c "import sys; from benchmark.registry import DATASETS as D
-sys.exit(0 if D.metadata('cifar10')['locate'](None, False)[1] or not D.metadata('cifar10-jpeg')['locate'](None, False)[1] else 1)"; then
+  "$py" -c "import sys; from benchmark.registry import DATASETS as D
+sys.exit(0 if D.metadata('cifar10')['locate'](None, False)[1] or not D.metadata('cifar10-jpeg')['locate'](None, False)[1] else 3)"
+  if [ $? = 3 ]; then
     offline=(--set datasets.cifar10.name=cifar10-jpeg)
     echo "-- the original CIFAR-10 is not here: the CUDA smoke runs on the offline JPEG copy (${offline[*]})"
   fi

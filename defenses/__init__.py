@@ -4,4 +4,5 @@ saved in this folder is imported (a new defense needs no other line), names star
 from benchmark.registry import discover
 from defenses.base import DefendedModel, Defense  # noqa: F401
 
-discover(__name__, __path__, ["base", "aid", "apegan", "dir", "dir_official", "ebm", "hgd", "jatp", "menet", "nrp"])
+discover(__name__, __path__, ["base", "unroll", "pairs", "aid", "apegan", "dir", "dir_official", "ebm", "hgd", "jatp",
+                              "menet", "nrp"])

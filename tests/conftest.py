@@ -8,6 +8,12 @@ import torch
 os.environ.setdefault("PURIFYBENCH_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "purifybench"))
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
+# Modules a discovery test saves in defenses/ (tests/test_readme_example.py) are removed in its own
+# finally; one left by a killed test run would be found by every later run: gone before anything imports.
+STRAY = "pbtest_"
+for _stray in (Path(__file__).resolve().parent.parent / "defenses").glob(f"{STRAY}*.py"):
+    _stray.unlink(missing_ok=True)
+
 
 
 @pytest.fixture(scope="session")

@@ -165,3 +165,31 @@ def test_no_product_text_points_at_development_material():
     found = [f"{p.relative_to(root)}:{i}: {line.strip()}" for p in files
              for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pointers.search(line)]
     assert not found, "\n".join(found)
+
+
+def test_where_data_is_read_from_changes_no_hash_and_plan_says_what_is_missing(tmp_path):
+    """The offline override keeps the config's download: true; neither it nor root enters a hash, so a run
+    on the JPEG copy made before the shipped configs said download: true keeps its records and artifacts."""
+    from benchmark.experiment import DatasetSpec, data_identity, target_key
+    from benchmark.plan import data_line
+
+    cfg = load_config(CONFIGS / "quick" / "cifar10_table1.yaml", {"datasets.cifar10.name": "cifar10-jpeg"})
+    ds = cfg.datasets[0]
+    assert ds.name == "cifar10-jpeg" and ds.download
+    plain = DatasetSpec(name="cifar10-jpeg", root="/elsewhere")
+    assert data_identity(ds) == data_identity(plain)
+    assert target_key(ds, cfg.targets[0], 0) == target_key(plain, cfg.targets[0], 0)
+    line = data_line(DatasetSpec(name="cifar10-jpeg", root=str(tmp_path), download=True))
+    assert "MISSING" in line and "cannot be downloaded" in line and "fetches" not in line
+    assert "missing: download: true fetches it" in data_line(DatasetSpec(name="cifar10", root=str(tmp_path),
+                                                                         download=True))
+    assert "no root given" in data_line(DatasetSpec(name="imagefolder"))
+    assert data_line(DatasetSpec(name="digits")).endswith("(present)")
+
+
+def test_fractions_are_numbers_wherever_they_are_written():
+    cfg = load_config(CONFIGS / "smoke" / "default.yaml", {"attacks.pgd.params.step_size": "1/40",
+                                                          "defenses.DIR.train.eps": "8/255"})
+    pgd = next(a for a in cfg.attacks if a.name == "pgd")
+    assert pgd.params["step_size"] == 1 / 40  # a free-form mapping: the number, in the hash too
+    assert next(d for d in cfg.defenses if d.name == "DIR").train["eps"] == 8 / 255

@@ -152,6 +152,13 @@ def test_a_run_without_dir_at_the_papers_depth_shows_its_dir_in_table1_with_its_
     assert "Not in this table" not in notes
     md = preset_markdown(PRESETS["table1"], blocks)
     assert "Cells: ours / the seed paper's number" in md
+    natural = [rec("DIR-4-1", "clean", "1111", "dir", method="natural", target="nat", spe=3.0,
+                   options={"depth": 4, "decoder_depth": 1}),
+               rec("DIR-4-1", "pgd", "1000", "dir", method="natural", target="nat", spe=3.0,
+                   options={"depth": 4, "decoder_depth": 1})]
+    t4 = preset_blocks(_frame(records + natural), PRESETS["table4"], ref)
+    stand_in = next(r for r in t4[0]["rows"] if r["defense"] == "DIR-4-1 (depth 4-1)")
+    assert stand_in["seconds_per_epoch"] == (3.0, None)  # the paper's 8-2 epoch time is not its number
     digits = [dict(r, cell=dict(r["cell"], dataset="digits")) for r in records]
     md = preset_markdown(PRESETS["table1"], preset_blocks(_frame(digits), PRESETS["table1"], ref))
     assert "### digits, target: t (resnet18, PGD-AT)" in md

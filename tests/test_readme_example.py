@@ -40,7 +40,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_the_readme_defense_saved_in_defenses_is_found():
     """The README says: put it in ``defenses/``. A fresh process finds it there, with no other line."""
-    file = ROOT / "defenses" / f"readme_example_{uuid.uuid4().hex[:8]}.py"
+    file = ROOT / "defenses" / f"pbtest_readme_example_{uuid.uuid4().hex[:8]}.py"  # (conftest: STRAY)
     file.write_text(_code(), encoding="utf-8")
     try:
         out = _cli("list", "defenses")
@@ -51,7 +51,7 @@ def test_the_readme_defense_saved_in_defenses_is_found():
 
 
 def test_a_broken_module_in_defenses_warns_and_the_rest_loads():
-    file = ROOT / "defenses" / f"broken_{uuid.uuid4().hex[:8]}.py"
+    file = ROOT / "defenses" / f"pbtest_broken_{uuid.uuid4().hex[:8]}.py"
     file.write_text("raise RuntimeError('half-written')\n", encoding="utf-8")
     try:
         out = _cli("list", "defenses")
@@ -73,7 +73,19 @@ def test_a_config_imports_its_plugins_before_it_is_checked(tmp_path):
     cfg["plugins"] = ["my_defense.py"]
     cfg["defenses"] = [{"name": "mine", "defense": "plugged-denoiser", "options": {"width": 4}}]
     loaded = load_config(_write(tmp_path, cfg))
-    assert loaded.plugins == ["my_defense.py"] and "plugged-denoiser" in DEFENSES
+    file = tmp_path / "my_defense.py"
+    assert loaded.plugins == [str(file.resolve())] and "plugged-denoiser" in DEFENSES  # the path a manifest keeps
+    # a worker (a cluster job, `umap`) rebuilds the config from the manifest in a new process: it imports
+    # the plugin again from where the manifest says it is
+    from dataclasses import asdict
+
+    (tmp_path / "manifest.json").write_text(json.dumps(asdict(loaded)))
+    code = ("import json, sys; from benchmark.experiment import config_from_dict; "
+            "print(config_from_dict(json.load(open(sys.argv[1])), 'manifest').defenses[0].registered)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "manifest.json")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "plugged-denoiser", out.stderr[-1500:]
+    assert load_config(_write(tmp_path, cfg)).plugins == [str(file.resolve())]  # loaded twice: imported once
     cfg["plugins"] = ["no_such_module_here"]
     with pytest.raises(Exception, match=r"plugins\[0\] \(no_such_module_here\): importing it failed: "
                                         "ModuleNotFoundError"):

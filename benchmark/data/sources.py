@@ -120,7 +120,7 @@ def _locate_fashion(root: str | None, download: bool) -> tuple[str, bool]:
     return (str(found.parent), True) if found else (", ".join(map(str, roots)), False)
 
 
-@DATASETS.register("fashion-mnist", num_classes=10, channels=1, size=28, locate=_locate_fashion,
+@DATASETS.register("fashion-mnist", num_classes=10, channels=1, size=28, locate=_locate_fashion, downloadable=True,
                    description="Fashion-MNIST from IDX files (Debian dataset-fashion-mnist or torchvision raw layout)")
 def fashion_mnist(split: str, root: str | None = None, download: bool = False,
                   size: int | None = None, channels: int | None = None) -> ImageData:
@@ -194,7 +194,7 @@ def _locate_cifar10(root: str | None, download: bool) -> tuple[str, bool]:
     return str(folder), (folder / "test_batch").is_file()
 
 
-@DATASETS.register("cifar10", num_classes=10, channels=3, size=32, locate=_locate_cifar10,
+@DATASETS.register("cifar10", num_classes=10, channels=3, size=32, locate=_locate_cifar10, downloadable=True,
                    description="original CIFAR-10 (python batches; download: true fetches it)")
 def cifar10(split: str, root: str | None = None, download: bool = False) -> ImageData:
     base = Path(root).expanduser() if root else data_dir() / "cifar10"
@@ -226,7 +226,7 @@ def _locate_svhn(root: str | None, download: bool) -> tuple[str, bool]:
     return str(base), (base / "test_32x32.mat").is_file()
 
 
-@DATASETS.register("svhn", num_classes=10, channels=3, size=32, locate=_locate_svhn,
+@DATASETS.register("svhn", num_classes=10, channels=3, size=32, locate=_locate_svhn, downloadable=True,
                    description="SVHN cropped digits (train_32x32.mat / test_32x32.mat; download: true fetches them)")
 def svhn(split: str, root: str | None = None, download: bool = False) -> ImageData:
     from scipy.io import loadmat
@@ -266,7 +266,8 @@ def _split_source(base: Path, split: str) -> tuple[Path, str | None]:
 
 
 @DATASETS.register("imagefolder", locate=lambda root, download: (
-                       str(root), bool(root) and Path(root).expanduser().exists()), description="any <root>/<split>/<class>/<image> tree or <root>/<split>.tar.xz archive")
+                       str(root) if root else "no root given (set root: the folder with train/ and test/)",
+                       bool(root) and Path(root).expanduser().exists()), description="any <root>/<split>/<class>/<image> tree or <root>/<split>.tar.xz archive")
 def imagefolder(split: str, root: str | None = None, download: bool = False,
                 title: str = "imagefolder", subdir: str | None = "auto",
                 mean: list[float] | None = None, std: list[float] | None = None) -> ImageData:
