@@ -31,7 +31,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else REPO_ROOT / "results" / cfg.name
     runner = Runner(cfg, out, device=args.device, force=args.force, progress=_progress(args),
-                    config_path=str(args.config), keep_going=args.keep_going, replace=args.replace)
+                    config_path=str(args.config), keep_going=args.keep_going, replace=args.replace,
+                    plan_only=args.plan)
     if args.plan:
         from benchmark.plan import Planner, format_plan
 

@@ -45,23 +45,35 @@ class Figure:
 
 class Costs:
     """The figures of ``costs.yaml``: ``get(section, key, field)`` falls back to the section's
-    ``default`` entry (a guess when the key has no entry of its own)."""
+    ``default`` entry (a guess when the key has no entry of its own). Each entry is ``measured``
+    (where), ``derived`` (from which measured figures and counts) or ``guess: true``; ``used``
+    remembers which entries a plan read and how (``measured``, ``derived``, ``guess``, or
+    ``default`` for a key that has no entry of its own)."""
 
     def __init__(self, path: Path = COSTS) -> None:
         try:
             self.table = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise BenchError(f"{path}: cannot read the cost table ({exc})") from None
+        self.used: dict[str, str] = {}
 
     def get(self, section: str, key: str | None = None, field: str = "s") -> Figure:
         entries = self.table[section]
         if key is None:
-            entry, fallback = entries, False
+            entry, fallback, name = entries, False, section
         elif key in entries:
-            entry, fallback = entries[key], False
+            entry, fallback, name = entries[key], False, f"{section}.{key}"
         else:
-            entry, fallback = entries["default"], True
-        return Figure(float(entry[field]), bool(entry.get("guess")) or fallback)
+            entry, fallback, name = entries["default"], True, f"{section}.{key}"
+        guess = bool(entry.get("guess")) or fallback
+        self.used[name] = "default" if fallback else "guess" if guess else \
+            "derived" if "derived" in entry else "measured"
+        return Figure(float(entry[field]), guess)
+
+    def guessed(self) -> list[str]:
+        """The entries read so far that are guesses (a key without an entry: ``section.key (default)``)."""
+        return sorted(f"{k} (default)" if v == "default" else k for k, v in self.used.items()
+                      if v in ("guess", "default"))
 
 
 @dataclass
@@ -116,10 +128,15 @@ class Planner:
         n = self.cfg.eval.n or int(self.costs.get("test_images", ds.name, "n").value)
         return min(n, spec.eval_n) if spec.eval_n else n
 
-    def pass_us(self, spec: DefenseSpec) -> Figure:
+    def pass_us(self, spec: DefenseSpec, gradient: bool = True) -> Figure:
+        """Per-image microseconds of one pass: with an input gradient (an attack's step), or a
+        prediction (``gradient=False``; the EBM averages ``chains`` there, ``attack_chains`` in an
+        attack's step)."""
         figure = self.costs.get("pass_us", spec.registered, "us")
         if spec.registered == "ebm":  # per Langevin step and chain
             steps, chains = spec.options.get("steps", 1500), spec.options.get("chains", 150)
+            if gradient:
+                chains = spec.options.get("attack_chains") or chains
             return Figure(figure.value * steps * chains, figure.guess)
         return figure
 
@@ -129,11 +146,12 @@ class Planner:
             return Figure(figure.value * spec.options.get("steps", 1500), figure.guess)
         return figure
 
-    def pass_seconds(self, spec: DefenseSpec, n: int) -> Figure:
-        """Seconds of one forward + input-gradient pass of ``n`` images through the defended model:
-        ``n`` times the per-image cost, but never less than the defense's latency per pass
-        (``pass_ms``: a small batch does not fill the GPU, and the purifiers' loops run in sequence)."""
-        per_image, floor = self.pass_us(spec), self.pass_latency_ms(spec)
+    def pass_seconds(self, spec: DefenseSpec, n: int, gradient: bool = True) -> Figure:
+        """Seconds of one forward + input-gradient pass of ``n`` images through the defended model
+        (``gradient=False``: a prediction, which a third of it stands for): ``n`` times the per-image
+        cost, but never less than the defense's latency per pass (``pass_ms``: a small batch does not
+        fill the GPU, and the purifiers' loops run in sequence)."""
+        per_image, floor = self.pass_us(spec, gradient), self.pass_latency_ms(spec)
         return Figure(max(n * per_image.value * 1e-6, floor.value * 1e-3), per_image.guess or floor.guess)
 
     def attack_passes(self, spec: AttackSpec, stochastic: bool) -> tuple[float, bool]:
@@ -316,20 +334,23 @@ class Planner:
             from benchmark.runner import row_eot
 
             c = self.cfg.eval.checks
-            # PGD few and more, the eps sweep, Square, one FGSM step, the noise baseline (a forward)
-            passes = c.steps + c.more_steps + c.steps * len(c.eps_multipliers) + c.square_queries / 3 + 1 + 1 / 3
+            # PGD few and more, the eps sweep, one FGSM step; Square's queries and the noise baseline
+            # are predictions (a third of a pass each)
+            passes = c.steps + c.more_steps + c.steps * len(c.eps_multipliers) + 1
             passes += c.steps if c.transfer else 0
             if stochastic:  # EOT-PGD with the row's own E and 2E, repeats, PGD with the randomness fixed
                 e = c.eot if c.eot != "auto" else (row_eot(self.cfg, spec) or DEFAULT_EOT)
                 passes += c.steps * 3 * e + (c.repeats - 1) * c.steps + (c.steps if c.fixed_randomness else 0)
-            est = Estimate().add(self.pass_seconds(spec, min(c.n, self.eval_images(ds, spec))), passes)
+            n_checks = min(c.n, self.eval_images(ds, spec))
+            est = Estimate().add(self.pass_seconds(spec, n_checks), passes)
+            est.add(self.pass_seconds(spec, n_checks, gradient=False), (c.square_queries + 1) / 3)
             est.add(self.costs.get("checks_overhead", "stochastic" if stochastic else "deterministic"))
             stages.append(Stage("checks", row, est.seconds, est.guess, about=spec.registered))
         if cells:
             n = self.eval_images(ds, spec)
             draws = self.cfg.draws if stochastic else 1
             est, names = Estimate(), []
-            one = self.pass_seconds(spec, n)
+            one, predict = self.pass_seconds(spec, n), self.pass_seconds(spec, n, gradient=False)
             parts = {}
             for cell in cells:
                 before = est.seconds
@@ -346,7 +367,8 @@ class Planner:
                     est.add(figure, times)
                 else:
                     passes, guess = self.attack_passes(cell.attack, stochastic)
-                    est.add(Figure(one.value, one.guess or guess), passes + draws / 3)
+                    unit = predict if cell.attack.registered == "square" else one  # queries: predictions
+                    est.add(Figure(unit.value, unit.guess or guess), passes).add(predict, draws / 3)
                 parts[cell.cell_id] = est.seconds - before
             stages.append(Stage("cells", row, est.seconds, est.guess, f"{len(cells)}: {', '.join(names)}", parts,
                                 about=spec.registered))
@@ -470,6 +492,48 @@ def data_line(ds) -> str:
     return f"{label}: reads {where} (MISSING: the run stops there; download: true fetches it)"
 
 
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.1f} min"
+
+
+def cluster_wall(stages: list[Stage], gpus: int = 8) -> tuple[float, tuple[str, float]]:
+    """(wall seconds of the cluster path on ``gpus`` GPUs, (its longest job, seconds)): three job
+    arrays one after the other (targets; defense trainings with their pairs; rows, each its checks
+    then its cells), each array's jobs placed longest first on the GPU that frees up first."""
+    phases: dict[str, dict[str, float]] = {"target": {}, "defense": {}, "row": {}}
+    for s in stages:
+        if s.kind == "data":  # each job reads its data: seconds, left out
+            continue
+        phase = {"target": "target", "defense": "defense", "pairs": "defense"}.get(s.kind, "row")
+        job = f"row {s.what}" if phase == "row" else f"{s.kind} {s.what}"
+        phases[phase][job] = phases[phase].get(job, 0.0) + s.seconds
+    wall = 0.0
+    for jobs in phases.values():
+        free = [0.0] * gpus
+        for seconds in sorted(jobs.values(), reverse=True):
+            free[free.index(min(free))] += seconds
+        wall += max(free)
+    longest = max(((job, sec) for jobs in phases.values() for job, sec in jobs.items()),
+                  key=lambda j: j[1], default=("", 0.0))
+    return wall, longest
+
+
+def cluster_lines(stages: list[Stage], limit: float = 24 * 3600) -> list[str]:
+    """For a run over a day on one H100: the cluster path's wall time on 8 GPUs, and a job that
+    would outlast Slurm's default time limit (``--time-min``, 24 h)."""
+    total = sum(s.seconds for s in stages)
+    if total <= limit:
+        return []
+    wall, (job, seconds) = cluster_wall(stages)
+    lines = [f"over a day on one H100: through --executor slurm (job arrays: targets, then defense trainings, "
+             f"then one job per row), about {hours(wall)} wall on 8 GPUs"]
+    if seconds > limit:
+        lines.append(f"its longest job, {job} ({hours(seconds)}), outlasts the jobs' default 24 h limit: give "
+                     "--time-min, or submit again after a timeout (trainings resume from their last epoch, "
+                     "finished cells are kept)")
+    return lines
+
+
 def format_plan(runner, planner: Planner, config_path: str) -> str:
     stages = planner.stages()
     cells, pending = runner.cells, runner.pending()
@@ -485,9 +549,14 @@ def format_plan(runner, planner: Planner, config_path: str) -> str:
         lines.append(f"| {s.kind} | {s.what} | {s.seconds:,.0f}{' *' if s.guess else ''} | {s.detail} |")
     total = sum(s.seconds for s in stages)
     guessed = sum(s.seconds for s in stages if s.guess)
-    lines += ["", f"total: about {total / 60:.1f} min ({total:,.0f} s) on one H100"
-              + (f"; * = uses a guessed figure ({guessed:,.0f} s of it)" if guessed else "")
-              + f". Figures: {COSTS.relative_to(COSTS.parents[1])} (measured or guess, each says where from)."]
+    lines += ["", f"total: about {hours(total)} ({total:,.0f} s) on one H100"
+              + (f"; * = uses a guessed figure: {guessed:,.0f} s of it ({100 * guessed / total:.0f}%)"
+                 if guessed else "; no stage rests on a guess")
+              + f". Figures: {COSTS.relative_to(COSTS.parents[1])} (measured, derived from measured ones, or "
+                "guessed; each says where from)."]
+    if guessed:
+        lines.append("guessed figures used: " + ", ".join(planner.costs.guessed()))
+    lines += cluster_lines(stages)
     if runner.device.type == "cpu" and runner.cfg.profile == "smoke":
         on_cpu = [s.on_cpu(planner.costs) for s in stages]
         cpu = sum(s.seconds for s in on_cpu)

@@ -274,7 +274,7 @@ class _Builder:
 class Runner:
     def __init__(self, cfg: ExperimentConfig, out: Path, *, device: str | None = None, force: bool = False,
                  progress: bool = True, config_path: str | None = None, keep_going: bool = False,
-                 replace: bool = False) -> None:
+                 replace: bool = False, plan_only: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(out)
         self.force = force
@@ -284,7 +284,10 @@ class Runner:
         self.progress = progress
         self.eta: RunProgress | None = None  # set by run()
         self.config_path = config_path
-        self.device = distributed.init_from_env(resolve_device(device or cfg.device))
+        if plan_only:  # a plan loads nothing: it needs no GPU to say what a GPU run would cost
+            self.device = resolve_device(device or cfg.device, available=False)
+        else:
+            self.device = distributed.init_from_env(resolve_device(device or cfg.device))
         # An unexpected error in a defense's training, a row's checks or a cell is logged with its
         # traceback and the run goes on; the run still fails at the end, naming every failure (a
         # smoke run on a new machine finds all its bugs in one go). One process only (checked after

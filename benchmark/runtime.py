@@ -15,15 +15,16 @@ from benchmark.errors import BenchError
 from benchmark.paths import REPO_ROOT
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is a one-line error."""
+def resolve_device(device: str | torch.device | None = "auto", *, available: bool = True) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a one-line error, unless
+    ``available=False`` (a plan names the device it would run on and needs none)."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise BenchError(f"device {device!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and available and not torch.cuda.is_available():
         raise BenchError(f"device {device!r} requested but CUDA is not available on this machine; use cpu or auto")
     if dev.type not in ("cpu", "cuda"):
         raise BenchError(f"device {device!r} is not supported; allowed: auto, cpu, cuda, cuda:N")

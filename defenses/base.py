@@ -364,6 +364,8 @@ class DefendedModel(nn.Module):
         if self.fixed_seed is not None:  # every pass draws the same randomness
             self.defense.seed(self.fixed_seed, x.device)
         k = int(getattr(self.defense, "chains", 1) or 1)
+        if torch.is_grad_enabled() and x.requires_grad:  # an attack's gradient pass (EBM: attack_chains)
+            k = int(getattr(self.defense, "attack_chains", k) or k)
         if k == 1:
             return self.classifier(self.purify(x))
         # A defense that purifies each input along k parallel chains (EBM): classify every chain's

@@ -16,7 +16,8 @@ smoke profiles use far fewer: tables say so through the row's name and config).
 Purification: ``steps`` Langevin steps (1500 in the paper; noise ``tau``, no clipping
 inside the chain, the result clipped to [0,1]) from the input, for each of ``chains``
 (150 in the paper) parallel chains; the defended model averages the classifier's logits
-over the chains (``chains`` is read by ``DefendedModel``). The classifier is the run's
+over the chains (``chains`` is read by ``DefendedModel``; ``attack_chains``, when set, in the passes
+an attack takes a gradient through: Hill et al.'s attack averages 15 single chains per step). The classifier is the run's
 target (the paper: a naturally trained WRN-28-10; the configs use a natural ResNet-18).
 
 Declared stochastic and numerically non-differentiable: attacks go through BPDA (the
@@ -86,10 +87,17 @@ class EBMOptions:
     steps: int = 1500  # Langevin steps per chain at inference (Hill et al.: 1500)
     chains: int = 150  # chains per image; the defended model averages their logits
     tau: float = 0.01  # Langevin noise (SVHN: 0.0175)
+    # Chains per image in a pass that takes an input gradient (an attack's step, one EOT draw); None:
+    # ``chains``. Predictions (scoring draws, queries without a gradient) always average ``chains``.
+    # Hill et al.'s attack draws each of its 15 EOT replicates as ONE chain (official
+    # config_attack/bpda_eot_attack.json: eot_attack_reps 15, eot_defense_reps 150).
+    attack_chains: int | None = None
 
     def validate(self, where: str) -> None:
         require(self.steps >= 0, subkey(where, "steps"), f"must be >= 0, got {self.steps}")
         require(self.chains >= 1, subkey(where, "chains"), f"must be >= 1, got {self.chains}")
+        require(self.attack_chains is None or self.attack_chains >= 1, subkey(where, "attack_chains"),
+                f"must be >= 1 or null (= chains), got {self.attack_chains}")
 
 
 @dataclass
@@ -128,7 +136,7 @@ class EBM(Defense):
     trainable = True
     TrainConfig = EBMTrain
     data_shape_options = ("in_channels",)
-    inference_options = ("steps", "chains", "tau")
+    inference_options = ("steps", "chains", "tau", "attack_chains")
 
     Options = EBMOptions
 
@@ -137,6 +145,7 @@ class EBM(Defense):
         o = self.options = self.read_options(options)
         self.energy = EnergyNet(o.in_channels, o.width)
         self.steps, self.chains, self.tau = o.steps, o.chains, o.tau
+        self.attack_chains = o.attack_chains or o.chains
 
     def compile_modules(self, training: bool = False) -> list[nn.Module]:
         return [self.energy]

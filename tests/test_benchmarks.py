@@ -164,3 +164,20 @@ def test_exact_memory_measures_bpda_and_exact_gradients_of_the_smoke_rows(tmp_pa
     assert all(row["finite"] and row["nonzero"] > 0 and row["batch"] == 4 and row["peak_mib"] >= 0
                for row in rows.values())
     assert data["figures"]["gradient_peak_mib.default.EBM.exact"] == rows[("EBM", "exact")]["peak_mib"]
+
+
+def test_derived_pass_costs_are_what_pass_flops_prints(tmp_path):
+    """costs.yaml's FLOP-derived per-pass figures are the script's: rerunning it reproduces each to
+    the two significant figures the table keeps (FLOP counts do not depend on the CPU)."""
+    import re
+
+    import yaml
+
+    out = _script("benchmarks/pass_flops.py", home=tmp_path)
+    printed = {m.group(1): float(m.group(2)) for m in
+               re.finditer(r"^\| ([\w-]+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|$", out, re.M)}
+    table = yaml.safe_load((ROOT / "benchmark" / "costs.yaml").read_text())["pass_us"]
+    derived = {k: v for k, v in table.items() if "pass_flops.py" in str(v.get("derived", ""))}
+    assert set(derived) <= set(printed) and len(derived) >= 8, (sorted(derived), sorted(printed))
+    for name, entry in derived.items():
+        assert abs(entry["us"] - printed[name]) <= 0.06 * printed[name], (name, entry["us"], printed[name])

@@ -1,10 +1,16 @@
 """The plan's cost model: a pass never costs less than the defense's latency, a target's epoch never
 less than its steps at the per-step floor, and determinism is charged."""
 
+import math
+import re
 from pathlib import Path
 
+import pytest
+
+from benchmark.errors import BenchError
 from benchmark.experiment import load_config
-from benchmark.plan import Costs, Planner
+from benchmark.plan import Costs, Planner, Stage, cluster_wall
+from benchmark.registry import DEFENSES
 from benchmark.runner import Runner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,3 +151,94 @@ def test_heartbeat_says_what_is_running_when_the_log_is_quiet(caplog):
         assert still() and still()[0].startswith("still training: ")
     finally:
         logs.log.propagate = propagate
+
+
+CONFIGS = ROOT / "configs"
+SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
+DAY = 24 * 3600
+# Paper configs over a day on one H100, each with its header's reason (checked below).
+OVER_A_DAY = {"cifar10_table3.yaml": "ME-Net-A's official training"}
+
+
+def _plan_of(path, tmp_path) -> tuple[Planner, list]:
+    """The plan of a shipped config as `run --plan` makes it, on a machine without a GPU."""
+    runner = Runner(load_config(path), tmp_path / "never-written", plan_only=True)
+    planner = Planner(runner)
+    return planner, planner.stages()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(CONFIGS)) for p in SHIPPED])
+def test_every_stage_of_a_shipped_config_has_an_estimate_none_silently_a_default(path, tmp_path):
+    """Every target to train, defense to train, row's checks and row's cells has a stage with a positive
+    finite estimate, and no figure behind it is a section's `default` entry (a key without a figure
+    of its own): what a shipped config costs is measured, derived, or a guess that says so."""
+    planner, stages = _plan_of(path, tmp_path)
+    cfg = planner.cfg
+    assert all(math.isfinite(s.seconds) and s.seconds > 0 for s in stages), [s for s in stages if not s.seconds > 0]
+    rows = {f"{c.dataset.name}/{c.target.name}/{c.defense.name}" for c in planner.runner.cells}
+    assert {s.what for s in stages if s.kind == "cells"} == rows
+    trained = {f"{ds.name}/{t.name}" for ds in cfg.datasets for t in cfg.targets if t.train is not None}
+    assert {s.what for s in stages if s.kind == "target"} == trained
+    # one defense stage per distinct training (rows that differ in inference options only share one)
+    trainings = {planner.defense_artifact(c.dataset, c.defense, c.target)[0] for c in planner.runner.cells
+                 if DEFENSES.get(c.defense.registered).trainable and c.defense.checkpoint is None
+                 and (c.defense.trained_against or c.target.name) == c.target.name}
+    assert len([s for s in stages if s.kind == "defense"]) == len(trainings)
+    defaults = [k for k, how in planner.costs.used.items() if how == "default"]
+    assert not defaults, f"{path.name}: figures taken from a section's default: {defaults}"
+    if cfg.profile != "smoke":
+        assert not planner.costs.guessed(), f"{path.name}: guessed figures {planner.costs.guessed()}"
+
+
+PAPER = sorted((CONFIGS / "paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER, ids=[p.name for p in PAPER])
+def test_a_paper_config_fits_a_day_on_one_h100_or_says_why(path, tmp_path, capsys):
+    from benchmark.cli import main
+
+    assert main(["run", str(path), "--plan", "--out", str(tmp_path / "never-written")]) == 0
+    text = capsys.readouterr().out
+    total = sum(s.seconds for s in _plan_of(path, tmp_path)[1])
+    assert "no stage rests on a guess" in text  # else the line names the guessed share and figures
+    if path.name not in OVER_A_DAY:
+        assert total <= DAY, f"{path.name}: {total / 3600:.1f} h on one H100"
+        assert "over a day" not in text
+        return
+    assert total > DAY  # (else take it off the list)
+    header = path.read_text()
+    assert OVER_A_DAY[path.name] in header and "8 GPUs" in header
+    wall = re.search(r"about ([\d.]+) h wall on 8 GPUs", text)
+    assert wall and float(wall.group(1)) < total / 3600
+    assert f"about {round(float(wall.group(1)))} h wall" in header  # the header's figure is the plan's
+
+
+def test_cluster_wall_places_the_longest_jobs_first_one_array_after_another():
+    stages = [Stage("target", "d/t1", 100, False), Stage("target", "d/t2", 50, False),
+              Stage("defense", "d/A", 300, False), Stage("pairs", "d/t1", 10, False),
+              Stage("defense", "d/B", 200, False), Stage("defense", "d/C", 150, False),
+              Stage("checks", "d/t1/A", 5, False), Stage("cells", "d/t1/A", 40, False),
+              Stage("cells", "d/t1/B", 30, False), Stage("data", "d", 1000, False)]
+    # 2 GPUs: targets 100; defenses {300} | {200, 150 -> no: 200 then 150 on the freer} = 300 vs 350 -> 350;
+    # rows: 45 | 30 -> 45. Data is read inside each job and left out.
+    wall, (job, seconds) = cluster_wall(stages, gpus=2)
+    assert wall == 100 + 350 + 45
+    assert (job, seconds) == ("defense d/A", 300)
+    assert cluster_wall(stages, gpus=8)[0] == 100 + 300 + 45
+
+
+def test_plan_of_a_gpu_config_runs_without_a_gpu_and_ebm_attack_chains_price_the_attack(tmp_path):
+    """`--plan` loads nothing, so it answers for `device: cuda` configs on a CPU machine; the EBM's
+    attack passes cost its attack_chains, its predictions its chains."""
+    import torch
+
+    path = CONFIGS / "paper" / "cifar10_table3.yaml"
+    if not torch.cuda.is_available():
+        with pytest.raises(BenchError, match="CUDA is not available"):
+            Runner(load_config(path), tmp_path / "x")
+    planner, _ = _plan_of(path, tmp_path)
+    ebm = next(d for d in planner.cfg.defenses if d.registered == "ebm")
+    assert ebm.options["attack_chains"] == 1 and ebm.eval_n == 500
+    step = planner.costs.table["pass_us"]["ebm"]["us"] * 1500
+    assert abs(planner.pass_us(ebm).value - step * 1) < 1e-9
+    assert abs(planner.pass_us(ebm, gradient=False).value - step * 150) < 1e-9

@@ -114,6 +114,34 @@ def test_ebm_training_separates_data_from_noise_and_purification_is_finite(train
     assert DEFENSES.get("ebm")().declarations()["stochastic"]
 
 
+def test_ebm_attack_chains_in_gradient_passes_and_chains_in_predictions():
+    """Hill et al.'s attack averages single chains per EOT draw while predictions average 150: with
+    ``attack_chains`` a pass that takes an input gradient runs that many chains per image, every
+    other pass ``chains``; the gradient reaches the input through each chain (BPDA)."""
+    seen = []
+
+    class Probe(torch.nn.Module):  # a linear classifier that records the batch it is given
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, z):
+            seen.append(len(z))
+            return self.fc(z.flatten(1))
+
+    d = DEFENSES.get("ebm")(in_channels=1, width=4, steps=2, chains=6, attack_chains=2).eval()
+    model = DefendedModel(d, Probe(), bpda=True)
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        assert model(x).shape == (3, 10)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xg).sum(), xg)
+    assert seen == [3 * 6, 3 * 2] and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert DEFENSES.get("ebm")(chains=5).attack_chains == 5  # unset: the same chains
+    with pytest.raises(Exception, match="attack_chains"):
+        DEFENSES.get("ebm")(attack_chains=0)
+
+
 def test_aid_discriminator_prefers_clean_digits_and_purification_stays_in_the_ball(trained_pair, digits_train,
                                                                                  digits_test):
     clf = trained_pair["natural"][0]
