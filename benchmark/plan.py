@@ -147,15 +147,24 @@ class Planner:
         return figure
 
     def pass_seconds(self, spec: DefenseSpec, n: int, gradient: bool = True) -> Figure:
-        """Seconds of one forward + input-gradient pass of ``n`` images through the defended model
-        (``gradient=False``: a prediction, which a third of it stands for): ``n`` times the per-image
-        cost, but never less than the defense's latency per pass (``pass_ms``: a small batch does not
-        fill the GPU, and the purifiers' loops run in sequence)."""
+        """Seconds of one forward + input-gradient pass of ``n`` images through the defended model, in
+        batches of ``eval.batch_size``: each batch its images times the per-image cost, but never less
+        than the defense's latency per pass (``pass_ms``: a small batch does not fill the GPU, and the
+        purifiers' loops run in sequence). ``gradient=False``: a prediction, the defense's
+        ``predict_share`` of that (a third where only the networks' forward runs; all of it where the
+        purification takes gradients itself or runs an SVD, as the EBM, AID-Purifier and ME-Net do)."""
         per_image, floor = self.pass_us(spec, gradient), self.pass_latency_ms(spec)
-        return Figure(max(n * per_image.value * 1e-6, floor.value * 1e-3), per_image.guess or floor.guess)
+        size = self.cfg.eval.batch_size
+        size = n if size == "auto" else max(1, min(int(size), n))
+        seconds = math.ceil(n / size) * max(size * per_image.value * 1e-6, floor.value * 1e-3)
+        guess = per_image.guess or floor.guess
+        if not gradient:
+            share = self.costs.get("predict_share", spec.registered, "x")
+            seconds, guess = seconds * share.value, guess or share.guess
+        return Figure(seconds, guess)
 
     def attack_passes(self, spec: AttackSpec, stochastic: bool) -> tuple[float, bool]:
-        """Forward + input-gradient passes per image (a forward alone counts a third)."""
+        """Forward + input-gradient passes per image (Square's queries: a third each)."""
         if spec.registered == "worst-of":
             members = [AttackSpec(**m) for m in build_attack(spec).params.attacks]
             parts = [self.attack_passes(m, stochastic) for m in members]
@@ -335,15 +344,18 @@ class Planner:
 
             c = self.cfg.eval.checks
             # PGD few and more, the eps sweep, one FGSM step; Square's queries and the noise baseline
-            # are predictions (a third of a pass each)
+            # are predictions; each check's images are scored with the row's draws
             passes = c.steps + c.more_steps + c.steps * len(c.eps_multipliers) + 1
             passes += c.steps if c.transfer else 0
+            scored = 5 + len(c.eps_multipliers) + (1 if c.transfer else 0)
             if stochastic:  # EOT-PGD with the row's own E and 2E, repeats, PGD with the randomness fixed
                 e = c.eot if c.eot != "auto" else (row_eot(self.cfg, spec) or DEFAULT_EOT)
                 passes += c.steps * 3 * e + (c.repeats - 1) * c.steps + (c.steps if c.fixed_randomness else 0)
+                scored += 2 + (c.repeats - 1) + (1 if c.fixed_randomness else 0)
             n_checks = min(c.n, self.eval_images(ds, spec))
+            draws = self.cfg.draws if stochastic else 1
             est = Estimate().add(self.pass_seconds(spec, n_checks), passes)
-            est.add(self.pass_seconds(spec, n_checks, gradient=False), (c.square_queries + 1) / 3)
+            est.add(self.pass_seconds(spec, n_checks, gradient=False), c.square_queries + 1 + scored * draws)
             est.add(self.costs.get("checks_overhead", "stochastic" if stochastic else "deterministic"))
             stages.append(Stage("checks", row, est.seconds, est.guess, about=spec.registered))
         if cells:
@@ -367,8 +379,12 @@ class Planner:
                     est.add(figure, times)
                 else:
                     passes, guess = self.attack_passes(cell.attack, stochastic)
-                    unit = predict if cell.attack.registered == "square" else one  # queries: predictions
-                    est.add(Figure(unit.value, unit.guess or guess), passes).add(predict, draws / 3)
+                    if cell.attack.registered == "square":  # queries: predictions
+                        est.add(predict, build_attack(cell.attack).params.n_queries)
+                    else:
+                        est.add(Figure(one.value, one.guess or guess), passes)
+                    # the draws score the returned images and, but for clean, the attack's best iterate
+                    est.add(predict, draws * (1 if cell.attack.registered == "clean" else 2))
                 parts[cell.cell_id] = est.seconds - before
             stages.append(Stage("cells", row, est.seconds, est.guess, f"{len(cells)}: {', '.join(names)}", parts,
                                 about=spec.registered))
@@ -505,7 +521,8 @@ def cluster_wall(stages: list[Stage], gpus: int = 8) -> tuple[float, tuple[str, 
         if s.kind == "data":  # each job reads its data: seconds, left out
             continue
         phase = {"target": "target", "defense": "defense", "pairs": "defense"}.get(s.kind, "row")
-        job = f"row {s.what}" if phase == "row" else f"{s.kind} {s.what}"
+        # a row's checks and cells are one job; every training its own (one name may train twice)
+        job = f"row {s.what}" if phase == "row" else f"{s.kind} {s.what}" + " " * len(phases[phase])
         phases[phase][job] = phases[phase].get(job, 0.0) + s.seconds
     wall = 0.0
     for jobs in phases.values():
@@ -513,7 +530,7 @@ def cluster_wall(stages: list[Stage], gpus: int = 8) -> tuple[float, tuple[str, 
         for seconds in sorted(jobs.values(), reverse=True):
             free[free.index(min(free))] += seconds
         wall += max(free)
-    longest = max(((job, sec) for jobs in phases.values() for job, sec in jobs.items()),
+    longest = max(((job.rstrip(), sec) for jobs in phases.values() for job, sec in jobs.items()),
                   key=lambda j: j[1], default=("", 0.0))
     return wall, longest
 

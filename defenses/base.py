@@ -364,7 +364,9 @@ class DefendedModel(nn.Module):
         if self.fixed_seed is not None:  # every pass draws the same randomness
             self.defense.seed(self.fixed_seed, x.device)
         k = int(getattr(self.defense, "chains", 1) or 1)
-        if torch.is_grad_enabled() and x.requires_grad:  # an attack's gradient pass (EBM: attack_chains)
+        if torch.is_grad_enabled() and x.requires_grad and self.fixed_seed is None:
+            # an attack's gradient pass (EBM: attack_chains); with the randomness fixed, the attack
+            # must see the very function that is scored: the same chains, so the same draws
             k = int(getattr(self.defense, "attack_chains", k) or k)
         if k == 1:
             return self.classifier(self.purify(x))

@@ -6,6 +6,7 @@ import torch
 from attacks.base import Threat
 from attacks.bpda_eot import BPDAEOTParams, resolve
 from attacks.pgd import pgd_linf
+from benchmark.config import ConfigError
 from benchmark.harness import run_attack
 from benchmark.registry import ATTACKS, DEFENSES
 from defenses.base import DefendedModel, TrainContext
@@ -137,8 +138,15 @@ def test_ebm_attack_chains_in_gradient_passes_and_chains_in_predictions():
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(xg).sum(), xg)
     assert seen == [3 * 6, 3 * 2] and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # with the randomness fixed the attack must optimise the function that is scored: all chains
+    seen.clear()
+    with model.fixed_randomness(7):
+        with torch.no_grad():
+            scored = model(x)
+        attacked = model(xg)
+    assert seen == [3 * 6, 3 * 6] and torch.allclose(scored, attacked.detach())
     assert DEFENSES.get("ebm")(chains=5).attack_chains == 5  # unset: the same chains
-    with pytest.raises(Exception, match="attack_chains"):
+    with pytest.raises(ConfigError, match="attack_chains"):
         DEFENSES.get("ebm")(attack_chains=0)
 
 
