@@ -1,4 +1,4 @@
-"""AutoAttack (Croce & Hein 2020) through the ``pyautoattack`` package.
+"""AutoAttack (Croce & Hein 2020): the ``pyautoattack`` package, and the suite's own APGD.
 
 ``version: auto`` runs ``standard`` (APGD-CE, APGD-T, FAB-T, Square) on
 deterministic models and ``rand`` (APGD-CE and APGD-DLR with 20 EOT iterations)
@@ -19,6 +19,16 @@ highest-loss point and its last misclassified point, Square's best point; the ha
 them all, and a sample counts as robust only if it survives every image under each score. (FAB,
 in the standard and plus versions forced onto a random row, has no such point: its image is the
 clean one where it failed, which adds nothing; the rand version has no FAB.)
+
+``backend`` says who runs the APGD members. ``auto`` (the default): on a row whose scoring draws
+randomness, the suite's APGD (``attacks/apgd.py``: AutoAttack's algorithm on the attack core,
+its 20 EOT draws one batched pass when ``eval.eot_batch`` asks for it, under bf16/channels_last
+when asked); on a deterministic row pyautoattack's ``run_standard_evaluation`` unchanged.
+``native``: the suite's APGD on every row (a deterministic row: members on the survivors of the
+earlier ones, as AutoAttack's loop); ``pyautoattack``: pyautoattack's APGD on every row (the path
+before the native one, kept for comparison). FAB and Square are always pyautoattack's. Every
+version's settings (iterations, restarts, EOT draws, target classes) are read from the
+pyautoattack object the version configures, so both backends run the same protocol.
 """
 
 from __future__ import annotations
@@ -41,9 +51,22 @@ class AutoAttackParams:
     version: Literal["auto", "standard", "rand", "plus"] = "auto"
     attacks: list[str] | None = None  # members of the version's sequence to run (None: all of them)
     seed: int = 0
+    # who runs the APGD members: auto = the suite's (attacks/apgd.py, EOT draws batched by the engine)
+    # on rows whose scoring draws randomness, pyautoattack's run_standard_evaluation unchanged on
+    # deterministic rows (the reference's own numbers); native or pyautoattack everywhere
+    backend: Literal["auto", "native", "pyautoattack"] = "auto"
+    apgd_steps: int | None = None  # APGD iterations (None: the version's, 100); a label should say so
+    eot_iter: int | None = None  # APGD's EOT draws (None: the version's, 20 in rand); a label should say so
 
     def validate(self, where: str) -> None:
         from benchmark.config import require, subkey
+
+        require(self.backend in ("auto", "native", "pyautoattack"), subkey(where, "backend"),
+                f"must be auto, native or pyautoattack, got {self.backend!r}")
+        for key in ("apgd_steps", "eot_iter"):
+            value = getattr(self, key)
+            require(value is None or (isinstance(value, int) and value >= 1), subkey(where, key),
+                    f"must be null or an integer >= 1, got {value!r}")
 
         if self.attacks is not None:
             known = sorted(set().union(*SEQUENCES.values()))
@@ -86,22 +109,30 @@ def resolve_version(version: str, model) -> str:
 class AutoAttackWrapper(Attack):
     Params = AutoAttackParams
 
-    version = 2  # on random rows: every member's own images for every sample, scored under the draws
+    version = 3  # random rows: the suite's APGD with batched EOT (backend auto)
     batch_independent = False  # pyautoattack draws from torch's generator in the batch's shape
 
     def run(self, model, x, y, threat: Threat, generator):
         from pyautoattack import AutoAttack
 
-        version = resolve_version(self.params.version, model)
+        p = self.params
+        version = resolve_version(p.version, model)
         logging.getLogger("auto-attack").setLevel(logging.WARNING)
-        adversary = AutoAttack(model, norm="Linf", eps=threat.eps, version=version, seed=self.params.seed,
-                               device=x.device)
+        adversary = AutoAttack(model, norm="Linf", eps=threat.eps, version=version, seed=p.seed, device=x.device)
         adversary.verbose = False
+        for apgd in (adversary.apgd, adversary.apgd_targeted):  # the version's settings, unless overridden
+            if p.apgd_steps is not None:
+                apgd.n_iter = apgd.n_iter_orig = p.apgd_steps
+                apgd.n_iter_2, apgd.n_iter_min = max(int(0.22 * p.apgd_steps), 1), max(int(0.06 * p.apgd_steps), 1)
+                apgd.size_decr = max(int(0.03 * p.apgd_steps), 1)
+            if p.eot_iter is not None:
+                apgd.eot_iter = p.eot_iter
         members = list(SEQUENCES[version])
-        if self.params.attacks is not None:  # (a config has checked this per row already)
-            check_members(version, self.params.attacks, "autoattack params.attacks", "this defense")
-            members = [a for a in members if a in self.params.attacks]
-        if judge_for(model, x, y).exact:
+        if p.attacks is not None:  # (a config has checked this per row already)
+            check_members(version, p.attacks, "autoattack params.attacks", "this defense")
+            members = [a for a in members if a in p.attacks]
+        exact = judge_for(model, x, y).exact
+        if exact and p.backend != "native":
             adversary.attacks_to_run = members
             with torch.no_grad(), _robust_after() as after:
                 x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
@@ -110,8 +141,17 @@ class AutoAttackWrapper(Attack):
             counts = {k: round(v * len(x)) for k, v in after.items()}
             info = {f"{ROBUST_AFTER}{m}": counts.get(m, 0) for m in ["clean", *members]}
             return AttackResult(x_adv.detach(), info=info)
-        parts = [lambda xs, ys, m=m: run_member(adversary, m, xs, ys, self.params.seed) for m in members]
-        result = run_parts(parts, model, x, y, generator, fresh=True)
+        def part_for(m: str):
+            if m.startswith("apgd") and p.backend != "pyautoattack":
+                return lambda xs, ys: native_member(adversary, m, model, xs, ys, threat.eps, generator, exact)
+
+            def member(xs, ys):  # pyautoattack's, drawing from torch's generator in the batch's shape
+                return run_member(adversary, m, xs, ys, p.seed)
+
+            member.whole_batch = True
+            return member
+
+        result = run_parts([part_for(m) for m in members], model, x, y, generator, fresh=True)
         # robust after each member under every scoring draw (a single member: the cell's own accuracy)
         result.info.update({f"{ROBUST_AFTER}{m}": int(k) for m, k in zip(members, result.info.get("survivors", []))})
         return result
@@ -138,6 +178,21 @@ def _robust_after():
         yield seen
     finally:
         module.checks.check_square_sr = original
+
+
+def native_member(adversary, member: str, model, x: torch.Tensor, y: torch.Tensor, eps: float, generator,
+                  until_fooled: bool) -> AttackResult:
+    """An APGD member on the suite's core (attacks/apgd.py) with the version's settings as
+    pyautoattack set them (iterations, restarts, EOT draws, target classes); its random starts from
+    the attack's ``generator``, its EOT draws batched by the engine."""
+    from attacks.apgd import apgd_images
+
+    apgd = adversary.apgd_targeted if member == "apgd-t" else adversary.apgd
+    loss = apgd.loss if member == "apgd-t" else member.split("-")[1]  # apgd-t: dlr-targeted
+    images, _ = apgd_images(model, x, y, eps=eps, loss=loss, steps=apgd.n_iter, restarts=apgd.n_restarts,
+                            eot=apgd.eot_iter, target_classes=getattr(apgd, "n_target_classes", 9),
+                            rho=apgd.thr_decr, generator=generator, until_fooled=until_fooled)
+    return AttackResult(images[0], candidates=images[1:])
 
 
 def run_member(adversary, member: str, x: torch.Tensor, y: torch.Tensor, seed: int) -> AttackResult:

@@ -115,11 +115,12 @@ def input_gradient(model: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: L
 
 
 def summed_gradients(model: Callable, inputs: list[torch.Tensor], y: torch.Tensor, loss_fn: LossFn,
-                     wrong: list | None = None) -> torch.Tensor:
+                     wrong: list | None = None, logits_out: list | None = None) -> torch.Tensor:
     """Sum of the input gradients at each of ``inputs`` (same shape as each other). The engine's
     ``eot_batch`` (read from ``model``) sets how many of them share one forward pass: the inputs
     are concatenated, so a stochastic defense draws independent randomness for each copy.
-    ``wrong``: a list that receives, per pass, how many of the copies misclassified each sample."""
+    ``wrong``: a list that receives, per pass, how many of the copies misclassified each sample;
+    ``logits_out``: one that receives, per pass, the logits of its copies, (copies, n, classes)."""
     per_pass = max(1, int(getattr(model, "eot_batch", 1) or 1))
     total = torch.zeros_like(inputs[0])
     for start in range(0, len(inputs), per_pass):
@@ -136,6 +137,8 @@ def summed_gradients(model: Callable, inputs: list[torch.Tensor], y: torch.Tenso
             miss = _wrong(logits, labels)
             if miss is not None:
                 wrong.append(miss.view(len(chunk), -1).sum(0))
+        if logits_out is not None:
+            logits_out.append(logits.view(len(chunk), len(y), -1))
     return total
 
 

@@ -81,7 +81,7 @@ def test_autoattack_rand_scores_what_apgd_produced(noisy, monkeypatch):
     monkeypatch.setattr(AutoAttack, "_set_version", shorter)
     clf, x, y = noisy
     model = DefendedModel(NoisePurifier(sigma=0.2), clf)
-    aa = _score(ATTACKS.get("autoattack")(attacks=["apgd-ce"]), model, x, y)
+    aa = _score(ATTACKS.get("autoattack")(attacks=["apgd-ce"], backend="pyautoattack"), model, x, y)
 
     class APGDRescored(ATTACKS.get("clean")):  # pyautoattack's APGD-CE, every sample's highest-loss point
         def run(self, m, xs, ys, threat, generator):
