@@ -200,6 +200,23 @@ def test_umap_figure_and_class_separation(tmp_path):
     assert scores["good"]["n"] == 240
 
 
+def test_exact_neighbours_handed_to_umap_are_the_brute_force_ones():
+    """The exact kNN the report gives umap (below its brute-force size) is what brute force finds:
+    the same neighbours in the same order as scikit-learn's, itself first at distance 0."""
+    import numpy as np
+    from sklearn.neighbors import NearestNeighbors
+
+    from benchmark.umap_report import exact_knn
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(150, 12)).astype(np.float32)
+    idx, dist = exact_knn(x, 15)
+    ref_dist, ref_idx = NearestNeighbors(n_neighbors=15).fit(x).kneighbors(x)
+    assert idx.dtype == np.int32 and dist.dtype == np.float32 and idx.shape == dist.shape == (150, 15)
+    assert (idx[:, 0] == np.arange(150)).all() and np.allclose(dist[:, 0], 0, atol=1e-3)
+    assert (idx == ref_idx).all() and np.allclose(dist, ref_dist, atol=1e-4)
+
+
 def test_paper_comparison_finds_tables_2_to_5_and_the_text():
     rows = []
     r = rec("DIR", "bpda-eot", "1010", reg_def="dir")
