@@ -1,0 +1,113 @@
+"""The binarization test (benchmark/active.py): an attack is tested on problems where an
+adversarial example exists by construction."""
+
+import pytest
+import torch
+from purifybench_testing import NoisePurifier
+
+from attacks.base import Threat
+from benchmark.active import (
+    ActiveSpec,
+    binarization_test,
+    boundary_point,
+    fit_readout,
+    inner_points,
+)
+from benchmark.data import load_dataset
+from benchmark.errors import BenchError
+from benchmark.models import create_model
+from benchmark.registry import ATTACKS
+from defenses.base import DefendedModel, Defense, NoDefense
+
+THREAT = Threat("linf", 0.1)
+
+
+class Round8(Defense):
+    """Rounds to 8-bit pixels: the image barely changes, the gradient is zero (masked)."""
+
+    differentiable = False
+
+    def purify(self, x, masks=None):
+        return torch.round(x * 255) / 255
+
+
+class Blank(Defense):
+    """Every input becomes the same grey image: nothing about the input survives."""
+
+    def purify(self, x, masks=None):
+        return torch.full_like(x, 0.5) + 0 * x
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    clf = create_model("small-cnn", num_classes=10, in_channels=1, width=16, hidden=64).eval()
+    x = load_dataset("digits", "test", size=12).as_float(torch.arange(10))
+    return clf, x
+
+
+def test_the_points_lie_where_the_construction_says():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 12, 12)
+    x[0, :3] = 0.0  # pixels at the range's ends: the boundary coordinate must turn inward
+    x[0, 3:6] = 1.0
+    for _ in range(20):
+        edge = boundary_point(x, 0.1, gen)
+        assert abs(float((edge - x).abs().max()) - 0.1) < 1e-6 and 0 <= float(edge.min()) and float(edge.max()) <= 1
+    inner = inner_points(x, 0.1, 0.05, 50, gen)
+    assert inner.shape == (51, 1, 12, 12) and torch.equal(inner[0], x)
+    assert float((inner - x).abs().max()) <= 0.095 + 1e-6 and 0 <= float(inner.min()) and float(inner.max()) <= 1
+    with pytest.raises(BenchError, match="eps <= 0.5"):
+        boundary_point(x, 0.6, gen)
+
+
+def test_the_readout_separates_and_keeps_the_boundary_point_barely_adversarial():
+    gen = torch.Generator().manual_seed(1)
+    inner = torch.randn(40, 8, generator=gen)
+    edge = torch.randn(1, 8, generator=gen) + 6.0
+    spec = ActiveSpec(closeness=0.9)
+    weight, bias = fit_readout(inner, edge, torch.randn(40, 10), torch.randn(1, 10), spec)
+    diff = lambda f: f @ (weight[1] - weight[0]) + bias[1] - bias[0]  # noqa: E731
+    assert (diff(inner) < 0).all() and (diff(edge) > 0).all()
+    # a point a little past the boundary point towards x's side is class 0: the boundary sits near it
+    assert diff(edge - 0.2 * (edge - inner.mean(0))).item() < 0
+    # not separable (the boundary point among the inner ones): a reason, no readout
+    assert isinstance(fit_readout(inner, inner[:1], inner, inner[:1], spec), str)
+
+
+def test_plain_pgd_passes_undefended_fails_through_a_masked_gradient_and_bpda_passes(setup):
+    clf, x = setup
+    spec = ActiveSpec(n=8, inner_points=31)
+    pgd = ATTACKS.get("pgd")(steps=20, step_size=0.025)
+    undefended = binarization_test(DefendedModel(NoDefense(), clf), x, pgd, THREAT, spec, name="pgd")
+    masked = binarization_test(DefendedModel(Round8(), clf, bpda=False), x, pgd, THREAT, spec, name="pgd")
+    bpda = binarization_test(DefendedModel(Round8(), clf, bpda=True), x, pgd, THREAT, spec, name="pgd")
+    for result in (undefended, masked, bpda):
+        assert len(result.samples) == 8 and result.n_invalid == 0
+        # every readout checked on fresh passes: x on its side, the boundary point on the other
+        assert all(s.checks == {"x_class": 0, "boundary_class": 1} and s.boundary_margin > 0 for s in result.samples)
+    assert undefended.success_rate >= 7 / 8 and bpda.success_rate >= 7 / 8
+    # zero gradients: PGD never leaves its random start and misses the example it is guaranteed to exist
+    assert masked.success_rate <= 1 / 8 and masked.interval()[1] < 0.5 < bpda.interval()[0]
+    assert masked.summary()["valid"] == 8 and masked.summary()["successes"] == masked.successes
+
+
+def test_readouts_that_cannot_be_fitted_are_counted_not_hidden(setup):
+    clf, x = setup
+    result = binarization_test(DefendedModel(Blank(), clf), x, ATTACKS.get("pgd")(steps=2, step_size=0.05), THREAT,
+                               ActiveSpec(n=4, inner_points=15), name="pgd")
+    assert result.n_invalid == 4 and result.valid == [] and result.success_rate is None
+    assert all(s.success is None and "not linearly separable" in s.reason for s in result.samples)
+    assert result.summary()["invalid"] == 4
+
+
+def test_a_stochastic_row_is_attacked_with_its_eot_and_scored_under_its_draws(setup):
+    clf, x = setup
+    model = DefendedModel(NoisePurifier(sigma=0.02), clf)
+    eot = ATTACKS.get("eot-pgd")(steps=10, step_size=0.025, eot=2)
+    result = binarization_test(model, x[:3], eot, THREAT, ActiveSpec(n=3, inner_points=31, feature_draws=2),
+                               name="eot-pgd", draws=2)
+    assert len(result.samples) == 3 and result.n_invalid + len(result.valid) == 3
+    assert all(isinstance(s.success, bool) for s in result.valid)
+    with pytest.raises(BenchError, match="inner_gap"):
+        ActiveSpec(inner_gap=1.5).validate()
