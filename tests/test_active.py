@@ -85,7 +85,8 @@ def test_plain_pgd_passes_undefended_fails_through_a_masked_gradient_and_bpda_pa
     for result in (undefended, masked, bpda):
         assert len(result.samples) == 8 and result.n_invalid == 0
         # every readout checked on fresh passes: x on its side, the boundary point on the other
-        assert all(s.checks == {"x_class": 0, "boundary_class": 1} and s.boundary_margin > 0 for s in result.samples)
+        assert all(s.checks == {"x_class_0": 1, "boundary_class_1": 1, "passes": 1} and s.boundary_margin > 0
+                   for s in result.samples)
     assert undefended.success_rate >= 7 / 8 and bpda.success_rate >= 7 / 8
     # zero gradients: PGD never leaves its random start and misses the example it is guaranteed to exist
     assert masked.success_rate <= 1 / 8 and masked.interval()[1] < 0.5 < bpda.interval()[0]
@@ -108,6 +109,11 @@ def test_a_stochastic_row_is_attacked_with_its_eot_and_scored_under_its_draws(se
     result = binarization_test(model, x[:3], eot, THREAT, ActiveSpec(n=3, inner_points=31, feature_draws=2),
                                name="eot-pgd", draws=2)
     assert len(result.samples) == 3 and result.n_invalid + len(result.valid) == 3
-    assert all(isinstance(s.success, bool) for s in result.valid)
+    assert all(isinstance(s.success, bool) and s.checks["passes"] == 2 for s in result.valid)
+    # noise large enough that fresh draws do not follow a readout fitted on two: invalid, with the reason
+    noisy = binarization_test(DefendedModel(NoisePurifier(sigma=0.5), clf), x[:3], eot, THREAT,
+                              ActiveSpec(n=3, inner_points=31, feature_draws=2), name="eot-pgd", draws=4)
+    assert noisy.n_invalid >= 1 and any("fresh passes" in s.reason for s in noisy.samples)
+    assert all("fresh passes" in s.reason or "not linearly separable" in s.reason for s in noisy.samples if not s.valid)
     with pytest.raises(BenchError, match="inner_gap"):
         ActiveSpec(inner_gap=1.5).validate()
