@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from attacks.base import Attack, Threat
+from benchmark.config import require, subkey
 from benchmark.errors import BenchError
 from benchmark.stats import wilson_interval
 from defenses.base import DefendedModel
@@ -71,13 +72,10 @@ class ActiveSpec:
     seed: int = 0
 
     def validate(self, where: str = "active") -> None:
-        if self.n < 1 or self.inner_points < 1 or self.feature_draws < 1:
-            raise BenchError(f"{where}: n, inner_points and feature_draws must be at least 1, got "
-                             f"{self.n}, {self.inner_points}, {self.feature_draws}")
-        if not 0 < self.inner_gap < 1:
-            raise BenchError(f"{where}.inner_gap must be in (0, 1), got {self.inner_gap}")
-        if not 0 <= self.closeness < 1:
-            raise BenchError(f"{where}.closeness must be in [0, 1), got {self.closeness}")
+        for key in ("n", "inner_points", "feature_draws", "max_iter"):
+            require(getattr(self, key) >= 1, subkey(where, key), f"must be >= 1, got {getattr(self, key)}")
+        require(0 < self.inner_gap < 1, subkey(where, "inner_gap"), f"must be in (0, 1), got {self.inner_gap}")
+        require(0 <= self.closeness < 1, subkey(where, "closeness"), f"must be in [0, 1), got {self.closeness}")
 
 
 @dataclass
@@ -173,9 +171,6 @@ class BinarizedClassifier(nn.Module):
         with torch.no_grad():
             self.readout.weight.copy_(weight)
             self.readout.bias.copy_(bias)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.readout(self.classifier.features(x).to(self.readout.weight.dtype))
