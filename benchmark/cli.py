@@ -88,7 +88,7 @@ def _report_and_hint(out: Path, cfg, device: str, computed: int = 1) -> None:
         from benchmark.umap_report import write_umap
 
         try:
-            write_umap(out, cfg.report.umap, cfg.report.umap_n, device=device)
+            write_umap(out, cfg.report.umap, cfg.report.umap_n, device=device, steps=cfg.report.umap_steps)
         except Exception as exc:  # noqa: BLE001 - the run is done: its report must still be written
             log.warning("UMAP of %s not drawn (%s); the rest of the report follows", ", ".join(cfg.report.umap),
                         describe_error(exc))

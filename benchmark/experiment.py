@@ -251,10 +251,12 @@ class ReportSpec:
     # PGD through each row again, so only the rows named (empty: none; `umap RUN_DIR` makes it later)
     umap: list[str] = field(default_factory=list)
     umap_n: int | None = None  # test images for the UMAP (null: at most 500, at most the split)
+    umap_steps: int = 20  # steps of the white-box PGD whose restorations it embeds (the seed paper's: 20)
 
     def validate(self, where: str) -> None:
         require(self.umap_n is None or self.umap_n >= 20, subkey(where, "umap_n"),
                 f"must be >= 20 (a neighbourhood graph per class) or null, got {self.umap_n}")
+        require(self.umap_steps >= 1, subkey(where, "umap_steps"), f"must be >= 1, got {self.umap_steps}")
 
 
 @dataclass
@@ -315,6 +317,19 @@ class ExperimentConfig:
                         stochastic = DEFENSES.get(d.registered).stochastic_with(d.options)
                         check_members(version_for("auto", stochastic), a.params["attacks"],
                                       subkey(where, f"attacks[{i}] ({a.name}).params.attacks"), f"row {d.name!r}")
+        active = self.eval.checks.active
+        if active is not None and active.attack != "auto":  # the attack the binarization test holds to account
+            from benchmark.active import ATTACKS_FOR_IT, NAMED_ATTACKS
+
+            at = subkey(where, "eval.checks.active.attack")
+            chosen = next((a for a in self.attacks if a.name == active.attack), None)
+            require(chosen is not None, at, f"{active.attack!r} is not an attack of this config; attacks: "
+                    f"{[a.name for a in self.attacks]} (or auto)")
+            require(chosen.registered in ATTACKS_FOR_IT + NAMED_ATTACKS, at,
+                    f"{active.attack!r} is a {chosen.registered} attack; the test runs a label attack on the whole "
+                    f"model: one of {', '.join(ATTACKS_FOR_IT + NAMED_ATTACKS)}")
+            require(chosen.params.get("loss", "ce") != "dlr", at,
+                    f"{active.attack!r} uses the DLR loss, which needs three classes (the test's model has two)")
         unknown = sorted(set(self.report.umap) - set(defenses))
         require(not unknown, subkey(where, "report.umap"), f"{unknown} are not defenses of this config; defenses: {defenses}")
         for i, d in enumerate(self.defenses):  # outputs that depend on the batch's other images

@@ -31,6 +31,10 @@ under the same draws. The flags:
 * ``eot`` (stochastic defenses): EOT-PGD with twice the row's own EOT samples (the
   largest E among its attacks) was significantly stronger than with E: the row's EOT
   attacks are not converged. The spread over repeated PGD evaluations is recorded;
+* ``active`` (when ``checks.active`` is set): the row's attack failed the binarization test of
+  Zimmermann et al. (NeurIPS 2022; :mod:`benchmark.active`): on two-class problems built on the
+  row's own features, where an adversarial example inside the ball exists by construction, it found
+  significantly fewer than a passing attack does;
 * ``randomness`` (stochastic defenses, a diagnostic, not a masking failure): PGD with
   the defense's randomness frozen for the attack and the scoring (the "deterministic
   white-box" protocol) left significantly fewer images robust than against the random
@@ -57,6 +61,7 @@ import torch
 
 from attacks.base import Attack, Threat
 from attacks.pgd import pgd_linf
+from benchmark.active import ActiveResult, ActiveSpec, binarization_test
 from benchmark.config import require, subkey
 from benchmark.errors import BenchError
 from benchmark.harness import gradient_check, run_attack
@@ -74,11 +79,12 @@ from benchmark.stats import mcnemar, wilson_interval
 log = logging.getLogger("purifybench")
 
 CHECKS_VERSION = 2  # in a row's checks identity: bump when what the checks compute changes
-SCHEMA = "purifybench-checks/3"  # 3: paired tests, degenerate / unconverged / fgsm / noise / randomness
-OLD_SCHEMAS: tuple[str, ...] = ()  # older files are recomputed by a run (their row hash differs too)
+SCHEMA = "purifybench-checks/4"  # 4: the binarization test (active); 3: paired tests, degenerate, ...
+# readable (a /3 file has no binarization test); a run recomputes them (their row hash differs too)
+OLD_SCHEMAS: tuple[str, ...] = ("purifybench-checks/3",)
 ALPHA = 0.05  # significance level of every paired comparison
 FLAGS = ("degenerate", "zero-grad", "steps", "unconverged", "eps", "fgsm", "noise", "square", "transfer", "eot",
-         "randomness")
+         "active", "randomness")
 LEGEND = ("Checks: gradient-masking checks on the first examples of the subset (Carlini et al. 2019; each a paired "
           "exact McNemar test at 5% on the same images; checks.md has the figures): no flag (n=...) = none raised "
           "on those n images (not a proof of robustness); degenerate = the row does not classify (clean accuracy "
@@ -87,7 +93,9 @@ LEGEND = ("Checks: gradient-masking checks on the first examples of the subset (
           "unconverged = more PGD steps were much stronger; eps = accuracy did not fall towards chance as eps grew; "
           "fgsm = one FGSM step beat PGD; noise = random noise beat PGD; square = the gradient-free Square attack "
           "beat the white-box attacks; transfer = PGD crafted on the classifier alone (or the BPDA surrogate) beat "
-          "the white-box attacks; eot = twice the row's EOT samples was stronger; randomness = robustness that "
+          "the white-box attacks; eot = twice the row's EOT samples was stronger; active = the row's attack missed "
+          "significantly often the adversarial examples the binarization test builds (Zimmermann et al. 2022): it "
+          "is too weak for this defense; randomness = robustness that "
           "rests on the defense's randomness (PGD with it frozen was much stronger; a diagnostic); n/a = not run.")
 
 
@@ -103,6 +111,9 @@ class ChecksSpec(Typed):
     repeats: int = 3  # stochastic defenses: PGD evaluations whose spread is recorded
     transfer: bool = True  # PGD transferred from the classifier alone (and the BPDA surrogate)
     fixed_randomness: bool = True  # stochastic defenses: PGD with the randomness frozen
+    active: ActiveSpec | None = None  # the binarization test of the row's attack (benchmark/active.py); off: null
+
+    NESTED = {"active": ActiveSpec}
 
     def validate(self, where: str) -> None:
         require(self.n >= 1, subkey(where, "n"), f"must be >= 1, got {self.n}")
@@ -115,6 +126,8 @@ class ChecksSpec(Typed):
         require(self.eot == "auto" or (isinstance(self.eot, int) and self.eot >= 1), subkey(where, "eot"),
                 f"must be auto (the row's own EOT samples) or an integer >= 1, got {self.eot!r}")
         require(self.repeats >= 1, subkey(where, "repeats"), f"must be >= 1, got {self.repeats}")
+        if self.active is not None:
+            self.active.validate(subkey(where, "active"))
 
 
 DEFAULT_EOT = 4  # eot: auto on a row none of whose attacks takes EOT samples
@@ -244,13 +257,14 @@ class CheckResults(Typed):
     transfer: TransferCheck | None = None
     fixed: FixedRandomness | None = None
     eot: EotCheck | None = None
+    active: ActiveResult | None = None
     seconds: float = 0.0
     forwards: int = 0
     backwards: int = 0
 
     NESTED = {"degenerate": DegenerateCheck, "gradient": GradientCheck, "steps": StepsCheck, "eps": EpsCheck,
               "fgsm": BaselineCheck, "noise": BaselineCheck, "square": SquareCheck, "transfer": TransferCheck,
-              "fixed": FixedRandomness, "eot": EotCheck}
+              "fixed": FixedRandomness, "eot": EotCheck, "active": ActiveResult}
 
     @property
     def flags(self) -> list[str]:
@@ -260,6 +274,7 @@ class CheckResults(Typed):
                   "fgsm": self.fgsm.failed, "noise": self.noise.failed, "square": self.square.failed,
                   "transfer": self.transfer is not None and self.transfer.failed,
                   "eot": self.eot is not None and self.eot.failed,
+                  "active": self.active is not None and self.active.failed,
                   "randomness": self.fixed is not None and self.fixed.flagged}
         return [f for f in FLAGS if failed[f]]
 
@@ -360,11 +375,14 @@ def _pgd(steps: int, eps: float, eot: int = 1):
 
 def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: ChecksSpec, *,
                seed: int = 0, batch_size: int | str = 500, engine=None, draws: int = 1, eot: int | None = None,
-               target=None) -> CheckResults:
+               target=None, active: tuple[str, Attack] | None = None,
+               active_images: torch.Tensor | None = None) -> CheckResults:
     """Every check on images ``x`` (float in [0,1], on the model's device); ``.flags`` names the failed.
     ``draws``: the row's scoring draws (a stochastic row's per-sample results are "correct under
     every draw"); ``eot``: the row's own EOT samples (for ``spec.eot: auto``); ``target``: the
-    target classifier whose clean accuracy the row's is compared with (degenerate)."""
+    target classifier whose clean accuracy the row's is compared with (degenerate); ``active``: the
+    attack (its config name, built) the binarization test holds to account when ``spec.active`` is
+    set, on ``active_images`` (default ``x``)."""
     m = len(x)
     stochastic = bool(getattr(model, "stochastic", False))
     t0 = time.perf_counter()
@@ -436,9 +454,16 @@ def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: Ch
         eot_check = EotCheck(repeats=repeats, spread=max(repeats) - min(repeats),
                              std=float(torch.tensor(repeats).std()) if len(repeats) > 1 else 0.0,
                              samples=[e, 2 * e], comparison=pair, failed=pair.first_higher())
+    binarized = None
+    if spec.active is not None and active is not None:
+        name, a = active
+        binarized = binarization_test(model, x if active_images is None else active_images, a, threat, spec.active,
+                                      name=name, draws=draws, engine=engine, batch_size=batch_size)
+        passes["forwards"] += binarized.forwards
+        passes["backwards"] += binarized.backwards
     return CheckResults(n=m, stochastic=stochastic, degenerate=degenerate, gradient=grad, steps=steps, eps=eps,
                         fgsm=fgsm, noise=noise, square=square, transfer=transfer, fixed=fixed, eot=eot_check,
-                        seconds=time.perf_counter() - t0, **passes)
+                        active=binarized, seconds=time.perf_counter() - t0, **passes)
 
 
 def degenerate_check(model, x: torch.Tensor, y: torch.Tensor, correct: torch.Tensor, target=None) -> DegenerateCheck:
@@ -619,4 +644,45 @@ def checks_markdown(checks: dict[RowKey, ChecksRecord]) -> str:
              for row, rec in checks.items() if rec.results.degenerate.failed]
     if notes:
         out += ["", *notes]
+    active = active_markdown(checks)
+    if active:
+        out += ["", "## The binarization test", "", active]
+    return "\n".join(out) + "\n"
+
+
+ACTIVE_LEGEND = (
+    "The binarization test (Zimmermann, Brendel, Tramèr and Carlini, NeurIPS 2022) per row: around each of the "
+    "first n test images it replaces the classifier's head by a linear readout of the row's own features of "
+    "purified images that puts the image and points near it in class 0 and one point at distance exactly eps in "
+    "class 1, so an adversarial example inside the threat ball exists by construction; then it runs the row's "
+    "attack from the image. **Success**: the share of samples with a valid readout where the attack found one "
+    "(95% Wilson interval); a perfect attack finds them all. **Result**: `fail` when that share is significantly "
+    "below {threshold:.0%} (one-sided exact binomial test, p < {alpha:g}): the attack is too weak for this defense "
+    "and the row's accuracies overstate its robustness; `pass` otherwise (no proof that the attack is strong "
+    "enough on the real task); `untestable` when no readout was valid (the row's features do not separate the "
+    "boundary point from the ball around the image, or a random row's fresh draws do not keep the readout's "
+    "classes: the test cannot be set up for it, which says nothing for or against the attack). **Random**: the "
+    "share (%) of points drawn uniformly from the eps-ball that the binarized model already puts in class 1 (the "
+    "reference's check of how easy the test is: near 0 a pass means something, near 100 nothing). **Invalid** "
+    "readouts are counted with their reasons, never hidden.")
+
+
+def active_markdown(checks: dict[RowKey, ChecksRecord]) -> str:
+    """One line per row with a binarization test (empty when none had it)."""
+    tested = {row: rec.results.active for row, rec in checks.items() if rec.results.active is not None}
+    if not tested:
+        return ""
+    first = next(iter(tested.values()))
+    out = [ACTIVE_LEGEND.format(threshold=first.threshold, alpha=first.alpha), "",
+           "| Dataset | Target | Defense | Attack | Samples | Valid readouts | Success (95% CI) | p | Result "
+           "| Random | Invalid readouts, why |",
+           "|---|---|---|---|---:|---:|---|---:|---|---:|---|"]
+    for row, r in tested.items():
+        lo, hi = r.interval()
+        success = (f"{r.successes}/{len(r.valid)} = {_pct(r.success_rate)} [{_pct(lo)}, {_pct(hi)}]"
+                   if r.testable else "-")
+        why = "; ".join(f"{k} ({c})" for k, c in r.reasons().items()) or "-"
+        out.append(" | ".join([f"| {row.dataset}", row.target, row.defense, r.attack, str(len(r.samples)),
+                               str(len(r.valid)), success, f"{r.p_value:.2g}" if r.testable else "-", r.verdict,
+                               _pct(r.random_rate) if r.random_rate is not None else "-", why]) + " |")
     return "\n".join(out) + "\n"

@@ -190,6 +190,30 @@ class Planner:
             return float(steps), False
         return float(steps), True  # a plugin attack: its steps, one pass each (a guess)
 
+    def active_cost(self, est: Estimate, ds, spec: DefenseSpec, stochastic: bool, draws: int) -> str:
+        """Adds a row's binarization test to ``est``; says what it costs per sample. Per sample, one at
+        a time: the features of its inner and boundary points (``feature_draws`` times on a random row).
+        Then, all samples at once: the readouts' check on fresh passes, the random points, the attack."""
+        from benchmark.runner import active_attack
+
+        a = self.cfg.eval.checks.active
+        name, attack = active_attack(self.cfg, spec)
+        k = min(a.n, self.eval_images(ds, spec))
+        reps = a.feature_draws if stochastic else 1
+        chosen = next((x for x in self.cfg.attacks if x.name == name), None)
+        if chosen is not None:
+            per, guess = self.attack_passes(chosen, stochastic)
+        else:  # the checks' own PGD: steps x EOT samples
+            per, guess = float(attack.params.steps * attack.params.eot), False
+        est.add(self.pass_seconds(spec, a.inner_points + 2, gradient=False), k * reps)
+        est.add(self.pass_seconds(spec, 2 * k, gradient=False), draws)
+        if a.random_points:
+            est.add(self.pass_seconds(spec, k * a.random_points, gradient=False))
+        est.add(self.pass_seconds(spec, k), per).add(self.pass_seconds(spec, k, gradient=False), draws)
+        est.guess = est.guess or guess
+        return (f"binarization test ({name}): per sample {(a.inner_points + 2) * reps} feature passes, "
+                f"{a.random_points} random points and {per:g} attack passes; {k} samples")
+
     # -- artifacts ------------------------------------------------------------------------
     @cached_property
     def artifacts(self) -> Path:
@@ -357,7 +381,10 @@ class Planner:
             est = Estimate().add(self.pass_seconds(spec, n_checks), passes)
             est.add(self.pass_seconds(spec, n_checks, gradient=False), c.square_queries + 1 + scored * draws)
             est.add(self.costs.get("checks_overhead", "stochastic" if stochastic else "deterministic"))
-            stages.append(Stage("checks", row, est.seconds, est.guess, about=spec.registered))
+            detail = ""
+            if c.active is not None:
+                detail = self.active_cost(est, ds, spec, stochastic, draws)
+            stages.append(Stage("checks", row, est.seconds, est.guess, detail, about=spec.registered))
         if cells:
             n = self.eval_images(ds, spec)
             draws = self.cfg.draws if stochastic else 1

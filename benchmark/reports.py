@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.io import atomic_write_text
-from benchmark.masking import load_checks
+from benchmark.masking import active_markdown, load_checks
 from benchmark.paper import DIR_ALPHA, paper_value, reference_numbers
 from benchmark.records import CellRecord, as_record, load_records
 from benchmark.stats import mcnemar
@@ -642,6 +642,12 @@ def how_to_read(df: pd.DataFrame, blocks: list[dict], profile: str | None, check
         out.append(f"- **Checks** runs the gradient-masking checks per row{on}: `no flag (n=...)` means none of "
                    "them raised a flag on those images, not that the row is robust; a flag names what failed. "
                    "Figures: [checks](../tables/checks.md).")
+        tested = [c.results.active for c in checks.values() if c.results.active is not None]
+        if tested:
+            out.append("- **The binarization test** (flag `active`) gives each row's attack a problem on the row's "
+                       "own features where an adversarial example exists by construction: an attack that misses "
+                       "it significantly often is too weak for that defense, and the row's numbers overstate its "
+                       "robustness (the section after Results).")
     out.append("- **Every adversarial input** of every cell was verified inside the threat ball (L-inf distance "
                "to its clean image at most eps) and inside [0, 1] before it was scored; accuracies are "
                "recomputed from those images.")
@@ -674,6 +680,9 @@ def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list,
              "Tables: [markdown](../tables/results.md), [with 95% intervals](../tables/results_ci.md), "
              "[LaTeX](../tables/results.tex) ([with intervals](../tables/results_ci.tex)), [CSV](../tables/results.csv); "
              "[gradient-masking checks](../tables/checks.md); [scores per draw](../tables/draws.md)", ""]
+    active = active_markdown(checks) if checks else ""
+    if active:
+        index += ["### Does the attack find what exists? The binarization test", "", active]
     members = autoattack_members_markdown(records)
     if members:
         index += ["### AutoAttack, member by member", "", members]

@@ -132,7 +132,11 @@ def row_id(ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
 
 
 def checks_hash(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
-    return artifact_key(row_description(cfg, ds, target, defense) | {"checks": asdict(cfg.eval.checks)}
+    active = {}
+    if cfg.eval.checks.active is not None:  # what the binarization test's attack runs with
+        name, attack = active_attack(cfg, defense)
+        active = {"active_attack": {"name": name, "registered": type(attack).__name__, "params": attack.describe()}}
+    return artifact_key(row_description(cfg, ds, target, defense) | {"checks": asdict(cfg.eval.checks)} | active
                         | {"scoring": SCORING_VERSION, "checks_version": CHECKS_VERSION, "draws": row_draws(cfg, defense)}
                         | ({"eot": row_eot(cfg, defense)} if cfg.eval.checks.eot == "auto" and row_draws(cfg, defense) > 1
                            and DEFENSES.get(defense.registered).stochastic_with(defense.options) else {}))
@@ -163,6 +167,46 @@ def row_eot(cfg: ExperimentConfig, defense: DefenseSpec) -> int | None:
              if spec.only is None or defense.name in spec.only]
     counts = [e for attack in built if attack.applies(cls) for e in _eot_counts(attack, stochastic)]
     return max(counts) if counts else None
+
+
+def active_attack(cfg: ExperimentConfig, defense: DefenseSpec) -> tuple[str, object]:
+    """The attack a row's binarization test holds to account, (its name, built): the config's
+    ``checks.active.attack`` if named, else the row's strongest gradient attack: among the config's
+    PGD-family attacks on the whole model that run against the row (PGD, EOT-PGD, BPDA+EOT, Adaptive;
+    not a DLR loss, which needs three classes), the one with the most gradient samples per image
+    (steps x restarts x the EOT samples it takes against this row; on a tie, for a BPDA row the
+    BPDA+EOT attack, else the first in the config). So a random row gets its EOT attack, a BPDA row
+    its BPDA+EOT (through the surrogate, or exact where its parameters say so), any other row its
+    longest PGD. With none of them in the config: PGD
+    with the checks' ``more_steps`` (and the row's EOT samples on a random row)."""
+    from benchmark.active import ATTACKS_FOR_IT
+    from benchmark.masking import DEFAULT_EOT, _pgd
+
+    spec = cfg.eval.checks.active
+    if spec is not None and spec.attack != "auto":
+        chosen = next(a for a in cfg.attacks if a.name == spec.attack)  # the config checked it names one
+        return chosen.name, build_attack(chosen, f"attack {chosen.name!r}")
+    cls = DEFENSES.get(defense.registered)
+    stochastic = cls.stochastic_with(defense.options)
+    bpda_row = not getattr(cls, "differentiable", True) or bool(getattr(cls, "prefers_bpda", False))
+    best, budget = None, (0, False)
+    for a in cfg.attacks:
+        if a.registered not in ATTACKS_FOR_IT or (a.only is not None and defense.name not in a.only):
+            continue
+        built = build_attack(a, f"attack {a.name!r}")
+        p = built.params
+        if not built.applies(cls) or getattr(p, "loss", "ce") == "dlr":
+            continue
+        eot = (_eot_counts(built, stochastic) or [1])[0] if stochastic else 1
+        # on a tie, a BPDA row prefers the attack built for it
+        size = (p.steps * getattr(p, "restarts", 1) * eot, bpda_row and a.registered in ("bpda-eot", "adaptive"))
+        if size > budget:
+            best, budget = (a.name, built), size
+    if best is not None:
+        return best
+    c = cfg.eval.checks
+    eot = (row_eot(cfg, defense) or DEFAULT_EOT) if stochastic else 1
+    return f"PGD-{c.more_steps}" + (f" (EOT {eot})" if eot > 1 else ""), _pgd(c.more_steps, cfg.threat.eps, eot)
 
 
 FREE_FORM = ("params", "options", "train", "arch_options")  # config mappings with no fixed fields
@@ -565,9 +609,15 @@ class Runner:
                        data: ImageData, classifier=None) -> ChecksRecord:
         spec = self.cfg.eval.checks
         rows = data.head(min(spec.n, len(data)))
+        active = spec.active is not None and not DEFENSES.get(defense.registered).batch_dependent_with(defense.options)
+        if spec.active is not None and not active:  # its readout is fitted on batches, its attack runs one image
+            log.warning("%s/%s/%s: no binarization test (the defense's outputs depend on the batch)",
+                        ds.name, target.name, defense.name)
         results = run_checks(defended, rows.as_float(), rows.labels, self.threat, spec, seed=self.cfg.seed,
                              batch_size=self.cfg.eval.batch_size, engine=self.cfg.eval.engine,
-                             draws=row_draws(self.cfg, defense), eot=row_eot(self.cfg, defense), target=classifier)
+                             draws=row_draws(self.cfg, defense), eot=row_eot(self.cfg, defense), target=classifier,
+                             active=active_attack(self.cfg, defense) if active else None,
+                             active_images=data.head(min(spec.active.n, len(data))).as_float() if active else None)
         record = ChecksRecord(
             row=RowKey(ds.name, target.name, defense.name), row_hash=checks_hash(self.cfg, ds, target, defense),
             results=results, spec=spec, threat={"norm": self.threat.norm, "eps": self.threat.eps},

@@ -8,8 +8,10 @@ from purifybench_testing import NoisePurifier
 from attacks.base import Threat
 from benchmark.active import (
     ActiveSpec,
+    BinarizedModel,
     binarization_test,
     boundary_point,
+    disjoint_groups,
     fit_readout,
     inner_points,
 )
@@ -85,12 +87,36 @@ def test_plain_pgd_passes_undefended_fails_through_a_masked_gradient_and_bpda_pa
     for result in (undefended, masked, bpda):
         assert len(result.samples) == 8 and result.n_invalid == 0
         # every readout checked on fresh passes: x on its side, the boundary point on the other
-        assert all(s.checks == {"x_class_0": 1, "boundary_class_1": 1, "passes": 1} and s.boundary_margin > 0
+        assert all({k: s.checks[k] for k in ("x_class_0", "boundary_class_1", "passes")}
+                   == {"x_class_0": 1, "boundary_class_1": 1, "passes": 1} and s.boundary_margin > 0
                    for s in result.samples)
+        # the test is not trivial: random points of the eps-ball rarely reach class 1
+        assert 0 <= result.random_rate < 0.2
     assert undefended.success_rate >= 7 / 8 and bpda.success_rate >= 7 / 8
+    assert undefended.verdict == bpda.verdict == "pass" and not bpda.failed
     # zero gradients: PGD never leaves its random start and misses the example it is guaranteed to exist
     assert masked.success_rate <= 1 / 8 and masked.interval()[1] < 0.5 < bpda.interval()[0]
+    assert masked.failed and masked.verdict == "fail" and masked.p_value < 0.05
     assert masked.summary()["valid"] == 8 and masked.summary()["successes"] == masked.successes
+
+
+def test_one_attack_on_many_images_reads_each_input_out_with_its_own_images_readout(setup):
+    clf, x = setup
+    xs = x[:3]
+    gen = torch.Generator().manual_seed(0)
+    d = clf.features(xs).shape[1]
+    weight, bias = torch.randn(3, 2, d, generator=gen), torch.randn(3, 2, generator=gen)
+    model = BinarizedModel(DefendedModel(NoDefense(), clf), xs, weight, bias, THREAT.eps)
+    order = torch.tensor([2, 0, 0, 1])  # subsets, repeats and reorderings, as attacks make them
+    batch = (xs[order] + (torch.rand(xs[order].shape, generator=gen) * 2 - 1) * THREAT.eps).clamp(0, 1)
+    with torch.no_grad():
+        expected = torch.einsum("bd,bkd->bk", clf.features(batch), weight[order]) + bias[order]
+        assert torch.allclose(model(batch), expected, atol=1e-5)
+        with pytest.raises(RuntimeError, match="outside every test image's eps-ball"):
+            model(1 - xs[:1])
+    # images whose balls could hold one input are attacked in separate runs
+    near = (xs[0] + 0.15).clamp(0, 1)
+    assert disjoint_groups(torch.stack([xs[0], near, xs[1]]), THREAT.eps) == [[0, 2], [1]]
 
 
 def test_readouts_that_cannot_be_fitted_are_counted_not_hidden(setup):
@@ -117,3 +143,38 @@ def test_a_stochastic_row_is_attacked_with_its_eot_and_scored_under_its_draws(se
     assert all("fresh passes" in s.reason or "not linearly separable" in s.reason for s in noisy.samples if not s.valid)
     with pytest.raises(BenchError, match="inner_gap"):
         ActiveSpec(inner_gap=1.5).validate()
+
+
+def test_the_attack_it_holds_to_account_is_the_rows_strongest_or_the_one_named():
+    from benchmark.config import ConfigError
+    from benchmark.experiment import config_from_dict
+    from benchmark.runner import active_attack
+
+    raw = {"name": "t", "datasets": [{"name": "digits"}], "targets": [{"name": "t", "arch": "small-cnn", "train": {"method": "at"}}],
+           "defenses": [{"name": "none"}, {"name": "DIR", "defense": "dir"}, {"name": "AID", "defense": "aid"},
+                        {"name": "ME-Net", "defense": "menet"}],
+           "attacks": [{"name": "clean"}, {"name": "pgd", "params": {"steps": 10}},
+                       {"name": "eot-pgd", "params": {"steps": 10, "eot": 4}},
+                       {"name": "bpda-eot", "params": {"steps": 10, "eot_samples": 4}},
+                       {"name": "pgd-dlr", "attack": "pgd", "params": {"steps": 100, "loss": "dlr"}}],
+           "eval": {"checks": {"active": {"n": 4}}}}
+    cfg = config_from_dict(raw, "t.yaml:")
+    chosen = {d.name: active_attack(cfg, d)[0] for d in cfg.defenses}
+    # deterministic: the longest PGD (a DLR loss needs three classes); random: its EOT attack; BPDA rows: BPDA+EOT
+    assert chosen == {"none": "pgd", "DIR": "eot-pgd", "AID": "bpda-eot", "ME-Net": "bpda-eot"}
+    # none of the PGD family in the config: the checks' own PGD, with the row's EOT on a random row
+    few = dict(raw, attacks=[{"name": "clean"}, {"name": "mi-fgsm"}])
+    few["eval"] = {"checks": {"more_steps": 12, "active": {"n": 4}}}
+    cfg = config_from_dict(few, "t.yaml:")
+    assert active_attack(cfg, cfg.defenses[0])[0] == "PGD-12"
+    assert active_attack(cfg, cfg.defenses[1])[0] == "PGD-12 (EOT 4)"
+    named = dict(raw, eval={"checks": {"active": {"n": 4, "attack": "pgd"}}})
+    cfg = config_from_dict(named, "t.yaml:")
+    assert {active_attack(cfg, d)[0] for d in cfg.defenses} == {"pgd"}
+    for attack, message in (("pgd-typo", "'pgd-typo' is not an attack of this config"),
+                            ("clean", "is a clean attack"), ("pgd-dlr", "needs three classes")):
+        with pytest.raises(ConfigError, match=message) as info:
+            config_from_dict(dict(raw, eval={"checks": {"active": {"attack": attack}}}), "t.yaml:")
+        assert "eval.checks.active.attack" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="eval.checks.active.threshold"):
+        config_from_dict(dict(raw, eval={"checks": {"active": {"threshold": 1.5}}}), "t.yaml:")

@@ -222,6 +222,11 @@ def test_no_argument_run_is_the_smoke_run_and_resumes():
     assert "BPDA+EOT" in (out_dir / "report" / "adaptive.md").read_text()
     assert "| DIR-official - joint-AT | the released denoiser |" in (out_dir / "report" / "ablation.md").read_text()
     assert "## DIR as released" in index
+    # the binarization test of every row's attack, with the other checks, in the report
+    for f in sorted((out_dir / "checks").glob("*.json")):
+        active = json.loads(f.read_text())["results"]["active"]
+        assert len(active["samples"]) == 6 and active["attack"] in ("pgd", "eot-pgd", "bpda-eot"), f.name
+    assert "### Does the attack find what exists? The binarization test" in index
     # the CPU factors of costs.yaml measure again from this run: one per stage kind and row
     import yaml
 

@@ -2,12 +2,14 @@
 target alone (AT) and the same defenses attacked properly are not; the flags reach the tables."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from attacks.base import Threat
+from benchmark.active import ActiveSpec
 from benchmark.config import ConfigError
 from benchmark.errors import BenchError
 from benchmark.harness import run_attack
@@ -23,6 +25,7 @@ from benchmark.masking import (
     SquareCheck,
     StepsCheck,
     check_determinism,
+    checks_markdown,
     flag_text,
     read_checks,
     run_checks,
@@ -59,16 +62,35 @@ def test_the_at_target_alone_passes_every_check(trained_pair, rows):
     assert r.backwards > 0 and r.forwards > r.backwards
 
 
-def test_a_quantizing_defense_without_bpda_is_flagged_and_with_bpda_is_not(trained_pair, rows):
+def test_a_quantizing_defense_without_bpda_is_flagged_and_with_bpda_is_not(trained_pair, rows, tmp_path):
     from purifybench_testing import Quantize
 
     target = trained_pair["at"][0]
-    masked = _checks(DefendedModel(Quantize(), copy.deepcopy(target), bpda=False), rows)
+    x, y = rows
+    # with the binarization test of the row's PGD on the first 8 images
+    spec = dataclasses.replace(SPEC, active=ActiveSpec(n=8, inner_points=31, random_points=16))
+    pgd = ("pgd", ATTACKS.get("pgd")(steps=10, step_size=0.025))
+    masked = run_checks(DefendedModel(Quantize(), copy.deepcopy(target), bpda=False), x, y, THREAT, spec,
+                        batch_size=64, active=pgd)
     assert "zero-grad" in masked.flags
-    # the gradient is zero, so PGD never moves: Square and large eps expose it
+    # the gradient is zero, so PGD never moves: Square and large eps expose it, and so does the
+    # binarization test: PGD misses the adversarial examples that exist by construction
     assert "square" in masked.flags or "eps" in masked.flags, masked
-    honest = _checks(DefendedModel(Quantize(), copy.deepcopy(target), bpda=True), rows)
+    assert "active" in masked.flags and masked.active.verdict == "fail" and len(masked.active.samples) == 8
+    honest = run_checks(DefendedModel(Quantize(), copy.deepcopy(target), bpda=True), x, y, THREAT, spec,
+                        batch_size=64, active=pgd)
     assert "zero-grad" not in honest.flags and "square" not in honest.flags, honest
+    assert "active" not in honest.flags and honest.active.verdict == "pass"
+    # the figures behind the flag: a row per tested row, its verdict, the passes counted
+    assert honest.forwards > masked.active.forwards > 0 and honest.active.backwards > 0
+    md = checks_markdown({RowKey("digits", "at", "masked"): _record(masked),
+                          RowKey("digits", "at", "bpda"): _record(honest)})
+    assert "## The binarization test" in md and "| digits | at | masked | pgd | 8 | 8 | 0/8 = 0.0" in md
+    assert "| fail |" in md and "| pass |" in md and "active" in flag_text(_record(masked))
+    # the row's checks file keeps every sample's outcome
+    write_checks(tmp_path / "row.json", _record(masked))
+    back = read_checks(tmp_path / "row.json")
+    assert back.results.active == masked.active and back.flags == masked.flags
 
 
 def test_menet_without_bpda_is_flagged(trained_pair, rows):
@@ -128,16 +150,20 @@ def test_checks_file_round_trips_and_older_or_bad_files_say_so(tmp_path, caplog)
     rec = _record(_results(steps=True))
     write_checks(path, rec)
     data = json.loads(path.read_text())
-    assert data["schema"] == "purifybench-checks/3" and data["flags"] == ["steps"] and data["passed"] is False
+    assert data["schema"] == "purifybench-checks/4" and data["flags"] == ["steps"] and data["passed"] is False
     back = read_checks(path)
     assert back.results == rec.results and back.row == rec.row and back.flags == ["steps"] and not back.old_schema
     assert isinstance(back.results.eps.rises[0], Paired) and isinstance(back.results.square, SquareCheck)
     assert valid_checks(path, row_hash="abc") is not None and valid_checks(path, row_hash="other") is None
-    # a file of an older schema (its checks without paired tests) is not trusted: a run recomputes it
+    # a file of the schema before the binarization test reads (it has none); older ones are not trusted
+    old = dict(data, schema="purifybench-checks/3")
+    old["checksum"] = checksum(old)
+    path.write_text(json.dumps(old))
+    assert read_checks(path).old_schema and read_checks(path).results.active is None
     old = dict(data, schema="purifybench-checks/2")
     old["checksum"] = checksum(old)
     path.write_text(json.dumps(old))
-    with pytest.raises(RecordError, match="is not a purifybench-checks/3 file"):
+    with pytest.raises(RecordError, match="is not a purifybench-checks/4 file"):
         read_checks(path)
     # a field this version does not know, or a missing one: one line naming the file and the field
     for change, message in ((lambda d: d["results"]["square"].update(queries_typo=3), "queries_typo"),
@@ -212,17 +238,25 @@ def test_runner_writes_checks_and_the_tables_show_the_flags(tmp_path):
     cfg = json.loads(json.dumps(BASE))
     cfg["defenses"] = [{"name": "none"}]
     cfg["eval"] = dict(cfg.get("eval", {}), checks={"n": 32, "steps": 3, "more_steps": 6,
-                                                    "eps_multipliers": [4.0], "square_queries": 30})
+                                                    "eps_multipliers": [4.0], "square_queries": 30,
+                                                    "active": {"n": 4, "inner_points": 15, "random_points": 8}})
     path = _write(tmp_path, cfg)
     out = tmp_path / "run"
+    from test_runner import _plan
+
+    assert "binarization test (pgd): per sample 17 feature passes, 8 random points and 5 attack passes; 4 " \
+           "samples" in _plan(path, out)
     _run(path, out)
     files = sorted((out / "checks").glob("*.json"))
     assert len(files) == 1
     rec = valid_checks(files[0])
     assert rec is not None and rec.results.n == 32 and rec.row.defense == "none"
+    # the binarization test of the row's PGD, on the first 4 evaluation images
+    assert rec.results.active.attack == "pgd" and len(rec.results.active.samples) == 4
+    assert rec.results.active.params["steps"] == 5 and rec.spec.active.n == 4
     md = (out / "tables" / "results.md").read_text()
     assert "| Checks |" in md and "Carlini" in md
-    assert (out / "tables" / "checks.md").is_file()
+    assert "| digits | at | none | pgd | 4 |" in (out / "tables" / "checks.md").read_text()
     assert r"& Checks \\" in (out / "tables" / "results.tex").read_text()
     # a rerun recomputes nothing; a tampered checks file is recomputed, not trusted
     mtime = files[0].stat().st_mtime_ns

@@ -217,6 +217,29 @@ def test_exact_neighbours_handed_to_umap_are_the_brute_force_ones():
     assert (idx == ref_idx).all() and np.allclose(dist, ref_dist, atol=1e-4)
 
 
+def test_the_neighbourhood_weights_are_umap_learns_without_its_compilation():
+    import numpy as np
+    import umap.umap_ as umap_module
+
+    from benchmark.umap_report import embed, exact_knn, membership_strengths, smooth_knn_dist
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(120, 16)).astype(np.float32)
+    x[7] = x[8]  # a duplicate: a zero distance among the neighbours
+    idx, dist = exact_knn(x, 15)
+    idx[3, -1], dist[3, -1] = -1, 0.0  # a missing neighbour
+    for connectivity in (1.0, 1.5, 0.5):
+        ours = smooth_knn_dist(dist, 15.0, local_connectivity=connectivity)
+        theirs = umap_module.smooth_knn_dist(dist, 15.0, local_connectivity=connectivity)
+        assert np.allclose(ours[0], theirs[0], rtol=1e-4) and np.allclose(ours[1], theirs[1], rtol=1e-6)
+        for a, b in zip(membership_strengths(idx, dist, *ours, return_dists=True),
+                        umap_module.compute_membership_strengths(idx, dist, *theirs, return_dists=True)):
+            assert a.dtype == b.dtype and np.allclose(a, b, atol=1e-5)
+    # umap-learn's own functions are back in place after an embedding
+    before = umap_module.smooth_knn_dist
+    assert embed(x[:60]).shape == (60, 2) and umap_module.smooth_knn_dist is before
+
+
 def test_paper_comparison_finds_tables_2_to_5_and_the_text():
     rows = []
     r = rec("DIR", "bpda-eot", "1010", reg_def="dir")
