@@ -72,7 +72,10 @@ from defenses.base import DefendedModel
 # significantly below this (one-sided exact binomial test), so a few misses on a small n do not.
 THRESHOLD = 0.95
 ATTACKS_FOR_IT = ("pgd", "eot-pgd", "bpda-eot", "adaptive")  # label-loss gradient attacks on the whole model
-NAMED_ATTACKS = ("mi-fgsm", "vni-fgsm")  # ... that a config may name (``auto`` picks among the first)
+# ... that a config may name (``auto`` picks among the first). Not VNI-FGSM: its neighbours reach
+# 1.5 eps beyond its iterate, outside the ball every input must lie in.
+NAMED_ATTACKS = ("mi-fgsm",)
+EASY = 0.5  # a pass where random points of the ball already cross this often is inconclusive
 
 
 @dataclass
@@ -140,6 +143,7 @@ class ActiveResult(Typed):
     seconds: float = 0.0
     forwards: int = 0
     backwards: int = 0
+    error: str | None = None  # the test itself failed to run (the row's other checks stand)
 
     NESTED = {"samples": (list, SampleOutcome)}
 
@@ -191,7 +195,21 @@ class ActiveResult(Typed):
 
     @property
     def verdict(self) -> str:
-        return "untestable" if not self.testable else ("fail" if self.failed else "pass")
+        """``fail``; ``pass``; ``inconclusive``: a pass that means little (too few valid samples for
+        any result to fail, or random points of the ball already cross at least ``EASY`` of the
+        time); ``untestable``: no valid readout; ``error``: the test did not run."""
+        if self.error:
+            return "error"
+        if not self.testable:
+            return "untestable"
+        if self.failed:
+            return "fail"
+        from scipy.stats import binom
+
+        random = self.random_rate
+        if float(binom.cdf(0, len(self.valid), self.threshold)) >= self.alpha or (random is not None and random >= EASY):
+            return "inconclusive"
+        return "pass"
 
     def reasons(self) -> dict[str, int]:
         """Why samples were invalid, in short (each sample's full reason is in its outcome), with counts."""
@@ -206,7 +224,7 @@ class ActiveResult(Typed):
         lo, hi = self.interval()
         return {"attack": self.attack, "n": len(self.samples), "valid": len(self.valid), "invalid": self.n_invalid,
                 "successes": self.successes, "success_rate": self.success_rate, "interval": [lo, hi],
-                "p_value": self.p_value, "verdict": self.verdict, "random_rate": self.random_rate}
+                "p_value": self.p_value, "verdict": self.verdict, "random_rate": self.random_rate, "error": self.error}
 
 
 # ----------------------------------------------------------------------------- the binary problem
@@ -380,7 +398,9 @@ def binarization_test(defended: DefendedModel, images: torch.Tensor, attack: Att
         reps = spec.feature_draws if stochastic else 1
         points = torch.cat([inner, edges[i][None]])  # one pass: identical images give identical features
         # a random row: ``reps`` copies in one batch, each image drawing its own randomness
-        f, z = row_features(defended, points.repeat(reps, *[1] * (points.dim() - 1)), batch_size=1024)
+        chains = int(getattr(defended.defense, "chains", 1) or 1)
+        f, z = row_features(defended, points.repeat(reps, *[1] * (points.dim() - 1)),
+                            batch_size=max(1, 1024 // chains))
         passes["forwards"] += len(points) * reps
         is_edge = torch.arange(len(f)) % len(points) == len(points) - 1
         fitted = fit_readout(f[~is_edge], f[is_edge], z[~is_edge], z[is_edge], spec)
@@ -395,9 +415,11 @@ def binarization_test(defended: DefendedModel, images: torch.Tensor, attack: Att
         model = BinarizedModel(defended, xs[ids], torch.stack([readouts[i][0] for i in ids]),
                                torch.stack([readouts[i][1] for i in ids]), threat.eps)
         # The readouts' checks on fresh passes (a stochastic row: ``draws`` fresh draws of its
-        # randomness): x must be class 0 and the boundary point class 1 in most of them, or the
-        # adversarial example the test promises does not exist for the defended model (a readout
-        # fitted on some draws that fresh draws do not follow): such a sample is invalid, not a miss.
+        # randomness, as the attack is scored): x must be class 0 in every one of them (under the
+        # suite's scoring one draw in class 1 makes an image adversarial: x itself would count as
+        # found) and the boundary point class 1 in most, or the adversarial example the test promises
+        # does not exist for the defended model (a readout fitted on some draws that fresh draws do
+        # not follow): such a sample is invalid, not a miss.
         fresh = draws if stochastic else 1
         with torch.no_grad():
             both = torch.cat([xs[ids], torch.stack([edges[i] for i in ids])])
@@ -408,7 +430,7 @@ def binarization_test(defended: DefendedModel, images: torch.Tensor, attack: Att
             checks = {"x_class_0": int((votes[:, j] == 0).sum()),
                       "boundary_class_1": int((votes[:, len(ids) + j] == 1).sum()), "passes": fresh}
             samples[i].checks = checks
-            if 2 * checks["x_class_0"] <= fresh or 2 * checks["boundary_class_1"] <= fresh:
+            if checks["x_class_0"] < fresh or 2 * checks["boundary_class_1"] <= fresh:
                 samples[i].reason = (
                     f"{NOT_KEPT} the readout put x in class 0 {checks['x_class_0']} and the boundary point in "
                     f"class 1 {checks['boundary_class_1']} of {fresh} times (the constructed example does not hold)")
@@ -416,16 +438,20 @@ def binarization_test(defended: DefendedModel, images: torch.Tensor, attack: Att
                 attacked.append(i)
         if not attacked:
             continue
-        if spec.random_points:  # how easy the test is: random points of the ball in class 1
+        if spec.random_points:  # how easy the test is: random points of the ball in class 1, scored as
+            # the attack is (a random row: in class 1 under at least one of the ``fresh`` draws)
             gen = torch.Generator(device=device).manual_seed(spec.seed)
-            k = spec.random_points
-            noise = (torch.rand((len(attacked) * k, *xs.shape[1:]), generator=gen, device=device) * 2 - 1) * threat.eps
-            with torch.no_grad():
-                ones = torch.cat([model(part).argmax(1) for part in torch.split(
-                    (xs[attacked].repeat_interleave(k, dim=0) + noise).clamp(0, 1), 1024)]).view(len(attacked), k)
-            passes["forwards"] += len(attacked) * k
-            for j, i in enumerate(attacked):
-                samples[i].checks["random_class_1"] = float((ones[j] == 1).float().mean())
+            for i in attacked:
+                crossed = torch.zeros(spec.random_points, dtype=torch.bool)
+                for start in range(0, spec.random_points, 1024):
+                    k = min(1024, spec.random_points - start)
+                    noise = (torch.rand((k, *xs.shape[1:]), generator=gen, device=device) * 2 - 1) * threat.eps
+                    points = (xs[i] + noise).clamp(0, 1)
+                    with torch.no_grad():
+                        for _ in range(fresh):
+                            crossed[start:start + k] |= (model(points).argmax(1) == 1).cpu()
+                    passes["forwards"] += k * fresh
+                samples[i].checks["random_class_1"] = float(crossed.float().mean())
         outcome = run_attack(attack, model, xs[attacked], torch.zeros(len(attacked), dtype=torch.long, device=device),
                              threat, batch_size=batch_size, seed=spec.seed, name=name, draws=fresh, engine=engine)
         passes["forwards"] += outcome.forwards

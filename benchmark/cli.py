@@ -146,8 +146,16 @@ def cmd_umap(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "manifest.json").is_file():
         raise BenchError(f"{run_dir} is not a run folder (no manifest.json inside)")
+    steps = args.steps
+    if steps is None:  # the run's own (its config's report.umap_steps), as its closing report drew it
+        import json
+
+        report = json.loads((run_dir / "manifest.json").read_text()).get("config", {}).get("report") or {}
+        steps = int(report.get("umap_steps", 20))
+    if steps < 1:
+        raise BenchError(f"umap --steps: must be >= 1, got {steps}")
     for p in write_umap(run_dir, args.defenses, args.n, device=args.device, dataset=args.dataset,
-                        target=args.target):
+                        target=args.target, steps=steps):
         print(p)
     return 0
 
@@ -368,6 +376,7 @@ def _add_umap(sub) -> None:
     u.add_argument("--dataset", help="dataset of the run (default: the first)")
     u.add_argument("--target", help="target of the run (default: the first)")
     u.add_argument("--device", default="auto")
+    u.add_argument("--steps", type=int, help="PGD steps (default: the run's report.umap_steps, else 20)")
     u.set_defaults(func=cmd_umap)
 
 

@@ -457,8 +457,13 @@ def run_checks(model, x: torch.Tensor, y: torch.Tensor, threat: Threat, spec: Ch
     binarized = None
     if spec.active is not None and active is not None:
         name, a = active
-        binarized = binarization_test(model, x if active_images is None else active_images, a, threat, spec.active,
-                                      name=name, draws=draws, engine=engine, batch_size=batch_size)
+        try:
+            binarized = binarization_test(model, x if active_images is None else active_images, a, threat,
+                                          spec.active, name=name, draws=draws, engine=engine, batch_size=batch_size)
+        except (BenchError, RuntimeError, TypeError, ValueError) as exc:  # the other checks of the row stand
+            log.warning("the binarization test of %s did not run: %s", name, exc, exc_info=True)
+            binarized = ActiveResult(attack=name, samples=[], params=a.describe(), threshold=spec.active.threshold,
+                                     alpha=spec.active.alpha, error=f"{type(exc).__name__}: {exc}")
         passes["forwards"] += binarized.forwards
         passes["backwards"] += binarized.backwards
     return CheckResults(n=m, stochastic=stochastic, degenerate=degenerate, gradient=grad, steps=steps, eps=eps,
@@ -659,7 +664,8 @@ ACTIVE_LEGEND = (
     "(95% Wilson interval); a perfect attack finds them all. **Result**: `fail` when that share is significantly "
     "below {threshold:.0%} (one-sided exact binomial test, p < {alpha:g}): the attack is too weak for this defense "
     "and the row's accuracies overstate its robustness; `pass` otherwise (no proof that the attack is strong "
-    "enough on the real task); `untestable` when no readout was valid (the row's features do not separate the "
+    "enough on the real task); `inconclusive`: a pass that means little (too few valid readouts for any result to "
+    "fail, or random points of the ball already cross half the time or more); `untestable` when no readout was valid (the row's features do not separate the "
     "boundary point from the ball around the image, or a random row's fresh draws do not keep the readout's "
     "classes: the test cannot be set up for it, which says nothing for or against the attack). **Random**: the "
     "share (%) of points drawn uniformly from the eps-ball that the binarized model already puts in class 1 (the "
@@ -681,7 +687,7 @@ def active_markdown(checks: dict[RowKey, ChecksRecord]) -> str:
         lo, hi = r.interval()
         success = (f"{r.successes}/{len(r.valid)} = {_pct(r.success_rate)} [{_pct(lo)}, {_pct(hi)}]"
                    if r.testable else "-")
-        why = "; ".join(f"{k} ({c})" for k, c in r.reasons().items()) or "-"
+        why = r.error or "; ".join(f"{k} ({c})" for k, c in r.reasons().items()) or "-"
         out.append(" | ".join([f"| {row.dataset}", row.target, row.defense, r.attack, str(len(r.samples)),
                                str(len(r.valid)), success, f"{r.p_value:.2g}" if r.testable else "-", r.verdict,
                                _pct(r.random_rate) if r.random_rate is not None else "-", why]) + " |")

@@ -208,7 +208,7 @@ class Planner:
         est.add(self.pass_seconds(spec, a.inner_points + 2, gradient=False), k * reps)
         est.add(self.pass_seconds(spec, 2 * k, gradient=False), draws)
         if a.random_points:
-            est.add(self.pass_seconds(spec, k * a.random_points, gradient=False))
+            est.add(self.pass_seconds(spec, a.random_points, gradient=False), k * draws)
         est.add(self.pass_seconds(spec, k), per).add(self.pass_seconds(spec, k, gradient=False), draws)
         est.guess = est.guess or guess
         return (f"binarization test ({name}): per sample {(a.inner_points + 2) * reps} feature passes, "
@@ -382,7 +382,7 @@ class Planner:
             est.add(self.pass_seconds(spec, n_checks, gradient=False), c.square_queries + 1 + scored * draws)
             est.add(self.costs.get("checks_overhead", "stochastic" if stochastic else "deterministic"))
             detail = ""
-            if c.active is not None:
+            if c.active is not None and not DEFENSES.get(spec.registered).batch_dependent_with(spec.options):
                 detail = self.active_cost(est, ds, spec, stochastic, draws)
             stages.append(Stage("checks", row, est.seconds, est.guess, detail, about=spec.registered))
         if cells:

@@ -132,11 +132,14 @@ def row_id(ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
 
 
 def checks_hash(cfg: ExperimentConfig, ds: DatasetSpec, target: TargetSpec, defense: DefenseSpec) -> str:
-    active = {}
+    checks, active = asdict(cfg.eval.checks), {}
     if cfg.eval.checks.active is not None:  # what the binarization test's attack runs with
         name, attack = active_attack(cfg, defense)
-        active = {"active_attack": {"name": name, "registered": type(attack).__name__, "params": attack.describe()}}
-    return artifact_key(row_description(cfg, ds, target, defense) | {"checks": asdict(cfg.eval.checks)} | active
+        active = {"active_attack": {"name": name, "registered": type(attack).__name__, "params": attack.describe()},
+                  "active_version": ACTIVE_VERSION}
+    else:  # without the test, the identity of checks made before it existed
+        del checks["active"]
+    return artifact_key(row_description(cfg, ds, target, defense) | {"checks": checks} | active
                         | {"scoring": SCORING_VERSION, "checks_version": CHECKS_VERSION, "draws": row_draws(cfg, defense)}
                         | ({"eot": row_eot(cfg, defense)} if cfg.eval.checks.eot == "auto" and row_draws(cfg, defense) > 1
                            and DEFENSES.get(defense.registered).stochastic_with(defense.options) else {}))
@@ -169,9 +172,12 @@ def row_eot(cfg: ExperimentConfig, defense: DefenseSpec) -> int | None:
     return max(counts) if counts else None
 
 
+ACTIVE_VERSION = 2  # in a row's checks identity with the binarization test: bump when what it computes changes
+
+
 def active_attack(cfg: ExperimentConfig, defense: DefenseSpec) -> tuple[str, object]:
     """The attack a row's binarization test holds to account, (its name, built): the config's
-    ``checks.active.attack`` if named, else the row's strongest gradient attack: among the config's
+    ``checks.active.attack`` if named and run against the row, else the row's strongest gradient attack: among the config's
     PGD-family attacks on the whole model that run against the row (PGD, EOT-PGD, BPDA+EOT, Adaptive;
     not a DLR loss, which needs three classes), the one with the most gradient samples per image
     (steps x restarts x the EOT samples it takes against this row; on a tie, for a BPDA row the
@@ -183,10 +189,13 @@ def active_attack(cfg: ExperimentConfig, defense: DefenseSpec) -> tuple[str, obj
     from benchmark.masking import DEFAULT_EOT, _pgd
 
     spec = cfg.eval.checks.active
+    cls = DEFENSES.get(defense.registered)
     if spec is not None and spec.attack != "auto":
         chosen = next(a for a in cfg.attacks if a.name == spec.attack)  # the config checked it names one
-        return chosen.name, build_attack(chosen, f"attack {chosen.name!r}")
-    cls = DEFENSES.get(defense.registered)
+        built = build_attack(chosen, f"attack {chosen.name!r}")
+        if (chosen.only is None or defense.name in chosen.only) and built.applies(cls):
+            return chosen.name, built
+        # a column that does not run against this row: the row's own strongest, as with auto
     stochastic = cls.stochastic_with(defense.options)
     bpda_row = not getattr(cls, "differentiable", True) or bool(getattr(cls, "prefers_bpda", False))
     best, budget = None, (0, False)
@@ -610,7 +619,7 @@ class Runner:
         spec = self.cfg.eval.checks
         rows = data.head(min(spec.n, len(data)))
         active = spec.active is not None and not DEFENSES.get(defense.registered).batch_dependent_with(defense.options)
-        if spec.active is not None and not active:  # its readout is fitted on batches, its attack runs one image
+        if spec.active is not None and not active:  # its readouts' features and its attack see other batches
             log.warning("%s/%s/%s: no binarization test (the defense's outputs depend on the batch)",
                         ds.name, target.name, defense.name)
         results = run_checks(defended, rows.as_float(), rows.labels, self.threat, spec, seed=self.cfg.seed,

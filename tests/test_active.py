@@ -33,6 +33,25 @@ class Round8(Defense):
         return torch.round(x * 255) / 255
 
 
+class BlankNear(Defense):
+    """Blanks every input within L-inf distance ``radius`` of one of ``images`` (nothing about them
+    survives) and leaves the others."""
+
+    def __init__(self, images, radius: float) -> None:
+        super().__init__()
+        self.images, self.radius = images.flatten(1), radius
+
+    def purify(self, x, masks=None):
+        near = torch.cdist(x.flatten(1), self.images, p=float("inf")).min(1).values <= self.radius
+        return torch.where(near.view(-1, *[1] * (x.dim() - 1)), torch.full_like(x, 0.5), x) + 0 * x
+
+
+class TwoChains(NoDefense):
+    """The identity along two chains (as a multi-chain purifier runs): the classifier sees every input twice."""
+
+    chains = 2
+
+
 class Blank(Defense):
     """Every input becomes the same grey image: nothing about the input survives."""
 
@@ -114,6 +133,10 @@ def test_one_attack_on_many_images_reads_each_input_out_with_its_own_images_read
         assert torch.allclose(model(batch), expected, atol=1e-5)
         with pytest.raises(RuntimeError, match="outside every test image's eps-ball"):
             model(1 - xs[:1])
+    # a purifier along several chains classifies each input once per chain: the same readout for each
+    chained = BinarizedModel(DefendedModel(TwoChains(), clf), xs, weight, bias, THREAT.eps)
+    with torch.no_grad():
+        assert torch.allclose(chained(batch), expected, atol=1e-5)
     # images whose balls could hold one input are attacked in separate runs
     near = (xs[0] + 0.15).clamp(0, 1)
     assert disjoint_groups(torch.stack([xs[0], near, xs[1]]), THREAT.eps) == [[0, 2], [1]]
@@ -136,6 +159,9 @@ def test_a_stochastic_row_is_attacked_with_its_eot_and_scored_under_its_draws(se
                                name="eot-pgd", draws=2)
     assert len(result.samples) == 3 and result.n_invalid + len(result.valid) == 3
     assert all(isinstance(s.success, bool) and s.checks["passes"] == 2 for s in result.valid)
+    # a valid readout kept x in class 0 under every scoring draw (else x itself would count as found)
+    assert all(s.checks["x_class_0"] == 2 for s in result.valid) and result.verdict in ("pass", "inconclusive")
+    assert result.successes == len(result.valid) >= 1
     # noise large enough that fresh draws do not follow a readout fitted on two: invalid, with the reason
     noisy = binarization_test(DefendedModel(NoisePurifier(sigma=0.5), clf), x[:3], eot, THREAT,
                               ActiveSpec(n=3, inner_points=31, feature_draws=2), name="eot-pgd", draws=4)
@@ -171,6 +197,14 @@ def test_the_attack_it_holds_to_account_is_the_rows_strongest_or_the_one_named()
     named = dict(raw, eval={"checks": {"active": {"n": 4, "attack": "pgd"}}})
     cfg = config_from_dict(named, "t.yaml:")
     assert {active_attack(cfg, d)[0] for d in cfg.defenses} == {"pgd"}
+    # a named column that does not run against a row: that row's own strongest
+    only = dict(raw, eval={"checks": {"active": {"n": 4, "attack": "eot-pgd"}}})
+    only["attacks"] = [dict(a, only=["DIR"]) if a["name"] == "eot-pgd" else a for a in raw["attacks"]]
+    cfg = config_from_dict(only, "t.yaml:")
+    assert [active_attack(cfg, d)[0] for d in cfg.defenses] == ["pgd", "eot-pgd", "bpda-eot", "bpda-eot"]
+    vni = dict(raw, attacks=raw["attacks"] + [{"name": "vni-fgsm"}], eval={"checks": {"active": {"attack": "vni-fgsm"}}})
+    with pytest.raises(ConfigError, match="is a vni-fgsm attack"):
+        config_from_dict(vni, "t.yaml:")
     for attack, message in (("pgd-typo", "'pgd-typo' is not an attack of this config"),
                             ("clean", "is a clean attack"), ("pgd-dlr", "needs three classes")):
         with pytest.raises(ConfigError, match=message) as info:
@@ -178,3 +212,33 @@ def test_the_attack_it_holds_to_account_is_the_rows_strongest_or_the_one_named()
         assert "eval.checks.active.attack" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="eval.checks.active.threshold"):
         config_from_dict(dict(raw, eval={"checks": {"active": {"threshold": 1.5}}}), "t.yaml:")
+
+
+def test_valid_and_invalid_readouts_in_one_attack_keep_their_images(setup):
+    clf, x = setup
+    dark = [i in (1, 4, 5) for i in range(8)]
+    assert float(torch.cdist(x[:8].flatten(1), x[:8].flatten(1), p=float("inf")).add(torch.eye(8)).min()) > 0.4
+    result = binarization_test(DefendedModel(BlankNear(x[[1, 4, 5]], 0.2), clf), x[:8],
+                               ATTACKS.get("pgd")(steps=20, step_size=0.025), THREAT,
+                               ActiveSpec(n=8, inner_points=31, random_points=16), name="pgd")
+    assert [s.index for s in result.samples] == list(range(8))
+    # the blanked images: no readout, with the reason; the others: attacked, and found
+    assert [not s.valid for s in result.samples] == dark
+    assert all("not linearly separable" in s.reason and s.success is None for s in result.samples if not s.valid)
+    assert all(s.success and s.reason == "" and "random_class_1" in s.checks for s in result.valid)
+
+
+def test_a_pass_that_cannot_fail_or_that_random_points_reach_is_inconclusive():
+    from benchmark.active import ActiveResult, SampleOutcome
+
+    def result(successes, n, random=0.0, **kw):
+        samples = [SampleOutcome(i, valid=True, success=i < successes, checks={"random_class_1": random})
+                   for i in range(n)]
+        return ActiveResult(attack="pgd", samples=samples, **kw)
+
+    assert result(6, 6).verdict == "pass" and result(2, 6).verdict == "fail" and result(2, 6).failed
+    assert result(1, 1).verdict == "inconclusive"  # 0 of 1 would not be significant either
+    assert result(0, 1).verdict == "inconclusive" and not result(0, 1).failed
+    assert result(6, 6, random=0.6).verdict == "inconclusive" and result(6, 6, random=0.6).random_rate == 0.6
+    assert ActiveResult(attack="pgd", samples=[]).verdict == "untestable"
+    assert ActiveResult(attack="pgd", samples=[], error="RuntimeError: x").verdict == "error"

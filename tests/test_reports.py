@@ -219,6 +219,7 @@ def test_exact_neighbours_handed_to_umap_are_the_brute_force_ones():
 
 def test_the_neighbourhood_weights_are_umap_learns_without_its_compilation():
     import numpy as np
+    import pytest
     import umap.umap_ as umap_module
 
     from benchmark.umap_report import embed, exact_knn, membership_strengths, smooth_knn_dist
@@ -235,9 +236,12 @@ def test_the_neighbourhood_weights_are_umap_learns_without_its_compilation():
         for a, b in zip(membership_strengths(idx, dist, *ours, return_dists=True),
                         umap_module.compute_membership_strengths(idx, dist, *theirs, return_dists=True)):
             assert a.dtype == b.dtype and np.allclose(a, b, atol=1e-5)
-    # umap-learn's own functions are back in place after an embedding
+    # umap-learn's own functions are back in place after an embedding, and after one that failed
     before = umap_module.smooth_knn_dist
     assert embed(x[:60]).shape == (60, 2) and umap_module.smooth_knn_dist is before
+    with pytest.raises(ValueError):
+        embed(np.full((30, 4), np.nan, dtype=np.float32))
+    assert umap_module.smooth_knn_dist is before
 
 
 def test_paper_comparison_finds_tables_2_to_5_and_the_text():
