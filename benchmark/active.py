@@ -252,13 +252,15 @@ def boundary_point(x: torch.Tensor, eps: float, gen: torch.Generator) -> torch.T
 
 
 @torch.no_grad()
-def row_features(defended: DefendedModel, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def row_features(defended: DefendedModel, images: torch.Tensor, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(penultimate features, logits) of the row's classifier on the purified ``images``, one draw
-    of the defense's randomness; a defense with several chains gives their mean."""
+    of the defense's randomness per image; a defense with several chains gives their mean
+    (``batch_size`` purified images per pass, the chains included)."""
     chains = int(getattr(defended.defense, "chains", 1) or 1)
+    per_pass = max(1, batch_size // chains)
     feats, logits = [], []
-    for start in range(0, len(images), batch_size):
-        part = images[start:start + batch_size]
+    for start in range(0, len(images), per_pass):
+        part = images[start:start + per_pass]
         purified = defended.purify(part.repeat_interleave(chains, dim=0) if chains > 1 else part)
         f = defended.classifier.features(purified)
         z = defended.classifier(purified)
@@ -304,9 +306,7 @@ class BinarizedModel(DefendedModel):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.detach().float().flatten(1)
-        dist = torch.stack([(flat - c).abs().amax(1) for c in self.centres], 1)  # (batch, images): L-inf
-        near, rows = dist.min(1)
+        near, rows = torch.cdist(x.detach().float().flatten(1), self.centres, p=float("inf")).min(1)  # L-inf
         if bool((near > self.eps + MATCH_TOLERANCE).any()):
             raise RuntimeError(f"an input lies outside every test image's eps-ball (L-inf distance "
                                f"{float(near.max()):.4g} > eps {self.eps:g})")
@@ -324,10 +324,11 @@ def disjoint_groups(centres: torch.Tensor, eps: float) -> list[list[int]]:
     """``centres`` split (greedily, in order) into groups whose eps-balls are far apart (L-inf
     distance above 2 eps plus the matching tolerance): each group can be attacked at once."""
     flat = centres.flatten(1).float()
+    apart = torch.cdist(flat, flat, p=float("inf")) > 2 * (eps + MATCH_TOLERANCE)
     groups: list[list[int]] = []
     for i in range(len(flat)):
         for g in groups:
-            if bool(((flat[g] - flat[i]).abs().amax(1) > 2 * (eps + MATCH_TOLERANCE)).all()):
+            if bool(apart[i, g].all()):
                 g.append(i)
                 break
         else:
@@ -372,6 +373,15 @@ def fit_readout(inner: torch.Tensor, boundary: torch.Tensor, inner_logits: torch
     return weight.float(), bias.float()
 
 
+def scoring_predictions(model, images: torch.Tensor, draws: int, random: bool, seed: int) -> torch.Tensor:
+    """Predictions (len(images), draws) of ``images`` as the harness scores them (its judge: each draw
+    a pass with the defense reseeded for it, the attack's streams untouched)."""
+    from attacks.core import Judge
+
+    labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
+    return Judge(model, images, labels, draws=draws, random=random, batch_seed=seed).predictions(images)
+
+
 def binarization_test(defended: DefendedModel, images: torch.Tensor, attack: Attack, threat: Threat,
                       spec: ActiveSpec, *, name: str = "attack", draws: int = 1, engine=None,
                       batch_size: int | str = 500) -> ActiveResult:
@@ -387,6 +397,8 @@ def binarization_test(defended: DefendedModel, images: torch.Tensor, attack: Att
     t0, passes = time.perf_counter(), {"forwards": 0, "backwards": 0}
     device = images.device
     stochastic = bool(getattr(defended, "stochastic", False))
+    reps = spec.feature_draws if stochastic else 1
+    fresh = draws if stochastic else 1  # the passes that score an image (one for a deterministic row)
     xs = images[: spec.n]
     samples = [SampleOutcome(i, valid=False) for i in range(len(xs))]
     edges, readouts = {}, {}
@@ -395,12 +407,9 @@ def binarization_test(defended: DefendedModel, images: torch.Tensor, attack: Att
         defended.defense.seed(spec.seed * 1_000_003 + i, device)
         inner = inner_points(x, threat.eps, spec.inner_gap, spec.inner_points, gen)
         edges[i] = boundary_point(x, threat.eps, gen)
-        reps = spec.feature_draws if stochastic else 1
         points = torch.cat([inner, edges[i][None]])  # one pass: identical images give identical features
         # a random row: ``reps`` copies in one batch, each image drawing its own randomness
-        chains = int(getattr(defended.defense, "chains", 1) or 1)
-        f, z = row_features(defended, points.repeat(reps, *[1] * (points.dim() - 1)),
-                            batch_size=max(1, 1024 // chains))
+        f, z = row_features(defended, points.repeat(reps, *[1] * (points.dim() - 1)))
         passes["forwards"] += len(points) * reps
         is_edge = torch.arange(len(f)) % len(points) == len(points) - 1
         fitted = fit_readout(f[~is_edge], f[is_edge], z[~is_edge], z[is_edge], spec)
@@ -410,8 +419,9 @@ def binarization_test(defended: DefendedModel, images: torch.Tensor, attack: Att
         readouts[i] = fitted
         w = fitted[0][1] - fitted[0][0]
         samples[i].boundary_margin = float((f[is_edge].to(w.device) @ w + fitted[1][1] - fitted[1][0]).min())
-    for group in disjoint_groups(xs[list(readouts)], threat.eps) if readouts else []:
-        ids = [list(readouts)[g] for g in group]
+    fitted_ids = list(readouts)
+    for group in disjoint_groups(xs[fitted_ids], threat.eps) if readouts else []:
+        ids = [fitted_ids[g] for g in group]
         model = BinarizedModel(defended, xs[ids], torch.stack([readouts[i][0] for i in ids]),
                                torch.stack([readouts[i][1] for i in ids]), threat.eps)
         # The readouts' checks on fresh passes (a stochastic row: ``draws`` fresh draws of its
@@ -420,10 +430,8 @@ def binarization_test(defended: DefendedModel, images: torch.Tensor, attack: Att
         # found) and the boundary point class 1 in most, or the adversarial example the test promises
         # does not exist for the defended model (a readout fitted on some draws that fresh draws do
         # not follow): such a sample is invalid, not a miss.
-        fresh = draws if stochastic else 1
-        with torch.no_grad():
-            both = torch.cat([xs[ids], torch.stack([edges[i] for i in ids])])
-            votes = torch.stack([model(both).argmax(1) for _ in range(fresh)]).cpu()  # (fresh, 2 * len(ids))
+        both = torch.cat([xs[ids], torch.stack([edges[i] for i in ids])])
+        votes = scoring_predictions(model, both, fresh, stochastic, spec.seed).T.cpu()  # (fresh, 2 * len(ids))
         passes["forwards"] += len(both) * fresh
         attacked = []
         for j, i in enumerate(ids):
@@ -442,16 +450,14 @@ def binarization_test(defended: DefendedModel, images: torch.Tensor, attack: Att
             # the attack is (a random row: in class 1 under at least one of the ``fresh`` draws)
             gen = torch.Generator(device=device).manual_seed(spec.seed)
             for i in attacked:
-                crossed = torch.zeros(spec.random_points, dtype=torch.bool)
+                crossed = 0
                 for start in range(0, spec.random_points, 1024):
                     k = min(1024, spec.random_points - start)
                     noise = (torch.rand((k, *xs.shape[1:]), generator=gen, device=device) * 2 - 1) * threat.eps
-                    points = (xs[i] + noise).clamp(0, 1)
-                    with torch.no_grad():
-                        for _ in range(fresh):
-                            crossed[start:start + k] |= (model(points).argmax(1) == 1).cpu()
+                    preds = scoring_predictions(model, (xs[i] + noise).clamp(0, 1), fresh, stochastic, spec.seed)
+                    crossed += int((preds == 1).any(1).sum())
                     passes["forwards"] += k * fresh
-                samples[i].checks["random_class_1"] = float(crossed.float().mean())
+                samples[i].checks["random_class_1"] = crossed / spec.random_points
         outcome = run_attack(attack, model, xs[attacked], torch.zeros(len(attacked), dtype=torch.long, device=device),
                              threat, batch_size=batch_size, seed=spec.seed, name=name, draws=fresh, engine=engine)
         passes["forwards"] += outcome.forwards

@@ -364,7 +364,7 @@ class Planner:
         row = f"{ds.name}/{target.name}/{spec.name}"
         if self.runner.needs_checks(ds, target, spec):
             from benchmark.masking import DEFAULT_EOT
-            from benchmark.runner import row_eot
+            from benchmark.runner import row_eot, runs_active
 
             c = self.cfg.eval.checks
             # PGD few and more, the eps sweep, one FGSM step; Square's queries and the noise baseline
@@ -382,7 +382,7 @@ class Planner:
             est.add(self.pass_seconds(spec, n_checks, gradient=False), c.square_queries + 1 + scored * draws)
             est.add(self.costs.get("checks_overhead", "stochastic" if stochastic else "deterministic"))
             detail = ""
-            if c.active is not None and not DEFENSES.get(spec.registered).batch_dependent_with(spec.options):
+            if runs_active(self.cfg, spec):
                 detail = self.active_cost(est, ds, spec, stochastic, draws)
             stages.append(Stage("checks", row, est.seconds, est.guess, detail, about=spec.registered))
         if cells:

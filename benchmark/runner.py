@@ -175,6 +175,13 @@ def row_eot(cfg: ExperimentConfig, defense: DefenseSpec) -> int | None:
 ACTIVE_VERSION = 2  # in a row's checks identity with the binarization test: bump when what it computes changes
 
 
+def runs_active(cfg: ExperimentConfig, defense: DefenseSpec) -> bool:
+    """Whether a row's checks include the binarization test: asked for, and not a row whose outputs
+    depend on the batch (its readouts' features and its attack would see other batches)."""
+    return cfg.eval.checks.active is not None and not DEFENSES.get(defense.registered).batch_dependent_with(
+        defense.options)
+
+
 def active_attack(cfg: ExperimentConfig, defense: DefenseSpec) -> tuple[str, object]:
     """The attack a row's binarization test holds to account, (its name, built): the config's
     ``checks.active.attack`` if named and run against the row, else the row's strongest gradient attack: among the config's
@@ -618,8 +625,8 @@ class Runner:
                        data: ImageData, classifier=None) -> ChecksRecord:
         spec = self.cfg.eval.checks
         rows = data.head(min(spec.n, len(data)))
-        active = spec.active is not None and not DEFENSES.get(defense.registered).batch_dependent_with(defense.options)
-        if spec.active is not None and not active:  # its readouts' features and its attack see other batches
+        active = runs_active(self.cfg, defense)
+        if spec.active is not None and not active:
             log.warning("%s/%s/%s: no binarization test (the defense's outputs depend on the batch)",
                         ds.name, target.name, defense.name)
         results = run_checks(defended, rows.as_float(), rows.labels, self.threat, spec, seed=self.cfg.seed,
