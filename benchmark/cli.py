@@ -28,7 +28,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args.set or [])
     if args.n_eval is not None:
         overrides["eval.n"] = args.n_eval
-    cfg = load_config(args.config, overrides)
+    whole = cfg = load_config(args.config, overrides)
+    if args.part is not None:
+        from benchmark.experiment import select_part
+
+        cfg = select_part(cfg, args.part, f"{args.config}: --part")
     out = Path(args.out) if args.out else REPO_ROOT / "results" / cfg.name
     runner = Runner(cfg, out, device=args.device, force=args.force, progress=_progress(args),
                     config_path=str(args.config), keep_going=args.keep_going, replace=args.replace,
@@ -37,6 +41,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from benchmark.plan import Planner, format_plan
 
         print(format_plan(runner, Planner(runner), str(args.config)))
+        if whole.parts and args.part is None:
+            from benchmark.plan import format_parts
+
+            print(format_parts(whole, str(args.config)))
         return 0
     from benchmark import distributed
 
@@ -73,6 +81,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise BenchError(f"{len(summary['failed'])} cluster task(s) failed: " + "; ".join(summary["failed"]))
     if not args.no_report and main and not summary.get("busy"):
         _report_and_hint(out, cfg, str(runner.device), summary.get("computed", 1))
+    if cfg.part_of and main:
+        from benchmark.plan import merge_command
+
+        print(f"Part {args.part} of {', '.join(whole.parts)}; when every part has run (default folders), merge "
+              f"them:\n  {merge_command(whole)}")
     return 0
 
 
@@ -321,6 +334,8 @@ def _add_run(sub) -> None:
     r.add_argument("--out", help="results folder (default: results/<config name>)")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
     r.add_argument("--n-eval", type=int, help="number of test examples (overrides eval.n)")
+    r.add_argument("--part", help="run one of the config's parts (its rows, in a job of its own; default folder "
+                                  "results/<config name>-<part>); `report` merges the parts' folders")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value (repeatable; YAML values; a list item by its name or index), e.g. "
                         "--set threat.eps=0.0627 --set defenses.DIR.train.epochs=2; training eps and step size "

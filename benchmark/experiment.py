@@ -275,6 +275,13 @@ class ExperimentConfig:
     threat: ThreatSpec = field(default_factory=ThreatSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
+    # The matrix split into jobs that each fit a short GPU slot: {part name: its rows}, every row in
+    # exactly one part. ``run CONFIG --part NAME`` runs one (its rows in front of the targets they
+    # need, every attack; each part retrains the targets, so they must train deterministically), and
+    # ``report PART_RUN... --out DIR`` merges the parts' runs into the config's tables.
+    parts: dict[str, list[str]] = field(default_factory=dict)
+    # A part's run: {"config": the whole config's name, "part": its name, "parts": every part's name}
+    part_of: dict | None = None
 
     @property
     def draws(self) -> int:
@@ -332,6 +339,7 @@ class ExperimentConfig:
                     f"{active.attack!r} uses the DLR loss, which needs three classes (the test's model has two)")
         unknown = sorted(set(self.report.umap) - set(defenses))
         require(not unknown, subkey(where, "report.umap"), f"{unknown} are not defenses of this config; defenses: {defenses}")
+        self._validate_parts(subkey(where, "parts"), defenses)
         for i, d in enumerate(self.defenses):  # outputs that depend on the batch's other images
             if not DEFENSES.get(d.registered).batch_dependent_with(d.options):
                 continue
@@ -348,6 +356,25 @@ class ExperimentConfig:
                 require(not composite, at, f"its outputs depend on the batch's other images (batch statistics): "
                         f"attack {a.name!r} attacks survivors in smaller batches (worst-of, restarts, AutoAttack, "
                         "BPDA-then-exact), which changes them; restrict it with 'only' or drop the batch statistics")
+
+    def _validate_parts(self, where: str, defenses: list[str]) -> None:
+        """Parts name rows of the config, each row in exactly one part (merged, they are the whole)."""
+        if not self.parts:
+            return
+        seen: dict[str, str] = {}
+        for part, rows in self.parts.items():
+            at = subkey(where, str(part))
+            require(isinstance(part, str) and SAFE_NAME.fullmatch(part) is not None, at,
+                    f"{part!r} is not allowed as a part name: use letters, digits and '_ . + -'")
+            require(isinstance(rows, list) and bool(rows) and all(isinstance(r, str) for r in rows), at,
+                    f"must be a non-empty list of row names, got {rows!r}")
+            unknown = [r for r in rows if r not in defenses]
+            require(not unknown, at, f"{unknown} are not defenses of this config; defenses: {defenses}")
+            for r in rows:
+                require(r not in seen, at, f"row {r!r} is in part {seen.get(r)!r} already (each row in one part)")
+                seen[r] = part
+        missing = [d for d in defenses if d not in seen]
+        require(not missing, where, f"rows {missing} are in no part (merged, the parts must be the whole config)")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -367,6 +394,33 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     _fractions(raw)
     _threat_defaults(raw)
     return from_dict(ExperimentConfig, raw, f"{path}:")
+
+
+def select_part(cfg: ExperimentConfig, part: str, where: str) -> ExperimentConfig:
+    """The config of one of ``cfg.parts``: its rows (in the config's order), the targets they are
+    evaluated in front of or trained against, every attack (an ``only`` list cut to the part's rows;
+    a column left with no row of the part dropped), the UMAP rows that are in it. Every kept cell,
+    checks and artifact has the identity it has in the whole config, so merged parts are the whole."""
+    if not cfg.parts:
+        raise ConfigError(f"{where}: config {cfg.name!r} has no parts (give them under parts:, or run it whole)")
+    if part not in cfg.parts:
+        raise ConfigError(f"{where}: {part!r} is not a part of config {cfg.name!r}; parts: {', '.join(cfg.parts)}")
+    rows = set(cfg.parts[part])
+    defenses = [d for d in cfg.defenses if d.name in rows]
+    needed = {t for d in defenses for t in (d.targets or [t.name for t in cfg.targets])}
+    needed |= {d.trained_against for d in defenses if d.trained_against}
+    attacks = []
+    for a in cfg.attacks:
+        if a.only is None:
+            attacks.append(a)
+        elif kept := [n for n in a.only if n in rows]:
+            attacks.append(replace(a, only=kept))
+    out = replace(cfg, name=f"{cfg.name}-{part}", defenses=defenses,
+                  targets=[t for t in cfg.targets if t.name in needed], attacks=attacks,
+                  report=replace(cfg.report, umap=[n for n in cfg.report.umap if n in rows]),
+                  parts={}, part_of={"config": cfg.name, "part": part, "parts": list(cfg.parts)})
+    out.validate(f"{where} (part {part!r})")
+    return out
 
 
 def config_from_dict(data: Any, where: str) -> ExperimentConfig:

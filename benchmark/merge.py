@@ -49,6 +49,21 @@ def _agree(seen: dict, key: tuple, sha: str | None, run: Path, what: str, hint: 
     seen.setdefault(key, (sha, run))
 
 
+def _part_of(manifest: dict) -> dict | None:
+    return (manifest.get("config") or {}).get("part_of")
+
+
+def missing_parts(manifests: list[dict]) -> list[str]:
+    """For each config whose parts (``run --part``) are merged, the parts not among the runs, as
+    "config: part, part" (empty: every part is there, or no run is a part)."""
+    wholes: dict[str, tuple[list[str], set[str]]] = {}
+    for m in manifests:
+        if of := _part_of(m):
+            wholes.setdefault(of["config"], (of["parts"], set()))[1].add(of["part"])
+    return [f"{name}: {', '.join(p for p in parts if p not in seen)}"
+            for name, (parts, seen) in wholes.items() if set(parts) - seen]
+
+
 def merge_runs(runs: list[Path], out: Path) -> list[Path]:
     """Check that ``runs`` can share tables, then write their records, checks, a plan and a
     manifest into ``out``. Returns the record files written."""
@@ -125,12 +140,17 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
     for run in runs:
         path = Path(run) / "manifest.json"
         manifests.append(json.loads(path.read_text()) if path.is_file() else {})
+    missing = missing_parts(manifests)
+    for line in missing:
+        log.warning("merged without part(s) %s: their rows are not in the tables", line)
     profiles = sorted({m.get("profile") for m in manifests if m.get("profile")})
     devices = sorted({m.get("device") for m in manifests if m.get("device")})
     atomic_write_json(out / "manifest.json", {
         "config": {"name": out.name}, "profile": ", ".join(profiles) or None, "device": ", ".join(devices) or None,
         "versions": manifests[0].get("versions", {}), "config_hash": None,
         "merged_from": [{"run": str(run), "config_hash": m.get("config_hash"), "profile": m.get("profile"),
-                         "git_commit": m.get("versions", {}).get("git_commit")} for run, m in zip(runs, manifests)],
+                         "git_commit": m.get("versions", {}).get("git_commit"),
+                         **({"part": part} if (part := _part_of(m)) else {})} for run, m in zip(runs, manifests)],
+        "missing_parts": missing,
     })
     return written

@@ -329,7 +329,7 @@ class Planner:
             epochs = getattr(opts, "epochs", 1)
             factor = opts.attack_steps / 7 if name == "menet-a" else 1.0
             est.add(epoch, epochs * frac * factor)
-            detail = f"{epochs} epochs"
+            detail = f"{epochs} epoch{'' if epochs == 1 else 's'}"
             fields = getattr(DEFENSES.get(name), "PRETRAIN_FIELDS", None)  # a defense with a shared pre-training
             if fields and opts.pretrain_epochs:
                 # one pre-training per dataset, target, defense, options and pre-training options
@@ -576,6 +576,53 @@ def cluster_lines(stages: list[Stage], limit: float = 24 * 3600) -> list[str]:
                      "--time-min, or submit again after a timeout (trainings resume from their last epoch, "
                      "finished cells are kept)")
     return lines
+
+
+PART_LIMIT_S = 480  # a part of a config fits a short GPU job: at most 8 minutes on one H100
+
+
+def part_folder(cfg, part: str) -> Path:
+    """Where ``run CONFIG --part PART`` writes by default."""
+    from benchmark.paths import REPO_ROOT
+
+    return REPO_ROOT / "results" / f"{cfg.name}-{part}"
+
+
+def merge_command(cfg) -> str:
+    """The command that merges the parts of ``cfg`` from their default folders."""
+    from benchmark.paths import REPO_ROOT
+
+    folders = " ".join(str(part_folder(cfg, p).relative_to(REPO_ROOT)) for p in cfg.parts)
+    return f"python run_benchmark.py report {folders} --out results/{cfg.name}"
+
+
+def part_plans(cfg, config_path: str, costs: Costs | None = None) -> list[tuple[str, list[Stage]]]:
+    """(part, its stages) for every part of ``cfg``, each planned in its default folder (what is
+    recorded there already is not counted)."""
+    from benchmark.experiment import select_part
+    from benchmark.runner import Runner
+
+    costs = costs or Costs()
+    out = []
+    for part in cfg.parts:
+        sub = select_part(cfg, part, f"{config_path}: parts")
+        runner = Runner(sub, part_folder(cfg, part), device="cpu", progress=False, plan_only=True)
+        out.append((part, Planner(runner, costs).stages()))
+    return out
+
+
+def format_parts(cfg, config_path: str) -> str:
+    """The parts of a config: each one's rows and estimate, the commands that run them and merge them."""
+    lines = ["", f"parts: {len(cfg.parts)} jobs of at most {PART_LIMIT_S // 60} min each on one H100 (each trains "
+             "its own copy of the targets it needs; merged, they are this config's tables)", "",
+             "| part | rows | estimate (s, one H100) |", "|---|---|---:|"]
+    for part, stages in part_plans(cfg, config_path):
+        seconds = sum(s.seconds for s in stages)
+        guess = " *" if any(s.guess for s in stages) else ""
+        over = f" (over {PART_LIMIT_S} s)" if seconds > PART_LIMIT_S else ""
+        lines.append(f"| {part} | {', '.join(cfg.parts[part])} | {seconds:,.0f}{guess}{over} |")
+    lines += ["", f"run each:  python run_benchmark.py run {config_path} --part PART", f"merge:     {merge_command(cfg)}"]
+    return "\n".join(lines)
 
 
 def format_plan(runner, planner: Planner, config_path: str) -> str:

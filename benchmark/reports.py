@@ -656,6 +656,19 @@ def how_to_read(df: pd.DataFrame, blocks: list[dict], profile: str | None, check
     return out + [""]
 
 
+def merged_lines(manifest: dict) -> list[str]:
+    """What a merged folder was made of (``report RUN... --out``): its runs (a config's parts by name),
+    and the parts of a config that were not merged."""
+    runs = manifest.get("merged_from")
+    if not runs:
+        return []
+    names = [f"{Path(r['run']).name}" + (f" (part {r['part']['part']} of {r['part']['config']})" if r.get("part") else "")
+             for r in runs]
+    lines = [f"- merged from {len(runs)} runs: {', '.join(names)}"]
+    lines += [f"- **missing parts** (their rows are not in these tables): {m}" for m in manifest.get("missing_parts", [])]
+    return lines
+
+
 def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list, preset_files: dict,
                  parts: dict[str, str], figures: list[Path], preset_texts: dict | None = None) -> list[str]:
     """The report index (Markdown lines): what ran, the result blocks, the presets, the adaptive
@@ -672,7 +685,7 @@ def _index_lines(run_dir: Path, records: list[dict], preset: str, presets: list,
              f"- profile: {manifest.get('profile')}; device: {manifest.get('device')} "
              f"({versions.get('device_name', '-')}); git commit: {versions.get('git_commit')}; "
              f"torch {versions.get('torch')}; config hash {manifest.get('config_hash')}",
-             f"- {len(records)} cells; report preset: {preset}", "",
+             f"- {len(records)} cells; report preset: {preset}", *merged_lines(manifest), "",
              left_out_markdown(left_out(records, checks)),
              *how_to_read(frame, blocks, manifest.get("profile"), checks, presets=bool(preset_files)),
              "## Results", "", "Accuracy (%) with its 95% Wilson interval.", "",

@@ -234,10 +234,10 @@ LOCATIONS = {"root", "download", "model_dir"}  # where data and weights are read
 def same_config(old, new, top: bool = True) -> bool:
     """Whether a folder's configuration (its manifest's ``config``) is ``new``: equal wherever both say
     something (a field a newer version added, with its default, is no difference), the report's
-    options aside (they change no number)."""
+    options and the parts a config is split into aside (they change no number)."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in old.keys() & new.keys():
-            if (top and k == "report") or k in LOCATIONS:
+            if (top and k in ("report", "parts")) or k in LOCATIONS:
                 continue
             if k in FREE_FORM:  # a user's own mapping (an attack's params, a defense's options): whole
                 if old[k] != new[k]:

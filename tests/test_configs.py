@@ -68,6 +68,30 @@ def test_quick_targets_train_deterministically(path):
     assert all(t.train is not None and t.train.deterministic for t in cfg.targets)
 
 
+@pytest.mark.parametrize("path", sorted((CONFIGS / "quick").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_quick_part_fits_a_short_gpu_job_and_the_parts_are_the_whole(path, tmp_path):
+    """Each part of a quick config (the whole config where it has no parts) plans at most 8 minutes on
+    one H100, with no guessed figure; merged, the parts hold exactly the whole config's cells and
+    row checks, with the same identities (so their records merge into the whole's tables)."""
+    from benchmark.experiment import select_part
+    from benchmark.plan import PART_LIMIT_S, Planner
+    from benchmark.runner import Runner, checks_hash
+
+    cfg = load_config(path)
+    parts = {p: select_part(cfg, p, str(path)) for p in cfg.parts} or {"whole": cfg}
+    cells, rows = set(), set()
+    for name, sub in parts.items():
+        stages = Planner(Runner(sub, tmp_path / name, device="cpu", progress=False, plan_only=True)).stages()
+        assert sum(s.seconds for s in stages) <= PART_LIMIT_S, (name, [(s.what, round(s.seconds)) for s in stages])
+        assert not any(s.guess for s in stages), name
+        cells |= {(c.cell_id, c.cell_hash) for c in plan_cells(sub)}
+        rows |= {(t.name, d.name, checks_hash(sub, ds, t, d)) for ds in sub.datasets for t in sub.targets
+                 for d in sub.defenses if d.targets is None or t.name in d.targets}
+    assert cells == {(c.cell_id, c.cell_hash) for c in plan_cells(cfg)}
+    assert rows == {(t.name, d.name, checks_hash(cfg, ds, t, d)) for ds in cfg.datasets for t in cfg.targets
+                    for d in cfg.defenses if d.targets is None or t.name in d.targets}
+
+
 def test_reading_a_config_builds_no_defense_and_reads_no_checkpoint(monkeypatch, tmp_path):
     """Options are checked against each defense's Options dataclass at the edge, without side
     effects; checkpoints are verified when a run starts (its preflight), not when a config is read."""

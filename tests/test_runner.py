@@ -351,6 +351,56 @@ def test_a_costly_row_can_be_evaluated_on_a_prefix_of_the_subset(tmp_path):
         load_config(_write(tmp_path, cfg, "zero.yaml"))
 
 
+def test_a_config_in_parts_runs_part_by_part_and_merges_into_the_whole(tmp_path, capsys):
+    """``parts:`` splits the rows into jobs; ``run --part`` runs one (its rows, the targets they need,
+    the columns that apply to them); merged, the parts hold every cell of the whole config with the
+    identity it has there, and a merge without a part says which part is missing."""
+    from benchmark.cli import main
+    from benchmark.runner import plan_cells
+
+    cfg = json.loads(json.dumps(BASE))
+    cfg["targets"][0]["train"]["deterministic"] = True
+    cfg["attacks"].append({"name": "pgd3", "attack": "pgd", "params": {"steps": 3, "step_size": 0.025},
+                           "only": ["den-b"]})
+    cfg["parts"] = {"first": ["none", "den-a"], "second": ["den-b"]}
+    path = _write(tmp_path, cfg)
+    assert main(["run", str(path), "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert "| first | none, den-a |" in plan and "| second | den-b |" in plan and "--part PART" in plan
+    assert main(["run", str(path), "--part", "third", "--plan"]) == 2
+    assert "'third' is not a part of config 'runner-test'; parts: first, second" in capsys.readouterr().err
+    for part in ("first", "second"):
+        assert main(["run", str(path), "--part", part, "--out", str(tmp_path / part), "--no-progress",
+                     "--no-report"]) == 0
+    assert {r.cell.attack for r in load_records(tmp_path / "first")} == {"clean", "pgd"}  # pgd3: only den-b
+    manifest = json.loads((tmp_path / "first" / "manifest.json").read_text())
+    assert manifest["config"]["name"] == "runner-test-first"
+    assert manifest["config"]["part_of"] == {"config": "runner-test", "part": "first", "parts": ["first", "second"]}
+
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "first"), "--out", str(tmp_path / "half")]) == 0
+    index = (tmp_path / "half" / "report" / "index.md").read_text()
+    assert "**missing parts** (their rows are not in these tables): runner-test: second" in index
+    assert main(["report", str(tmp_path / "first"), str(tmp_path / "second"), "--out", str(tmp_path / "all")]) == 0
+    index = (tmp_path / "all" / "report" / "index.md").read_text()
+    assert "merged from 2 runs: first (part first of runner-test), second (part second of runner-test)" in index
+    assert "missing parts" not in index
+    merged = {(r.cell_id, r.cell_hash) for r in map(read_record, (tmp_path / "all" / "records").glob("*.json"))}
+    assert merged == {(c.cell_id, c.cell_hash) for c in plan_cells(load_config(path))}
+    cfg["parts"] = {"first": ["none", "den-a"], "second": ["den-a"]}
+    with pytest.raises(ConfigError, match=r"parts\.second: row 'den-a' is in part 'first' already"):
+        load_config(_write(tmp_path, cfg, "twice.yaml"))
+    cfg["parts"] = {"first": ["none", "den-a"]}
+    with pytest.raises(ConfigError, match=r"parts: rows \['den-b'\] are in no part"):
+        load_config(_write(tmp_path, cfg, "short.yaml"))
+    cfg["parts"] = {"first": ["none", "den-a", "den-c"], "second": ["den-b"]}
+    with pytest.raises(ConfigError, match=r"parts\.first: \['den-c'\] are not defenses of this config"):
+        load_config(_write(tmp_path, cfg, "unknown.yaml"))
+    del cfg["parts"]
+    assert main(["run", str(_write(tmp_path, cfg, "whole.yaml")), "--part", "first", "--plan"]) == 2
+    assert "has no parts" in capsys.readouterr().err
+
+
 def test_report_merges_parts_that_share_their_target_and_refuses_others(tmp_path):
     """Parts of one matrix run as separate jobs, each retraining the same deterministic target;
     ``report A B --out M`` builds one set of tables. Parts whose target differs, or that computed
