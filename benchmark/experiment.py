@@ -365,13 +365,16 @@ class ExperimentConfig:
         for part, rows in self.parts.items():
             at = subkey(where, str(part))
             require(isinstance(part, str) and SAFE_NAME.fullmatch(part) is not None, at,
-                    f"{part!r} is not allowed as a part name: use letters, digits and '_ . + -'")
+                    f"{part!r} is not allowed as a part name: use letters, digits and '_ . + -', not starting "
+                    "with '.' or '-'")
+            require(part != "merged", at, "'merged' is the suffix of the parts' merged folder: name the part otherwise")
             require(isinstance(rows, list) and bool(rows) and all(isinstance(r, str) for r in rows), at,
                     f"must be a non-empty list of row names, got {rows!r}")
             unknown = [r for r in rows if r not in defenses]
             require(not unknown, at, f"{unknown} are not defenses of this config; defenses: {defenses}")
             for r in rows:
-                require(r not in seen, at, f"row {r!r} is in part {seen.get(r)!r} already (each row in one part)")
+                require(r not in seen, at, f"row {r!r} is listed twice" if seen.get(r) == part else
+                        f"row {r!r} is in part {seen.get(r)!r} already (each row in one part)")
                 seen[r] = part
         missing = [d for d in defenses if d not in seen]
         require(not missing, where, f"rows {missing} are in no part (merged, the parts must be the whole config)")
@@ -399,21 +402,24 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
 def select_part(cfg: ExperimentConfig, part: str, where: str) -> ExperimentConfig:
     """The config of one of ``cfg.parts``: its rows (in the config's order), the targets they are
     evaluated in front of or trained against, every attack (an ``only`` list cut to the part's rows;
-    a column left with no row of the part dropped), the UMAP rows that are in it. Every kept cell,
-    checks and artifact has the identity it has in the whole config, so merged parts are the whole."""
+    a column left with no row of the part dropped, unless the binarization test names it: then it
+    stays, running against no row, so each row's checks keep their identity), the UMAP rows that
+    are in it. Every kept cell, checks and artifact has the identity it has in the whole config, so
+    merged parts hold the whole config's cells."""
     if not cfg.parts:
         raise ConfigError(f"{where}: config {cfg.name!r} has no parts (give them under parts:, or run it whole)")
     if part not in cfg.parts:
         raise ConfigError(f"{where}: {part!r} is not a part of config {cfg.name!r}; parts: {', '.join(cfg.parts)}")
     rows = set(cfg.parts[part])
     defenses = [d for d in cfg.defenses if d.name in rows]
-    needed = {t for d in defenses for t in (d.targets or [t.name for t in cfg.targets])}
+    needed = {t for d in defenses for t in (d.targets if d.targets is not None else [t.name for t in cfg.targets])}
     needed |= {d.trained_against for d in defenses if d.trained_against}
+    active = cfg.eval.checks.active
     attacks = []
     for a in cfg.attacks:
         if a.only is None:
             attacks.append(a)
-        elif kept := [n for n in a.only if n in rows]:
+        elif (kept := [n for n in a.only if n in rows]) or (active is not None and active.attack == a.name):
             attacks.append(replace(a, only=kept))
     out = replace(cfg, name=f"{cfg.name}-{part}", defenses=defenses,
                   targets=[t for t in cfg.targets if t.name in needed], attacks=attacks,

@@ -53,13 +53,20 @@ def _part_of(manifest: dict) -> dict | None:
     return (manifest.get("config") or {}).get("part_of")
 
 
+def parts_in(manifest: dict) -> list[dict]:
+    """The config parts (``run --part``) a folder holds: a part's run its own, a merge those of the
+    runs it was made of."""
+    if of := _part_of(manifest):
+        return [of]
+    return list(manifest.get("parts") or [])
+
+
 def missing_parts(manifests: list[dict]) -> list[str]:
-    """For each config whose parts (``run --part``) are merged, the parts not among the runs, as
-    "config: part, part" (empty: every part is there, or no run is a part)."""
+    """For each config whose parts are merged (also through earlier merges), the parts not among
+    them, as "config: part, part" (empty: every part is there, or none is a part)."""
     wholes: dict[str, tuple[list[str], set[str]]] = {}
-    for m in manifests:
-        if of := _part_of(m):
-            wholes.setdefault(of["config"], (of["parts"], set()))[1].add(of["part"])
+    for of in (of for m in manifests for of in parts_in(m)):
+        wholes.setdefault(of["config"], (of["parts"], set()))[1].add(of["part"])
     return [f"{name}: {', '.join(p for p in parts if p not in seen)}"
             for name, (parts, seen) in wholes.items() if set(parts) - seen]
 
@@ -151,6 +158,7 @@ def merge_runs(runs: list[Path], out: Path) -> list[Path]:
         "merged_from": [{"run": str(run), "config_hash": m.get("config_hash"), "profile": m.get("profile"),
                          "git_commit": m.get("versions", {}).get("git_commit"),
                          **({"part": part} if (part := _part_of(m)) else {})} for run, m in zip(runs, manifests)],
+        "parts": [of for m in manifests for of in parts_in(m)],
         "missing_parts": missing,
     })
     return written

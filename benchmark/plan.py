@@ -593,7 +593,7 @@ def merge_command(cfg) -> str:
     from benchmark.paths import REPO_ROOT
 
     folders = " ".join(str(part_folder(cfg, p).relative_to(REPO_ROOT)) for p in cfg.parts)
-    return f"python run_benchmark.py report {folders} --out results/{cfg.name}"
+    return f"python run_benchmark.py report {folders} --out results/{cfg.name}-merged"
 
 
 def part_plans(cfg, config_path: str, costs: Costs | None = None) -> list[tuple[str, list[Stage]]]:

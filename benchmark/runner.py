@@ -378,6 +378,9 @@ class Runner:
         ``replace``: its records of cells whose identity changed are then recomputed, and the
         tables leave out (and name) whatever a stopped rerun leaves stale."""
         path = self.out / "manifest.json"
+        if (self.out / "merged.json").is_file():  # its records are copies: a merge would delete this run's
+            raise BenchError(f"{self.out} holds a merge of runs (merged.json; `report RUN... --out`): give --out "
+                             "another folder")
         if self.replace or not path.is_file():
             return
         try:

@@ -181,3 +181,45 @@ def test_derived_pass_costs_are_what_pass_flops_prints(tmp_path):
     assert set(derived) <= set(printed) and len(derived) >= 8, (sorted(derived), sorted(printed))
     for name, entry in derived.items():
         assert abs(entry["us"] - printed[name]) <= 0.06 * printed[name], (name, entry["us"], printed[name])
+
+
+def test_quick_parts_script_runs_parts_under_a_deadline_and_packs_their_results(tmp_path):
+    """``quick_parts.sh`` (a GPU job's parts of a config, in one call), on a CPU at toy size: each part
+    runs into its own folder, is packed without its checkpoints, and is timed against its plan; a part
+    that would not fit what is left of the deadline is skipped and said so."""
+    import tarfile
+
+    import yaml
+
+    cfg = {"name": "parts-toy", "profile": "smoke", "device": "cpu",
+           "plugins": [str(ROOT / "tests" / "purifybench_testing.py")],
+           "datasets": [{"name": "digits", "options": {"size": 16}}], "threat": {"eps": 0.1, "step_size": 0.025},
+           "eval": {"n": 30, "batch_size": 30, "checks": {"enabled": False}},
+           "targets": [{"name": "at", "arch": "small-cnn", "train": {
+               "method": "at", "epochs": 1, "batch_size": 64, "lr": 0.05, "augment": False, "attack_steps": 1,
+               "deterministic": True, "progress": False}}],
+           "defenses": [{"name": "none"}, {"name": "den", "defense": "test-denoiser", "options": {"width": 4},
+                                            "train": {"epochs": 1}}],
+           "attacks": [{"name": "clean"}, {"name": "pgd", "params": {"steps": 2}}],
+           "parts": {"a": ["none"], "b": ["den"]}}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, "PURIFYBENCH_GIT_COMMIT": "abc"}
+
+    def parts(out, *items, **extra):
+        r = subprocess.run(["bash", "benchmarks/quick_parts.sh", str(out), *items], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600, env=env | extra)
+        return r, (json.loads((out / "parts.json").read_text()) if (out / "parts.json").is_file() else None)
+
+    r, done = parts(tmp_path / "out", f"{path}:a", f"{path}:b")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert [(p["part"], p["rc"]) for p in done["parts"]] == [("a", 0), ("b", 0)] and done["commit"] == "abc"
+    assert all(p["plan_s"] > 0 and p["wall_s"] >= 0 for p in done["parts"])
+    with tarfile.open(tmp_path / "out" / "parts-toy-b.tar.gz") as tar:
+        names = tar.getnames()
+    assert any(n.startswith("parts-toy-b/records/") for n in names) and "parts-toy-b/tables/results.md" in names
+    assert not any("/artifacts" in n for n in names)
+    r, skipped = parts(tmp_path / "late", f"{path}:a", DEADLINE="0")
+    assert r.returncode == 0 and skipped["parts"][0]["skipped"] and "** parts-toy-a skipped" in r.stdout
+    r, _ = parts(tmp_path / "bad", str(path))
+    assert r.returncode == 2 and "is not CONFIG:PART" in r.stderr

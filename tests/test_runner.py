@@ -387,6 +387,21 @@ def test_a_config_in_parts_runs_part_by_part_and_merges_into_the_whole(tmp_path,
     assert "missing parts" not in index
     merged = {(r.cell_id, r.cell_hash) for r in map(read_record, (tmp_path / "all" / "records").glob("*.json"))}
     assert merged == {(c.cell_id, c.cell_hash) for c in plan_cells(load_config(path))}
+    # a merge merged again with the part it lacked is whole; a run never goes into a merge's folder
+    assert main(["report", str(tmp_path / "half"), str(tmp_path / "second"), "--out", str(tmp_path / "again")]) == 0
+    assert "missing parts" not in (tmp_path / "again" / "report" / "index.md").read_text()
+    assert main(["run", str(path), "--part", "first", "--out", str(tmp_path / "all"), "--no-progress"]) == 2
+    assert "holds a merge of runs" in capsys.readouterr().err
+    # the binarization test's named column stays in a part without its rows: every row's checks keep their identity
+    from benchmark.experiment import select_part
+    from benchmark.runner import checks_hash
+
+    named = load_config(path, {"eval.checks.active": {"attack": "pgd3"}})
+    part = select_part(named, "first", "test")
+    assert [a.only for a in part.attacks if a.name == "pgd3"] == [[]]
+    ds, at = named.datasets[0], named.targets[0]
+    assert [checks_hash(part, ds, at, d) for d in part.defenses] == [checks_hash(named, ds, at, d)
+                                                                      for d in named.defenses[:2]]
     cfg["parts"] = {"first": ["none", "den-a"], "second": ["den-a"]}
     with pytest.raises(ConfigError, match=r"parts\.second: row 'den-a' is in part 'first' already"):
         load_config(_write(tmp_path, cfg, "twice.yaml"))
