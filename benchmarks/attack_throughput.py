@@ -22,13 +22,9 @@ import copy
 import torch
 import torch.nn.functional as F
 from bench_common import (
-    add_data_args,
-    add_json_arg,
-    add_model_args,
     count_flops,
     describe,
-    load_images,
-    pick_device,
+    parse_with_test_images,
     target_model,
     timed,
     verdict,
@@ -57,12 +53,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--through", default="none", help="comma list of none, dir")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
-    add_data_args(ap)
-    add_model_args(ap)
-    add_json_arg(ap)
-    args = ap.parse_args()
-    device = pick_device()
-    data = load_images(args, "test", args.n, size=(3, 32, 32)).to(device)
+    args, device, data = parse_with_test_images(ap)
     x, y = data.as_float(), data.labels
     eps, alpha = 8 / 255, 2 / 255
     threat = Threat("linf", eps)

@@ -99,6 +99,18 @@ def load_images(args: argparse.Namespace, split: str, n: int | None, *, size: tu
     return data.subset(n if n is not None and n < len(data) else None, seed=0)
 
 
+def parse_with_test_images(ap: argparse.ArgumentParser):
+    """The common tail of an attack benchmark's setup: the data, model and --json options added,
+    the arguments parsed, the device picked and ``args.n`` CIFAR-sized test images loaded onto it.
+    Returns (args, device, data)."""
+    add_data_args(ap)
+    add_model_args(ap)
+    add_json_arg(ap)
+    args = ap.parse_args()
+    device = pick_device()
+    return args, device, load_images(args, "test", args.n, size=(3, 32, 32)).to(device)
+
+
 def count_flops(fn) -> tuple[float, object]:
     """(FLOPs of the matmuls and convolutions ``fn()`` runs, forward and backward, its result).
 

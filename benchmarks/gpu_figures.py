@@ -47,6 +47,8 @@ TARGETS = [
      lambda c: True, "<= 0.3"),
     ("apgd_ce_vs_pyautoattack", "APGD-CE / ours (time)", "{:.1f}x", None, None, "-"),
     ("pgd20_dir_seconds", "PGD-20 through DIR (s)", "{:.2f}", None, None, "-"),
+    ("aa_rand_dir_1k_seconds", "AA-rand through DIR, per 1k images (s)", "{:.0f}", None, None, "-"),
+    ("aa_rand_native_vs_pyautoattack", "AA-rand: pyautoattack / ours (time)", "{:.1f}x", None, None, "-"),
     ("at_epoch_seconds", "PGD-5 AT epoch @50k (s)", "{:.1f}", lambda v: v <= 6.0,
      lambda c: c.get("scaled_to") == 50_000 and c.get("images", 0) >= 10_000, "<= 6 s"),
     ("dir_main_epoch_seconds", "DIR main epoch @50k (s)", "{:.1f}", lambda v: 527 / v >= 10,

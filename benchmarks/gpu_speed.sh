@@ -12,7 +12,7 @@
 #                OUTDIR/smoke-cuda.tar.gz
 #   --toy DIR    the same steps at toy sizes on CIFAR-10 python batches in DIR (how the tests run it
 #                on a CPU)
-# STEPS="name ..." runs only those steps (throughput-none training-dir throughput-dir profile
+# STEPS="name ..." runs only those steps (throughput-none training-dir throughput-dir aa-rand profile
 # determinism exact-memory), for a job that measures what an earlier one did not.
 # The GPU machine has neither pyautoattack nor torchattacks: prepare with
 #   ../shared/tools/gpu-prepare torchattacks      # then carry [".gpu"], PYTHONPATH=$PWD/.gpu/site:$PWD
@@ -92,6 +92,7 @@ if [ -n "$toy" ]; then
   data=(--dataset cifar10 --root "$toy")
   n_none=8 n_dir=4 steps=1 repeats=1 n_dir_train=16 epochs=2 n_prof=4 n_det=16
   need_none=1 need_dir_train=1 need_dir=1 need_prof=1 need_det=1 need_mem=1
+  aa=(--n 2 --iterations 2 --eot 2 --draws 2) need_aa=1
   memory=(configs/smoke/default.yaml --rows ME-Net --batch 4)
 else
   data=()
@@ -99,6 +100,9 @@ else
   # Measured on one H200 (2026-11-27): throughput-none 152 s (its model's training included), training-dir 71 s
   n_none=10000 n_dir=2000 steps=20 repeats=2 n_dir_train=16384 epochs=2 n_prof=512 n_det=16384
   need_none=150 need_dir_train=75 need_dir=90 need_prof=40 need_det=60 need_mem=120
+  # AutoAttack-rand on 100 images behind DIR, native and pyautoattack backends (derived: DIR's pass at 95 us
+  # per image, 2 x 100 x 20 passes, about 40 s natively; pyautoattack's sequential EOT slower)
+  aa=(--n 100) need_aa=150
   memory=(configs/smoke/cuda.yaml configs/quick/cifar10_table3.yaml --timeout 120)
 fi
 # The throughput step trains its PGD-AT ResNet-18 on all training images first: its epochs give at_epoch_seconds.
@@ -108,6 +112,7 @@ step training-dir $need_dir_train "$py" benchmarks/training_speed.py --skip-at -
   --json "$out/training-dir.json" "${data[@]}"
 step throughput-dir $need_dir "$py" benchmarks/attack_throughput.py --n $n_dir --steps $steps --repeats $repeats \
   --through dir --json "$out/throughput-dir.json" "${data[@]}"
+step aa-rand $need_aa "$py" benchmarks/aa_rand_speed.py "${aa[@]}" --json "$out/aa-rand.json" "${data[@]}"
 step profile $need_prof "$py" benchmarks/profile_step.py --n $n_prof --steps 5 "${data[@]}"
 # Deterministic target training: two deterministic trainings bit-identical, and its cost per epoch.
 step determinism $need_det "$py" benchmarks/determinism.py --n $n_det --epochs 3 --json "$out/determinism.json" \

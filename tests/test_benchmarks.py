@@ -84,8 +84,9 @@ def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
     r, out_dir, env = _gpu_speed_toy(tmp_path, PURIFYBENCH_GIT_COMMIT="abc1234")
     assert not (out_dir / "failed.txt").exists() and not (out_dir / "skipped.txt").exists()
     logs = {p.stem: p.read_text() for p in out_dir.glob("*.log")}
-    assert sorted(logs) == ["determinism", "exact-memory", "profile", "throughput-dir", "throughput-none",
+    assert sorted(logs) == ["aa-rand", "determinism", "exact-memory", "profile", "throughput-dir", "throughput-none",
                             "training-dir"]
+    assert "| native | 2 |" in logs["aa-rand"] and "| pyautoattack | 1 |" in logs["aa-rand"]
     assert "deterministic runs bit-identical: yes" in logs["determinism"]
     assert "| dir | ours fp32 |" in logs["throughput-dir"]
     assert "| DIR main training (Algorithm 1), batch 128 |" in logs["training-dir"]
@@ -104,7 +105,8 @@ def test_gpu_speed_script_runs_every_step_at_toy_size(tmp_path):
     assert json.loads((out_dir / "gpu-figures.json").read_text()) == doc
     expected = {"pgd20_resnet18_10k_seconds", "pgd20_robust_acc_diff_vs_fp32_points", "apgd_ce_vs_pyautoattack",
                 "at_epoch_seconds", "dir_main_epoch_seconds", "pgd20_dir_seconds", "deterministic_same_hash",
-                "determinism_cost_ratio", "gradient_peak_mib.default.ME-Net.exact"}
+                "determinism_cost_ratio", "gradient_peak_mib.default.ME-Net.exact", "aa_rand_dir_1k_seconds",
+                "aa_rand_native_vs_pyautoattack"}
     assert expected <= set(doc["figures"]) and all(v > 0 or "diff" in k for k, v in doc["figures"].items())
     assert doc["conditions"]["pgd20_resnet18_10k_seconds"]["n"] == 8  # the size it ran at, not the name's
     results = tmp_path / "RESULTS.md"
@@ -127,7 +129,7 @@ def test_gpu_speed_script_skips_a_step_past_its_deadline(tmp_path):
     figures are still collected."""
     _, out_dir, _ = _gpu_speed_toy(tmp_path, DEADLINE="0")
     skipped = (out_dir / "skipped.txt").read_text()
-    assert "throughput-none skipped: 0 s left of the 0 s deadline" in skipped and skipped.count("skipped") == 6
+    assert "throughput-none skipped: 0 s left of the 0 s deadline" in skipped and skipped.count("skipped") == 7
     assert (out_dir / "gpu-figures.json").is_file()
 
 
@@ -148,7 +150,7 @@ def test_gpu_speed_script_stops_a_step_at_its_deadline(tmp_path):
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     skipped = (out_dir / "skipped.txt").read_text()
-    assert "throughput-none stopped at the deadline" in skipped and skipped.count(" skipped: 0 s left") == 5
+    assert "throughput-none stopped at the deadline" in skipped and skipped.count(" skipped: 0 s left") == 6
     assert not (out_dir / "failed.txt").exists() and (out_dir / "gpu-figures.json").is_file()
 
 
