@@ -377,9 +377,11 @@ class Runner:
         holds another configuration (another eps, steps, rows) is refused in one line, unless
         ``replace``: its records of cells whose identity changed are then recomputed, and the
         tables leave out (and name) whatever a stopped rerun leaves stale."""
+        from benchmark.merge import MARK  # (merge imports this module)
+
         path = self.out / "manifest.json"
-        if (self.out / "merged.json").is_file():  # its records are copies: a merge would delete this run's
-            raise BenchError(f"{self.out} holds a merge of runs (merged.json; `report RUN... --out`): give --out "
+        if (self.out / MARK).is_file():  # its records are copies: a merge would delete this run's
+            raise BenchError(f"{self.out} holds a merge of runs ({MARK}; `report RUN... --out`): give --out "
                              "another folder")
         if self.replace or not path.is_file():
             return
